@@ -1,0 +1,48 @@
+//! `mock-ca`: creates or shows the mock NSM's persisted root CA (local mode only).
+//!
+//! ```text
+//! mock-ca init DIR   create the CA in DIR if it does not exist; print the root's path and SHA-256
+//! mock-ca show DIR   print the root certificate (PEM) of an existing CA
+//! ```
+//! Exit status 0 on success, 1 on failure, 2 on a usage error.
+
+use aws_lc_rs::digest::{digest, SHA256};
+use common::mock_ca::{MockCa, ROOT_CERT_FILE};
+use std::path::Path;
+use std::process::ExitCode;
+
+const USAGE: &str = "usage: mock-ca init DIR | mock-ca show DIR";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (command, dir) = match args.as_slice() {
+        [c, d] if c == "init" || c == "show" => (c.as_str(), Path::new(d)),
+        [h] if h == "-h" || h == "--help" => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        _ => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match command {
+        "init" => MockCa::load_or_create(dir).map(|ca| {
+            let fp = digest(&SHA256, ca.root_der());
+            let hexed: String = fp.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+            println!("mock CA root: {}", dir.join(ROOT_CERT_FILE).display());
+            println!("root SHA-256 (DER): {hexed}");
+        }),
+        _ => MockCa::load(dir).and_then(|ca| {
+            print!("{}", ca.root_pem()?);
+            Ok(())
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mock-ca {command}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
