@@ -581,6 +581,7 @@ pub(crate) mod oid {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use der::Decode;
 
     fn tempdir(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!(
