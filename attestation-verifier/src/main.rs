@@ -118,7 +118,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(UsageError(msg)) => {
-            eoutln!("attestation-verifier: {msg}");
+            eprintln!("attestation-verifier: {msg}");
             ExitCode::from(2)
         }
     }
@@ -230,7 +230,7 @@ fn run_verify(args: VerifyArgs) -> Result<ExitCode, UsageError> {
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
-            eoutln!("REJECTED ({}): {e}", e.check());
+            eprintln!("REJECTED ({}): {e}", e.check());
             if args.json {
                 outln!(
                     "{}",
@@ -328,7 +328,7 @@ fn run_inspect(path: &Path, as_json: bool) -> Result<ExitCode, UsageError> {
     let doc = match UnverifiedDocument::parse(&bytes) {
         Ok(d) => d,
         Err(e) => {
-            eoutln!("cannot parse ({}): {e}", e.check());
+            eprintln!("cannot parse ({}): {e}", e.check());
             return Ok(ExitCode::from(1));
         }
     };
