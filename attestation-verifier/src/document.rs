@@ -224,8 +224,9 @@ fn parse_payload(payload: &[u8]) -> Result<Fields, VerifyError> {
     let mut cabundle = None;
     let (mut public_key, mut user_data, mut nonce) = (None, None, None);
 
-    // Nine distinct keys at most; a tenth is necessarily unknown or a duplicate.
-    each(&mut r, len, "payload", KEYS.len(), |r| {
+    // Nine distinct keys at most: a tenth is necessarily unknown or a duplicate, and is
+    // reported as such by the key checks below before any eleventh is read.
+    each(&mut r, len, "payload", KEYS.len() + 1, |r| {
         let (start, head) = r.head().map_err(cbor)?;
         let key = match head {
             Head::Text(n) => r.text_body(start, n).map_err(cbor)?,
