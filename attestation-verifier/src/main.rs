@@ -366,15 +366,19 @@ fn run_inspect(path: &Path, as_json: bool) -> Result<ExitCode, UsageError> {
             }
         }
     };
-    for (i, c) in value["cabundle"]
-        .as_array()
+    for (i, c) in value
+        .get("cabundle")
+        .and_then(|v| v.as_array())
         .into_iter()
         .flatten()
         .enumerate()
     {
         show(format!("cabundle[{i}]:"), c);
     }
-    show("certificate:".into(), &value["certificate"]);
+    show(
+        "certificate:".into(),
+        value.get("certificate").unwrap_or(&serde_json::Value::Null),
+    );
     print_optional("public_key", f.public_key.as_deref());
     print_optional("user_data", f.user_data.as_deref());
     print_optional("nonce", f.nonce.as_deref());

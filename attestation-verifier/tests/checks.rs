@@ -2,6 +2,14 @@
 //! with the error that names that check; and the few tolerances (tag 18, indefinite maps,
 //! null optionals, high-S signatures, unknown non-critical extensions) must pass.
 
+// Test code: a panic is a test failure, which is what these lints guard against elsewhere.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 mod common;
 mod forge;
 

@@ -1,6 +1,14 @@
 //! The `attestation-verifier` binary: exit 0 valid, 1 rejected (reason on stderr and in
 //! JSON), 2 usage or I/O error; policy files; stdin; inspect.
 
+// Test code: a panic is a test failure, which is what these lints guard against elsewhere.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 mod common;
 
 use std::io::Write;

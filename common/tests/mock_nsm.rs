@@ -2,6 +2,14 @@
 //! the device speaks, PCR semantics match the hardware, and its documents have the exact
 //! shape of real ones and verify under the mock root only.
 
+// Test code: a panic is a test failure, which is what these lints guard against elsewhere.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use attestation_verifier::{
     verify, Policy, TrustAnchor, UnixTime, VerifyError, DEFAULT_MAX_CLOCK_SKEW,
 };
@@ -279,6 +287,10 @@ fn debug_mode_zeroes_pcr0_to_2() {
     assert_eq!(v.pcr(3), Some(&measurement().pcr3));
 }
 
+/// Per certificate: (extension OID, critical) in order, then the subject's and the issuer's
+/// name attribute types with their string tags.
+type CertShape = (Vec<(String, bool)>, Vec<String>, Vec<String>);
+
 /// The parts of a document that make its "shape".
 #[derive(Debug, PartialEq)]
 struct Shape {
@@ -288,7 +300,7 @@ struct Shape {
     pcr_len: usize,
     cabundle_len: usize,
     /// Per certificate: (extension OID, critical) in order, and the name attribute OIDs.
-    certs: Vec<(Vec<(String, bool)>, Vec<String>, Vec<String>)>,
+    certs: Vec<CertShape>,
     signature_len: usize,
 }
 

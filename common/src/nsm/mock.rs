@@ -116,10 +116,25 @@ struct Chain {
     leaf: Leaf,
 }
 
+/// One PCR.
+#[derive(Clone, Copy)]
+struct Register {
+    value: [u8; PCR_LEN],
+    locked: bool,
+}
+
 struct State {
-    pcrs: [[u8; PCR_LEN]; MAX_PCRS as usize],
-    locked: [bool; MAX_PCRS as usize],
+    registers: [Register; MAX_PCRS as usize],
     chain: Option<Chain>,
+}
+
+impl State {
+    /// The register at `index`, or the NSM's `InvalidIndex`.
+    fn register(&mut self, index: u16) -> Result<&mut Register, ErrorCode> {
+        self.registers
+            .get_mut(usize::from(index))
+            .ok_or(ErrorCode::InvalidIndex)
+    }
 }
 
 /// The mock NSM. Thread-safe; cheap to share behind an `Arc`.
@@ -147,20 +162,30 @@ impl MockNsm {
         let instance_id = format!("i-{}", mock_ca::random_hex(&rng, 17)?);
         let module_id = format!("{instance_id}-enc{}", mock_ca::random_hex(&rng, 16)?);
         let m = &config.measurement;
-        let mut pcrs = [[0u8; PCR_LEN]; MAX_PCRS as usize];
-        if !config.debug {
-            pcrs[0] = m.pcr0;
-            pcrs[1] = m.pcr1;
-            pcrs[2] = m.pcr2;
-        }
-        pcrs[3] = m.pcr3;
-        pcrs[4] = m.pcr4;
-        if let Some(pcr8) = m.pcr8 {
-            pcrs[8] = pcr8;
-        }
-        let mut locked = [false; MAX_PCRS as usize];
-        for l in locked.iter_mut().take(PLATFORM_PCRS as usize) {
-            *l = true;
+        let zero = [0u8; PCR_LEN];
+        let (pcr0, pcr1, pcr2) = if config.debug {
+            (zero, zero, zero)
+        } else {
+            (m.pcr0, m.pcr1, m.pcr2)
+        };
+        let image = [
+            pcr0,
+            pcr1,
+            pcr2,
+            m.pcr3,
+            m.pcr4,
+            zero,
+            zero,
+            zero,
+            m.pcr8.unwrap_or(zero),
+        ];
+        let mut registers = [Register {
+            value: zero,
+            locked: false,
+        }; MAX_PCRS as usize];
+        for (i, r) in registers.iter_mut().enumerate() {
+            r.value = image.get(i).copied().unwrap_or(zero);
+            r.locked = i < usize::from(PLATFORM_PCRS);
         }
         let nsm = Self {
             ca,
@@ -169,8 +194,7 @@ impl MockNsm {
             module_id,
             rng,
             state: Mutex::new(State {
-                pcrs,
-                locked,
+                registers,
                 chain: None,
             }),
         };
@@ -331,8 +355,12 @@ impl MockNsm {
             .map_err(|_| ErrorCode::InternalError)?;
         let chain = state.chain.as_ref().ok_or(ErrorCode::InternalError)?;
 
-        let included: Vec<usize> = (0..MAX_PCRS as usize)
-            .filter(|&i| i < PLATFORM_PCRS as usize || state.locked[i])
+        let included: Vec<(usize, [u8; PCR_LEN])> = state
+            .registers
+            .iter()
+            .enumerate()
+            .filter(|(i, r)| *i < usize::from(PLATFORM_PCRS) || r.locked)
+            .map(|(i, r)| (i, r.value))
             .collect();
         let mut p = Encoder::with_capacity(4096 + 3 * MAX_ATTESTATION_FIELD_LEN);
         p.map(9);
@@ -340,8 +368,8 @@ impl MockNsm {
         p.text("digest").text("SHA384");
         p.text("timestamp").uint(timestamp_ms);
         p.text("pcrs").map(included.len());
-        for &i in &included {
-            p.uint(i as u64).bytes(&state.pcrs[i]);
+        for (i, value) in &included {
+            p.uint(*i as u64).bytes(value);
         }
         p.text("certificate").bytes(&chain.leaf.cert_der);
         p.text("cabundle").array(4);
@@ -383,42 +411,34 @@ impl MockNsm {
     }
 
     fn handle(&self, request: Request) -> Result<Response, ErrorCode> {
-        let index_of = |index: u16| {
-            if index < MAX_PCRS {
-                Ok(index as usize)
-            } else {
-                Err(ErrorCode::InvalidIndex)
-            }
-        };
         Ok(match request {
             Request::DescribePCR { index } => {
-                let i = index_of(index)?;
-                let state = self.lock();
+                let mut state = self.lock();
+                let r = state.register(index)?;
                 Response::DescribePCR {
-                    lock: state.locked[i],
-                    data: state.pcrs[i].to_vec(),
+                    lock: r.locked,
+                    data: r.value.to_vec(),
                 }
             }
             Request::ExtendPCR { index, data } => {
-                let i = index_of(index)?;
+                let mut state = self.lock();
+                let r = state.register(index)?;
                 if data.len() > MAX_EXTEND_LEN {
                     return Err(ErrorCode::InputTooLarge);
                 }
-                let mut state = self.lock();
-                if state.locked[i] {
+                if r.locked {
                     return Err(ErrorCode::ReadOnlyIndex);
                 }
                 let mut ctx = Context::new(&SHA384);
-                ctx.update(&state.pcrs[i]);
+                ctx.update(&r.value);
                 ctx.update(&data);
-                state.pcrs[i].copy_from_slice(ctx.finish().as_ref());
+                r.value.copy_from_slice(ctx.finish().as_ref());
                 Response::ExtendPCR {
-                    data: state.pcrs[i].to_vec(),
+                    data: r.value.to_vec(),
                 }
             }
             Request::LockPCR { index } => {
-                let i = index_of(index)?;
-                self.lock().locked[i] = true;
+                self.lock().register(index)?.locked = true;
                 Response::LockPCR
             }
             Request::LockPCRs { range } => {
@@ -426,15 +446,17 @@ impl MockNsm {
                     return Err(ErrorCode::InvalidIndex);
                 }
                 let mut state = self.lock();
-                for l in state.locked.iter_mut().take(range as usize) {
-                    *l = true;
+                for r in state.registers.iter_mut().take(usize::from(range)) {
+                    r.locked = true;
                 }
                 Response::LockPCRs
             }
             Request::DescribeNSM => {
                 let state = self.lock();
                 let locked_pcrs: BTreeSet<u16> = (0..MAX_PCRS)
-                    .filter(|&i| state.locked[i as usize])
+                    .zip(state.registers.iter())
+                    .filter(|(_, r)| r.locked)
+                    .map(|(i, _)| i)
                     .collect();
                 Response::DescribeNSM {
                     version_major: 1,
