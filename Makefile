@@ -30,6 +30,8 @@ mock-ca:
 # nightly compiler flags; RUSTC_BOOTSTRAP lets the stable toolchain accept them.
 fuzz:
 	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	mkdir -p attestation-verifier/fuzz/corpus/verify
+	cp ../shared/vectors/nitro/*.cbor attestation-verifier/fuzz/corpus/verify/
 	cd attestation-verifier && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run verify -- -max_total_time=$(FUZZ_SECONDS) -max_len=16384
 
 clean:
