@@ -507,3 +507,55 @@ fn concurrent_use_is_safe() {
         h.join().unwrap();
     }
 }
+
+#[test]
+fn the_chain_rotates_so_documents_never_carry_an_expired_certificate() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let start = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let now = Arc::new(AtomicU64::new(start));
+    let clock_now = now.clone();
+    let mut config = MockNsmConfig::new(measurement());
+    config.clock = Some(Arc::new(move || {
+        std::time::Duration::from_secs(clock_now.load(Ordering::SeqCst))
+    }));
+    let nsm = MockNsm::new(MockCa::load(&ca_dir()).unwrap(), config).unwrap();
+    let roots = [mock_root()];
+    let mut leaves = std::collections::HashSet::new();
+    // Four days in 50-minute steps: the leaf (3 h), instance (1 day) and zonal (5.75 days)
+    // levels all come due at some point.
+    let steps = 4 * 24 * 60 / 50;
+    let mut no_age_limit = policy(BTreeMap::new());
+    no_age_limit.max_age = None;
+    for step in 0..steps {
+        let t = start + step * 50 * 60;
+        now.store(t, Ordering::SeqCst);
+        let doc = nsm.attest(AttestationRequest::default()).unwrap();
+        let v = verify(
+            &doc,
+            &roots,
+            UnixTime::from_millis(t * 1000),
+            &policy(BTreeMap::new()),
+        )
+        .unwrap_or_else(|e| panic!("step {step}: {e}"));
+        assert_eq!(v.timestamp().as_millis(), t * 1000);
+        leaves.insert(v.certificate().to_vec());
+        // A fresh document's chain stays valid for the rotation margin (10 min) at least.
+        verify(
+            &doc,
+            &roots,
+            UnixTime::from_millis((t + 9 * 60) * 1000),
+            &no_age_limit,
+        )
+        .unwrap();
+    }
+    // A leaf serves at most 4 steps (200 min > 3 h), so it was re-issued every 4th step.
+    assert!(
+        leaves.len() as u64 >= steps / 4,
+        "{} leaves in {steps} steps",
+        leaves.len()
+    );
+}

@@ -81,8 +81,11 @@ impl ImageMeasurement {
     }
 }
 
+/// The mock NSM's clock: time since the Unix epoch. The system clock unless a test sets one.
+pub type Clock = std::sync::Arc<dyn Fn() -> std::time::Duration + Send + Sync>;
+
 /// How to build a mock NSM.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct MockNsmConfig {
     /// The image the mock pretends to run.
     pub measurement: ImageMeasurement,
@@ -90,15 +93,29 @@ pub struct MockNsmConfig {
     pub debug: bool,
     /// The region named in the chain's subjects.
     pub region: String,
+    /// Where document timestamps and certificate validity come from.
+    pub clock: Option<Clock>,
+}
+
+impl std::fmt::Debug for MockNsmConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MockNsmConfig")
+            .field("measurement", &self.measurement)
+            .field("debug", &self.debug)
+            .field("region", &self.region)
+            .field("clock", &self.clock.as_ref().map(|_| "custom"))
+            .finish()
+    }
 }
 
 impl MockNsmConfig {
-    /// A production-mode mock running `measurement`.
+    /// A production-mode mock running `measurement`, on the system clock.
     pub fn new(measurement: ImageMeasurement) -> Self {
         Self {
             measurement,
             debug: false,
             region: "local-1".into(),
+            clock: None,
         }
     }
 }
@@ -144,6 +161,7 @@ pub struct MockNsm {
     instance_id: String,
     module_id: String,
     rng: SystemRandom,
+    clock: Option<Clock>,
     state: Mutex<State>,
 }
 
@@ -190,6 +208,7 @@ impl MockNsm {
         let nsm = Self {
             ca,
             region: config.region,
+            clock: config.clock,
             instance_id,
             module_id,
             rng,
@@ -209,6 +228,13 @@ impl MockNsm {
     /// The module id documents carry (`i-<17 hex>-enc<16 hex>`).
     pub fn module_id(&self) -> &str {
         &self.module_id
+    }
+
+    fn now(&self) -> Result<std::time::Duration, MockCaError> {
+        match &self.clock {
+            Some(clock) => Ok(clock()),
+            None => mock_ca::unix_now(),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -258,7 +284,7 @@ impl MockNsm {
 
     /// Issues whatever part of the chain is missing or about to expire.
     fn ensure_chain(&self, state: &mut State) -> Result<(), MockCaError> {
-        let now = mock_ca::unix_now()?.as_secs();
+        let now = self.now()?.as_secs();
         let fresh = |not_after: u64| not_after > now + ROTATE_MARGIN_SECS;
         let rng = &self.rng;
         let hex16 = || mock_ca::random_hex(rng, 16);
@@ -347,7 +373,8 @@ impl MockNsm {
         if too_large(user_data) || too_large(nonce) || too_large(public_key) {
             return Err(ErrorCode::InputTooLarge);
         }
-        let timestamp_ms = mock_ca::unix_now()
+        let timestamp_ms = self
+            .now()
             .map_err(|_| ErrorCode::InternalError)?
             .as_millis() as u64;
         let mut state = self.lock();
