@@ -6,6 +6,7 @@
 //! binaries own sockets and files (DESIGN.md §2).
 
 pub mod cbor;
+pub mod cms;
 pub mod nsm;
 pub mod sealed;
 
