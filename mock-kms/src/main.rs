@@ -1,8 +1,91 @@
-//! A local KMS speaking the AWS KMS JSON protocol, with Recipient and attestation-conditioned key policies.
+//! `mock-kms --listen ADDR --state-dir DIR [--trust-root PEM]...`: a local KMS for tests and
+//! local runs. Point any AWS SDK at it with an endpoint override (e.g. `--endpoint-url`).
 
-#![forbid(unsafe_code)]
+use attestation_verifier::TrustAnchor;
+use clap::Parser;
+use context::Context as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
 
-fn main() {
-    eprintln!("mock-kms: not implemented yet; see the open issues");
-    std::process::exit(2);
+/// Adds what was being done to an error, for the one message the binary prints.
+mod context {
+    pub trait Context<T> {
+        fn context(self, what: impl std::fmt::Display) -> Result<T, String>;
+    }
+    impl<T, E: std::fmt::Display> Context<T> for Result<T, E> {
+        fn context(self, what: impl std::fmt::Display) -> Result<T, String> {
+            self.map_err(|e| format!("{what}: {e}"))
+        }
+    }
+}
+
+#[derive(Parser)]
+#[command(
+    name = "mock-kms",
+    version,
+    about = "A local AWS KMS with Nitro Enclaves Recipient support"
+)]
+struct Args {
+    /// Address to listen on, e.g. 127.0.0.1:4566.
+    #[arg(long, env = "MOCK_KMS_LISTEN", default_value = "127.0.0.1:4566")]
+    listen: String,
+    /// Directory for keys, policies and aliases (created if missing).
+    #[arg(long, env = "MOCK_KMS_STATE_DIR")]
+    state_dir: PathBuf,
+    /// Extra root certificate (PEM) to trust for attestation documents, besides the AWS
+    /// Nitro root: the mock NSM's CA in local mode. Repeatable.
+    #[arg(long = "trust-root", value_name = "PEM")]
+    trust_roots: Vec<PathBuf>,
+    /// Region named in key ARNs.
+    #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
+    region: String,
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let mut roots = Vec::new();
+    for path in &args.trust_roots {
+        let pem = std::fs::read(path).context(path.display())?;
+        roots.push(TrustAnchor::from_pem(&pem).context(path.display())?);
+    }
+    let kms = Kms::open(&args.state_dir, roots, &args.region).context(args.state_dir.display())?;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .context(format!("listen on {}", args.listen))?;
+    let addr = listener.local_addr().context("local address")?;
+    tracing::info!(%addr, state_dir = %args.state_dir.display(), roots = args.trust_roots.len() + 1, "mock-kms listening");
+    // Readiness line for scripts: the bound address (useful with port 0).
+    println!("mock-kms listening on http://{addr}");
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    mock_kms::serve(listener, Arc::new(kms), shutdown)
+        .await
+        .context("serve")
+}
+
+use mock_kms::Kms;
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mock-kms: tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mock-kms: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
