@@ -5,8 +5,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use common::sealed::{
-    seal, sha256, unseal, unseal_chunks, DataKey, SealedHeader, Unsealer, CONTEXT_MODEL_NAME,
-    DEFAULT_CHUNK_SIZE,
+    seal, sha256, split_chunks, unseal, unseal_stream, DataKey, SealedHeader, Unsealer,
+    CONTEXT_MODEL_NAME, DEFAULT_CHUNK_SIZE,
 };
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
@@ -37,7 +37,8 @@ fn bench(c: &mut Criterion) {
     group.bench_function("pipeline only, preallocated output", |b| {
         b.iter(|| {
             let mut u = Unsealer::new(&k, &sealed[..header_len]).unwrap();
-            unseal_chunks(&mut u, &sealed[header_len..], &mut out).unwrap();
+            let chunks = split_chunks(u.header(), &sealed[header_len..]);
+            unseal_stream(&mut u, chunks, &mut out).unwrap();
         })
     });
     group.bench_function("SHA-256 alone", |b| b.iter(|| sha256(&model)));

@@ -9,6 +9,7 @@ pub mod cbor;
 pub mod cms;
 pub mod nsm;
 pub mod sealed;
+pub mod wire;
 
 #[cfg(feature = "mock-nsm")]
 pub mod mock_ca;

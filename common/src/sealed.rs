@@ -578,46 +578,75 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
 }
 
 /// Unseals a whole sealed file held in memory into a new buffer, checking size and SHA-256.
-///
-/// Decryption and hashing run on two threads, chunk by chunk, so the throughput is that of
-/// the slower of the two rather than their sum. The plaintext is written once, into its
-/// final buffer.
 pub fn unseal(
     key: &DataKey,
     sealed: &[u8],
     max_plaintext: u64,
 ) -> Result<Zeroizing<Vec<u8>>, SealError> {
     let (header, header_len) = SealedHeader::decode(sealed)?;
+    let mut out = allocate(&header, max_plaintext)?;
+    let header_bytes = sealed.get(..header_len).ok_or(SealError::HeaderTruncated)?;
+    let mut unsealer = Unsealer::new(key, header_bytes)?;
+    let body = sealed.get(header_len..).unwrap_or(&[]);
+    unseal_stream(&mut unsealer, split_chunks(&header, body), &mut out)?;
+    Ok(out)
+}
+
+/// A zeroed plaintext buffer for `header`'s model, refused before allocating if the model is
+/// larger than `max_plaintext` (the host chooses the header, the enclave its memory).
+pub fn allocate(
+    header: &SealedHeader,
+    max_plaintext: u64,
+) -> Result<Zeroizing<Vec<u8>>, SealError> {
     if header.plaintext_size > max_plaintext {
         return Err(field(
             "plaintext_size",
             format!("{} > the allowed {max_plaintext}", header.plaintext_size),
         ));
     }
-    let expected_total = header.sealed_size(header_len);
-    if (sealed.len() as u64) > expected_total {
-        return Err(SealError::TrailingData {
-            extra: usize::try_from(sealed.len() as u64 - expected_total).unwrap_or(usize::MAX),
-        });
-    }
-    let header_bytes = sealed.get(..header_len).ok_or(SealError::HeaderTruncated)?;
-    let mut unsealer = Unsealer::new(key, header_bytes)?;
     let size = usize::try_from(header.plaintext_size)
         .map_err(|_| field("plaintext_size", "exceeds memory"))?;
-    let mut plaintext = Zeroizing::new(vec![0u8; size]);
-    unseal_chunks(
-        &mut unsealer,
-        sealed.get(header_len..).unwrap_or(&[]),
-        &mut plaintext,
-    )?;
-    Ok(plaintext)
+    Ok(Zeroizing::new(vec![0u8; size]))
 }
 
-/// Decrypts `chunks` (everything after the header) into `out` (exactly the plaintext size)
-/// with `unsealer`, hashing on a second thread, then checks completeness and the SHA-256.
-pub fn unseal_chunks(
+/// Splits the bytes after a header into the chunks it announces; a short tail is returned as
+/// a short last chunk and any excess as one more chunk, so [`unseal_stream`] names the error.
+pub fn split_chunks<'a>(header: &SealedHeader, mut body: &'a [u8]) -> Vec<&'a [u8]> {
+    let mut out = Vec::new();
+    for index in 0..header.chunk_count() {
+        if body.is_empty() {
+            break;
+        }
+        let (chunk, rest) = body.split_at(header.chunk_len(index).min(body.len()));
+        out.push(chunk);
+        body = rest;
+    }
+    if !body.is_empty() {
+        out.push(body);
+    }
+    out
+}
+
+/// Decrypts `chunks`, in order, into `out` (exactly the plaintext size) with `unsealer`,
+/// hashing on a second thread, then checks that no chunk is missing or extra and that the
+/// plaintext has the header's SHA-256. Decryption and hashing overlap, so the throughput is
+/// that of the slower of the two rather than their sum; the plaintext is written once, into
+/// its final buffer. On any error `out` is zeroized.
+pub fn unseal_stream<C: AsRef<[u8]>>(
     unsealer: &mut Unsealer,
-    chunks: &[u8],
+    chunks: impl IntoIterator<Item = C>,
+    out: &mut [u8],
+) -> Result<(), SealError> {
+    let result = unseal_stream_inner(unsealer, chunks, out);
+    if result.is_err() {
+        out.zeroize();
+    }
+    result
+}
+
+fn unseal_stream_inner<C: AsRef<[u8]>>(
+    unsealer: &mut Unsealer,
+    chunks: impl IntoIterator<Item = C>,
     out: &mut [u8],
 ) -> Result<(), SealError> {
     let header = unsealer.header().clone();
@@ -651,44 +680,34 @@ pub fn unseal_chunks(
     })?;
     unsealer.finish()?;
     if digest.as_ref() != header.plaintext_sha256 {
-        out.zeroize();
         return Err(SealError::DigestMismatch);
     }
     Ok(())
 }
 
 /// Decrypts each chunk into its piece of the output and hands the piece to the hasher.
-fn decrypt_all<'a>(
+fn decrypt_all<'a, C: AsRef<[u8]>>(
     unsealer: &mut Unsealer,
     header: &SealedHeader,
-    chunks: &[u8],
+    chunks: impl IntoIterator<Item = C>,
     pieces: Vec<&'a mut [u8]>,
     tx: &std::sync::mpsc::SyncSender<&'a [u8]>,
 ) -> Result<(), SealError> {
     let count = header.chunk_count();
-    let mut rest = chunks;
+    let mut chunks = chunks.into_iter();
     for (index, piece) in (0..count).zip(pieces) {
-        let len = header.chunk_len(index);
-        if rest.len() < len {
-            return Err(if rest.is_empty() {
-                SealError::Truncated { next: index, count }
-            } else {
-                SealError::ChunkLength {
-                    index,
-                    expected: len,
-                    got: rest.len(),
-                }
-            });
-        }
-        let (chunk, tail) = rest.split_at(len);
-        rest = tail;
-        unsealer.open_next(chunk, piece)?;
+        let chunk = chunks
+            .next()
+            .ok_or(SealError::Truncated { next: index, count })?;
+        unsealer.open_next(chunk.as_ref(), piece)?;
         let done: &'a [u8] = piece;
         tx.send(done)
             .map_err(|_| SealError::Crypto("hashing thread stopped"))?;
     }
-    if !rest.is_empty() {
-        return Err(SealError::TrailingData { extra: rest.len() });
+    if let Some(extra) = chunks.next() {
+        return Err(SealError::TrailingData {
+            extra: extra.as_ref().len(),
+        });
     }
     Ok(())
 }
