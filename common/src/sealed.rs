@@ -570,6 +570,20 @@ impl Unsealer {
     }
 }
 
+/// The PCR the enclave measures the model into (DESIGN.md §4.2).
+pub const MODEL_PCR: u16 = 16;
+
+/// PCR16 of an enclave that loaded the model with this SHA-256: the enclave extends the
+/// zero-initialised PCR once with the 32-byte digest, so PCR16 = SHA-384(0^48 ‖ sha256).
+pub fn model_pcr16(model_sha256: &[u8; 32]) -> [u8; 48] {
+    let mut ctx = Context::new(&aws_lc_rs::digest::SHA384);
+    ctx.update(&[0u8; 48]);
+    ctx.update(model_sha256);
+    let mut out = [0u8; 48];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
+}
+
 /// SHA-256 of `data`.
 pub fn sha256(data: &[u8]) -> [u8; 32] {
     let mut out = [0u8; 32];

@@ -1,8 +1,106 @@
-//! Runs inside the Nitro Enclave: key release, in-memory unsealing, candle inference and the attested client endpoint.
+//! `enclave`: the process inside the Nitro Enclave.
+//!
+//! ```text
+//! enclave --listen unix:PATH [--max-model-bytes N]
+//!         [--mock-ca DIR --mock-image LABEL [--mock-debug]]   (builds with the mock-nsm feature)
+//! ```
+//! It waits for the host to provision it with a sealed model, verifies and holds the model in
+//! memory, and logs content-free events. Serving arrives with the relay and inference issues.
 
-#![forbid(unsafe_code)]
+use clap::Parser;
+use common::nsm::Nsm;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
 
-fn main() {
-    eprintln!("enclave: not implemented yet; see the open issues");
-    std::process::exit(2);
+#[derive(Parser)]
+#[command(name = "enclave", version, about = "Confidential inference enclave")]
+struct Args {
+    /// Where the host connects: unix:PATH in local mode.
+    #[arg(long, env = "ENCLAVE_LISTEN")]
+    listen: String,
+    /// Largest model accepted, in bytes (the enclave's memory minus the KV caches).
+    #[arg(long, env = "ENCLAVE_MAX_MODEL_BYTES", default_value_t = 8 << 30)]
+    max_model_bytes: u64,
+    /// Use the mock NSM with the CA in this directory (local mode only).
+    #[cfg(feature = "mock-nsm")]
+    #[arg(long)]
+    mock_ca: Option<PathBuf>,
+    /// Image label the mock NSM derives PCR0-4 from (see `ImageMeasurement::from_label`).
+    #[cfg(feature = "mock-nsm")]
+    #[arg(long, default_value = "enclave")]
+    mock_image: String,
+    /// Run the mock NSM in debug mode (PCR0-2 zero).
+    #[cfg(feature = "mock-nsm")]
+    #[arg(long)]
+    mock_debug: bool,
+}
+
+fn open_nsm(args: &Args) -> Result<Arc<dyn Nsm>, String> {
+    #[cfg(feature = "mock-nsm")]
+    if let Some(dir) = &args.mock_ca {
+        use common::nsm::mock::{ImageMeasurement, MockNsm, MockNsmConfig};
+        let ca = common::mock_ca::MockCa::load(dir).map_err(|e| format!("mock CA: {e}"))?;
+        let mut config = MockNsmConfig::new(ImageMeasurement::from_label(&args.mock_image));
+        config.debug = args.mock_debug;
+        tracing::warn!("using the MOCK NSM: documents chain to the local mock CA, not to AWS");
+        return Ok(Arc::new(
+            MockNsm::new(ca, config).map_err(|e| format!("mock NSM: {e}"))?,
+        ));
+    }
+    let _ = args;
+    Ok(Arc::new(
+        common::nsm::device::DeviceNsm::open().map_err(|e| e.to_string())?,
+    ))
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let nsm = open_nsm(&args)?;
+    let path = PathBuf::from(
+        args.listen
+            .strip_prefix("unix:")
+            .ok_or("--listen must be unix:PATH (vsock arrives with the relay)")?,
+    );
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path)
+        .map_err(|e| format!("listen on {}: {e}", path.display()))?;
+    tracing::info!(path = %path.display(), "waiting for the host to provision a model");
+    let model = loop {
+        let (mut conn, _) = listener
+            .accept()
+            .await
+            .map_err(|e| format!("accept: {e}"))?;
+        match enclave::provision::provision(&mut conn, nsm.clone(), args.max_model_bytes).await {
+            Ok(model) => break model,
+            // Refuse to serve; say why, and let the host try again (e.g. after a policy fix).
+            Err(e) => tracing::error!(error = %e, "provisioning failed; not serving"),
+        }
+    };
+    tracing::info!(model = %model.name, sha256 = %hex::encode(model.sha256), "ready");
+    let _ = tokio::signal::ctrl_c().await;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("enclave: tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("enclave: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -1,0 +1,230 @@
+//! The enclave's half of key release and unsealing (DESIGN.md §4.2). Everything the host sends
+//! is untrusted; the enclave decides:
+//! 1. it reads the sealed header and measures the model's SHA-256 into PCR16, then locks it,
+//!    *before* any key arrives, so that whatever weights end up loaded, PCR16 says which
+//!    model the header claimed and the SHA-256 check below makes that claim true;
+//! 2. it generates an ephemeral RSA-2048 key and asks the NSM for a document attesting it;
+//! 3. it opens KMS's `CiphertextForRecipient` with that key (refusing envelopes addressed to
+//!    another key), takes the data key, and drops the RSA key;
+//! 4. it decrypts the chunks as they arrive straight into the final buffer, hashing them on a
+//!    second thread, and accepts the model only if every chunk authenticates and the SHA-256
+//!    matches the header (and so PCR16);
+//! 5. it reports `Ready`, or `Failed` with a content-free reason, and refuses to serve.
+
+use common::cms::{CmsError, Envelope, RecipientKey};
+use common::nsm::{AttestationRequest, Nsm, NsmError};
+use common::sealed::{allocate, DataKey, SealError, SealedHeader, Unsealer, MODEL_PCR};
+use common::wire::io::{handshake, read_frame, write_frame, ConnError};
+use common::wire::{Message, DEFAULT_MAX_PAYLOAD, MAX_REASON};
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncWrite};
+use zeroize::Zeroizing;
+
+/// A model unsealed into enclave memory.
+pub struct LoadedModel {
+    /// The weights. Zeroized on drop.
+    pub weights: Zeroizing<Vec<u8>>,
+    /// Their SHA-256, as measured into PCR16.
+    pub sha256: [u8; 32],
+    /// The model's name from the sealed header.
+    pub name: String,
+}
+
+impl std::fmt::Debug for LoadedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedModel")
+            .field("name", &self.name)
+            .field("bytes", &self.weights.len())
+            .field("sha256", &hex::encode(self.sha256))
+            .finish()
+    }
+}
+
+/// Why provisioning failed. Messages name checks, never content.
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    /// The host connection failed or broke the protocol framing.
+    #[error("host connection: {0}")]
+    Conn(#[from] ConnError),
+    /// The host sent a message out of order.
+    #[error("protocol: expected {expected}, got {got:?}")]
+    Protocol {
+        /// What was expected.
+        expected: &'static str,
+        /// What arrived.
+        got: Message,
+    },
+    /// The sealed model is invalid, tampered or truncated.
+    #[error("sealed model: {0}")]
+    Sealed(#[from] SealError),
+    /// The NSM refused.
+    #[error("NSM: {0}")]
+    Nsm(#[from] NsmError),
+    /// KMS refused the key release (as the host reports it).
+    #[error("key release refused: {0}")]
+    KeyRelease(String),
+    /// The key envelope is invalid or not for this enclave.
+    #[error("key envelope: {0}")]
+    Envelope(#[from] CmsError),
+    /// A worker thread failed.
+    #[error("internal: {0}")]
+    Internal(&'static str),
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ProvisionError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| ProvisionError::Internal("worker thread failed"))
+}
+
+/// Runs provisioning on `conn`; on failure tells the host why before returning the error.
+pub async fn provision<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut S,
+    nsm: Arc<dyn Nsm>,
+    max_model: u64,
+) -> Result<LoadedModel, ProvisionError> {
+    match run(conn, nsm, max_model).await {
+        Ok(model) => {
+            write_frame(
+                conn,
+                &Message::Ready {
+                    model_sha256: model.sha256,
+                    model_name: model.name.clone(),
+                },
+            )
+            .await?;
+            Ok(model)
+        }
+        Err(e) => {
+            let mut reason = e.to_string();
+            reason.truncate(MAX_REASON);
+            // Best effort: the connection may be what failed.
+            let _ = write_frame(conn, &Message::Failed { reason }).await;
+            Err(e)
+        }
+    }
+}
+
+async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut S,
+    nsm: Arc<dyn Nsm>,
+    max_model: u64,
+) -> Result<LoadedModel, ProvisionError> {
+    handshake(conn).await?;
+    let header_bytes = match read_frame(conn, DEFAULT_MAX_PAYLOAD).await? {
+        Message::SealedHeader(b) => b,
+        got => {
+            return Err(ProvisionError::Protocol {
+                expected: "SealedHeader",
+                got,
+            })
+        }
+    };
+    let (header, used) = SealedHeader::decode(&header_bytes)?;
+    if used != header_bytes.len() {
+        return Err(SealError::TrailingData {
+            extra: header_bytes.len() - used,
+        }
+        .into());
+    }
+    // Refuse an oversized model before any work.
+    if header.plaintext_size > max_model {
+        return Err(SealError::HeaderField {
+            field: "plaintext_size",
+            reason: format!(
+                "{} bytes exceeds this enclave's limit of {max_model}",
+                header.plaintext_size
+            ),
+        }
+        .into());
+    }
+
+    // 1. Measure the claimed model into PCR16 and lock it.
+    let sha256 = header.plaintext_sha256;
+    let (attestation, recipient) = {
+        let nsm = nsm.clone();
+        blocking(move || -> Result<(Vec<u8>, RecipientKey), ProvisionError> {
+            nsm.extend_pcr(MODEL_PCR, &sha256)?;
+            nsm.lock_pcr(MODEL_PCR)?;
+            // 2. An ephemeral key, attested.
+            let recipient = RecipientKey::generate()?;
+            let doc = nsm.attest(AttestationRequest {
+                public_key: Some(recipient.public_key_der()),
+                ..Default::default()
+            })?;
+            Ok((doc, recipient))
+        })
+        .await??
+    };
+    tracing::info!(model = %header.model_name().unwrap_or_default(), pcr = MODEL_PCR, "model measured; requesting key release");
+    write_frame(conn, &Message::KeyReleaseRequest { attestation }).await?;
+
+    // 3. The data key, for this enclave's key only.
+    let envelope = match read_frame(conn, DEFAULT_MAX_PAYLOAD).await? {
+        Message::KeyReleaseResponse {
+            ciphertext_for_recipient,
+        } => ciphertext_for_recipient,
+        Message::KeyReleaseFailed { error } => return Err(ProvisionError::KeyRelease(error)),
+        got => {
+            return Err(ProvisionError::Protocol {
+                expected: "KeyReleaseResponse",
+                got,
+            })
+        }
+    };
+    let mut plaintext = recipient.open(&Envelope::parse(&envelope)?)?;
+    drop(recipient);
+    let key = DataKey::from_slice(&mut plaintext)?;
+    drop(plaintext);
+
+    // 4. Stream the chunks into the final buffer, decrypting and hashing on worker threads.
+    let mut unsealer = Unsealer::new(&key, &header_bytes)?;
+    drop(key);
+    let mut weights = allocate(&header, max_model)?;
+    let count = header.chunk_count();
+    let max_frame = DEFAULT_MAX_PAYLOAD.max(header.chunk_len(0).saturating_add(16));
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+    let worker = tokio::task::spawn_blocking(move || {
+        let chunks = std::iter::from_fn(|| rx.blocking_recv());
+        let result = common::sealed::unseal_stream(&mut unsealer, chunks, &mut weights);
+        result.map(|()| weights)
+    });
+    let received: Result<(), ProvisionError> = async {
+        for _ in 0..count {
+            match read_frame(conn, max_frame).await? {
+                Message::Chunk(c) => {
+                    if tx.send(c).await.is_err() {
+                        break; // the worker stopped on an error it will report
+                    }
+                }
+                got => {
+                    return Err(ProvisionError::Protocol {
+                        expected: "Chunk",
+                        got,
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+    .await;
+    drop(tx);
+    let weights = worker
+        .await
+        .map_err(|_| ProvisionError::Internal("unsealing thread failed"))?;
+    // A decryption error explains more than the connection error it may have caused.
+    let weights = match (weights, received) {
+        (Err(e), _) => return Err(e.into()),
+        (Ok(_), Err(e)) => return Err(e),
+        (Ok(w), Ok(())) => w,
+    };
+    let name = header.model_name().unwrap_or_default().to_owned();
+    tracing::info!(model = %name, bytes = weights.len(), "model unsealed and verified");
+    Ok(LoadedModel {
+        weights,
+        sha256,
+        name,
+    })
+}

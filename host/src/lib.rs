@@ -1,0 +1,11 @@
+//! The untrusted host relay on the parent instance (DESIGN.md §1–§4). It may see ciphertext,
+//! sizes and timing, never content: it seals models for the enclave, calls KMS on the
+//! enclave's behalf (KMS encrypts the key to the enclave's attested key), and streams sealed
+//! weights to it. The client-facing relay arrives with issue 5.
+
+#![forbid(unsafe_code)]
+
+pub mod kms;
+pub mod policy;
+pub mod provision;
+pub mod seal;

@@ -1,0 +1,177 @@
+//! The host's half of key release and provisioning (DESIGN.md §4.2): send the sealed header,
+//! take the enclave's attestation document to KMS `Decrypt` with `Recipient`, hand back the
+//! `CiphertextForRecipient`, then stream the sealed chunks. The host never sees the data key
+//! or the weights: KMS encrypts the key to the enclave's attested RSA key.
+
+use crate::kms::KmsFailure;
+use aws_sdk_kms::primitives::Blob;
+use aws_sdk_kms::types::{KeyEncryptionMechanism, RecipientInfo};
+use common::sealed::{SealError, SealedHeader, MAX_HEADER_LEN};
+use common::wire::io::{handshake, read_frame, write_frame, ConnError};
+use common::wire::{Message, DEFAULT_MAX_PAYLOAD};
+use std::path::{Path, PathBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+
+/// Why provisioning failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    /// The sealed file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The sealed file is not valid.
+    #[error("sealed file: {0}")]
+    Sealed(#[from] SealError),
+    /// The enclave connection failed.
+    #[error("enclave connection: {0}")]
+    Conn(#[from] ConnError),
+    /// KMS refused the key release.
+    #[error("KMS Decrypt: {0}")]
+    Kms(KmsFailure),
+    /// The enclave refused or failed, and said why.
+    #[error("enclave: {0}")]
+    Enclave(String),
+    /// The enclave sent something out of order.
+    #[error("enclave sent {0:?} out of order")]
+    Protocol(Message),
+}
+
+impl ProvisionError {
+    /// The KMS error name, if KMS refused (e.g. `AccessDeniedException`).
+    pub fn kms_code(&self) -> Option<&str> {
+        match self {
+            Self::Kms(f) => Some(&f.code),
+            _ => None,
+        }
+    }
+}
+
+/// What the enclave reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Provisioned {
+    /// SHA-256 of the loaded weights (the value measured into PCR16).
+    pub model_sha256: [u8; 32],
+    /// The model's name.
+    pub model_name: String,
+}
+
+async fn read_header(
+    file: &mut tokio::fs::File,
+    path: &Path,
+) -> Result<(SealedHeader, Vec<u8>), ProvisionError> {
+    let io = |source| ProvisionError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut fixed = [0u8; 14];
+    file.read_exact(&mut fixed).await.map_err(io)?;
+    let len = u32::from_be_bytes([fixed[10], fixed[11], fixed[12], fixed[13]]) as usize;
+    if !(14..=MAX_HEADER_LEN).contains(&len) {
+        // Let the decoder name the problem (magic, version or length).
+        SealedHeader::decode(&fixed)?;
+    }
+    let mut bytes = fixed.to_vec();
+    bytes.resize(len, 0);
+    file.read_exact(bytes.get_mut(14..).unwrap_or_default())
+        .await
+        .map_err(io)?;
+    let (header, used) = SealedHeader::decode(&bytes)?;
+    debug_assert_eq!(used, bytes.len());
+    Ok((header, bytes))
+}
+
+/// Provisions the enclave on `conn` with the sealed model at `sealed`.
+pub async fn provision<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut S,
+    kms: &aws_sdk_kms::Client,
+    sealed: &Path,
+) -> Result<Provisioned, ProvisionError> {
+    let io = |source| ProvisionError::Io {
+        path: sealed.to_path_buf(),
+        source,
+    };
+    let mut file = tokio::fs::File::open(sealed).await.map_err(io)?;
+    let (header, header_bytes) = read_header(&mut file, sealed).await?;
+
+    handshake(conn).await?;
+    write_frame(conn, &Message::SealedHeader(header_bytes)).await?;
+    let attestation = match read_frame(conn, DEFAULT_MAX_PAYLOAD).await? {
+        Message::KeyReleaseRequest { attestation } => attestation,
+        Message::Failed { reason } => return Err(ProvisionError::Enclave(reason)),
+        other => return Err(ProvisionError::Protocol(other)),
+    };
+    tracing::info!(key_id = %header.key_id, "requesting key release from KMS for the attested enclave");
+    let recipient = RecipientInfo::builder()
+        .key_encryption_algorithm(KeyEncryptionMechanism::RsaesOaepSha256)
+        .attestation_document(Blob::new(attestation))
+        .build();
+    let response = kms
+        .decrypt()
+        .ciphertext_blob(Blob::new(header.wrapped_key.clone()))
+        .key_id(&header.key_id)
+        .set_encryption_context(Some(header.context.clone().into_iter().collect()))
+        .recipient(recipient)
+        .send()
+        .await;
+    let envelope = match response {
+        Ok(out) => match out.ciphertext_for_recipient {
+            Some(b) => b.into_inner(),
+            None => {
+                let failure = KmsFailure {
+                    code: "MissingCiphertextForRecipient".into(),
+                    message: "KMS answered a Recipient request without CiphertextForRecipient"
+                        .into(),
+                };
+                let _ = write_frame(
+                    conn,
+                    &Message::KeyReleaseFailed {
+                        error: failure.to_string(),
+                    },
+                )
+                .await;
+                return Err(ProvisionError::Kms(failure));
+            }
+        },
+        Err(e) => {
+            let failure = KmsFailure::from_sdk(&e);
+            let _ = write_frame(
+                conn,
+                &Message::KeyReleaseFailed {
+                    error: failure.to_string(),
+                },
+            )
+            .await;
+            return Err(ProvisionError::Kms(failure));
+        }
+    };
+    write_frame(
+        conn,
+        &Message::KeyReleaseResponse {
+            ciphertext_for_recipient: envelope,
+        },
+    )
+    .await?;
+
+    // Stream the chunks as the header lays them out; the enclave checks each one.
+    let mut buf = Vec::with_capacity(header.chunk_len(0));
+    for index in 0..header.chunk_count() {
+        buf.resize(header.chunk_len(index), 0);
+        file.read_exact(&mut buf).await.map_err(io)?;
+        write_frame(conn, &Message::Chunk(std::mem::take(&mut buf))).await?;
+    }
+    match read_frame(conn, DEFAULT_MAX_PAYLOAD).await? {
+        Message::Ready {
+            model_sha256,
+            model_name,
+        } => Ok(Provisioned {
+            model_sha256,
+            model_name,
+        }),
+        Message::Failed { reason } => Err(ProvisionError::Enclave(reason)),
+        other => Err(ProvisionError::Protocol(other)),
+    }
+}

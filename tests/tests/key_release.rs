@@ -1,0 +1,419 @@
+//! DESIGN.md §4.1–4.2 end to end in local mode: `host seal` with the real `aws-sdk-kms`
+//! against mock-kms, a key policy from `host kms-policy`, and provisioning of a mock-NSM
+//! enclave over a Unix socket. Release succeeds only for the measured image and model; every
+//! other case is `AccessDeniedException` or a refusal by the enclave.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use aws_sdk_kms::primitives::Blob;
+use common::cms::envelope_for_recipient;
+use common::nsm::mock::{ImageMeasurement, MockNsm};
+use common::nsm::Nsm;
+use common::sealed::{
+    model_pcr16, split_chunks, DataKey, SealedHeader, Sealer, CONTEXT_MODEL_NAME, MIN_CHUNK_SIZE,
+};
+use common::wire::io::{handshake, read_frame, write_frame};
+use common::wire::{Message, DEFAULT_MAX_PAYLOAD};
+use enclave::provision::{
+    provision as enclave_provision, LoadedModel, ProvisionError as EnclaveError,
+};
+use host::policy::{generate, measurements_json, parse_measurements, PolicyRequest};
+use host::provision::{provision as host_provision, ProvisionError as HostError, Provisioned};
+use host::seal::{seal_file, SealRequest};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tests::{kms_client, start_kms, tempdir, Local, IMAGE};
+
+const MAX_MODEL: u64 = 1 << 30;
+
+fn model_bytes(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i * 7 + usize::from(seed) * 13) % 251) as u8)
+        .collect()
+}
+
+/// The mock image's measurements, as `nitro-cli build-enclave` would print them.
+fn measurements(image: &str) -> BTreeMap<u8, String> {
+    let m = ImageMeasurement::from_label(image);
+    let pcrs: BTreeMap<u8, [u8; 48]> = [
+        (0, m.pcr0),
+        (1, m.pcr1),
+        (2, m.pcr2),
+        (3, m.pcr3),
+        (4, m.pcr4),
+    ]
+    .into();
+    parse_measurements(&measurements_json(&pcrs).to_string()).unwrap()
+}
+
+struct Setup {
+    kms: aws_sdk_kms::Client,
+    key_id: String,
+    sealed: PathBuf,
+    model: Vec<u8>,
+    sha256: [u8; 32],
+}
+
+/// A key with an attested-release policy for `policy_image` and the model, and the model sealed.
+async fn setup(endpoint: &str, policy_image: &str, bind_model: Option<[u8; 32]>) -> Setup {
+    let kms = kms_client(endpoint).await;
+    let key_id = kms
+        .create_key()
+        .description("model key")
+        .send()
+        .await
+        .unwrap()
+        .key_metadata
+        .unwrap()
+        .key_id;
+    let dir = tempdir("model");
+    let model = model_bytes(3 * MIN_CHUNK_SIZE as usize + 123, 1);
+    let input = dir.join("model.gguf");
+    std::fs::write(&input, &model).unwrap();
+    let sealed = dir.join("model.sealed");
+    let summary = seal_file(
+        &kms,
+        &SealRequest {
+            key_id: key_id.clone(),
+            input,
+            output: sealed.clone(),
+            name: "test-model".into(),
+            chunk_size: MIN_CHUNK_SIZE,
+        },
+    )
+    .await
+    .unwrap();
+    let sha256 = summary.header.plaintext_sha256;
+    let policy = generate(&PolicyRequest {
+        measurements: measurements(policy_image),
+        include: vec![],
+        model_pcr16: Some(model_pcr16(&bind_model.unwrap_or(sha256))),
+        account: "000000000000".into(),
+        admin_principal: None,
+        enclave_principal: None,
+    })
+    .unwrap();
+    kms.put_key_policy()
+        .key_id(&key_id)
+        .policy_name("default")
+        .policy(policy.to_string())
+        .send()
+        .await
+        .unwrap();
+    Setup {
+        kms,
+        key_id,
+        sealed,
+        model,
+        sha256,
+    }
+}
+
+/// Host and enclave over a Unix socket pair.
+async fn run_pair(
+    kms: &aws_sdk_kms::Client,
+    sealed: &Path,
+    nsm: Arc<MockNsm>,
+) -> (
+    Result<Provisioned, HostError>,
+    Result<LoadedModel, EnclaveError>,
+) {
+    let (mut h, mut e) = tokio::net::UnixStream::pair().unwrap();
+    let enclave = tokio::spawn(async move { enclave_provision(&mut e, nsm, MAX_MODEL).await });
+    let host = host_provision(&mut h, kms, sealed).await;
+    drop(h);
+    (host, enclave.await.unwrap())
+}
+
+fn denied(host: &Result<Provisioned, HostError>, enclave: &Result<LoadedModel, EnclaveError>) {
+    let err = host.as_ref().unwrap_err();
+    assert_eq!(err.kms_code(), Some("AccessDeniedException"), "{err}");
+    match enclave {
+        Err(EnclaveError::KeyRelease(reason)) => {
+            assert!(reason.starts_with("AccessDeniedException"), "{reason}")
+        }
+        other => panic!("enclave: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_succeeds_with_a_matching_policy() {
+    let local = Local::new();
+    let endpoint = start_kms(vec![local.root()]).await;
+    let s = setup(&endpoint, IMAGE, None).await;
+    let nsm = local.nsm(IMAGE, |_| {});
+    let (host, enclave) = run_pair(&s.kms, &s.sealed, nsm.clone()).await;
+    let loaded = enclave.unwrap();
+    assert_eq!(&loaded.weights[..], &s.model[..]);
+    assert_eq!(loaded.name, "test-model");
+    assert_eq!(
+        host.unwrap(),
+        Provisioned {
+            model_sha256: s.sha256,
+            model_name: "test-model".into()
+        }
+    );
+    let pcr16 = nsm.describe_pcr(16).unwrap();
+    assert!(pcr16.locked);
+    assert_eq!(pcr16.value, model_pcr16(&s.sha256));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_denied_for_another_image_model_debug_mode_or_foreign_root() {
+    let local = Local::new();
+    let endpoint = start_kms(vec![local.root()]).await;
+
+    // Wrong PCR0: the policy names another image.
+    let s = setup(&endpoint, "another-image", None).await;
+    let (h, e) = run_pair(&s.kms, &s.sealed, local.nsm(IMAGE, |_| {})).await;
+    denied(&h, &e);
+
+    // Wrong PCR16: the policy binds the key to another model.
+    let s = setup(&endpoint, IMAGE, Some([9; 32])).await;
+    let (h, e) = run_pair(&s.kms, &s.sealed, local.nsm(IMAGE, |_| {})).await;
+    denied(&h, &e);
+
+    // A debug-mode enclave of the right image.
+    let s = setup(&endpoint, IMAGE, None).await;
+    let (h, e) = run_pair(&s.kms, &s.sealed, local.nsm(IMAGE, |c| c.debug = true)).await;
+    denied(&h, &e);
+
+    // An expired document: the enclave's clock is 10 minutes behind KMS's.
+    let past = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        - std::time::Duration::from_secs(600);
+    let (h, e) = run_pair(
+        &s.kms,
+        &s.sealed,
+        local.nsm(IMAGE, |c| c.clock = Some(Arc::new(move || past))),
+    )
+    .await;
+    denied(&h, &e);
+
+    // A KMS that does not trust the mock root (as real KMS would not).
+    let strict = start_kms(vec![]).await;
+    let s = setup(&strict, IMAGE, None).await;
+    let (h, e) = run_pair(&s.kms, &s.sealed, local.nsm(IMAGE, |_| {})).await;
+    denied(&h, &e);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_denied_without_attestation() {
+    let local = Local::new();
+    let endpoint = start_kms(vec![local.root()]).await;
+    let s = setup(&endpoint, IMAGE, None).await;
+    let bytes = std::fs::read(&s.sealed).unwrap();
+    let (header, _) = SealedHeader::decode(&bytes).unwrap();
+    let err = s
+        .kms
+        .decrypt()
+        .key_id(&s.key_id)
+        .ciphertext_blob(Blob::new(header.wrapped_key.clone()))
+        .set_encryption_context(Some(header.context.clone().into_iter().collect()))
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(
+        host::kms::KmsFailure::from_sdk(&err).code,
+        "AccessDeniedException"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_sealed_files_are_refused_by_the_enclave() {
+    let local = Local::new();
+    let endpoint = start_kms(vec![local.root()]).await;
+    let s = setup(&endpoint, IMAGE, None).await;
+    let bytes = std::fs::read(&s.sealed).unwrap();
+    let (header, header_len) = SealedHeader::decode(&bytes).unwrap();
+    let chunk = header.chunk_len(0);
+    let dir = tempdir("tamper");
+    let write = |name: &str, data: &[u8]| {
+        let p = dir.join(name);
+        std::fs::write(&p, data).unwrap();
+        p
+    };
+
+    // A flipped bit in chunk 2.
+    let mut flipped = bytes.clone();
+    flipped[header_len + 2 * chunk + 5] ^= 0x10;
+    let (h, e) = run_pair(
+        &s.kms,
+        &write("flipped", &flipped),
+        local.nsm(IMAGE, |_| {}),
+    )
+    .await;
+    assert!(
+        matches!(
+            e,
+            Err(EnclaveError::Sealed(
+                common::sealed::SealError::ChunkAuthentication { index: 2 }
+            ))
+        ),
+        "{e:?}"
+    );
+    assert!(
+        matches!(&h, Err(HostError::Enclave(r)) if r.contains("chunk 2")),
+        "{h:?}"
+    );
+
+    // Chunks 1 and 2 swapped.
+    let mut swapped = bytes[..header_len + chunk].to_vec();
+    swapped.extend_from_slice(&bytes[header_len + 2 * chunk..header_len + 3 * chunk]);
+    swapped.extend_from_slice(&bytes[header_len + chunk..header_len + 2 * chunk]);
+    swapped.extend_from_slice(&bytes[header_len + 3 * chunk..]);
+    let (_, e) = run_pair(
+        &s.kms,
+        &write("swapped", &swapped),
+        local.nsm(IMAGE, |_| {}),
+    )
+    .await;
+    assert!(
+        matches!(
+            e,
+            Err(EnclaveError::Sealed(
+                common::sealed::SealError::ChunkAuthentication { index: 1 }
+            ))
+        ),
+        "{e:?}"
+    );
+
+    // Another sealed file's header on these chunks: KMS releases that file's key, and the
+    // chunks do not authenticate under it.
+    let other = setup(&endpoint, IMAGE, None).await;
+    let other_bytes = std::fs::read(&other.sealed).unwrap();
+    let (_, other_len) = SealedHeader::decode(&other_bytes).unwrap();
+    let mut mixed = other_bytes[..other_len].to_vec();
+    mixed.extend_from_slice(&bytes[header_len..]);
+    let (_, e) = run_pair(
+        &other.kms,
+        &write("mixed", &mixed),
+        local.nsm(IMAGE, |_| {}),
+    )
+    .await;
+    assert!(
+        matches!(
+            e,
+            Err(EnclaveError::Sealed(
+                common::sealed::SealError::ChunkAuthentication { index: 0 }
+            ))
+        ),
+        "{e:?}"
+    );
+}
+
+/// A sealed file of the attacker's `weights` under its own data key, whose header claims the
+/// model with `claimed_sha256`.
+fn attacker_sealed(claimed_sha256: [u8; 32], weights: &[u8]) -> Vec<u8> {
+    let header = SealedHeader {
+        chunk_size: MIN_CHUNK_SIZE,
+        plaintext_size: weights.len() as u64,
+        plaintext_sha256: claimed_sha256,
+        nonce_prefix: [1; 7],
+        key_id: "attacker".into(),
+        wrapped_key: vec![1],
+        context: [
+            (CONTEXT_MODEL_NAME.to_string(), "test-model".to_string()),
+            (
+                "model_sha256".to_string(),
+                common::sealed::hex_lower(&claimed_sha256),
+            ),
+        ]
+        .into(),
+    };
+    let key = DataKey::from_slice(&mut [0x42u8; 32]).unwrap();
+    let mut sealer = Sealer::new(&key, header).unwrap();
+    let mut out = sealer.header_bytes().to_vec();
+    for piece in weights.chunks(MIN_CHUNK_SIZE as usize) {
+        let mut buf = piece.to_vec();
+        sealer.seal_next(&mut buf).unwrap();
+        out.extend_from_slice(&buf);
+    }
+    out
+}
+
+/// A malicious host that forges the key release: it encrypts its own data key to the
+/// enclave's attested RSA key (CMS is unsigned, so it can) and streams its own weights.
+async fn forged_release(nsm: Arc<MockNsm>, sealed: Vec<u8>) -> Result<LoadedModel, EnclaveError> {
+    let (header, header_len) = SealedHeader::decode(&sealed).unwrap();
+    let (mut h, mut e) = tokio::net::UnixStream::pair().unwrap();
+    let enclave = tokio::spawn(async move { enclave_provision(&mut e, nsm, MAX_MODEL).await });
+    handshake(&mut h).await.unwrap();
+    write_frame(
+        &mut h,
+        &Message::SealedHeader(sealed[..header_len].to_vec()),
+    )
+    .await
+    .unwrap();
+    let doc = match read_frame(&mut h, DEFAULT_MAX_PAYLOAD).await.unwrap() {
+        Message::KeyReleaseRequest { attestation } => attestation,
+        other => panic!("{other:?}"),
+    };
+    let public_key = attestation_verifier::UnverifiedDocument::parse(&doc)
+        .unwrap()
+        .unverified()
+        .public_key
+        .clone()
+        .unwrap();
+    let envelope = envelope_for_recipient(&public_key, &[0x42u8; 32]).unwrap();
+    write_frame(
+        &mut h,
+        &Message::KeyReleaseResponse {
+            ciphertext_for_recipient: envelope,
+        },
+    )
+    .await
+    .unwrap();
+    for chunk in split_chunks(&header, &sealed[header_len..]) {
+        if write_frame(&mut h, &Message::Chunk(chunk.to_vec()))
+            .await
+            .is_err()
+        {
+            break; // the enclave stopped reading: it refused
+        }
+    }
+    enclave.await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_key_release_cannot_pass_as_the_genuine_model() {
+    let local = Local::new();
+    let genuine = model_bytes(2 * MIN_CHUNK_SIZE as usize, 1);
+    let genuine_sha = common::sealed::sha256(&genuine);
+    let attacker = model_bytes(2 * MIN_CHUNK_SIZE as usize, 99);
+    let attacker_sha = common::sealed::sha256(&attacker);
+
+    // Honest header for its own model: the enclave loads it, but PCR16 names that model, and
+    // every client's policy (PCR16 = genuine) rejects this enclave.
+    let nsm = local.nsm(IMAGE, |_| {});
+    let loaded = forged_release(nsm.clone(), attacker_sealed(attacker_sha, &attacker)).await;
+    assert_eq!(loaded.unwrap().sha256, attacker_sha);
+    let pcr16 = nsm.describe_pcr(16).unwrap().value;
+    assert_eq!(pcr16, model_pcr16(&attacker_sha));
+    assert_ne!(pcr16, model_pcr16(&genuine_sha));
+
+    // A header claiming the genuine model over the attacker's weights: PCR16 would say
+    // "genuine", so the enclave must refuse the weights, and does (SHA-256 check).
+    let nsm = local.nsm(IMAGE, |_| {});
+    let loaded = forged_release(nsm.clone(), attacker_sealed(genuine_sha, &attacker)).await;
+    assert!(
+        matches!(
+            loaded,
+            Err(EnclaveError::Sealed(
+                common::sealed::SealError::DigestMismatch
+            ))
+        ),
+        "{loaded:?}"
+    );
+    assert_eq!(
+        nsm.describe_pcr(16).unwrap().value,
+        model_pcr16(&genuine_sha)
+    );
+}
