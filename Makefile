@@ -5,13 +5,19 @@ CARGO ?= cargo
 STATE ?= state
 FUZZ_SECONDS ?= 60
 
-.PHONY: build test lint bench mock-ca fuzz clean
+PYTHON ?= python3
+
+.PHONY: build test test-deps lint bench mock-ca fuzz clean
 
 build:
 	$(CARGO) build --workspace --all-targets --locked
 
+# Python packages the tests drive mock-kms with (boto3, as users will).
+test-deps:
+	$(PYTHON) -c "import boto3" 2>/dev/null || $(PYTHON) -m pip install --quiet --disable-pip-version-check boto3
+
 # Every test in the workspace, the mock NSM included (its feature is test-only).
-test:
+test: test-deps
 	$(CARGO) test --workspace --all-features --locked
 
 lint:

@@ -197,6 +197,8 @@ async fn run(cli: Cli) -> Result<(), String> {
             let path = enclave
                 .strip_prefix("unix:")
                 .ok_or("--enclave must be unix:PATH (vsock arrives with the relay)")?;
+            // Check the sealed file before touching the enclave.
+            read_sealed_header(&sealed)?;
             let mut conn = tokio::net::UnixStream::connect(path)
                 .await
                 .map_err(|e| format!("connect {path}: {e}"))?;
