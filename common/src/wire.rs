@@ -6,7 +6,9 @@
 //! preface = "NEWIRE" | version u8 (1) | 0x00           sent once by each side on connect
 //! frame   = type u8 | length u32 BE | payload[length]   length ≤ the decoder's maximum
 //! ```
-//! Payload fields are `bytes` = u32 BE length + bytes, or `text` = bytes holding UTF-8.
+//! A message whose only field is bytes (header, chunk, attestation, envelope) carries them as
+//! the whole payload, so a receiver takes the buffer it read without copying. Other payloads
+//! are fields of `bytes` = u32 BE length + bytes, or `text` = bytes holding UTF-8.
 //!
 //! No I/O here: [`read_frame`]/[`write_frame`] in the `tokio` feature do the socket side.
 
@@ -242,15 +244,38 @@ impl Message {
         }
     }
 
-    /// The complete frame: header and payload.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut payload = Vec::new();
+    /// The payload when it is one raw byte field (no copy needed to send it).
+    fn raw_payload(&self) -> Option<&[u8]> {
         match self {
-            Self::SealedHeader(b) | Self::Chunk(b) => put(&mut payload, b),
-            Self::KeyReleaseRequest { attestation } => put(&mut payload, attestation),
+            Self::SealedHeader(b) | Self::Chunk(b) => Some(b),
+            Self::KeyReleaseRequest { attestation } => Some(attestation),
             Self::KeyReleaseResponse {
                 ciphertext_for_recipient,
-            } => put(&mut payload, ciphertext_for_recipient),
+            } => Some(ciphertext_for_recipient),
+            _ => None,
+        }
+    }
+
+    /// The frame header for a payload of `len` bytes.
+    fn frame_header(&self, len: usize) -> [u8; HEADER_LEN] {
+        let l = (len as u32).to_be_bytes();
+        [self.message_type() as u8, l[0], l[1], l[2], l[3]]
+    }
+
+    /// The complete frame: header and payload.
+    pub fn encode(&self) -> Vec<u8> {
+        if let Some(raw) = self.raw_payload() {
+            let mut frame = Vec::with_capacity(HEADER_LEN + raw.len());
+            frame.extend_from_slice(&self.frame_header(raw.len()));
+            frame.extend_from_slice(raw);
+            return frame;
+        }
+        let mut payload = Vec::new();
+        match self {
+            Self::SealedHeader(_)
+            | Self::Chunk(_)
+            | Self::KeyReleaseRequest { .. }
+            | Self::KeyReleaseResponse { .. } => {}
             Self::KeyReleaseFailed { error } => put(&mut payload, truncate(error).as_bytes()),
             Self::Ready {
                 model_sha256,
@@ -262,14 +287,37 @@ impl Message {
             Self::Failed { reason } => put(&mut payload, truncate(reason).as_bytes()),
         }
         let mut frame = Vec::with_capacity(HEADER_LEN + payload.len());
-        frame.push(self.message_type() as u8);
-        frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        frame.extend_from_slice(&self.frame_header(payload.len()));
         frame.extend_from_slice(&payload);
         frame
     }
 
+    /// Decodes a payload of type `ty`, taking ownership of it (raw messages keep the buffer).
+    pub fn decode_owned(ty: MessageType, payload: Vec<u8>) -> Result<Self, WireError> {
+        Ok(match ty {
+            MessageType::SealedHeader => Self::SealedHeader(payload),
+            MessageType::Chunk => Self::Chunk(payload),
+            MessageType::KeyReleaseRequest => Self::KeyReleaseRequest {
+                attestation: payload,
+            },
+            MessageType::KeyReleaseResponse => Self::KeyReleaseResponse {
+                ciphertext_for_recipient: payload,
+            },
+            _ => Self::decode(ty, &payload)?,
+        })
+    }
+
     /// Decodes a payload of type `ty`.
     pub fn decode(ty: MessageType, payload: &[u8]) -> Result<Self, WireError> {
+        if matches!(
+            ty,
+            MessageType::SealedHeader
+                | MessageType::Chunk
+                | MessageType::KeyReleaseRequest
+                | MessageType::KeyReleaseResponse
+        ) {
+            return Self::decode_owned(ty, payload.to_vec());
+        }
         let what = match ty {
             MessageType::SealedHeader => "SealedHeader",
             MessageType::KeyReleaseRequest => "KeyReleaseRequest",
@@ -281,17 +329,13 @@ impl Message {
         };
         let mut f = Fields { buf: payload, what };
         let msg = match ty {
-            MessageType::SealedHeader => Self::SealedHeader(f.bytes()?.to_vec()),
-            MessageType::KeyReleaseRequest => Self::KeyReleaseRequest {
-                attestation: f.bytes()?.to_vec(),
-            },
-            MessageType::KeyReleaseResponse => Self::KeyReleaseResponse {
-                ciphertext_for_recipient: f.bytes()?.to_vec(),
-            },
+            MessageType::SealedHeader
+            | MessageType::Chunk
+            | MessageType::KeyReleaseRequest
+            | MessageType::KeyReleaseResponse => unreachable_raw(what)?,
             MessageType::KeyReleaseFailed => Self::KeyReleaseFailed {
                 error: f.text(MAX_REASON)?,
             },
-            MessageType::Chunk => Self::Chunk(f.bytes()?.to_vec()),
             MessageType::Ready => {
                 let model_sha256 = f.bytes()?.try_into().map_err(|_| WireError::Invalid {
                     what,
@@ -309,6 +353,14 @@ impl Message {
         f.finish()?;
         Ok(msg)
     }
+}
+
+/// Raw messages are decoded before field parsing; this arm cannot be reached.
+fn unreachable_raw(what: &'static str) -> Result<Message, WireError> {
+    Err(WireError::Invalid {
+        what,
+        reason: "raw payload decoded as fields",
+    })
 }
 
 /// Cuts a reason to [`MAX_REASON`] bytes at a character boundary.
@@ -357,17 +409,51 @@ pub mod io {
         let mut h = [0u8; HEADER_LEN];
         s.read_exact(&mut h).await?;
         let (ty, len) = decode_header(&h, max)?;
-        let mut payload = vec![0u8; len];
-        s.read_exact(&mut payload).await?;
-        Ok(Message::decode(ty, &payload)?)
+        // Filled by the read itself, not zeroed first: `len` is bounded by `max` above.
+        let mut payload = Vec::with_capacity(len);
+        let got = (&mut *s).take(len as u64).read_to_end(&mut payload).await?;
+        if got != len {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+        }
+        Ok(Message::decode_owned(ty, payload)?)
     }
 
-    /// Writes one frame.
+    /// Writes a frame of a raw-payload type (`SealedHeader`, `Chunk`, `KeyReleaseRequest`,
+    /// `KeyReleaseResponse`) straight from `payload`, so a sender can reuse one buffer. The
+    /// caller flushes.
+    pub async fn write_raw<S: AsyncWrite + Unpin>(
+        s: &mut S,
+        ty: MessageType,
+        payload: &[u8],
+    ) -> Result<(), ConnError> {
+        if !matches!(
+            ty,
+            MessageType::SealedHeader
+                | MessageType::Chunk
+                | MessageType::KeyReleaseRequest
+                | MessageType::KeyReleaseResponse
+        ) {
+            return Err(WireError::Invalid {
+                what: "write_raw",
+                reason: "message type has structured fields",
+            }
+            .into());
+        }
+        let l = (payload.len() as u32).to_be_bytes();
+        s.write_all(&[ty as u8, l[0], l[1], l[2], l[3]]).await?;
+        s.write_all(payload).await?;
+        Ok(())
+    }
+
+    /// Writes one frame and flushes. Raw payloads are written from where they are.
     pub async fn write_frame<S: AsyncWrite + Unpin>(
         s: &mut S,
         m: &Message,
     ) -> Result<(), ConnError> {
-        s.write_all(&m.encode()).await?;
+        match m.raw_payload() {
+            Some(raw) => write_raw(s, m.message_type(), raw).await?,
+            None => s.write_all(&m.encode()).await?,
+        }
         s.flush().await?;
         Ok(())
     }
@@ -431,7 +517,7 @@ mod tests {
         let frame = Message::Chunk(vec![0; 100]).encode();
         assert_eq!(
             decode_frame(&frame, 50),
-            Err(WireError::TooLarge { len: 104, max: 50 })
+            Err(WireError::TooLarge { len: 100, max: 50 })
         );
         assert_eq!(
             decode_header(&[0x7f, 0, 0, 0, 0], 10),
@@ -439,13 +525,18 @@ mod tests {
         );
         // A payload whose inner length claims more than is there.
         assert_eq!(
-            Message::decode(MessageType::Chunk, &[0, 0, 0, 9, 1]),
-            Err(WireError::Truncated("Chunk"))
+            Message::decode(MessageType::Failed, &[0, 0, 0, 9, b'a']),
+            Err(WireError::Truncated("Failed"))
         );
         // Trailing bytes after the last field.
         assert_eq!(
-            Message::decode(MessageType::Chunk, &[0, 0, 0, 1, 1, 2]),
-            Err(WireError::TrailingBytes("Chunk"))
+            Message::decode(MessageType::Failed, &[0, 0, 0, 1, b'a', 2]),
+            Err(WireError::TrailingBytes("Failed"))
+        );
+        // Raw messages are the payload itself, taken without a copy.
+        assert_eq!(
+            Message::decode_owned(MessageType::Chunk, vec![1, 2]),
+            Ok(Message::Chunk(vec![1, 2]))
         );
         assert!(Message::decode(MessageType::Ready, &[0, 0, 0, 1, 1, 0, 0, 0, 0]).is_err());
         assert!(Message::decode(MessageType::Failed, &[0, 0, 0, 2, 0xff, 0xfe]).is_err());

@@ -66,11 +66,17 @@ async fn run(args: Args) -> Result<(), String> {
         .map_err(|e| format!("listen on {}: {e}", path.display()))?;
     tracing::info!(path = %path.display(), "waiting for the host to provision a model");
     let model = loop {
+        // A fresh key per attempt, made while no host is waiting on it.
+        let recipient = enclave::provision::recipient_key()
+            .await
+            .map_err(|e| e.to_string())?;
         let (mut conn, _) = listener
             .accept()
             .await
             .map_err(|e| format!("accept: {e}"))?;
-        match enclave::provision::provision(&mut conn, nsm.clone(), args.max_model_bytes).await {
+        match enclave::provision::provision(&mut conn, nsm.clone(), args.max_model_bytes, recipient)
+            .await
+        {
             Ok(model) => break model,
             // Refuse to serve; say why, and let the host try again (e.g. after a policy fix).
             Err(e) => tracing::error!(error = %e, "provisioning failed; not serving"),

@@ -3,7 +3,8 @@
 //! 1. it reads the sealed header and measures the model's SHA-256 into PCR16, then locks it,
 //!    *before* any key arrives, so that whatever weights end up loaded, PCR16 says which
 //!    model the header claimed and the SHA-256 check below makes that claim true;
-//! 2. it generates an ephemeral RSA-2048 key and asks the NSM for a document attesting it;
+//! 2. it asks the NSM for a document attesting its ephemeral RSA-2048 key, generated for this
+//!    attempt only (ahead of time, while waiting for the host: [`recipient_key`]);
 //! 3. it opens KMS's `CiphertextForRecipient` with that key (refusing envelopes addressed to
 //!    another key), takes the data key, and drops the RSA key;
 //! 4. it decrypts the chunks as they arrive straight into the final buffer, hashing them on a
@@ -79,13 +80,20 @@ async fn blocking<T: Send + 'static>(
         .map_err(|_| ProvisionError::Internal("worker thread failed"))
 }
 
-/// Runs provisioning on `conn`; on failure tells the host why before returning the error.
+/// A fresh RSA-2048 recipient key, generated on a worker thread (it takes tens of ms).
+pub async fn recipient_key() -> Result<RecipientKey, ProvisionError> {
+    blocking(RecipientKey::generate).await?.map_err(Into::into)
+}
+
+/// Runs provisioning on `conn` with a fresh `recipient` key (used for this attempt only, then
+/// dropped); on failure tells the host why before returning the error.
 pub async fn provision<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut S,
     nsm: Arc<dyn Nsm>,
     max_model: u64,
+    recipient: RecipientKey,
 ) -> Result<LoadedModel, ProvisionError> {
-    match run(conn, nsm, max_model).await {
+    match run(conn, nsm, max_model, recipient).await {
         Ok(model) => {
             write_frame(
                 conn,
@@ -111,6 +119,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut S,
     nsm: Arc<dyn Nsm>,
     max_model: u64,
+    recipient: RecipientKey,
 ) -> Result<LoadedModel, ProvisionError> {
     handshake(conn).await?;
     let header_bytes = match read_frame(conn, DEFAULT_MAX_PAYLOAD).await? {
@@ -148,8 +157,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         blocking(move || -> Result<(Vec<u8>, RecipientKey), ProvisionError> {
             nsm.extend_pcr(MODEL_PCR, &sha256)?;
             nsm.lock_pcr(MODEL_PCR)?;
-            // 2. An ephemeral key, attested.
-            let recipient = RecipientKey::generate()?;
+            // 2. The ephemeral key, attested.
             let doc = nsm.attest(AttestationRequest {
                 public_key: Some(recipient.public_key_der()),
                 ..Default::default()

@@ -7,10 +7,10 @@ use crate::kms::KmsFailure;
 use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::types::{KeyEncryptionMechanism, RecipientInfo};
 use common::sealed::{SealError, SealedHeader, MAX_HEADER_LEN};
-use common::wire::io::{handshake, read_frame, write_frame, ConnError};
-use common::wire::{Message, DEFAULT_MAX_PAYLOAD};
+use common::wire::io::{handshake, read_frame, write_frame, write_raw, ConnError};
+use common::wire::{Message, MessageType, DEFAULT_MAX_PAYLOAD};
 use std::path::{Path, PathBuf};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Why provisioning failed.
 #[derive(Debug, thiserror::Error)]
@@ -156,13 +156,17 @@ pub async fn provision<S: AsyncRead + AsyncWrite + Unpin>(
     )
     .await?;
 
-    // Stream the chunks as the header lays them out; the enclave checks each one.
-    let mut buf = Vec::with_capacity(header.chunk_len(0));
+    // Stream the chunks as the header lays them out, through one reused buffer; the enclave
+    // checks each one.
+    let mut buf = vec![0u8; header.chunk_len(0)];
     for index in 0..header.chunk_count() {
-        buf.resize(header.chunk_len(index), 0);
-        file.read_exact(&mut buf).await.map_err(io)?;
-        write_frame(conn, &Message::Chunk(std::mem::take(&mut buf))).await?;
+        let chunk = buf.get_mut(..header.chunk_len(index)).unwrap_or_default();
+        file.read_exact(chunk).await.map_err(io)?;
+        write_raw(conn, MessageType::Chunk, chunk).await?;
     }
+    conn.flush()
+        .await
+        .map_err(|e| ProvisionError::Conn(e.into()))?;
     match read_frame(conn, DEFAULT_MAX_PAYLOAD).await? {
         Message::Ready {
             model_sha256,

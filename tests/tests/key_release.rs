@@ -125,7 +125,8 @@ async fn run_pair(
     Result<LoadedModel, EnclaveError>,
 ) {
     let (mut h, mut e) = tokio::net::UnixStream::pair().unwrap();
-    let enclave = tokio::spawn(async move { enclave_provision(&mut e, nsm, MAX_MODEL).await });
+    let key = enclave::provision::recipient_key().await.unwrap();
+    let enclave = tokio::spawn(async move { enclave_provision(&mut e, nsm, MAX_MODEL, key).await });
     let host = host_provision(&mut h, kms, sealed).await;
     drop(h);
     (host, enclave.await.unwrap())
@@ -344,7 +345,8 @@ fn attacker_sealed(claimed_sha256: [u8; 32], weights: &[u8]) -> Vec<u8> {
 async fn forged_release(nsm: Arc<MockNsm>, sealed: Vec<u8>) -> Result<LoadedModel, EnclaveError> {
     let (header, header_len) = SealedHeader::decode(&sealed).unwrap();
     let (mut h, mut e) = tokio::net::UnixStream::pair().unwrap();
-    let enclave = tokio::spawn(async move { enclave_provision(&mut e, nsm, MAX_MODEL).await });
+    let key = enclave::provision::recipient_key().await.unwrap();
+    let enclave = tokio::spawn(async move { enclave_provision(&mut e, nsm, MAX_MODEL, key).await });
     handshake(&mut h).await.unwrap();
     write_frame(
         &mut h,

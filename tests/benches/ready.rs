@@ -1,0 +1,149 @@
+//! Time from sealed bytes to a ready model, against loading the plaintext file, on the default
+//! model (`make model`; `MODEL_PATH` points at the GGUF). Three measurements:
+//! - plaintext: read the GGUF into memory (what loading does before parsing);
+//! - sealed, in memory: read the sealed file, decrypt and verify it into its final buffer;
+//! - sealed, provisioned: the enclave's whole path over a Unix socket with the production
+//!   framing: PCR16, RSA-2048 key generation, attestation, the key envelope, streaming,
+//!   decryption and SHA-256. KMS's network round trip is left out (a bench harness plays the
+//!   host and wraps the data key itself).
+//!
+//! Parsing the GGUF into the inference engine costs the same on both paths and is added by the
+//! engine's own benchmark.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use common::cms::envelope_for_recipient;
+use common::nsm::mock::{ImageMeasurement, MockNsm, MockNsmConfig};
+use common::sealed::{
+    seal, split_chunks, unseal, DataKey, SealedHeader, CONTEXT_MODEL_NAME, DEFAULT_CHUNK_SIZE,
+};
+use common::wire::io::{handshake, read_frame, write_frame, write_raw};
+use common::wire::{Message, MessageType, DEFAULT_MAX_PAYLOAD};
+use criterion::{criterion_group, criterion_main, Criterion};
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
+
+const KEY: [u8; 32] = [0x24; 32];
+
+fn key() -> DataKey {
+    DataKey::from_slice(&mut KEY.clone()).unwrap()
+}
+
+async fn provision_once(
+    nsm: Arc<MockNsm>,
+    key: common::cms::RecipientKey,
+    sealed: Arc<Vec<u8>>,
+) -> enclave::provision::LoadedModel {
+    let (header, header_len) = SealedHeader::decode(&sealed).unwrap();
+    let (mut h, mut e) = tokio::net::UnixStream::pair().unwrap();
+    let enclave =
+        tokio::spawn(async move { enclave::provision::provision(&mut e, nsm, 1 << 30, key).await });
+    handshake(&mut h).await.unwrap();
+    write_frame(
+        &mut h,
+        &Message::SealedHeader(sealed[..header_len].to_vec()),
+    )
+    .await
+    .unwrap();
+    let doc = match read_frame(&mut h, DEFAULT_MAX_PAYLOAD).await.unwrap() {
+        Message::KeyReleaseRequest { attestation } => attestation,
+        other => panic!("{other:?}"),
+    };
+    let spki = attestation_verifier::UnverifiedDocument::parse(&doc)
+        .unwrap()
+        .unverified()
+        .public_key
+        .clone()
+        .unwrap();
+    let envelope = envelope_for_recipient(&spki, &KEY).unwrap();
+    write_frame(
+        &mut h,
+        &Message::KeyReleaseResponse {
+            ciphertext_for_recipient: envelope,
+        },
+    )
+    .await
+    .unwrap();
+    for chunk in split_chunks(&header, &sealed[header_len..]) {
+        write_raw(&mut h, MessageType::Chunk, chunk).await.unwrap();
+    }
+    h.flush().await.unwrap();
+    match read_frame(&mut h, DEFAULT_MAX_PAYLOAD).await.unwrap() {
+        Message::Ready { .. } => {}
+        other => panic!("{other:?}"),
+    }
+    enclave.await.unwrap().unwrap()
+}
+
+fn bench(c: &mut Criterion) {
+    let Ok(path) = std::env::var("MODEL_PATH").map(PathBuf::from) else {
+        eprintln!("MODEL_PATH is not set: run `make bench` (it fetches the default model)");
+        return;
+    };
+    let plain = std::fs::read(&path).expect("MODEL_PATH");
+    let header = SealedHeader {
+        chunk_size: DEFAULT_CHUNK_SIZE,
+        plaintext_size: 0,
+        plaintext_sha256: [0; 32],
+        nonce_prefix: [3; 7],
+        key_id: "bench".into(),
+        wrapped_key: vec![0; 184],
+        context: [(CONTEXT_MODEL_NAME.to_string(), "smollm2".to_string())].into(),
+    };
+    let sealed = seal(&key(), header, &plain).unwrap();
+    let dir = std::env::temp_dir().join(format!("ready-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sealed_path = dir.join("model.sealed");
+    std::fs::write(&sealed_path, &sealed).unwrap();
+    let ca = common::mock_ca::MockCa::load_or_create(&dir.join("ca")).unwrap();
+    let _ = ca;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let sealed = Arc::new(sealed);
+
+    let mut g = c.benchmark_group(format!("ready ({} MB model)", plain.len() / 1_000_000));
+    g.sample_size(10);
+    // Each routine returns its buffer so that freeing (and, for the weights, zeroizing) it
+    // happens outside the timing: a ready model is kept, not dropped.
+    let batched = criterion::BatchSize::PerIteration;
+    g.bench_function("plaintext: read the file", |b| {
+        b.iter_batched(|| (), |()| std::fs::read(&path).unwrap(), batched)
+    });
+    g.bench_function("sealed: read + decrypt + SHA-256 in memory", |b| {
+        b.iter_batched(
+            || (),
+            |()| unseal(&key(), &std::fs::read(&sealed_path).unwrap(), u64::MAX).unwrap(),
+            batched,
+        )
+    });
+    // The enclave is up: its NSM is open and its recipient key made while it waited for the host.
+    g.bench_function(
+        "sealed: full enclave provisioning over a Unix socket",
+        |b| {
+            b.iter_batched(
+                || {
+                    let ca = common::mock_ca::MockCa::load(&dir.join("ca")).unwrap();
+                    let config = MockNsmConfig::new(ImageMeasurement::from_label("bench"));
+                    let nsm = Arc::new(MockNsm::new(ca, config).unwrap());
+                    (nsm, common::cms::RecipientKey::generate().unwrap())
+                },
+                |(nsm, key)| rt.block_on(provision_once(nsm, key, sealed.clone())),
+                criterion::BatchSize::PerIteration,
+            )
+        },
+    );
+    g.finish();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
