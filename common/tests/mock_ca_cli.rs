@@ -58,3 +58,21 @@ fn misuse_and_missing_ca() {
         Some(1)
     );
 }
+
+#[test]
+fn measurements_match_the_mock_nsm() {
+    let out = mock_ca(&["measurements", "some-image"]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let m = common::nsm::mock::ImageMeasurement::from_label("some-image");
+    let hex = |v: &[u8]| v.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    assert!(
+        text.contains(&format!("\"PCR0\": \"{}\"", hex(&m.pcr0))),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("\"PCR4\": \"{}\"", hex(&m.pcr4))),
+        "{text}"
+    );
+    assert!(text.contains("\"Measurements\""));
+}

@@ -505,3 +505,34 @@ fn wire_protocol() {
     );
     let _ = stop_tx.send(());
 }
+
+#[test]
+fn concurrent_requests_are_safe_and_persisted() {
+    let e = env();
+    let kms = std::sync::Arc::new(e.kms);
+    let threads: Vec<_> = (0..8)
+        .map(|i| {
+            let kms = kms.clone();
+            std::thread::spawn(move || {
+                let key = create_key(&kms);
+                call(&kms, "CreateAlias", json!({ "AliasName": format!("alias/k{i}"), "TargetKeyId": key })).unwrap();
+                let blob = call(&kms, "Encrypt", json!({ "KeyId": format!("alias/k{i}"), "Plaintext": B64.encode([i as u8; 8]) })).unwrap();
+                let out = call(&kms, "Decrypt", json!({ "CiphertextBlob": blob["CiphertextBlob"] })).unwrap();
+                assert_eq!(B64.decode(out["Plaintext"].as_str().unwrap()).unwrap(), [i as u8; 8]);
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    drop(kms);
+    let reopened = Kms::open(&e.state, vec![], "us-east-1").unwrap();
+    for i in 0..8 {
+        call(
+            &reopened,
+            "DescribeKey",
+            json!({ "KeyId": format!("alias/k{i}") }),
+        )
+        .unwrap();
+    }
+}

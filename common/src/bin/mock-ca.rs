@@ -3,6 +3,9 @@
 //! ```text
 //! mock-ca init DIR   create the CA in DIR if it does not exist; print the root's path and SHA-256
 //! mock-ca show DIR   print the root certificate (PEM) of an existing CA
+//! mock-ca measurements LABEL
+//!                    print the PCRs of the mock image LABEL as `nitro-cli build-enclave`
+//!                    prints them (input for `host kms-policy`)
 //! ```
 //! Exit status 0 on success, 1 on failure, 2 on a usage error.
 
@@ -11,11 +14,28 @@ use common::mock_ca::{MockCa, ROOT_CERT_FILE};
 use std::path::Path;
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: mock-ca init DIR | mock-ca show DIR";
+const USAGE: &str = "usage: mock-ca init DIR | mock-ca show DIR | mock-ca measurements LABEL";
+
+/// The mock image's PCR0-4 in nitro-cli's JSON shape.
+fn measurements(label: &str) -> String {
+    let m = common::nsm::mock::ImageMeasurement::from_label(label);
+    let hex = |v: &[u8]| v.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let pcrs = [&m.pcr0, &m.pcr1, &m.pcr2, &m.pcr3, &m.pcr4]
+        .iter()
+        .enumerate()
+        .map(|(i, v)| format!("    \"PCR{i}\": \"{}\"", hex(&v[..])))
+        .collect::<Vec<_>>()
+        .join(",\n");
+    format!("{{\n  \"Measurements\": {{\n    \"HashAlgorithm\": \"Sha384 {{ ... }}\",\n{pcrs}\n  }}\n}}")
+}
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (command, dir) = match args.as_slice() {
+        [c, label] if c == "measurements" => {
+            println!("{}", measurements(label));
+            return ExitCode::SUCCESS;
+        }
         [c, d] if c == "init" || c == "show" => (c.as_str(), Path::new(d)),
         [h] if h == "-h" || h == "--help" => {
             println!("{USAGE}");
