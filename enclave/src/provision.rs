@@ -14,7 +14,9 @@
 
 use common::cms::{CmsError, Envelope, RecipientKey};
 use common::nsm::{AttestationRequest, Nsm, NsmError};
-use common::sealed::{allocate, DataKey, SealError, SealedHeader, Unsealer, MODEL_PCR};
+use common::sealed::{
+    allocate, model_pcr16, DataKey, SealError, SealedHeader, Unsealer, MODEL_PCR,
+};
 use common::wire::io::{handshake, read_frame, write_frame, ConnError};
 use common::wire::{Message, DEFAULT_MAX_PAYLOAD, MAX_REASON};
 use std::sync::Arc;
@@ -67,9 +69,30 @@ pub enum ProvisionError {
     /// The key envelope is invalid or not for this enclave.
     #[error("key envelope: {0}")]
     Envelope(#[from] CmsError),
+    /// PCR16 already names another model: this enclave can only ever load that one.
+    #[error("PCR16 already measures another model; restart the enclave to load a different one")]
+    ModelAlreadyMeasured,
     /// A worker thread failed.
     #[error("internal: {0}")]
     Internal(&'static str),
+}
+
+/// Measures the model into PCR16 and locks it. A retry after a failed attempt (say, a key
+/// policy fixed after `AccessDeniedException`) finds PCR16 already locked: that is fine for
+/// the same model, and refused for any other, since PCR16 can never change again.
+fn measure_model(nsm: &dyn Nsm, sha256: &[u8; 32]) -> Result<(), ProvisionError> {
+    let state = nsm.describe_pcr(MODEL_PCR)?;
+    let expected = model_pcr16(sha256);
+    if state.locked || state.value.iter().any(|&b| b != 0) {
+        return if state.locked && state.value == expected {
+            Ok(())
+        } else {
+            Err(ProvisionError::ModelAlreadyMeasured)
+        };
+    }
+    nsm.extend_pcr(MODEL_PCR, sha256)?;
+    nsm.lock_pcr(MODEL_PCR)?;
+    Ok(())
 }
 
 async fn blocking<T: Send + 'static>(
@@ -155,8 +178,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     let (attestation, recipient) = {
         let nsm = nsm.clone();
         blocking(move || -> Result<(Vec<u8>, RecipientKey), ProvisionError> {
-            nsm.extend_pcr(MODEL_PCR, &sha256)?;
-            nsm.lock_pcr(MODEL_PCR)?;
+            measure_model(nsm.as_ref(), &sha256)?;
             // 2. The ephemeral key, attested.
             let doc = nsm.attest(AttestationRequest {
                 public_key: Some(recipient.public_key_der()),

@@ -72,7 +72,10 @@ async fn read_header(
     let len = u32::from_be_bytes([fixed[10], fixed[11], fixed[12], fixed[13]]) as usize;
     if !(14..=MAX_HEADER_LEN).contains(&len) {
         // Let the decoder name the problem (magic, version or length).
-        SealedHeader::decode(&fixed)?;
+        return Err(SealedHeader::decode(&fixed)
+            .err()
+            .unwrap_or(SealError::HeaderTruncated)
+            .into());
     }
     let mut bytes = fixed.to_vec();
     bytes.resize(len, 0);

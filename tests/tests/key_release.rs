@@ -73,7 +73,10 @@ async fn setup(endpoint: &str, policy_image: &str, bind_model: Option<[u8; 32]>)
         .unwrap()
         .key_id;
     let dir = tempdir("model");
-    let model = model_bytes(3 * MIN_CHUNK_SIZE as usize + 123, 1);
+    // Distinct weights for every setup, so two setups are two models.
+    static SEED: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(1);
+    let seed = SEED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let model = model_bytes(3 * MIN_CHUNK_SIZE as usize + 123, seed);
     let input = dir.join("model.gguf");
     std::fs::write(&input, &model).unwrap();
     let sealed = dir.join("model.sealed");
@@ -417,5 +420,44 @@ async fn a_forged_key_release_cannot_pass_as_the_genuine_model() {
     assert_eq!(
         nsm.describe_pcr(16).unwrap().value,
         model_pcr16(&genuine_sha)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_enclave_can_retry_the_same_model_only() {
+    let local = Local::new();
+    let endpoint = start_kms(vec![local.root()]).await;
+    // The policy first names another image: denied, but PCR16 is now locked to the model.
+    let s = setup(&endpoint, "another-image", None).await;
+    let nsm = local.nsm(IMAGE, |_| {});
+    let (h, e) = run_pair(&s.kms, &s.sealed, nsm.clone()).await;
+    denied(&h, &e);
+    // The operator fixes the policy; the same enclave retries and succeeds.
+    let policy = generate(&PolicyRequest {
+        measurements: measurements(IMAGE),
+        include: vec![],
+        model_pcr16: Some(model_pcr16(&s.sha256)),
+        account: "000000000000".into(),
+        admin_principal: None,
+        enclave_principal: None,
+    })
+    .unwrap();
+    s.kms
+        .put_key_policy()
+        .key_id(&s.key_id)
+        .policy_name("default")
+        .policy(policy.to_string())
+        .send()
+        .await
+        .unwrap();
+    let (h, e) = run_pair(&s.kms, &s.sealed, nsm.clone()).await;
+    assert_eq!(&e.unwrap().weights[..], &s.model[..]);
+    h.unwrap();
+    // Another model cannot follow on the same enclave.
+    let other = setup(&endpoint, IMAGE, None).await;
+    let (_, e) = run_pair(&other.kms, &other.sealed, nsm).await;
+    assert!(
+        matches!(e, Err(EnclaveError::ModelAlreadyMeasured)),
+        "{e:?}"
     );
 }
