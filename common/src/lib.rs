@@ -6,6 +6,8 @@
 //! binaries own sockets and files (DESIGN.md §2).
 
 pub mod cbor;
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod cms;
 pub mod nsm;
 pub mod sealed;

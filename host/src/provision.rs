@@ -121,33 +121,21 @@ pub async fn provision<S: AsyncRead + AsyncWrite + Unpin>(
         .send()
         .await;
     let envelope = match response {
-        Ok(out) => match out.ciphertext_for_recipient {
-            Some(b) => b.into_inner(),
-            None => {
-                let failure = KmsFailure {
-                    code: "MissingCiphertextForRecipient".into(),
-                    message: "KMS answered a Recipient request without CiphertextForRecipient"
-                        .into(),
-                };
-                let _ = write_frame(
-                    conn,
-                    &Message::KeyReleaseFailed {
-                        error: failure.to_string(),
-                    },
-                )
-                .await;
-                return Err(ProvisionError::Kms(failure));
-            }
-        },
-        Err(e) => {
-            let failure = KmsFailure::from_sdk(&e);
-            let _ = write_frame(
-                conn,
-                &Message::KeyReleaseFailed {
-                    error: failure.to_string(),
-                },
-            )
-            .await;
+        Ok(out) => out
+            .ciphertext_for_recipient
+            .map(Blob::into_inner)
+            .ok_or(KmsFailure {
+                code: "MissingCiphertextForRecipient".into(),
+                message: "KMS answered a Recipient request without CiphertextForRecipient".into(),
+            }),
+        Err(e) => Err(KmsFailure::from_sdk(&e)),
+    };
+    let envelope = match envelope {
+        Ok(e) => e,
+        Err(failure) => {
+            // Tell the enclave why it will get no key, then report it here.
+            let error = failure.to_string();
+            let _ = write_frame(conn, &Message::KeyReleaseFailed { error }).await;
             return Err(ProvisionError::Kms(failure));
         }
     };

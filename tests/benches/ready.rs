@@ -21,17 +21,12 @@
 use candle_core::quantized::gguf_file;
 use candle_core::Device;
 use candle_transformers::models::quantized_llama::ModelWeights;
-use common::cms::envelope_for_recipient;
 use common::nsm::mock::{ImageMeasurement, MockNsm, MockNsmConfig};
-use common::sealed::{
-    seal, split_chunks, unseal, DataKey, SealedHeader, CONTEXT_MODEL_NAME, DEFAULT_CHUNK_SIZE,
-};
-use common::wire::io::{handshake, read_frame, write_frame, write_raw};
-use common::wire::{Message, MessageType, DEFAULT_MAX_PAYLOAD};
+use common::sealed::{seal, unseal, DataKey, SealedHeader, CONTEXT_MODEL_NAME, DEFAULT_CHUNK_SIZE};
+use common::wire::Message;
 use criterion::{criterion_group, criterion_main, Criterion};
 use std::path::PathBuf;
 use std::sync::Arc;
-use tokio::io::AsyncWriteExt;
 
 const KEY: [u8; 32] = [0x24; 32];
 
@@ -50,42 +45,11 @@ async fn provision_once(
     key: common::cms::RecipientKey,
     sealed: Arc<Vec<u8>>,
 ) -> enclave::provision::LoadedModel {
-    let (header, header_len) = SealedHeader::decode(&sealed).unwrap();
     let (mut h, mut e) = tokio::net::UnixStream::pair().unwrap();
     let enclave =
         tokio::spawn(async move { enclave::provision::provision(&mut e, nsm, 1 << 30, key).await });
-    handshake(&mut h).await.unwrap();
-    write_frame(
-        &mut h,
-        &Message::SealedHeader(sealed[..header_len].to_vec()),
-    )
-    .await
-    .unwrap();
-    let doc = match read_frame(&mut h, DEFAULT_MAX_PAYLOAD).await.unwrap() {
-        Message::KeyReleaseRequest { attestation } => attestation,
-        other => panic!("{other:?}"),
-    };
-    let spki = attestation_verifier::UnverifiedDocument::parse(&doc)
-        .unwrap()
-        .unverified()
-        .public_key
-        .clone()
-        .unwrap();
-    let envelope = envelope_for_recipient(&spki, &KEY).unwrap();
-    write_frame(
-        &mut h,
-        &Message::KeyReleaseResponse {
-            ciphertext_for_recipient: envelope,
-        },
-    )
-    .await
-    .unwrap();
-    for chunk in split_chunks(&header, &sealed[header_len..]) {
-        write_raw(&mut h, MessageType::Chunk, chunk).await.unwrap();
-    }
-    h.flush().await.unwrap();
-    match read_frame(&mut h, DEFAULT_MAX_PAYLOAD).await.unwrap() {
-        Message::Ready { .. } => {}
+    match tests::host_with_own_key(&mut h, &sealed, &KEY).await {
+        Some(Message::Ready { .. }) => {}
         other => panic!("{other:?}"),
     }
     enclave.await.unwrap().unwrap()

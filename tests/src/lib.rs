@@ -3,7 +3,12 @@
 //! framing. The tests live in `tests/`; this library holds the set-up they share.
 
 #![forbid(unsafe_code)]
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use attestation_verifier::TrustAnchor;
 use common::mock_ca::MockCa;
@@ -79,4 +84,52 @@ pub async fn kms_client(endpoint: &str) -> aws_sdk_kms::Client {
         static_credentials: Some(("AKIDLOCALTEST".into(), "local-test-secret".into())),
     })
     .await
+}
+
+/// Plays a host that wraps the data key itself instead of asking KMS: it sends the sealed
+/// header, encrypts `data_key` to the public key in the enclave's attestation document (CMS
+/// is unsigned, so any host can), streams the chunks, and returns the enclave's last word
+/// (`Ready` or `Failed`), or `None` if the enclave hung up first. A malicious host in the
+/// tests; a KMS-free harness in the benchmarks.
+pub async fn host_with_own_key(
+    conn: &mut tokio::net::UnixStream,
+    sealed: &[u8],
+    data_key: &[u8; 32],
+) -> Option<common::wire::Message> {
+    use common::sealed::{split_chunks, SealedHeader};
+    use common::wire::io::{handshake, read_frame, write_frame, write_raw};
+    use common::wire::{Message, MessageType, DEFAULT_MAX_PAYLOAD};
+    use tokio::io::AsyncWriteExt;
+
+    let (header, header_len) = SealedHeader::decode(sealed).unwrap();
+    handshake(conn).await.unwrap();
+    write_frame(conn, &Message::SealedHeader(sealed[..header_len].to_vec()))
+        .await
+        .unwrap();
+    let doc = match read_frame(conn, DEFAULT_MAX_PAYLOAD).await.unwrap() {
+        Message::KeyReleaseRequest { attestation } => attestation,
+        other => return Some(other),
+    };
+    let public_key = attestation_verifier::UnverifiedDocument::parse(&doc)
+        .unwrap()
+        .unverified()
+        .public_key
+        .clone()
+        .unwrap();
+    let envelope = common::cms::envelope_for_recipient(&public_key, data_key).unwrap();
+    write_frame(
+        conn,
+        &Message::KeyReleaseResponse {
+            ciphertext_for_recipient: envelope,
+        },
+    )
+    .await
+    .unwrap();
+    for chunk in split_chunks(&header, &sealed[header_len..]) {
+        if write_raw(conn, MessageType::Chunk, chunk).await.is_err() {
+            break; // the enclave stopped reading: it refused
+        }
+    }
+    let _ = conn.flush().await;
+    read_frame(conn, DEFAULT_MAX_PAYLOAD).await.ok()
 }

@@ -11,14 +11,11 @@
 )]
 
 use aws_sdk_kms::primitives::Blob;
-use common::cms::envelope_for_recipient;
 use common::nsm::mock::{ImageMeasurement, MockNsm};
 use common::nsm::Nsm;
 use common::sealed::{
-    model_pcr16, split_chunks, DataKey, SealedHeader, Sealer, CONTEXT_MODEL_NAME, MIN_CHUNK_SIZE,
+    model_pcr16, DataKey, SealedHeader, Sealer, CONTEXT_MODEL_NAME, MIN_CHUNK_SIZE,
 };
-use common::wire::io::{handshake, read_frame, write_frame};
-use common::wire::{Message, DEFAULT_MAX_PAYLOAD};
 use enclave::provision::{
     provision as enclave_provision, LoadedModel, ProvisionError as EnclaveError,
 };
@@ -344,46 +341,12 @@ fn attacker_sealed(claimed_sha256: [u8; 32], weights: &[u8]) -> Vec<u8> {
 }
 
 /// A malicious host that forges the key release: it encrypts its own data key to the
-/// enclave's attested RSA key (CMS is unsigned, so it can) and streams its own weights.
+/// enclave's attested RSA key and streams its own weights.
 async fn forged_release(nsm: Arc<MockNsm>, sealed: Vec<u8>) -> Result<LoadedModel, EnclaveError> {
-    let (header, header_len) = SealedHeader::decode(&sealed).unwrap();
     let (mut h, mut e) = tokio::net::UnixStream::pair().unwrap();
     let key = enclave::provision::recipient_key().await.unwrap();
     let enclave = tokio::spawn(async move { enclave_provision(&mut e, nsm, MAX_MODEL, key).await });
-    handshake(&mut h).await.unwrap();
-    write_frame(
-        &mut h,
-        &Message::SealedHeader(sealed[..header_len].to_vec()),
-    )
-    .await
-    .unwrap();
-    let doc = match read_frame(&mut h, DEFAULT_MAX_PAYLOAD).await.unwrap() {
-        Message::KeyReleaseRequest { attestation } => attestation,
-        other => panic!("{other:?}"),
-    };
-    let public_key = attestation_verifier::UnverifiedDocument::parse(&doc)
-        .unwrap()
-        .unverified()
-        .public_key
-        .clone()
-        .unwrap();
-    let envelope = envelope_for_recipient(&public_key, &[0x42u8; 32]).unwrap();
-    write_frame(
-        &mut h,
-        &Message::KeyReleaseResponse {
-            ciphertext_for_recipient: envelope,
-        },
-    )
-    .await
-    .unwrap();
-    for chunk in split_chunks(&header, &sealed[header_len..]) {
-        if write_frame(&mut h, &Message::Chunk(chunk.to_vec()))
-            .await
-            .is_err()
-        {
-            break; // the enclave stopped reading: it refused
-        }
-    }
+    tests::host_with_own_key(&mut h, &sealed, &[0x42; 32]).await;
     enclave.await.unwrap()
 }
 
