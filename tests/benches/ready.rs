@@ -99,17 +99,19 @@ fn bench(c: &mut Criterion) {
             batched,
         )
     });
-    // The enclave is up: its NSM is open and its recipient key made while it waited for the host.
+    // The enclave is up: its NSM is open and its recipient key made while it waited for the
+    // host. Untimed setup of the provisioning benchmarks.
+    let booted_enclave = || {
+        let ca = common::mock_ca::MockCa::load(&dir.join("ca")).unwrap();
+        let config = MockNsmConfig::new(ImageMeasurement::from_label("bench"));
+        let nsm = Arc::new(MockNsm::new(ca, config).unwrap());
+        (nsm, common::cms::RecipientKey::generate().unwrap())
+    };
     g.bench_function(
         "sealed: full enclave provisioning over a Unix socket",
         |b| {
             b.iter_batched(
-                || {
-                    let ca = common::mock_ca::MockCa::load(&dir.join("ca")).unwrap();
-                    let config = MockNsmConfig::new(ImageMeasurement::from_label("bench"));
-                    let nsm = Arc::new(MockNsm::new(ca, config).unwrap());
-                    (nsm, common::cms::RecipientKey::generate().unwrap())
-                },
+                booted_enclave,
                 |(nsm, key)| rt.block_on(provision_once(nsm, key, sealed.clone())),
                 criterion::BatchSize::PerIteration,
             )
@@ -125,12 +127,7 @@ fn bench(c: &mut Criterion) {
     });
     g.bench_function("ready model: sealed, provisioned -> candle", |b| {
         b.iter_batched(
-            || {
-                let ca = common::mock_ca::MockCa::load(&dir.join("ca")).unwrap();
-                let config = MockNsmConfig::new(ImageMeasurement::from_label("bench"));
-                let nsm = Arc::new(MockNsm::new(ca, config).unwrap());
-                (nsm, common::cms::RecipientKey::generate().unwrap())
-            },
+            booted_enclave,
             |(nsm, key)| {
                 let model = rt.block_on(provision_once(nsm, key, sealed.clone()));
                 let weights = load(&mut std::io::Cursor::new(&model.weights[..]));
