@@ -1,0 +1,368 @@
+//! Matrix-vector kernels for the forward pass: quantized weight rows (GGML Q4_0, Q4_1, Q8_0)
+//! against activations quantized to 8 bits, and f32 dot products.
+//!
+//! Every kernel has a portable scalar version, which is the reference, and an AVX2/FMA/F16C
+//! version chosen at run time ([`Kernels::detect`]) so that the binary stays built for the
+//! baseline x86-64 target (reproducible enclave images, README "Build target") and still uses
+//! the vector units the Nitro host has. The vector code is the crate's only `unsafe` code and
+//! lives in [`x86`]; tests compare it with the scalar reference.
+//!
+//! The block formats are GGML's (ggml-common.h): 32 weights per block, an f16 scale `d`, for
+//! Q4_1 an f16 minimum `m`, and the quants. Q4 quants are nibbles: byte `j` holds weight `j` in
+//! its low nibble and weight `j + 16` in its high nibble.
+
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use half::f16;
+
+/// Weights (and activations) per quantization block.
+pub const QK: usize = 32;
+
+/// An activation block quantized to 8 bits: `x[i] ≈ d * q[i]`, with `s = d * Σ q[i]` kept so
+/// that Q4_1's minimum and Q4_0's offset cost one multiply per block (as GGML's Q8_1 does).
+/// Scales stay f32 (GGML rounds them to f16), which only adds precision.
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(C)]
+pub struct BlockQ8 {
+    pub d: f32,
+    pub s: f32,
+    pub q: [i8; QK],
+}
+
+/// The GGML block types with a native kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QuantKind {
+    Q4_0,
+    Q4_1,
+    Q8_0,
+}
+
+impl QuantKind {
+    /// Bytes per block of 32 weights.
+    pub const fn block_bytes(self) -> usize {
+        match self {
+            QuantKind::Q4_0 => 18,
+            QuantKind::Q4_1 => 20,
+            QuantKind::Q8_0 => 34,
+        }
+    }
+
+    /// Bytes in one row of `cols` weights (`cols` a multiple of [`QK`]).
+    pub const fn row_bytes(self, cols: usize) -> usize {
+        cols / QK * self.block_bytes()
+    }
+}
+
+/// Which implementation the kernels use, fixed when the model is loaded. The vector variant
+/// can only be obtained from [`Kernels::detect`], which checks the CPU first: that check is
+/// what makes calling the `target_feature` functions sound.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Kernels(Imp);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Imp {
+    /// Portable Rust; the reference.
+    Scalar,
+    /// AVX2 + FMA + F16C, detected at run time.
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+}
+
+impl Kernels {
+    /// The portable reference implementation.
+    #[allow(non_upper_case_globals)]
+    pub const Scalar: Kernels = Kernels(Imp::Scalar);
+
+    /// The fastest implementation this CPU supports.
+    pub fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if x86::available() {
+                return Kernels(Imp::Avx2);
+            }
+        }
+        Kernels(Imp::Scalar)
+    }
+
+    /// A short name for logs and benchmark output.
+    pub fn name(self) -> &'static str {
+        match self.0 {
+            Imp::Scalar => "scalar",
+            #[cfg(target_arch = "x86_64")]
+            Imp::Avx2 => "avx2+fma+f16c",
+        }
+    }
+
+    /// Dot products of one quantized weight row with `n` activation rows.
+    ///
+    /// `w` is one row (`nb` blocks of `kind`), `acts` holds `n` rows of `nb` blocks each, and
+    /// `out[j]` receives row `j`'s result. Mismatched lengths leave `out` zeroed; callers size
+    /// everything from the validated model shapes, so that never happens.
+    pub fn quant_row(self, kind: QuantKind, w: &[u8], acts: &[BlockQ8], nb: usize, out: &mut [f32]) {
+        let n = out.len();
+        if nb == 0 || w.len() != nb * kind.block_bytes() || acts.len() != n * nb {
+            out.fill(0.0);
+            return;
+        }
+        match self.0 {
+            Imp::Scalar => scalar_quant_row(kind, w, acts, nb, out),
+            #[cfg(target_arch = "x86_64")]
+            Imp::Avx2 => x86::quant_row(kind, w, acts, nb, out),
+        }
+    }
+
+    /// `Σ a[i] * b[i]` over the shorter of the two.
+    pub fn dot(self, a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (a, b) = (a.get(..n).unwrap_or_default(), b.get(..n).unwrap_or_default());
+        match self.0 {
+            Imp::Scalar => scalar_dot(a, b),
+            #[cfg(target_arch = "x86_64")]
+            Imp::Avx2 => x86::dot(a, b),
+        }
+    }
+
+    /// `y[i] += alpha * x[i]` over the shorter of the two.
+    pub fn axpy(self, alpha: f32, x: &[f32], y: &mut [f32]) {
+        let n = x.len().min(y.len());
+        let (x, y) = (x.get(..n).unwrap_or_default(), y.get_mut(..n).unwrap_or_default());
+        match self.0 {
+            Imp::Scalar => scalar_axpy(alpha, x, y),
+            #[cfg(target_arch = "x86_64")]
+            Imp::Avx2 => x86::axpy(alpha, x, y),
+        }
+    }
+}
+
+/// Quantizes `x` (a multiple of [`QK`] long) into `out`, one block per 32 values, rounding to
+/// nearest as GGML's `quantize_row_q8_1` does.
+pub fn quantize_row(x: &[f32], out: &mut [BlockQ8]) {
+    for (block, xs) in out.iter_mut().zip(x.chunks_exact(QK)) {
+        let amax = xs.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, v) in block.q.iter_mut().zip(xs) {
+            // |v * id| <= 127 by construction, so the cast cannot saturate.
+            let r = (v * id).round() as i8;
+            sum += i32::from(r);
+            *q = r;
+        }
+        block.d = d;
+        block.s = d * sum as f32;
+    }
+}
+
+/// Reads the little-endian f16 at `bytes[at..at + 2]` as f32 (0 if out of range).
+#[inline]
+pub fn f16_at(bytes: &[u8], at: usize) -> f32 {
+    match bytes.get(at..at + 2) {
+        Some(&[lo, hi]) => f16::from_le_bytes([lo, hi]).to_f32(),
+        _ => 0.0,
+    }
+}
+
+/// Dequantizes one row of `kind` weights into `out` (`out.len()` weights).
+pub fn dequantize_row(kind: QuantKind, w: &[u8], out: &mut [f32]) {
+    for (blk, ys) in w.chunks_exact(kind.block_bytes()).zip(out.chunks_exact_mut(QK)) {
+        let d = f16_at(blk, 0);
+        match kind {
+            QuantKind::Q4_0 | QuantKind::Q4_1 => {
+                let (m, qs) = match kind {
+                    QuantKind::Q4_1 => (f16_at(blk, 2), blk.get(4..).unwrap_or_default()),
+                    _ => (-8.0 * d, blk.get(2..).unwrap_or_default()),
+                };
+                let (lo, hi) = ys.split_at_mut(QK / 2);
+                for ((q, l), h) in qs.iter().zip(lo).zip(hi) {
+                    *l = f32::from(q & 0x0F) * d + m;
+                    *h = f32::from(q >> 4) * d + m;
+                }
+            }
+            QuantKind::Q8_0 => {
+                let qs = blk.get(2..).unwrap_or_default();
+                for (q, y) in qs.iter().zip(ys.iter_mut()) {
+                    *y = f32::from(*q as i8) * d;
+                }
+            }
+        }
+    }
+}
+
+fn scalar_quant_row(kind: QuantKind, w: &[u8], acts: &[BlockQ8], nb: usize, out: &mut [f32]) {
+    let bb = kind.block_bytes();
+    for (o, arow) in out.iter_mut().zip(acts.chunks_exact(nb)) {
+        let mut acc = 0.0f32;
+        for (blk, a) in w.chunks_exact(bb).zip(arow) {
+            let d = f16_at(blk, 0);
+            acc += match kind {
+                QuantKind::Q4_0 | QuantKind::Q4_1 => {
+                    let qs = blk.get(bb - QK / 2..).unwrap_or_default();
+                    let (alo, ahi) = a.q.split_at(QK / 2);
+                    let mut isum = 0i32;
+                    for ((q, l), h) in qs.iter().zip(alo).zip(ahi) {
+                        isum += i32::from(q & 0x0F) * i32::from(*l);
+                        isum += i32::from(q >> 4) * i32::from(*h);
+                    }
+                    let m = if kind == QuantKind::Q4_1 {
+                        f16_at(blk, 2)
+                    } else {
+                        -8.0 * d
+                    };
+                    d * a.d * isum as f32 + m * a.s
+                }
+                QuantKind::Q8_0 => {
+                    let qs = blk.get(2..).unwrap_or_default();
+                    let isum: i32 = qs
+                        .iter()
+                        .zip(&a.q)
+                        .map(|(q, x)| i32::from(*q as i8) * i32::from(*x))
+                        .sum();
+                    d * a.d * isum as f32
+                }
+            };
+        }
+        *o = acc;
+    }
+}
+
+fn scalar_dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight partial sums, like the vector version, so both round alike and auto-vectorize.
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for ((s, x), y) in acc.iter_mut().zip(x).zip(y) {
+            *s += x * y;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+fn scalar_axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += alpha * x;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Builds `rows` random rows of `kind` blocks from a seed, with sane f16 scales.
+    fn random_weights(kind: QuantKind, nb: usize, seed: u64) -> Vec<u8> {
+        let mut rng = crate::sampling::Rng::new(seed);
+        let mut w = Vec::new();
+        for _ in 0..nb {
+            let d = f16::from_f32((rng.next_f32() + 0.01) * 0.05).to_le_bytes();
+            w.extend_from_slice(&d);
+            if kind == QuantKind::Q4_1 {
+                let m = f16::from_f32((rng.next_f32() - 0.5) * 0.5).to_le_bytes();
+                w.extend_from_slice(&m);
+            }
+            let nq = if kind == QuantKind::Q8_0 { 32 } else { 16 };
+            for _ in 0..nq {
+                w.push((rng.next_u64() & 0xFF) as u8);
+            }
+        }
+        w
+    }
+
+    fn random_acts(len: usize, seed: u64) -> Vec<f32> {
+        let mut rng = crate::sampling::Rng::new(seed);
+        (0..len).map(|_| (rng.next_f32() - 0.5) * 4.0).collect()
+    }
+
+    fn close(a: f32, b: f32, scale: f32) -> bool {
+        (a - b).abs() <= 1e-4 * scale.max(1.0)
+    }
+
+    fn check_kind(kind: QuantKind, nb: usize, n: usize, seed: u64) {
+        let w = random_weights(kind, nb, seed);
+        let x = random_acts(n * nb * QK, seed ^ 0x55);
+        let mut acts = vec![BlockQ8::default(); n * nb];
+        quantize_row(&x, &mut acts);
+        let mut reference = vec![0.0; n];
+        Kernels::Scalar.quant_row(kind, &w, &acts, nb, &mut reference);
+
+        // The scalar kernel against plain dequantized arithmetic (quantization error only).
+        let mut wf = vec![0.0; nb * QK];
+        dequantize_row(kind, &w, &mut wf);
+        for (j, r) in reference.iter().enumerate() {
+            let exact: f32 = wf.iter().zip(&x[j * nb * QK..]).map(|(a, b)| a * b).sum();
+            let mag: f32 = wf.iter().zip(&x[j * nb * QK..]).map(|(a, b)| (a * b).abs()).sum();
+            assert!((r - exact).abs() <= 0.02 * mag.max(1.0), "{kind:?}: {r} vs {exact}");
+        }
+
+        let fast = Kernels::detect();
+        let mut got = vec![0.0; n];
+        fast.quant_row(kind, &w, &acts, nb, &mut got);
+        for (g, r) in got.iter().zip(&reference) {
+            assert!(close(*g, *r, r.abs()), "{kind:?} {}: {g} vs {r}", fast.name());
+        }
+    }
+
+    #[test]
+    fn quant_kernels_match_the_scalar_reference() {
+        for kind in [QuantKind::Q4_0, QuantKind::Q4_1, QuantKind::Q8_0] {
+            for (nb, n) in [(1, 1), (18, 1), (18, 3), (48, 4), (48, 7), (5, 9)] {
+                check_kind(kind, nb, n, (nb * 31 + n) as u64);
+            }
+        }
+    }
+
+    #[test]
+    fn mismatched_lengths_give_zeros_not_a_panic() {
+        let mut out = [1.0f32; 2];
+        Kernels::detect().quant_row(QuantKind::Q4_1, &[0u8; 19], &[BlockQ8::default(); 2], 1, &mut out);
+        assert_eq!(out, [0.0, 0.0]);
+    }
+
+    #[test]
+    fn dequantize_matches_candle() {
+        use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
+        use candle_core::Device;
+        for (kind, dtype) in [(QuantKind::Q4_0, GgmlDType::Q4_0), (QuantKind::Q4_1, GgmlDType::Q4_1), (QuantKind::Q8_0, GgmlDType::Q8_0)] {
+            let w = random_weights(kind, 4, 9);
+            let mut ours = vec![0.0; 4 * QK];
+            dequantize_row(kind, &w, &mut ours);
+            let theirs = qtensor_from_ggml(dtype, &w, vec![4 * QK], &Device::Cpu)
+                .unwrap()
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert_eq!(ours, theirs, "{kind:?}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn dot_and_axpy_match_scalar(xs in proptest::collection::vec(-10.0f32..10.0, 0..200), alpha in -2.0f32..2.0) {
+            let ys: Vec<f32> = xs.iter().rev().copied().collect();
+            let k = Kernels::detect();
+            let (fast, slow) = (k.dot(&xs, &ys), Kernels::Scalar.dot(&xs, &ys));
+            prop_assert!((fast - slow).abs() <= 1e-3 * (1.0 + slow.abs()));
+            let (mut a, mut b) = (ys.clone(), ys.clone());
+            k.axpy(alpha, &xs, &mut a);
+            Kernels::Scalar.axpy(alpha, &xs, &mut b);
+            for (p, q) in a.iter().zip(&b) {
+                prop_assert!((p - q).abs() <= 1e-4 * (1.0 + q.abs()));
+            }
+        }
+
+        #[test]
+        fn quantize_row_is_close(xs in proptest::collection::vec(-100.0f32..100.0, 32..=32)) {
+            let mut b = [BlockQ8::default()];
+            quantize_row(&xs, &mut b);
+            let amax = xs.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            for (q, x) in b[0].q.iter().zip(&xs) {
+                prop_assert!((f32::from(*q) * b[0].d - x).abs() <= amax / 254.0 + 1e-4);
+            }
+            let sum: i32 = b[0].q.iter().map(|q| i32::from(*q)).sum();
+            prop_assert!((b[0].s - b[0].d * sum as f32).abs() <= 1e-3);
+        }
+    }
+}

@@ -1,0 +1,200 @@
+//! AVX2/FMA/F16C versions of the kernels in the parent module: the crate's only `unsafe` code.
+//!
+//! Soundness rests on two rules. (1) These functions are reached only through a
+//! `Kernels` value made by `Kernels::detect`, after [`available`] said the CPU has AVX2, FMA
+//! and F16C; that is what makes calling the `#[target_feature]` functions sound. (2) Every
+//! memory access goes through a fixed-size array reference (`&[u8; 16]`, `&[i8; 32]`,
+//! `&[f32; 8]`) taken with safe slicing, so the unaligned loads and stores below never read or
+//! write outside a Rust object. The algorithms follow GGML's `ggml_vec_dot_q4_1_q8_1` and
+//! `ggml_vec_dot_q8_0_q8_0` (ggml-cpu/arch/x86/quants.c), batched over several activation rows
+//! so each weight block is unpacked once per group.
+
+#![allow(unsafe_code)]
+
+use super::{BlockQ8, QuantKind, QK};
+use std::arch::x86_64::*;
+
+/// Whether this CPU has everything the kernels below use.
+pub(super) fn available() -> bool {
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+}
+
+/// Activation rows processed together, so their accumulators stay in registers.
+const GROUP: usize = 4;
+
+pub(super) fn quant_row(kind: QuantKind, w: &[u8], acts: &[BlockQ8], nb: usize, out: &mut [f32]) {
+    // SAFETY: the caller holds a `Kernels` from `Kernels::detect`, which checked `available()`.
+    unsafe { quant_row_avx2(kind, w, acts, nb, out) }
+}
+
+pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // SAFETY: as in `quant_row`.
+    unsafe { dot_avx2(a, b) }
+}
+
+pub(super) fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+    // SAFETY: as in `quant_row`.
+    unsafe { axpy_avx2(alpha, x, y) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn quant_row_avx2(kind: QuantKind, w: &[u8], acts: &[BlockQ8], nb: usize, out: &mut [f32]) {
+    let mut j0 = 0;
+    while j0 < out.len() {
+        let g = (out.len() - j0).min(GROUP);
+        let rows = acts.get(j0 * nb..(j0 + g) * nb).unwrap_or_default();
+        let dst = out.get_mut(j0..j0 + g).unwrap_or_default();
+        match (kind, g) {
+            (QuantKind::Q8_0, 4) => q8_group::<4>(w, rows, nb, dst),
+            (QuantKind::Q8_0, 3) => q8_group::<3>(w, rows, nb, dst),
+            (QuantKind::Q8_0, 2) => q8_group::<2>(w, rows, nb, dst),
+            (QuantKind::Q8_0, _) => q8_group::<1>(w, rows, nb, dst),
+            (QuantKind::Q4_1, 4) => q4_group::<4, true>(w, rows, nb, dst),
+            (QuantKind::Q4_1, 3) => q4_group::<3, true>(w, rows, nb, dst),
+            (QuantKind::Q4_1, 2) => q4_group::<2, true>(w, rows, nb, dst),
+            (QuantKind::Q4_1, _) => q4_group::<1, true>(w, rows, nb, dst),
+            (QuantKind::Q4_0, 4) => q4_group::<4, false>(w, rows, nb, dst),
+            (QuantKind::Q4_0, 3) => q4_group::<3, false>(w, rows, nb, dst),
+            (QuantKind::Q4_0, 2) => q4_group::<2, false>(w, rows, nb, dst),
+            (QuantKind::Q4_0, _) => q4_group::<1, false>(w, rows, nb, dst),
+        }
+        j0 += g;
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn f16_to_f32(lo: u8, hi: u8) -> f32 {
+    let bits = i32::from(u16::from_le_bytes([lo, hi]));
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn load_u8x16(b: &[u8; 16]) -> __m128i {
+    // SAFETY: reads exactly the 16 bytes of `b`; `loadu` has no alignment requirement.
+    unsafe { _mm_loadu_si128(b.as_ptr().cast()) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn load_u8x32(b: &[u8; 32]) -> __m256i {
+    // SAFETY: reads exactly the 32 bytes of `b`.
+    unsafe { _mm256_loadu_si256(b.as_ptr().cast()) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn load_i8x32(b: &[i8; 32]) -> __m256i {
+    // SAFETY: reads exactly the 32 bytes of `b`.
+    unsafe { _mm256_loadu_si256(b.as_ptr().cast()) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn load_f32x8(b: &[f32; 8]) -> __m256 {
+    // SAFETY: reads exactly the 8 floats of `b`.
+    unsafe { _mm256_loadu_ps(b.as_ptr()) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn store_f32x8(b: &mut [f32; 8], v: __m256) {
+    // SAFETY: writes exactly the 8 floats of `b`.
+    unsafe { _mm256_storeu_ps(b.as_mut_ptr(), v) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+}
+
+/// Q4_0 / Q4_1 weight row against `G` activation rows.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q4_group<const G: usize, const Q4_1: bool>(w: &[u8], acts: &[BlockQ8], nb: usize, out: &mut [f32]) {
+    let bb = if Q4_1 { QuantKind::Q4_1 } else { QuantKind::Q4_0 }.block_bytes();
+    let low = _mm_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); G];
+    let mut accm = [0.0f32; G];
+    for (b, blk) in w.chunks_exact(bb).enumerate().take(nb) {
+        let (d, m, qs) = match blk {
+            [d0, d1, m0, m1, qs @ ..] if Q4_1 => (f16_to_f32(*d0, *d1), Some((*m0, *m1)), qs),
+            [d0, d1, qs @ ..] => (f16_to_f32(*d0, *d1), None, qs),
+            _ => continue,
+        };
+        let m = match m {
+            Some((m0, m1)) => f16_to_f32(m0, m1),
+            None => -8.0 * d,
+        };
+        let Ok(qs) = <&[u8; 16]>::try_from(qs) else { continue };
+        let packed = load_u8x16(qs);
+        let lo = _mm_and_si128(packed, low);
+        let hi = _mm_and_si128(_mm_srli_epi16::<4>(packed), low);
+        let wq = _mm256_set_m128i(hi, lo);
+        for j in 0..G {
+            let Some(a) = acts.get(j * nb + b) else { continue };
+            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(wq, load_i8x32(&a.q)), ones);
+            if let (Some(acc), Some(accm)) = (acc.get_mut(j), accm.get_mut(j)) {
+                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * a.d), *acc);
+                *accm += m * a.s;
+            }
+        }
+    }
+    for ((o, a), m) in out.iter_mut().zip(acc).zip(accm) {
+        *o = hsum(a) + m;
+    }
+}
+
+/// Q8_0 weight row against `G` activation rows: `maddubs` needs an unsigned operand, so the
+/// weight's sign moves onto the activation (`|w| * sign(w) a`), as GGML does.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q8_group<const G: usize>(w: &[u8], acts: &[BlockQ8], nb: usize, out: &mut [f32]) {
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); G];
+    for (b, blk) in w.chunks_exact(QuantKind::Q8_0.block_bytes()).enumerate().take(nb) {
+        let [d0, d1, qs @ ..] = blk else { continue };
+        let Ok(qs) = <&[u8; QK]>::try_from(qs) else { continue };
+        let d = f16_to_f32(*d0, *d1);
+        let wq = load_u8x32(qs);
+        let wabs = _mm256_sign_epi8(wq, wq);
+        for j in 0..G {
+            let Some(a) = acts.get(j * nb + b) else { continue };
+            let signed = _mm256_sign_epi8(load_i8x32(&a.q), wq);
+            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, signed), ones);
+            if let Some(acc) = acc.get_mut(j) {
+                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * a.d), *acc);
+            }
+        }
+    }
+    for (o, a) in out.iter_mut().zip(acc) {
+        *o = hsum(a);
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        if let (Ok(x), Ok(y)) = (<&[f32; 8]>::try_from(x), <&[f32; 8]>::try_from(y)) {
+            acc = _mm256_fmadd_ps(load_f32x8(x), load_f32x8(y), acc);
+        }
+    }
+    hsum(acc) + tail
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn axpy_avx2(alpha: f32, x: &[f32], y: &mut [f32]) {
+    let va = _mm256_set1_ps(alpha);
+    let mut cy = y.chunks_exact_mut(8);
+    let mut cx = x.chunks_exact(8);
+    for (ys, xs) in (&mut cy).zip(&mut cx) {
+        if let (Ok(ys), Ok(xs)) = (<&mut [f32; 8]>::try_from(ys), <&[f32; 8]>::try_from(xs)) {
+            let v = _mm256_fmadd_ps(va, load_f32x8(xs), load_f32x8(ys));
+            store_f32x8(ys, v);
+        }
+    }
+    for (y, x) in cy.into_remainder().iter_mut().zip(cx.remainder()) {
+        *y += alpha * x;
+    }
+}

@@ -1,0 +1,606 @@
+//! The llama-family transformer: weights referenced in place in the decrypted GGUF buffer, one
+//! KV cache per sequence, and a forward pass over a batch that mixes prompt chunks and decode
+//! steps of different sequences (continuous batching).
+//!
+//! The graph is candle-transformers' `quantized_llama` (RMSNorm, interleaved RoPE as GGML's
+//! `rope` mode 0, grouped-query attention, SwiGLU), written as fused loops over buffers kept
+//! between steps. Quantized weights stay in GGML's block layout and are multiplied by the
+//! kernels in [`crate::kernels`]; tensor types without a native kernel are dequantized by candle
+//! at load time.
+
+use crate::gguf::{Gguf, TensorRef};
+use crate::kernels::{dequantize_row, quantize_row, BlockQ8, Kernels, QuantKind, QK};
+use crate::{Error, Result};
+use candle_core::quantized::GgmlDType;
+use candle_core::Device;
+use rayon::prelude::*;
+use std::io::Cursor;
+use zeroize::Zeroizing;
+
+/// Model dimensions, from the GGUF metadata.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_ff: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    pub n_vocab: usize,
+    /// The context length the model was trained with.
+    pub n_ctx_train: usize,
+    pub rope_base: f32,
+    pub rms_eps: f32,
+}
+
+impl Config {
+    /// Floats of K (or of V) per token per layer.
+    pub fn kv_dim(&self) -> usize {
+        self.n_head_kv * self.head_dim
+    }
+
+    /// Bytes of KV cache one token takes across all layers.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        2 * self.n_layer * self.kv_dim() * std::mem::size_of::<f32>()
+    }
+
+    fn from_gguf(g: &Gguf) -> Result<Self> {
+        let arch = g.str("general.architecture")?;
+        if arch != "llama" {
+            return Err(Error::Unsupported(format!(
+                "model architecture `{arch}` (this engine runs the `llama` family)"
+            )));
+        }
+        if let Some(experts) = g.opt_u64("llama.expert_count")? {
+            if experts > 0 {
+                return Err(Error::Unsupported(format!("mixture-of-experts llama ({experts} experts)")));
+            }
+        }
+        if let Some(kind) = g.opt_str("llama.rope.scaling.type") {
+            if kind != "none" {
+                return Err(Error::Unsupported(format!("RoPE scaling `{kind}`")));
+            }
+        }
+        let dim = |key: &str, max: u64| -> Result<usize> {
+            let v = g.u64(key)?;
+            if v == 0 || v > max {
+                return Err(Error::Format(format!("GGUF `{key}` = {v} is out of range 1..={max}")));
+            }
+            usize::try_from(v).map_err(|_| Error::Format(format!("GGUF `{key}` is too large")))
+        };
+        let n_embd = dim("llama.embedding_length", 1 << 16)?;
+        let n_head = dim("llama.attention.head_count", 1 << 10)?;
+        let n_head_kv = match g.opt_u64("llama.attention.head_count_kv")? {
+            Some(_) => dim("llama.attention.head_count_kv", 1 << 10)?,
+            None => n_head,
+        };
+        if n_embd % n_head != 0 || n_head % n_head_kv != 0 {
+            return Err(Error::Format(format!(
+                "{n_embd} embedding dims, {n_head} heads and {n_head_kv} KV heads do not divide"
+            )));
+        }
+        let head_dim = n_embd / n_head;
+        if head_dim % 2 != 0 {
+            return Err(Error::Format(format!("head dimension {head_dim} is odd")));
+        }
+        if let Some(rot) = g.opt_u64("llama.rope.dimension_count")? {
+            if rot != head_dim as u64 {
+                return Err(Error::Unsupported(format!("partial RoPE ({rot} of {head_dim} dims)")));
+            }
+        }
+        let n_vocab = g.array("tokenizer.ggml.tokens")?.len();
+        let cfg = Config {
+            n_layer: dim("llama.block_count", 1 << 10)?,
+            n_embd,
+            n_ff: dim("llama.feed_forward_length", 1 << 18)?,
+            n_head,
+            n_head_kv,
+            head_dim,
+            n_vocab,
+            n_ctx_train: dim("llama.context_length", 1 << 24)?,
+            rope_base: g.opt_f32("llama.rope.freq_base")?.unwrap_or(10_000.0),
+            rms_eps: g.opt_f32("llama.attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5),
+        };
+        if n_vocab == 0 || !(cfg.rope_base > 0.0) || !(cfg.rms_eps > 0.0) {
+            return Err(Error::Format("vocabulary, RoPE base or RMS epsilon is invalid".into()));
+        }
+        Ok(cfg)
+    }
+}
+
+/// A weight matrix: in place in the model buffer with a native kernel, or dequantized.
+#[derive(Debug)]
+enum Matrix {
+    Quant { kind: QuantKind, rows: usize, cols: usize, offset: usize },
+    F32 { rows: usize, cols: usize, data: Vec<f32> },
+}
+
+impl Matrix {
+    fn rows(&self) -> usize {
+        match self {
+            Matrix::Quant { rows, .. } | Matrix::F32 { rows, .. } => *rows,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Layer {
+    attn_norm: Vec<f32>,
+    wq: Matrix,
+    wk: Matrix,
+    wv: Matrix,
+    wo: Matrix,
+    ffn_norm: Vec<f32>,
+    gate: Matrix,
+    up: Matrix,
+    down: Matrix,
+}
+
+/// A loaded model. It owns the decrypted GGUF bytes (zeroized when dropped) and reads the
+/// quantized weights from them in place, so loading copies only the small norm vectors.
+pub struct Model {
+    bytes: Zeroizing<Vec<u8>>,
+    cfg: Config,
+    layers: Vec<Layer>,
+    embed: Matrix,
+    output_norm: Vec<f32>,
+    /// `None`: tied to the embedding, as in SmolLM2.
+    output: Option<Matrix>,
+    inv_freq: Vec<f32>,
+    kernels: Kernels,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model").field("cfg", &self.cfg).field("kernels", &self.kernels).finish_non_exhaustive()
+    }
+}
+
+impl Model {
+    /// Builds the model over `bytes`, a GGUF file already parsed as `g`.
+    pub fn load(bytes: Zeroizing<Vec<u8>>, g: &Gguf, kernels: Kernels) -> Result<Self> {
+        let cfg = Config::from_gguf(g)?;
+        let (d, kv) = (cfg.n_embd, cfg.kv_dim());
+        let load = |name: &str, rows: usize, cols: usize| -> Result<Matrix> {
+            matrix(&bytes, g, &g.tensor(name)?, rows, cols)
+        };
+        let vector = |name: &str| -> Result<Vec<f32>> { vector(&bytes, g, &g.tensor(name)?, d) };
+        let mut layers = Vec::with_capacity(cfg.n_layer);
+        for i in 0..cfg.n_layer {
+            let n = |w: &str| format!("blk.{i}.{w}.weight");
+            if g.has_tensor(&n("ffn_gate_inp")) {
+                return Err(Error::Unsupported("mixture-of-experts layers".into()));
+            }
+            layers.push(Layer {
+                attn_norm: vector(&n("attn_norm"))?,
+                wq: load(&n("attn_q"), d, d)?,
+                wk: load(&n("attn_k"), kv, d)?,
+                wv: load(&n("attn_v"), kv, d)?,
+                wo: load(&n("attn_output"), d, d)?,
+                ffn_norm: vector(&n("ffn_norm"))?,
+                gate: load(&n("ffn_gate"), cfg.n_ff, d)?,
+                up: load(&n("ffn_up"), cfg.n_ff, d)?,
+                down: load(&n("ffn_down"), d, cfg.n_ff)?,
+            });
+        }
+        let embed = load("token_embd.weight", cfg.n_vocab, d)?;
+        let output = if g.has_tensor("output.weight") {
+            Some(load("output.weight", cfg.n_vocab, d)?)
+        } else {
+            None
+        };
+        let output_norm = vector("output_norm.weight")?;
+        let half = cfg.head_dim / 2;
+        let inv_freq = (0..half)
+            .map(|i| 1.0 / cfg.rope_base.powf(2.0 * i as f32 / cfg.head_dim as f32))
+            .collect();
+        Ok(Model { bytes, cfg, layers, embed, output_norm, output, inv_freq, kernels })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
+    }
+
+    /// An empty KV cache for a sequence of at most `capacity` tokens. Memory is committed as
+    /// the sequence grows and returned when the cache is dropped.
+    pub fn new_cache(&self, capacity: usize) -> KvCache {
+        KvCache {
+            k: (0..self.cfg.n_layer).map(|_| Vec::new()).collect(),
+            v: (0..self.cfg.n_layer).map(|_| Vec::new()).collect(),
+            len: 0,
+            capacity,
+        }
+    }
+
+    /// Runs one step over `batch`: each entry appends its tokens to its own sequence. Returns
+    /// the logits the entries asked for, in order, each `n_vocab` long.
+    pub fn forward(&self, batch: &mut [Chunk<'_>], s: &mut Scratch) -> Result<Vec<f32>> {
+        let cfg = &self.cfg;
+        let (d, kvd, hd) = (cfg.n_embd, cfg.kv_dim(), cfg.head_dim);
+        // Where each row of the step comes from: (entry, position in its sequence).
+        s.rows.clear();
+        for (e, c) in batch.iter().enumerate() {
+            if c.cache.len + c.tokens.len() > c.cache.capacity {
+                return Err(Error::ContextFull { capacity: c.cache.capacity });
+            }
+            if let Some(t) = c.tokens.iter().find(|t| **t as usize >= cfg.n_vocab) {
+                return Err(Error::InvalidRequest(format!("token id {t} is outside the vocabulary")));
+            }
+            s.rows.extend((0..c.tokens.len()).map(|i| (e, c.cache.len + i)));
+        }
+        let t = s.rows.len();
+        if t == 0 {
+            return Ok(Vec::new());
+        }
+        resize(&mut s.x, t * d);
+        for (row, tok) in s.x.chunks_exact_mut(d).zip(batch.iter().flat_map(|c| c.tokens.iter())) {
+            self.embed_row(*tok, row);
+        }
+        self.rope_tables(s);
+
+        for (li, layer) in self.layers.iter().enumerate() {
+            // Attention block.
+            rms_norm(&s.x, &layer.attn_norm, cfg.rms_eps, d, &mut s.xb);
+            quantize_rows(&s.xb, d, &mut s.xq);
+            self.matmul(&mut [(&layer.wq, &mut s.q), (&layer.wk, &mut s.k), (&layer.wv, &mut s.v)], &s.xb, &s.xq, t, &mut s.tmp);
+            rope(&mut s.q, hd, &s.cos, &s.sin);
+            rope(&mut s.k, hd, &s.cos, &s.sin);
+            // Append this step's keys and values to each sequence's cache.
+            let mut at = 0;
+            for c in batch.iter_mut() {
+                let n = c.tokens.len() * kvd;
+                if let (Some(k), Some(v), Some(ck), Some(cv)) =
+                    (s.k.get(at..at + n), s.v.get(at..at + n), c.cache.k.get_mut(li), c.cache.v.get_mut(li))
+                {
+                    if ck.capacity() == 0 {
+                        ck.reserve_exact(c.cache.capacity * kvd);
+                        cv.reserve_exact(c.cache.capacity * kvd);
+                    }
+                    ck.extend_from_slice(k);
+                    cv.extend_from_slice(v);
+                }
+                at += n;
+            }
+            self.attention(li, batch, s);
+            quantize_rows(&s.att, d, &mut s.xq);
+            self.matmul(&mut [(&layer.wo, &mut s.xb)], &s.att, &s.xq, t, &mut s.tmp);
+            add(&mut s.x, &s.xb);
+
+            // Feed-forward block.
+            rms_norm(&s.x, &layer.ffn_norm, cfg.rms_eps, d, &mut s.xb);
+            quantize_rows(&s.xb, d, &mut s.xq);
+            self.matmul(&mut [(&layer.gate, &mut s.hb), (&layer.up, &mut s.hb2)], &s.xb, &s.xq, t, &mut s.tmp);
+            swiglu(&mut s.hb, &s.hb2);
+            quantize_rows(&s.hb, cfg.n_ff, &mut s.hq);
+            self.matmul(&mut [(&layer.down, &mut s.xb)], &s.hb, &s.hq, t, &mut s.tmp);
+            add(&mut s.x, &s.xb);
+        }
+        for c in batch.iter_mut() {
+            c.cache.len += c.tokens.len();
+        }
+
+        // Logits only for the rows that asked for them.
+        let mut picked = Vec::new();
+        let mut at = 0;
+        for c in batch.iter() {
+            let n = c.tokens.len();
+            match c.logits {
+                Logits::None => {}
+                Logits::Last => picked.push(at + n - 1),
+                Logits::All => picked.extend(at..at + n),
+            }
+            at += n;
+        }
+        if picked.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut h = Vec::with_capacity(picked.len() * d);
+        for r in &picked {
+            h.extend_from_slice(s.x.get(r * d..(r + 1) * d).unwrap_or_default());
+        }
+        let mut hn = Vec::new();
+        rms_norm(&h, &self.output_norm, cfg.rms_eps, d, &mut hn);
+        let mut hq = Vec::new();
+        quantize_rows(&hn, d, &mut hq);
+        let mut logits = Vec::new();
+        let out = self.output.as_ref().unwrap_or(&self.embed);
+        self.matmul(&mut [(out, &mut logits)], &hn, &hq, picked.len(), &mut s.tmp);
+        Ok(logits)
+    }
+
+    fn embed_row(&self, tok: u32, row: &mut [f32]) {
+        let d = self.cfg.n_embd;
+        match &self.embed {
+            Matrix::Quant { kind, offset, .. } => {
+                let rb = kind.row_bytes(d);
+                let start = offset + tok as usize * rb;
+                dequantize_row(*kind, self.bytes.get(start..start + rb).unwrap_or_default(), row);
+            }
+            Matrix::F32 { data, .. } => {
+                match data.get(tok as usize * d..(tok as usize + 1) * d) {
+                    Some(src) => row.copy_from_slice(src),
+                    None => row.fill(0.0),
+                }
+            }
+        }
+    }
+
+    fn rope_tables(&self, s: &mut Scratch) {
+        let half = self.inv_freq.len();
+        s.cos.clear();
+        s.sin.clear();
+        for (_, pos) in &s.rows {
+            for f in &self.inv_freq {
+                let a = *pos as f32 * f;
+                s.cos.push(a.cos());
+                s.sin.push(a.sin());
+            }
+        }
+        debug_assert_eq!(s.cos.len(), s.rows.len() * half);
+    }
+
+    /// `outs[i] = inputs × W_iᵀ` for `t` rows, all matrices in one parallel pass. Outputs are
+    /// row-major `[t][rows_i]`.
+    fn matmul(&self, mats: &mut [(&Matrix, &mut Vec<f32>)], xf: &[f32], xq: &[BlockQ8], t: usize, tmp: &mut Vec<f32>) {
+        // Kernels produce one weight row's results for all t inputs, so they write `[rows][t]`;
+        // the buffer is transposed afterwards (a no-op copy when t is 1).
+        let total: usize = mats.iter().map(|(m, _)| m.rows()).sum();
+        resize(tmp, total * t);
+        let threads = rayon::current_num_threads().max(1);
+        let mut jobs = Vec::new();
+        let mut rest: &mut [f32] = tmp;
+        for (m, _) in mats.iter() {
+            let (mine, tail) = rest.split_at_mut(m.rows() * t);
+            rest = tail;
+            // Small enough chunks to balance, large enough to amortize the dispatch.
+            let chunk = (m.rows() / (threads * 8)).clamp(16, 512);
+            for (i, out) in mine.chunks_mut(chunk * t).enumerate() {
+                jobs.push((*m, i * chunk, out));
+            }
+        }
+        let kernels = self.kernels;
+        let bytes: &[u8] = &self.bytes;
+        jobs.into_par_iter().for_each(|(m, row0, out)| match m {
+            Matrix::Quant { kind, cols, offset, .. } => {
+                let (rb, nb) = (kind.row_bytes(*cols), cols / QK);
+                for (r, o) in out.chunks_exact_mut(t).enumerate() {
+                    let start = offset + (row0 + r) * rb;
+                    let w = bytes.get(start..start + rb).unwrap_or_default();
+                    kernels.quant_row(*kind, w, xq, nb, o);
+                }
+            }
+            Matrix::F32 { cols, data, .. } => {
+                for (r, o) in out.chunks_exact_mut(t).enumerate() {
+                    let w = data.get((row0 + r) * cols..(row0 + r + 1) * cols).unwrap_or_default();
+                    for (o, x) in o.iter_mut().zip(xf.chunks_exact(*cols)) {
+                        *o = kernels.dot(w, x);
+                    }
+                }
+            }
+        });
+        let mut src: &[f32] = tmp;
+        for (m, out) in mats.iter_mut() {
+            let rows = m.rows();
+            let (mine, tail) = src.split_at(rows * t);
+            src = tail;
+            resize(out, rows * t);
+            if t == 1 {
+                out.copy_from_slice(mine);
+            } else {
+                for (r, col) in mine.chunks_exact(t).enumerate() {
+                    for (j, v) in col.iter().enumerate() {
+                        if let Some(o) = out.get_mut(j * rows + r) {
+                            *o = *v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Causal grouped-query attention of every row of the step over its own sequence's cache.
+    fn attention(&self, layer: usize, batch: &[Chunk<'_>], s: &mut Scratch) {
+        let cfg = &self.cfg;
+        let (hd, kvd, nh) = (cfg.head_dim, cfg.kv_dim(), cfg.n_head);
+        let group = nh / cfg.n_head_kv;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let kernels = self.kernels;
+        resize(&mut s.att, s.rows.len() * cfg.n_embd);
+        let (rows, q) = (&s.rows, &s.q);
+        s.att.par_chunks_mut(hd).enumerate().with_min_len(4).for_each(|(i, out)| {
+            let (row, h) = (i / nh, i % nh);
+            let Some(&(e, pos)) = rows.get(row) else { return };
+            let Some(c) = batch.get(e) else { return };
+            let (Some(keys), Some(vals)) = (c.cache.k.get(layer), c.cache.v.get(layer)) else { return };
+            let qh = q.get(row * cfg.n_embd + h * hd..row * cfg.n_embd + (h + 1) * hd).unwrap_or_default();
+            let off = (h / group) * hd;
+            let n = pos + 1;
+            let mut scores = Vec::with_capacity(n);
+            let mut max = f32::NEG_INFINITY;
+            for p in 0..n {
+                let k = keys.get(p * kvd + off..p * kvd + off + hd).unwrap_or_default();
+                let sc = kernels.dot(qh, k) * scale;
+                max = max.max(sc);
+                scores.push(sc);
+            }
+            let mut sum = 0.0;
+            for sc in scores.iter_mut() {
+                *sc = (*sc - max).exp();
+                sum += *sc;
+            }
+            out.fill(0.0);
+            for (p, w) in scores.iter().enumerate() {
+                let v = vals.get(p * kvd + off..p * kvd + off + hd).unwrap_or_default();
+                kernels.axpy(w / sum, v, out);
+            }
+        });
+    }
+}
+
+/// Which logits a batch entry needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    None,
+    Last,
+    All,
+}
+
+/// One sequence's share of a step.
+#[derive(Debug)]
+pub struct Chunk<'a> {
+    pub cache: &'a mut KvCache,
+    pub tokens: &'a [u32],
+    pub logits: Logits,
+}
+
+/// The keys and values of one sequence, per layer, `[position][kv_head][head_dim]`.
+#[derive(Debug)]
+pub struct KvCache {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    len: usize,
+    capacity: usize,
+}
+
+impl KvCache {
+    /// Tokens already in the cache.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+}
+
+/// Buffers reused from step to step, so a decode step allocates almost nothing.
+#[derive(Debug, Default)]
+pub struct Scratch {
+    rows: Vec<(usize, usize)>,
+    x: Vec<f32>,
+    xb: Vec<f32>,
+    xq: Vec<BlockQ8>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    hb: Vec<f32>,
+    hb2: Vec<f32>,
+    hq: Vec<BlockQ8>,
+    tmp: Vec<f32>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+fn resize<T: Default + Clone>(v: &mut Vec<T>, n: usize) {
+    v.clear();
+    v.resize(n, T::default());
+}
+
+fn rms_norm(x: &[f32], w: &[f32], eps: f32, d: usize, out: &mut Vec<f32>) {
+    resize(out, x.len());
+    for (xs, os) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let ss: f32 = xs.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let r = 1.0 / (ss + eps).sqrt();
+        for ((o, v), w) in os.iter_mut().zip(xs).zip(w) {
+            *o = v * r * w;
+        }
+    }
+}
+
+fn quantize_rows(x: &[f32], cols: usize, out: &mut Vec<BlockQ8>) {
+    let nb = cols / QK;
+    resize(out, x.len() / cols * nb);
+    for (xs, os) in x.chunks_exact(cols).zip(out.chunks_exact_mut(nb)) {
+        quantize_row(xs, os);
+    }
+}
+
+/// Rotates consecutive pairs `(x[2i], x[2i+1])` of every head by position-dependent angles.
+fn rope(x: &mut [f32], hd: usize, cos: &[f32], sin: &[f32]) {
+    let half = hd / 2;
+    let rows = cos.len() / half.max(1);
+    if rows == 0 {
+        return;
+    }
+    let per_row = x.len() / rows;
+    for ((row, c), s) in x.chunks_exact_mut(per_row).zip(cos.chunks_exact(half)).zip(sin.chunks_exact(half)) {
+        for head in row.chunks_exact_mut(hd) {
+            for ((pair, c), s) in head.chunks_exact_mut(2).zip(c).zip(s) {
+                if let [a, b] = pair {
+                    let (x0, x1) = (*a, *b);
+                    *a = x0 * c - x1 * s;
+                    *b = x0 * s + x1 * c;
+                }
+            }
+        }
+    }
+}
+
+fn swiglu(gate: &mut [f32], up: &[f32]) {
+    let f = |g: &mut [f32], u: &[f32]| {
+        for (g, u) in g.iter_mut().zip(u) {
+            *g = *g / (1.0 + (-*g).exp()) * u;
+        }
+    };
+    if gate.len() >= 1 << 14 {
+        gate.par_chunks_mut(4096).zip(up.par_chunks(4096)).for_each(|(g, u)| f(g, u));
+    } else {
+        f(gate, up);
+    }
+}
+
+fn add(x: &mut [f32], y: &[f32]) {
+    for (x, y) in x.iter_mut().zip(y) {
+        *x += y;
+    }
+}
+
+/// A weight matrix of `rows × cols`, in place if a native kernel exists for its type.
+fn matrix(bytes: &[u8], g: &Gguf, t: &TensorRef, rows: usize, cols: usize) -> Result<Matrix> {
+    if (t.rows, t.cols) != (rows, cols) {
+        return Err(Error::Format(format!(
+            "tensor `{}` is {}×{}, expected {rows}×{cols}",
+            t.name, t.rows, t.cols
+        )));
+    }
+    let kind = match t.dtype {
+        GgmlDType::Q4_0 => Some(QuantKind::Q4_0),
+        GgmlDType::Q4_1 => Some(QuantKind::Q4_1),
+        GgmlDType::Q8_0 => Some(QuantKind::Q8_0),
+        _ => None,
+    };
+    match kind {
+        Some(kind) => Ok(Matrix::Quant { kind, rows, cols, offset: t.range.start }),
+        None => Ok(Matrix::F32 { rows, cols, data: dequantize(bytes, g, t)? }),
+    }
+}
+
+fn vector(bytes: &[u8], g: &Gguf, t: &TensorRef, n: usize) -> Result<Vec<f32>> {
+    if t.rows * t.cols != n {
+        return Err(Error::Format(format!("tensor `{}` has {} values, expected {n}", t.name, t.rows * t.cols)));
+    }
+    dequantize(bytes, g, t)
+}
+
+/// Any GGML type candle knows, as f32.
+fn dequantize(bytes: &[u8], g: &Gguf, t: &TensorRef) -> Result<Vec<f32>> {
+    if t.dtype == GgmlDType::F32 {
+        let raw = bytes.get(t.range.clone()).unwrap_or_default();
+        return Ok(raw.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap_or_default())).collect());
+    }
+    let err = |e: candle_core::Error| Error::Unsupported(format!("tensor `{}` of type {:?}: {e}", t.name, t.dtype));
+    let q = g.content().tensor(&mut Cursor::new(bytes), &t.name, &Device::Cpu).map_err(err)?;
+    q.dequantize(&Device::Cpu)
+        .and_then(|x| x.flatten_all())
+        .and_then(|x| x.to_vec1::<f32>())
+        .map_err(err)
+}

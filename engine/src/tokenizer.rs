@@ -1,0 +1,355 @@
+//! The tokenizer, built from the GGUF's own vocabulary (`tokenizer.ggml.*`) with the
+//! `tokenizers` crate so that token ids equal llama.cpp's for the same text, special tokens
+//! included; and the byte-exact, UTF-8-safe detokenizer used for streaming.
+//!
+//! candle's `TokenizerFromGguf` does not know llama.cpp's `smollm` pre-tokenizer and adds a
+//! prefix space (`<|im_start|>system` became ` system`); here each pre-tokenizer type maps to
+//! the regexes llama.cpp uses for it (llama-vocab.cpp, `llm_tokenizer_bpe`), and an unknown
+//! type is an error rather than a guess.
+
+use crate::gguf::Gguf;
+use crate::{Error, Result};
+use candle_core::quantized::gguf_file::Value;
+use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::{AddedToken, SplitDelimiterBehavior};
+
+/// GGUF token types (llama.h `llama_token_type`).
+const TYPE_CONTROL: i64 = 3;
+const TYPE_USER_DEFINED: i64 = 4;
+
+/// Longest text accepted for one encode call, in bytes. Requests are bounded well below this
+/// by the context window; this only stops a pathological input before the regex work.
+pub const MAX_TEXT_BYTES: usize = 4 << 20;
+
+/// llama.cpp's GPT-2 pre-tokenizer regex (also the one `ByteLevel` applies itself).
+const REGEX_LLAMA3: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const REGEX_QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// A byte-level BPE tokenizer and everything the engine needs to know about its tokens.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    /// The bytes each token stands for in generated text, concatenated; control tokens are
+    /// empty (llama.cpp renders them only when asked to).
+    bytes: Vec<u8>,
+    offsets: Vec<u32>,
+    eog: Vec<u32>,
+    bos: Option<u32>,
+    add_bos: bool,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("vocab", &self.vocab_size())
+            .field("eog", &self.eog)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Tokenizer {
+    pub fn from_gguf(g: &Gguf) -> Result<Self> {
+        let model = g.str("tokenizer.ggml.model")?;
+        if model != "gpt2" {
+            return Err(Error::Unsupported(format!(
+                "tokenizer model `{model}` (only byte-level BPE, `gpt2`, is supported)"
+            )));
+        }
+        let pre = g.opt_str("tokenizer.ggml.pre").unwrap_or("default");
+        let (pre_tokenizer, ignore_merges) = pre_tokenizer(pre)?;
+
+        let tokens: Vec<&str> = g
+            .array("tokenizer.ggml.tokens")?
+            .iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s.as_str()),
+                _ => Err(Error::Format("tokenizer.ggml.tokens holds a non-string".into())),
+            })
+            .collect::<Result<_>>()?;
+        let n = u32::try_from(tokens.len()).map_err(|_| Error::Format("vocabulary too large".into()))?;
+        let types: Vec<i64> = match g.get("tokenizer.ggml.token_type") {
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| match v {
+                    Value::I32(t) => i64::from(*t),
+                    Value::U32(t) => i64::from(*t),
+                    _ => 1,
+                })
+                .collect(),
+            _ => vec![1; tokens.len()],
+        };
+        if types.len() != tokens.len() {
+            return Err(Error::Format("tokenizer.ggml.token_type and tokens differ in length".into()));
+        }
+        let merges: Vec<(String, String)> = g
+            .array("tokenizer.ggml.merges")?
+            .iter()
+            .map(|v| match v {
+                Value::String(s) => s
+                    .split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| Error::Format(format!("bad BPE merge `{s}`"))),
+                _ => Err(Error::Format("tokenizer.ggml.merges holds a non-string".into())),
+            })
+            .collect::<Result<_>>()?;
+
+        let mut vocab = Vocab::default();
+        for (id, t) in (0..n).zip(&tokens) {
+            vocab.insert((*t).to_string(), id);
+        }
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .ignore_merges(ignore_merges)
+            .build()
+            .map_err(|e| Error::Format(format!("BPE vocabulary: {e}")))?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        inner.with_pre_tokenizer(Some(pre_tokenizer));
+        // Control and user-defined tokens are matched in the text before pre-tokenization, as
+        // llama.cpp's `tokenizer_st_partition` does with `parse_special = true`.
+        let added: Vec<AddedToken> = tokens
+            .iter()
+            .zip(&types)
+            .filter(|(_, t)| matches!(**t, TYPE_CONTROL | TYPE_USER_DEFINED))
+            .map(|(tok, t)| AddedToken::from((*tok).to_string(), *t == TYPE_CONTROL))
+            .collect();
+        inner
+            .add_special_tokens(added)
+            .map_err(|e| Error::Format(format!("special tokens: {e}")))?;
+
+        let decode = byte_decoder();
+        let mut bytes = Vec::new();
+        let mut offsets = Vec::with_capacity(tokens.len() + 1);
+        offsets.push(0u32);
+        for (tok, ty) in tokens.iter().zip(&types) {
+            match *ty {
+                TYPE_CONTROL => {}
+                TYPE_USER_DEFINED => bytes.extend_from_slice(tok.as_bytes()),
+                _ => {
+                    for c in tok.chars() {
+                        match decode.get(&c) {
+                            Some(b) => bytes.push(*b),
+                            None => bytes.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+                        }
+                    }
+                }
+            }
+            offsets.push(u32::try_from(bytes.len()).map_err(|_| Error::Format("vocabulary too large".into()))?);
+        }
+
+        let id = |key: &str| -> Result<Option<u32>> {
+            Ok(g.opt_u64(key)?.and_then(|v| u32::try_from(v).ok()).filter(|v| *v < n))
+        };
+        let bos = id("tokenizer.ggml.bos_token_id")?;
+        let mut eog: Vec<u32> = [id("tokenizer.ggml.eos_token_id")?, id("tokenizer.ggml.eot_token_id")?]
+            .into_iter()
+            .flatten()
+            .collect();
+        // llama.cpp also ends generation on these control tokens, whatever the metadata says.
+        const END_TEXTS: [&str; 7] =
+            ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "</s>", "<end_of_turn>", "<|end_of_text|>"];
+        for ((id, tok), ty) in (0..n).zip(&tokens).zip(&types) {
+            if *ty == TYPE_CONTROL && END_TEXTS.contains(tok) && !eog.contains(&id) {
+                eog.push(id);
+            }
+        }
+        if eog.is_empty() {
+            return Err(Error::Format("the vocabulary has no end-of-generation token".into()));
+        }
+        Ok(Tokenizer {
+            inner,
+            bytes,
+            offsets,
+            eog,
+            bos,
+            add_bos: g.opt_bool("tokenizer.ggml.add_bos_token").unwrap_or(false),
+        })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.offsets.len().saturating_sub(1)
+    }
+
+    /// Token ids for `text`, special tokens parsed, with BOS first if the model asks for it.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        if text.len() > MAX_TEXT_BYTES {
+            return Err(Error::InvalidRequest(format!(
+                "the prompt is {} bytes; at most {MAX_TEXT_BYTES} are accepted",
+                text.len()
+            )));
+        }
+        let enc = self
+            .inner
+            .encode_fast(text, false)
+            .map_err(|e| Error::InvalidRequest(format!("tokenizing the prompt failed: {e}")))?;
+        let mut ids = Vec::with_capacity(enc.len() + 1);
+        if self.add_bos {
+            ids.extend(self.bos);
+        }
+        ids.extend_from_slice(enc.get_ids());
+        Ok(ids)
+    }
+
+    /// The bytes `id` adds to generated text (empty for control tokens and unknown ids).
+    pub fn token_bytes(&self, id: u32) -> &[u8] {
+        let i = id as usize;
+        match (self.offsets.get(i), self.offsets.get(i + 1)) {
+            (Some(a), Some(b)) => self.bytes.get(*a as usize..*b as usize).unwrap_or_default(),
+            _ => &[],
+        }
+    }
+
+    /// Whether `id` ends generation (EOS, EOT, or an end-of-turn control token).
+    pub fn is_eog(&self, id: u32) -> bool {
+        self.eog.contains(&id)
+    }
+
+    pub fn eog_tokens(&self) -> &[u32] {
+        &self.eog
+    }
+
+    /// Decodes a whole sequence (lossy only where the bytes are not UTF-8).
+    pub fn decode(&self, ids: &[u32]) -> String {
+        let bytes: Vec<u8> = ids.iter().flat_map(|i| self.token_bytes(*i)).copied().collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+fn pre_tokenizer(pre: &str) -> Result<(PreTokenizerWrapper, bool)> {
+    let split = |re: &str| -> Result<PreTokenizerWrapper> {
+        Ok(Split::new(SplitPattern::Regex(re.to_string()), SplitDelimiterBehavior::Isolated, false)
+            .map_err(|e| Error::Format(format!("pre-tokenizer regex: {e}")))?
+            .into())
+    };
+    // `ByteLevel::new(add_prefix_space, trim_offsets, use_regex)`: never a prefix space, which
+    // is what candle's builder got wrong.
+    let gpt2 = || -> PreTokenizerWrapper { ByteLevel::new(false, false, true).into() };
+    let bytes_only = || -> PreTokenizerWrapper { ByteLevel::new(false, false, false).into() };
+    Ok(match pre {
+        // llama.cpp: digits one by one, then the GPT-2 regex.
+        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => {
+            (Sequence::new(vec![split(r"\p{N}")?, gpt2()]).into(), false)
+        }
+        "gpt-2" | "gpt2" | "phi-2" | "jina-es" | "jina-de" | "jina-v2-es" | "jina-v2-de" => (gpt2(), false),
+        "llama3" | "llama-v3" | "llama-bpe" | "smaug-bpe" | "falcon3" | "pixtral" => {
+            (Sequence::new(vec![split(REGEX_LLAMA3)?, bytes_only()]).into(), true)
+        }
+        "qwen2" => (Sequence::new(vec![split(REGEX_QWEN2)?, bytes_only()]).into(), false),
+        other => {
+            return Err(Error::Unsupported(format!(
+                "pre-tokenizer `{other}` (supported: smollm and the starcoder family, gpt-2, llama3, qwen2)"
+            )))
+        }
+    })
+}
+
+/// GPT-2's `bytes_to_unicode`, inverted: the printable character each byte was mapped to.
+fn byte_decoder() -> std::collections::HashMap<char, u8> {
+    let mut printable: Vec<u8> = (b'!'..=b'~').chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut chars: Vec<u32> = printable.iter().map(|b| u32::from(*b)).collect();
+    let mut extra = 0u32;
+    for b in 0..=255u8 {
+        if !printable.contains(&b) {
+            printable.push(b);
+            chars.push(256 + extra);
+            extra += 1;
+        }
+    }
+    printable
+        .into_iter()
+        .zip(chars)
+        .filter_map(|(b, c)| char::from_u32(c).map(|c| (c, b)))
+        .collect()
+}
+
+/// Turns a stream of token bytes into text without ever splitting a UTF-8 character: bytes
+/// of an unfinished character wait for the next token; invalid bytes become U+FFFD.
+#[derive(Debug, Default)]
+pub struct Utf8Stream {
+    pending: Vec<u8>,
+}
+
+impl Utf8Stream {
+    /// Adds `bytes` and returns the text that is now complete.
+    pub fn push(&mut self, bytes: &[u8]) -> String {
+        self.pending.extend_from_slice(bytes);
+        let mut out = String::new();
+        loop {
+            match std::str::from_utf8(&self.pending) {
+                Ok(s) => {
+                    out.push_str(s);
+                    self.pending.clear();
+                    return out;
+                }
+                Err(e) => {
+                    let (good, rest) = self.pending.split_at(e.valid_up_to());
+                    out.push_str(std::str::from_utf8(good).unwrap_or_default());
+                    match e.error_len() {
+                        // An unfinished character at the end: keep it for the next token.
+                        None => {
+                            self.pending = rest.to_vec();
+                            return out;
+                        }
+                        Some(bad) => {
+                            out.push(char::REPLACEMENT_CHARACTER);
+                            self.pending = rest.get(bad..).unwrap_or_default().to_vec();
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whatever is left at the end of the stream, lossily.
+    pub fn finish(&mut self) -> String {
+        let s = String::from_utf8_lossy(&self.pending).into_owned();
+        self.pending.clear();
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn byte_decoder_covers_all_bytes() {
+        let d = byte_decoder();
+        assert_eq!(d.len(), 256);
+        assert_eq!(d.get(&'Ġ'), Some(&b' '));
+        assert_eq!(d.get(&'Ċ'), Some(&b'\n'));
+    }
+
+    #[test]
+    fn utf8_stream_waits_for_whole_characters() {
+        let mut s = Utf8Stream::default();
+        let euro = "€".as_bytes();
+        assert_eq!(s.push(&euro[..1]), "");
+        assert_eq!(s.push(&euro[1..2]), "");
+        assert_eq!(s.push(&[euro[2], b'!']), "€!");
+        assert_eq!(s.push(&[0xFF, b'a']), "\u{FFFD}a");
+        assert_eq!(s.push(&euro[..2]), "");
+        assert_eq!(s.finish(), "\u{FFFD}");
+    }
+
+    proptest! {
+        #[test]
+        fn utf8_stream_reassembles_any_split(text in "\\PC{0,40}", cuts in proptest::collection::vec(0usize..200, 0..8)) {
+            let bytes = text.as_bytes();
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (bytes.len() + 1)).collect();
+            cuts.sort_unstable();
+            let mut s = Utf8Stream::default();
+            let mut out = String::new();
+            let mut at = 0;
+            for c in cuts.into_iter().chain([bytes.len()]) {
+                out.push_str(&s.push(&bytes[at..c]));
+                at = c;
+            }
+            out.push_str(&s.finish());
+            prop_assert_eq!(out, text);
+        }
+    }
+}
