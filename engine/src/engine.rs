@@ -14,6 +14,7 @@ use crate::tokenizer::{Tokenizer, Utf8Stream};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -63,6 +64,9 @@ pub struct GenerationParams {
     /// Up to 4 strings that end generation; they are not part of the output (OpenAI's `stop`).
     pub stop: Vec<String>,
     pub sampling: SamplingParams,
+    /// Keep generating through end-of-generation tokens (llama.cpp's `ignore_eos`), for
+    /// benchmarks that need an exact number of tokens.
+    pub ignore_eos: bool,
 }
 
 const MAX_STOPS: usize = 4;
@@ -177,6 +181,19 @@ struct Shared {
     queue: Mutex<Queue>,
     wake: Condvar,
     capacity: usize,
+    running: AtomicUsize,
+    kv_reserved: AtomicUsize,
+}
+
+/// A snapshot of the engine's load, for readiness and metrics (no content).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Sequences in the batch (prefilling or decoding).
+    pub running: usize,
+    /// Requests waiting for a slot.
+    pub queued: usize,
+    /// KV-cache bytes reserved by the running sequences.
+    pub kv_reserved_bytes: usize,
 }
 
 #[derive(Default)]
@@ -190,6 +207,7 @@ struct Job {
     max_tokens: usize,
     stop: Vec<String>,
     sampling: SamplingParams,
+    ignore_eos: bool,
     tx: mpsc::UnboundedSender<Event>,
     submitted: Instant,
 }
@@ -225,6 +243,8 @@ impl Engine {
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
             capacity: cfg.queue_capacity,
+            running: AtomicUsize::new(0),
+            kv_reserved: AtomicUsize::new(0),
         });
         let tokenizer = Arc::new(tokenizer);
         let worker = Worker {
@@ -268,6 +288,16 @@ impl Engine {
 
     pub fn kv_bytes_per_token(&self) -> usize {
         self.kv_bytes_per_token
+    }
+
+    /// The current load.
+    pub fn stats(&self) -> Stats {
+        let queued = self.shared.queue.lock().unwrap_or_else(PoisonError::into_inner).jobs.len();
+        Stats {
+            running: self.shared.running.load(Ordering::Relaxed),
+            queued,
+            kv_reserved_bytes: self.shared.kv_reserved.load(Ordering::Relaxed),
+        }
     }
 
     /// The prompt text the chat template makes of `messages`.
@@ -315,6 +345,7 @@ impl Engine {
             max_tokens,
             stop: params.stop,
             sampling: params.sampling,
+            ignore_eos: params.ignore_eos,
             tx,
             submitted: Instant::now(),
         };
@@ -351,6 +382,7 @@ struct Seq {
     max_tokens: usize,
     generated: usize,
     stop: Vec<String>,
+    ignore_eos: bool,
     utf8: Utf8Stream,
     held: String,
     tx: mpsc::UnboundedSender<Event>,
@@ -386,10 +418,17 @@ impl Worker {
             if self.running.len() != before {
                 self.reserved = self.running.iter().map(|s| s.reserved).sum();
             }
+            self.publish();
             if !self.running.is_empty() {
                 self.step();
+                self.publish();
             }
         }
+    }
+
+    fn publish(&self) {
+        self.shared.running.store(self.running.len(), Ordering::Relaxed);
+        self.shared.kv_reserved.store(self.reserved, Ordering::Relaxed);
     }
 
     /// Moves queued jobs into the batch while slots and KV budget allow, waiting when there is
@@ -426,6 +465,7 @@ impl Worker {
                     max_tokens: job.max_tokens,
                     generated: 0,
                     stop: job.stop,
+                    ignore_eos: job.ignore_eos,
                     utf8: Utf8Stream::default(),
                     held: String::new(),
                     tx: job.tx,
@@ -438,6 +478,7 @@ impl Worker {
             if !self.running.is_empty() {
                 return true;
             }
+            self.publish();
             q = self.shared.wake.wait(q).unwrap_or_else(PoisonError::into_inner);
         }
     }
@@ -504,7 +545,7 @@ impl Seq {
     fn accept(&mut self, tok: u32, tokenizer: &Tokenizer) -> Option<FinishReason> {
         let now = Instant::now();
         self.first_token.get_or_insert(now);
-        if tokenizer.is_eog(tok) {
+        if tokenizer.is_eog(tok) && !self.ignore_eos {
             let tail = self.utf8.finish();
             self.emit(&tail, true);
             return Some(FinishReason::Stop);

@@ -28,7 +28,9 @@ pub mod sampling;
 pub mod template;
 pub mod tokenizer;
 
-pub use engine::{Completion, Engine, EngineConfig, Event, FinishReason, Generation, GenerationParams, Timings, Usage};
+pub use engine::{
+    Completion, Engine, EngineConfig, Event, FinishReason, Generation, GenerationParams, Stats, Timings, Usage,
+};
 pub use sampling::SamplingParams;
 pub use template::Message;
 
