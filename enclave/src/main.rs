@@ -4,8 +4,9 @@
 //! enclave --listen unix:PATH [--max-model-bytes N]
 //!         [--mock-ca DIR --mock-image LABEL [--mock-debug]]   (builds with the mock-nsm feature)
 //! ```
-//! It waits for the host to provision it with a sealed model, verifies and holds the model in
-//! memory, and logs content-free events. Serving arrives with the relay and inference issues.
+//! It waits for the host to provision it with a sealed model, unseals it in memory, loads it into
+//! the inference engine (then reports `Ready`), and logs content-free events. The client
+//! endpoint arrives with the attested-channel issue.
 
 use clap::Parser;
 use common::nsm::Nsm;
@@ -22,6 +23,12 @@ struct Args {
     /// Largest model accepted, in bytes (the enclave's memory minus the KV caches).
     #[arg(long, env = "ENCLAVE_MAX_MODEL_BYTES", default_value_t = 8 << 30)]
     max_model_bytes: u64,
+    /// Inference worker threads (default: the enclave's vCPUs).
+    #[arg(long, env = "ENCLAVE_THREADS")]
+    threads: Option<usize>,
+    /// KV-cache memory shared by all running sequences, in MiB.
+    #[arg(long, env = "ENCLAVE_KV_MIB", default_value_t = 80)]
+    kv_mib: usize,
     /// Use the mock NSM with the CA in this directory (local mode only).
     #[cfg(feature = "mock-nsm")]
     #[arg(long)]
@@ -65,7 +72,14 @@ async fn run(args: Args) -> Result<(), String> {
     let listener = tokio::net::UnixListener::bind(&path)
         .map_err(|e| format!("listen on {}: {e}", path.display()))?;
     tracing::info!(path = %path.display(), "waiting for the host to provision a model");
-    let model = loop {
+    let mut cfg = engine::EngineConfig {
+        kv_budget_bytes: args.kv_mib << 20,
+        ..Default::default()
+    };
+    if let Some(t) = args.threads {
+        cfg.threads = t;
+    }
+    let (engine, sha256, name) = loop {
         // A fresh key per attempt, made while no host is waiting on it.
         let recipient = enclave::provision::recipient_key()
             .await
@@ -74,15 +88,34 @@ async fn run(args: Args) -> Result<(), String> {
             .accept()
             .await
             .map_err(|e| format!("accept: {e}"))?;
-        match enclave::provision::provision(&mut conn, nsm.clone(), args.max_model_bytes, recipient)
-            .await
+        let cfg = cfg.clone();
+        let load = move |m: enclave::provision::LoadedModel| {
+            let (sha256, name) = (m.sha256, m.name);
+            engine::load(m.weights, cfg)
+                .map(|e| (e, sha256, name))
+                .map_err(|e| e.to_string())
+        };
+        match enclave::provision::provision_with(
+            &mut conn,
+            nsm.clone(),
+            args.max_model_bytes,
+            recipient,
+            load,
+        )
+        .await
         {
-            Ok(model) => break model,
+            Ok(loaded) => break loaded,
             // Refuse to serve; say why, and let the host try again (e.g. after a policy fix).
             Err(e) => tracing::error!(error = %e, "provisioning failed; not serving"),
         }
     };
-    tracing::info!(model = %model.name, sha256 = %hex::encode(model.sha256), "ready");
+    tracing::info!(
+        model = %name,
+        sha256 = %hex::encode(sha256),
+        context = engine.context_length(),
+        kernels = engine::kernels::Kernels::detect().name(),
+        "ready"
+    );
     let _ = tokio::signal::ctrl_c().await;
     Ok(())
 }

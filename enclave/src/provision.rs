@@ -72,6 +72,9 @@ pub enum ProvisionError {
     /// PCR16 already names another model: this enclave can only ever load that one.
     #[error("PCR16 already measures another model; restart the enclave to load a different one")]
     ModelAlreadyMeasured,
+    /// The inference engine refused the model (unsupported architecture, bad GGUF, …).
+    #[error("model: {0}")]
+    Load(String),
     /// A worker thread failed.
     #[error("internal: {0}")]
     Internal(&'static str),
@@ -116,17 +119,45 @@ pub async fn provision<S: AsyncRead + AsyncWrite + Unpin>(
     max_model: u64,
     recipient: RecipientKey,
 ) -> Result<LoadedModel, ProvisionError> {
-    match run(conn, nsm, max_model, recipient).await {
+    provision_with(conn, nsm, max_model, recipient, Ok).await
+}
+
+/// [`provision`], then `load` on a worker thread (the inference engine, which parses and
+/// prepares the weights): `Ready` means the model is loaded and serving, and a model the
+/// engine refuses is reported as `Failed` with the engine's content-free reason.
+pub async fn provision_with<S, T, F>(
+    conn: &mut S,
+    nsm: Arc<dyn Nsm>,
+    max_model: u64,
+    recipient: RecipientKey,
+    load: F,
+) -> Result<T, ProvisionError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    T: Send + 'static,
+    F: FnOnce(LoadedModel) -> Result<T, String> + Send + 'static,
+{
+    let loaded = match run(conn, nsm, max_model, recipient).await {
         Ok(model) => {
+            let (sha256, name) = (model.sha256, model.name.clone());
+            blocking(move || load(model))
+                .await
+                .and_then(|r| r.map_err(ProvisionError::Load))
+                .map(|t| (t, sha256, name))
+        }
+        Err(e) => Err(e),
+    };
+    match loaded {
+        Ok((loaded, model_sha256, model_name)) => {
             write_frame(
                 conn,
                 &Message::Ready {
-                    model_sha256: model.sha256,
-                    model_name: model.name.clone(),
+                    model_sha256,
+                    model_name,
                 },
             )
             .await?;
-            Ok(model)
+            Ok(loaded)
         }
         Err(e) => {
             let mut reason = e.to_string();

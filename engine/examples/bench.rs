@@ -18,14 +18,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         (Some(m), Some(p)) => (m.clone(), std::fs::read_to_string(p)?.trim().to_string()),
         _ => return Err("usage: bench MODEL.gguf PROMPT.txt [--tokens N] [--streams N] [--runs N] [--threads N]".into()),
     };
-    let (tokens, streams, runs, threads) = (opt("--tokens", 128)?, opt("--streams", 8)?, opt("--runs", 3)?, opt("--threads", 2)?);
+    let (tokens, streams, runs, threads) = (
+        opt("--tokens", 128)?,
+        opt("--streams", 8)?,
+        opt("--runs", 3)?,
+        opt("--threads", 2)?,
+    );
 
     let t0 = Instant::now();
     // All streams' prompts fit in one step, so every stream starts decoding at the same step
     // and the aggregate decode window below holds decode steps only.
     let engine = engine::load(
         zeroize::Zeroizing::new(std::fs::read(&model)?),
-        EngineConfig { threads, prefill_chunk: 4096, max_sequences: streams.max(1), ..EngineConfig::default() },
+        EngineConfig {
+            threads,
+            prefill_chunk: 4096,
+            max_sequences: streams.max(1),
+            ..EngineConfig::default()
+        },
     )?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     let messages = [Message::new("user", prompt)];
@@ -36,7 +46,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ..Default::default()
     };
     // Warm-up: page in the weights and size the buffers.
-    engine.chat(&messages, GenerationParams { max_tokens: Some(8), ..params.clone() })?.wait()?;
+    engine
+        .chat(
+            &messages,
+            GenerationParams {
+                max_tokens: Some(8),
+                ..params.clone()
+            },
+        )?
+        .wait()?;
 
     let mut ttft = Vec::new();
     let mut prefill = Vec::new();
@@ -56,10 +74,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut aggregate = Vec::new();
     for _ in 0..runs {
         let start = Instant::now();
-        let gens = (0..streams).map(|_| engine.chat(&messages, params.clone())).collect::<Result<Vec<_>, _>>()?;
-        let done = gens.into_iter().map(|g| g.wait()).collect::<Result<Vec<_>, _>>()?;
+        let gens = (0..streams)
+            .map(|_| engine.chat(&messages, params.clone()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let done = gens
+            .into_iter()
+            .map(|g| g.wait())
+            .collect::<Result<Vec<_>, _>>()?;
         let firsts = done.iter().map(|c| c.timings.queued + c.timings.prefill);
-        let ends = done.iter().map(|c| c.timings.queued + c.timings.prefill + c.timings.decode);
+        let ends = done
+            .iter()
+            .map(|c| c.timings.queued + c.timings.prefill + c.timings.decode);
         let window = ends.max().unwrap_or_default() - firsts.max().unwrap_or_default();
         let produced: usize = done.iter().map(|c| c.usage.completion_tokens - 1).sum();
         aggregate.push(produced as f64 / window.as_secs_f64());

@@ -107,7 +107,11 @@ pub struct Timings {
 pub enum Event {
     /// New text; never empty, never a split UTF-8 character.
     Text(String),
-    Done { finish_reason: FinishReason, usage: Usage, timings: Timings },
+    Done {
+        finish_reason: FinishReason,
+        usage: Usage,
+        timings: Timings,
+    },
     Failed(Error),
 }
 
@@ -149,8 +153,17 @@ impl Generation {
         while let Some(ev) = self.blocking_next() {
             match ev {
                 Event::Text(t) => text.push_str(&t),
-                Event::Done { finish_reason, usage, timings } => {
-                    return Ok(Completion { text, finish_reason, usage, timings })
+                Event::Done {
+                    finish_reason,
+                    usage,
+                    timings,
+                } => {
+                    return Ok(Completion {
+                        text,
+                        finish_reason,
+                        usage,
+                        timings,
+                    })
                 }
                 Event::Failed(e) => return Err(e),
             }
@@ -173,7 +186,9 @@ pub struct Engine {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("context", &self.context).finish_non_exhaustive()
+        f.debug_struct("Engine")
+            .field("context", &self.context)
+            .finish_non_exhaustive()
     }
 }
 
@@ -220,8 +235,15 @@ impl Engine {
         model_name: String,
         cfg: EngineConfig,
     ) -> Result<Self> {
-        if cfg.threads == 0 || cfg.max_sequences == 0 || cfg.prefill_chunk == 0 || cfg.default_max_tokens == 0 {
-            return Err(Error::Config("threads, max_sequences, prefill_chunk and default_max_tokens must be positive".into()));
+        if cfg.threads == 0
+            || cfg.max_sequences == 0
+            || cfg.prefill_chunk == 0
+            || cfg.default_max_tokens == 0
+        {
+            return Err(Error::Config(
+                "threads, max_sequences, prefill_chunk and default_max_tokens must be positive"
+                    .into(),
+            ));
         }
         let per_token = model.config().kv_bytes_per_token();
         let context = cfg
@@ -292,7 +314,13 @@ impl Engine {
 
     /// The current load.
     pub fn stats(&self) -> Stats {
-        let queued = self.shared.queue.lock().unwrap_or_else(PoisonError::into_inner).jobs.len();
+        let queued = self
+            .shared
+            .queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .jobs
+            .len();
         Stats {
             running: self.shared.running.load(Ordering::Relaxed),
             queued,
@@ -322,22 +350,43 @@ impl Engine {
         if prompt.is_empty() {
             return Err(Error::InvalidRequest("the prompt is empty".into()));
         }
-        if let Some(t) = prompt.iter().find(|t| **t as usize >= self.tokenizer.vocab_size()) {
-            return Err(Error::InvalidRequest(format!("token id {t} is outside the vocabulary")));
+        if let Some(t) = prompt
+            .iter()
+            .find(|t| **t as usize >= self.tokenizer.vocab_size())
+        {
+            return Err(Error::InvalidRequest(format!(
+                "token id {t} is outside the vocabulary"
+            )));
         }
-        if params.stop.len() > MAX_STOPS || params.stop.iter().any(|s| s.is_empty() || s.len() > MAX_STOP_BYTES) {
+        if params.stop.len() > MAX_STOPS
+            || params
+                .stop
+                .iter()
+                .any(|s| s.is_empty() || s.len() > MAX_STOP_BYTES)
+        {
             return Err(Error::InvalidRequest(format!(
                 "at most {MAX_STOPS} stop sequences of 1 to {MAX_STOP_BYTES} bytes"
             )));
         }
         let p = prompt.len();
         let max_tokens = match params.max_tokens {
-            Some(0) => return Err(Error::InvalidRequest("max_tokens must be at least 1".into())),
+            Some(0) => {
+                return Err(Error::InvalidRequest(
+                    "max_tokens must be at least 1".into(),
+                ))
+            }
             Some(n) => n,
-            None => self.default_max_tokens.min(self.context.saturating_sub(p)).max(1),
+            None => self
+                .default_max_tokens
+                .min(self.context.saturating_sub(p))
+                .max(1),
         };
         if p.saturating_add(max_tokens) > self.context {
-            return Err(Error::ContextLength { prompt: p, completion: max_tokens, context: self.context });
+            return Err(Error::ContextLength {
+                prompt: p,
+                completion: max_tokens,
+                context: self.context,
+            });
         }
         let (tx, rx) = mpsc::unbounded_channel();
         let job = Job {
@@ -349,23 +398,36 @@ impl Engine {
             tx,
             submitted: Instant::now(),
         };
-        let mut q = self.shared.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut q = self
+            .shared
+            .queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if q.shutdown {
             return Err(Error::Stopped);
         }
         if q.jobs.len() >= self.shared.capacity {
-            return Err(Error::QueueFull { capacity: self.shared.capacity });
+            return Err(Error::QueueFull {
+                capacity: self.shared.capacity,
+            });
         }
         q.jobs.push_back(job);
         drop(q);
         self.shared.wake.notify_one();
-        Ok(Generation { rx, prompt_tokens: p })
+        Ok(Generation {
+            rx,
+            prompt_tokens: p,
+        })
     }
 }
 
 impl Drop for Engine {
     fn drop(&mut self) {
-        self.shared.queue.lock().unwrap_or_else(PoisonError::into_inner).shutdown = true;
+        self.shared
+            .queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .shutdown = true;
         self.shared.wake.notify_all();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -427,15 +489,23 @@ impl Worker {
     }
 
     fn publish(&self) {
-        self.shared.running.store(self.running.len(), Ordering::Relaxed);
-        self.shared.kv_reserved.store(self.reserved, Ordering::Relaxed);
+        self.shared
+            .running
+            .store(self.running.len(), Ordering::Relaxed);
+        self.shared
+            .kv_reserved
+            .store(self.reserved, Ordering::Relaxed);
     }
 
     /// Moves queued jobs into the batch while slots and KV budget allow, waiting when there is
     /// nothing to do. Returns false on shutdown.
     fn admit(&mut self) -> bool {
         let per_token = self.model.config().kv_bytes_per_token();
-        let mut q = self.shared.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut q = self
+            .shared
+            .queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         loop {
             if q.shutdown {
                 for j in q.jobs.drain(..) {
@@ -447,7 +517,11 @@ impl Worker {
             while self.running.len() < self.cfg.max_sequences {
                 // First come, first served: a large request at the head waits for room rather
                 // than being overtaken forever by small ones.
-                let Some(need) = q.jobs.front().map(|j| (j.prompt.len() + j.max_tokens) * per_token) else {
+                let Some(need) = q
+                    .jobs
+                    .front()
+                    .map(|j| (j.prompt.len() + j.max_tokens) * per_token)
+                else {
                     break;
                 };
                 if self.reserved + need > self.cfg.kv_budget_bytes {
@@ -479,7 +553,11 @@ impl Worker {
                 return true;
             }
             self.publish();
-            q = self.shared.wake.wait(q).unwrap_or_else(PoisonError::into_inner);
+            q = self
+                .shared
+                .wake
+                .wait(q)
+                .unwrap_or_else(PoisonError::into_inner);
         }
     }
 
@@ -488,7 +566,13 @@ impl Worker {
         let mut chunks = Vec::with_capacity(self.running.len());
         let mut owners = Vec::with_capacity(self.running.len());
         for (i, s) in self.running.iter_mut().enumerate() {
-            let Seq { prompt, fed, next, cache, .. } = s;
+            let Seq {
+                prompt,
+                fed,
+                next,
+                cache,
+                ..
+            } = s;
             if *fed < prompt.len() {
                 if budget == 0 {
                     continue;
@@ -506,7 +590,11 @@ impl Worker {
                     owners.push(i);
                 }
             } else {
-                chunks.push(Chunk { cache, tokens: std::slice::from_ref(next), logits: Logits::Last });
+                chunks.push(Chunk {
+                    cache,
+                    tokens: std::slice::from_ref(next),
+                    logits: Logits::Last,
+                });
                 owners.push(i);
             }
         }
@@ -526,7 +614,9 @@ impl Worker {
         let vocab = self.model.config().n_vocab;
         let mut finished = Vec::new();
         for (row, i) in logits.chunks_exact_mut(vocab).zip(owners) {
-            let Some(s) = self.running.get_mut(i) else { continue };
+            let Some(s) = self.running.get_mut(i) else {
+                continue;
+            };
             let tok = s.sampler.sample(row);
             if let Some(reason) = s.accept(tok, &self.tokenizer) {
                 finished.push((i, reason));
@@ -554,7 +644,11 @@ impl Seq {
         self.next = tok;
         let text = self.utf8.push(tokenizer.token_bytes(tok));
         let last = self.generated >= self.max_tokens;
-        let text = if last { text + &self.utf8.finish() } else { text };
+        let text = if last {
+            text + &self.utf8.finish()
+        } else {
+            text
+        };
         if self.emit(&text, last) {
             return Some(FinishReason::Stop);
         }
@@ -565,7 +659,11 @@ impl Seq {
     /// sequence matched (the text before it is sent, the rest dropped).
     fn emit(&mut self, text: &str, flush: bool) -> bool {
         self.held.push_str(text);
-        let found = self.stop.iter().filter_map(|s| self.held.find(s.as_str())).min();
+        let found = self
+            .stop
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min();
         let (send, stopped) = match found {
             Some(at) => (at, true),
             None if flush => (self.held.len(), false),
@@ -593,7 +691,11 @@ impl Seq {
             completion_tokens: self.generated,
             total_tokens: self.prompt.len() + self.generated,
         };
-        let _ = self.tx.send(Event::Done { finish_reason, usage, timings });
+        let _ = self.tx.send(Event::Done {
+            finish_reason,
+            usage,
+            timings,
+        });
     }
 }
 

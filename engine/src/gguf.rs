@@ -42,7 +42,10 @@ impl Gguf {
         prescan(bytes)?;
         let content = Content::read(&mut Cursor::new(bytes))
             .map_err(|e| Error::Format(format!("GGUF: {e}")))?;
-        let gguf = Gguf { content, len: bytes.len() };
+        let gguf = Gguf {
+            content,
+            len: bytes.len(),
+        };
         for name in gguf.content.tensor_infos.keys() {
             gguf.tensor(name)?;
         }
@@ -61,7 +64,9 @@ impl Gguf {
     pub fn str(&self, key: &str) -> Result<&str> {
         match self.get(key) {
             Some(Value::String(s)) => Ok(s),
-            Some(_) => Err(Error::Format(format!("GGUF metadata `{key}` is not a string"))),
+            Some(_) => Err(Error::Format(format!(
+                "GGUF metadata `{key}` is not a string"
+            ))),
             None => Err(Error::Format(format!("GGUF metadata `{key}` is missing"))),
         }
     }
@@ -95,8 +100,11 @@ impl Gguf {
             Value::I64(n) => u64::try_from(*n).ok(),
             _ => None,
         };
-        n.map(Some)
-            .ok_or_else(|| Error::Format(format!("GGUF metadata `{key}` is not a non-negative integer")))
+        n.map(Some).ok_or_else(|| {
+            Error::Format(format!(
+                "GGUF metadata `{key}` is not a non-negative integer"
+            ))
+        })
     }
 
     pub fn opt_f32(&self, key: &str) -> Result<Option<f32>> {
@@ -104,7 +112,9 @@ impl Gguf {
             None => Ok(None),
             Some(Value::F32(x)) => Ok(Some(*x)),
             Some(Value::F64(x)) => Ok(Some(*x as f32)),
-            Some(_) => Err(Error::Format(format!("GGUF metadata `{key}` is not a float"))),
+            Some(_) => Err(Error::Format(format!(
+                "GGUF metadata `{key}` is not a float"
+            ))),
         }
     }
 
@@ -118,7 +128,9 @@ impl Gguf {
     pub fn array(&self, key: &str) -> Result<&[Value]> {
         match self.get(key) {
             Some(Value::Array(a)) => Ok(a),
-            Some(_) => Err(Error::Format(format!("GGUF metadata `{key}` is not an array"))),
+            Some(_) => Err(Error::Format(format!(
+                "GGUF metadata `{key}` is not an array"
+            ))),
             None => Err(Error::Format(format!("GGUF metadata `{key}` is missing"))),
         }
     }
@@ -144,7 +156,11 @@ impl Gguf {
                 )))
             }
         };
-        let bad = || Error::Format(format!("GGUF tensor `{name}` ({dims:?}) does not fit in the file"));
+        let bad = || {
+            Error::Format(format!(
+                "GGUF tensor `{name}` ({dims:?}) does not fit in the file"
+            ))
+        };
         let elems = rows.checked_mul(cols).ok_or_else(bad)?;
         let block = info.ggml_dtype.block_size();
         if block == 0 || cols % block != 0 {
@@ -153,7 +169,9 @@ impl Gguf {
                 info.ggml_dtype
             )));
         }
-        let size = (elems / block).checked_mul(info.ggml_dtype.type_size()).ok_or_else(bad)?;
+        let size = (elems / block)
+            .checked_mul(info.ggml_dtype.type_size())
+            .ok_or_else(bad)?;
         let start = self
             .content
             .tensor_data_offset
@@ -183,7 +201,9 @@ fn prescan(bytes: &[u8]) -> Result<()> {
     }
     let version = r.u32()?;
     if !(2..=3).contains(&version) {
-        return Err(Error::Format(format!("GGUF version {version} is not supported (2 and 3 are)")));
+        return Err(Error::Format(format!(
+            "GGUF version {version} is not supported (2 and 3 are)"
+        )));
     }
     let _tensors = r.u64()?;
     let kvs = r.u64()?;
@@ -193,7 +213,11 @@ fn prescan(bytes: &[u8]) -> Result<()> {
         if key == b"general.alignment" {
             let align = match ty {
                 4 => u64::from(r.u32()?),
-                _ => return Err(Error::Format("GGUF `general.alignment` must be a u32".into())),
+                _ => {
+                    return Err(Error::Format(
+                        "GGUF `general.alignment` must be a u32".into(),
+                    ))
+                }
             };
             if align == 0 || align % 8 != 0 || align > MAX_ALIGNMENT {
                 return Err(Error::Format(format!(
@@ -299,11 +323,18 @@ mod tests {
 
     #[test]
     fn lying_lengths_are_errors() {
-        let mut b = header(&[("k", 9, [8u32.to_le_bytes().to_vec(), u64::MAX.to_le_bytes().to_vec()].concat())]);
+        let mut b = header(&[(
+            "k",
+            9,
+            [8u32.to_le_bytes().to_vec(), u64::MAX.to_le_bytes().to_vec()].concat(),
+        )]);
         assert!(Gguf::parse(&b).is_err());
         b.truncate(10);
         assert!(Gguf::parse(&b).is_err());
-        assert!(Gguf::parse(b"GGUF\x01\0\0\0").unwrap_err().to_string().contains("version 1"));
+        assert!(Gguf::parse(b"GGUF\x01\0\0\0")
+            .unwrap_err()
+            .to_string()
+            .contains("version 1"));
         assert!(Gguf::parse(b"").is_err());
     }
 }

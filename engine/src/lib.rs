@@ -29,7 +29,8 @@ pub mod template;
 pub mod tokenizer;
 
 pub use engine::{
-    Completion, Engine, EngineConfig, Event, FinishReason, Generation, GenerationParams, Stats, Timings, Usage,
+    Completion, Engine, EngineConfig, Event, FinishReason, Generation, GenerationParams, Stats,
+    Timings, Usage,
 };
 pub use sampling::SamplingParams;
 pub use template::Message;
@@ -51,7 +52,11 @@ pub enum Error {
         "this model's context window is {context} tokens, but {} were requested ({prompt} in the prompt, {completion} to generate)",
         prompt + completion
     )]
-    ContextLength { prompt: usize, completion: usize, context: usize },
+    ContextLength {
+        prompt: usize,
+        completion: usize,
+        context: usize,
+    },
     #[error("the sequence's KV cache is full ({capacity} tokens)")]
     ContextFull { capacity: usize },
     #[error("the engine is busy: {capacity} requests are already waiting; retry later")]

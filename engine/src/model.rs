@@ -9,7 +9,9 @@
 //! at load time.
 
 use crate::gguf::{Gguf, TensorRef};
-use crate::kernels::{dequantize_row, quantize_row, BlockQ8, Kernels, QuantKind, QK};
+use crate::kernels::{
+    dequantize_row, quantize_row, repack_q4, BlockQ8, Kernels, QuantKind, PACK, QK,
+};
 use crate::{Error, Result};
 use candle_core::quantized::GgmlDType;
 use candle_core::Device;
@@ -53,7 +55,9 @@ impl Config {
         }
         if let Some(experts) = g.opt_u64("llama.expert_count")? {
             if experts > 0 {
-                return Err(Error::Unsupported(format!("mixture-of-experts llama ({experts} experts)")));
+                return Err(Error::Unsupported(format!(
+                    "mixture-of-experts llama ({experts} experts)"
+                )));
             }
         }
         if let Some(kind) = g.opt_str("llama.rope.scaling.type") {
@@ -64,7 +68,9 @@ impl Config {
         let dim = |key: &str, max: u64| -> Result<usize> {
             let v = g.u64(key)?;
             if v == 0 || v > max {
-                return Err(Error::Format(format!("GGUF `{key}` = {v} is out of range 1..={max}")));
+                return Err(Error::Format(format!(
+                    "GGUF `{key}` = {v} is out of range 1..={max}"
+                )));
             }
             usize::try_from(v).map_err(|_| Error::Format(format!("GGUF `{key}` is too large")))
         };
@@ -85,7 +91,9 @@ impl Config {
         }
         if let Some(rot) = g.opt_u64("llama.rope.dimension_count")? {
             if rot != head_dim as u64 {
-                return Err(Error::Unsupported(format!("partial RoPE ({rot} of {head_dim} dims)")));
+                return Err(Error::Unsupported(format!(
+                    "partial RoPE ({rot} of {head_dim} dims)"
+                )));
             }
         }
         let n_vocab = g.array("tokenizer.ggml.tokens")?.len();
@@ -99,10 +107,15 @@ impl Config {
             n_vocab,
             n_ctx_train: dim("llama.context_length", 1 << 24)?,
             rope_base: g.opt_f32("llama.rope.freq_base")?.unwrap_or(10_000.0),
-            rms_eps: g.opt_f32("llama.attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5),
+            rms_eps: g
+                .opt_f32("llama.attention.layer_norm_rms_epsilon")?
+                .unwrap_or(1e-5),
         };
-        if n_vocab == 0 || !(cfg.rope_base > 0.0) || !(cfg.rms_eps > 0.0) {
-            return Err(Error::Format("vocabulary, RoPE base or RMS epsilon is invalid".into()));
+        let positive = |x: f32| x.is_finite() && x > 0.0;
+        if n_vocab == 0 || !positive(cfg.rope_base) || !positive(cfg.rms_eps) {
+            return Err(Error::Format(
+                "vocabulary, RoPE base or RMS epsilon is invalid".into(),
+            ));
         }
         Ok(cfg)
     }
@@ -111,8 +124,19 @@ impl Config {
 /// A weight matrix: in place in the model buffer with a native kernel, or dequantized.
 #[derive(Debug)]
 enum Matrix {
-    Quant { kind: QuantKind, rows: usize, cols: usize, offset: usize },
-    F32 { rows: usize, cols: usize, data: Vec<f32> },
+    /// `packed`: re-laid out in groups of [`PACK`] rows by [`repack_q4`].
+    Quant {
+        kind: QuantKind,
+        rows: usize,
+        cols: usize,
+        offset: usize,
+        packed: bool,
+    },
+    F32 {
+        rows: usize,
+        cols: usize,
+        data: Vec<f32>,
+    },
 }
 
 impl Matrix {
@@ -152,13 +176,16 @@ pub struct Model {
 
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Model").field("cfg", &self.cfg).field("kernels", &self.kernels).finish_non_exhaustive()
+        f.debug_struct("Model")
+            .field("cfg", &self.cfg)
+            .field("kernels", &self.kernels)
+            .finish_non_exhaustive()
     }
 }
 
 impl Model {
     /// Builds the model over `bytes`, a GGUF file already parsed as `g`.
-    pub fn load(bytes: Zeroizing<Vec<u8>>, g: &Gguf, kernels: Kernels) -> Result<Self> {
+    pub fn load(mut bytes: Zeroizing<Vec<u8>>, g: &Gguf, kernels: Kernels) -> Result<Self> {
         let cfg = Config::from_gguf(g)?;
         let (d, kv) = (cfg.n_embd, cfg.kv_dim());
         let load = |name: &str, rows: usize, cols: usize| -> Result<Matrix> {
@@ -184,17 +211,65 @@ impl Model {
             });
         }
         let embed = load("token_embd.weight", cfg.n_vocab, d)?;
-        let output = if g.has_tensor("output.weight") {
+        let mut output = if g.has_tensor("output.weight") {
             Some(load("output.weight", cfg.n_vocab, d)?)
         } else {
             None
         };
         let output_norm = vector("output_norm.weight")?;
+        // Re-lay out the Q4 matrices in place (the embedding stays as it is: rows are looked up).
+        let mut tmp = Vec::new();
+        for m in layers
+            .iter_mut()
+            .flat_map(|l| {
+                [
+                    &mut l.wq,
+                    &mut l.wk,
+                    &mut l.wv,
+                    &mut l.wo,
+                    &mut l.gate,
+                    &mut l.up,
+                    &mut l.down,
+                ]
+            })
+            .chain(output.as_mut())
+        {
+            if let Matrix::Quant {
+                kind,
+                rows,
+                cols,
+                offset,
+                packed,
+            } = m
+            {
+                if kind.packs() && *rows % PACK == 0 {
+                    let group = PACK * kind.row_bytes(*cols);
+                    for g0 in (0..*rows / PACK).map(|g| *offset + g * group) {
+                        if let Some(region) = bytes.get_mut(g0..g0 + group) {
+                            tmp.clear();
+                            tmp.extend_from_slice(region);
+                            repack_q4(*kind, &tmp, *cols / QK, region);
+                        }
+                    }
+                    *packed = true;
+                }
+            }
+        }
+        drop(Zeroizing::new(tmp));
         let half = cfg.head_dim / 2;
         let inv_freq = (0..half)
             .map(|i| 1.0 / cfg.rope_base.powf(2.0 * i as f32 / cfg.head_dim as f32))
             .collect();
-        Ok(Model { bytes, cfg, layers, embed, output_norm, output, inv_freq, kernels })
+        Ok(Model {
+            bytes,
+            cfg,
+            layers,
+            embed,
+            output_norm,
+            output,
+            inv_freq,
+            kernels,
+        })
     }
 
     pub fn config(&self) -> &Config {
@@ -225,19 +300,27 @@ impl Model {
         s.rows.clear();
         for (e, c) in batch.iter().enumerate() {
             if c.cache.len + c.tokens.len() > c.cache.capacity {
-                return Err(Error::ContextFull { capacity: c.cache.capacity });
+                return Err(Error::ContextFull {
+                    capacity: c.cache.capacity,
+                });
             }
             if let Some(t) = c.tokens.iter().find(|t| **t as usize >= cfg.n_vocab) {
-                return Err(Error::InvalidRequest(format!("token id {t} is outside the vocabulary")));
+                return Err(Error::InvalidRequest(format!(
+                    "token id {t} is outside the vocabulary"
+                )));
             }
-            s.rows.extend((0..c.tokens.len()).map(|i| (e, c.cache.len + i)));
+            s.rows
+                .extend((0..c.tokens.len()).map(|i| (e, c.cache.len + i)));
         }
         let t = s.rows.len();
         if t == 0 {
             return Ok(Vec::new());
         }
         resize(&mut s.x, t * d);
-        for (row, tok) in s.x.chunks_exact_mut(d).zip(batch.iter().flat_map(|c| c.tokens.iter())) {
+        for (row, tok) in
+            s.x.chunks_exact_mut(d)
+                .zip(batch.iter().flat_map(|c| c.tokens.iter()))
+        {
             self.embed_row(*tok, row);
         }
         self.rope_tables(s);
@@ -246,16 +329,29 @@ impl Model {
             // Attention block.
             rms_norm(&s.x, &layer.attn_norm, cfg.rms_eps, d, &mut s.xb);
             quantize_rows(&s.xb, d, &mut s.xq);
-            self.matmul(&mut [(&layer.wq, &mut s.q), (&layer.wk, &mut s.k), (&layer.wv, &mut s.v)], &s.xb, &s.xq, t, &mut s.tmp);
+            self.matmul(
+                &mut [
+                    (&layer.wq, &mut s.q),
+                    (&layer.wk, &mut s.k),
+                    (&layer.wv, &mut s.v),
+                ],
+                &s.xb,
+                &s.xq,
+                t,
+                &mut s.tmp,
+            );
             rope(&mut s.q, hd, &s.cos, &s.sin);
             rope(&mut s.k, hd, &s.cos, &s.sin);
             // Append this step's keys and values to each sequence's cache.
             let mut at = 0;
             for c in batch.iter_mut() {
                 let n = c.tokens.len() * kvd;
-                if let (Some(k), Some(v), Some(ck), Some(cv)) =
-                    (s.k.get(at..at + n), s.v.get(at..at + n), c.cache.k.get_mut(li), c.cache.v.get_mut(li))
-                {
+                if let (Some(k), Some(v), Some(ck), Some(cv)) = (
+                    s.k.get(at..at + n),
+                    s.v.get(at..at + n),
+                    c.cache.k.get_mut(li),
+                    c.cache.v.get_mut(li),
+                ) {
                     if ck.capacity() == 0 {
                         ck.reserve_exact(c.cache.capacity * kvd);
                         cv.reserve_exact(c.cache.capacity * kvd);
@@ -273,7 +369,13 @@ impl Model {
             // Feed-forward block.
             rms_norm(&s.x, &layer.ffn_norm, cfg.rms_eps, d, &mut s.xb);
             quantize_rows(&s.xb, d, &mut s.xq);
-            self.matmul(&mut [(&layer.gate, &mut s.hb), (&layer.up, &mut s.hb2)], &s.xb, &s.xq, t, &mut s.tmp);
+            self.matmul(
+                &mut [(&layer.gate, &mut s.hb), (&layer.up, &mut s.hb2)],
+                &s.xb,
+                &s.xq,
+                t,
+                &mut s.tmp,
+            );
             swiglu(&mut s.hb, &s.hb2);
             quantize_rows(&s.hb, cfg.n_ff, &mut s.hq);
             self.matmul(&mut [(&layer.down, &mut s.xb)], &s.hb, &s.hq, t, &mut s.tmp);
@@ -308,7 +410,13 @@ impl Model {
         quantize_rows(&hn, d, &mut hq);
         let mut logits = Vec::new();
         let out = self.output.as_ref().unwrap_or(&self.embed);
-        self.matmul(&mut [(out, &mut logits)], &hn, &hq, picked.len(), &mut s.tmp);
+        self.matmul(
+            &mut [(out, &mut logits)],
+            &hn,
+            &hq,
+            picked.len(),
+            &mut s.tmp,
+        );
         Ok(logits)
     }
 
@@ -318,14 +426,16 @@ impl Model {
             Matrix::Quant { kind, offset, .. } => {
                 let rb = kind.row_bytes(d);
                 let start = offset + tok as usize * rb;
-                dequantize_row(*kind, self.bytes.get(start..start + rb).unwrap_or_default(), row);
+                dequantize_row(
+                    *kind,
+                    self.bytes.get(start..start + rb).unwrap_or_default(),
+                    row,
+                );
             }
-            Matrix::F32 { data, .. } => {
-                match data.get(tok as usize * d..(tok as usize + 1) * d) {
-                    Some(src) => row.copy_from_slice(src),
-                    None => row.fill(0.0),
-                }
-            }
+            Matrix::F32 { data, .. } => match data.get(tok as usize * d..(tok as usize + 1) * d) {
+                Some(src) => row.copy_from_slice(src),
+                None => row.fill(0.0),
+            },
         }
     }
 
@@ -345,9 +455,17 @@ impl Model {
 
     /// `outs[i] = inputs × W_iᵀ` for `t` rows, all matrices in one parallel pass. Outputs are
     /// row-major `[t][rows_i]`.
-    fn matmul(&self, mats: &mut [(&Matrix, &mut Vec<f32>)], xf: &[f32], xq: &[BlockQ8], t: usize, tmp: &mut Vec<f32>) {
-        // Kernels produce one weight row's results for all t inputs, so they write `[rows][t]`;
-        // the buffer is transposed afterwards (a no-op copy when t is 1).
+    fn matmul(
+        &self,
+        mats: &mut [(&Matrix, &mut Vec<f32>)],
+        xf: &[f32],
+        xq: &[BlockQ8],
+        t: usize,
+        tmp: &mut Vec<f32>,
+    ) {
+        // The kernels write one weight row (or one packed group of rows) for all t inputs at a
+        // time: `[rows][t]`, or `[rows / PACK][t][PACK]` for packed matrices. The result is
+        // transposed into place afterwards; for a single input that is a plain copy.
         let total: usize = mats.iter().map(|(m, _)| m.rows()).sum();
         resize(tmp, total * t);
         let threads = rayon::current_num_threads().max(1);
@@ -357,7 +475,9 @@ impl Model {
             let (mine, tail) = rest.split_at_mut(m.rows() * t);
             rest = tail;
             // Small enough chunks to balance, large enough to amortize the dispatch.
-            let chunk = (m.rows() / (threads * 8)).clamp(16, 512);
+            let chunk = (m.rows() / (threads * 8))
+                .clamp(16, 512)
+                .next_multiple_of(PACK);
             for (i, out) in mine.chunks_mut(chunk * t).enumerate() {
                 jobs.push((*m, i * chunk, out));
             }
@@ -365,7 +485,27 @@ impl Model {
         let kernels = self.kernels;
         let bytes: &[u8] = &self.bytes;
         jobs.into_par_iter().for_each(|(m, row0, out)| match m {
-            Matrix::Quant { kind, cols, offset, .. } => {
+            Matrix::Quant {
+                kind,
+                cols,
+                offset,
+                packed: true,
+                ..
+            } => {
+                let (group, nb) = (PACK * kind.row_bytes(*cols), cols / QK);
+                for (g, o) in out.chunks_exact_mut(PACK * t).enumerate() {
+                    let start = offset + (row0 / PACK + g) * group;
+                    let w = bytes.get(start..start + group).unwrap_or_default();
+                    kernels.quant_group(*kind, w, xq, nb, o);
+                }
+            }
+            Matrix::Quant {
+                kind,
+                cols,
+                offset,
+                packed: false,
+                ..
+            } => {
                 let (rb, nb) = (kind.row_bytes(*cols), cols / QK);
                 for (r, o) in out.chunks_exact_mut(t).enumerate() {
                     let start = offset + (row0 + r) * rb;
@@ -375,7 +515,9 @@ impl Model {
             }
             Matrix::F32 { cols, data, .. } => {
                 for (r, o) in out.chunks_exact_mut(t).enumerate() {
-                    let w = data.get((row0 + r) * cols..(row0 + r + 1) * cols).unwrap_or_default();
+                    let w = data
+                        .get((row0 + r) * cols..(row0 + r + 1) * cols)
+                        .unwrap_or_default();
                     for (o, x) in o.iter_mut().zip(xf.chunks_exact(*cols)) {
                         *o = kernels.dot(w, x);
                     }
@@ -390,6 +532,15 @@ impl Model {
             resize(out, rows * t);
             if t == 1 {
                 out.copy_from_slice(mine);
+            } else if matches!(m, Matrix::Quant { packed: true, .. }) {
+                for (g, block) in mine.chunks_exact(PACK * t).enumerate() {
+                    for (j, eight) in block.chunks_exact(PACK).enumerate() {
+                        if let Some(o) = out.get_mut(j * rows + g * PACK..j * rows + (g + 1) * PACK)
+                        {
+                            o.copy_from_slice(eight);
+                        }
+                    }
+                }
             } else {
                 for (r, col) in mine.chunks_exact(t).enumerate() {
                     for (j, v) in col.iter().enumerate() {
@@ -411,33 +562,33 @@ impl Model {
         let kernels = self.kernels;
         resize(&mut s.att, s.rows.len() * cfg.n_embd);
         let (rows, q) = (&s.rows, &s.q);
-        s.att.par_chunks_mut(hd).enumerate().with_min_len(4).for_each(|(i, out)| {
-            let (row, h) = (i / nh, i % nh);
-            let Some(&(e, pos)) = rows.get(row) else { return };
-            let Some(c) = batch.get(e) else { return };
-            let (Some(keys), Some(vals)) = (c.cache.k.get(layer), c.cache.v.get(layer)) else { return };
-            let qh = q.get(row * cfg.n_embd + h * hd..row * cfg.n_embd + (h + 1) * hd).unwrap_or_default();
-            let off = (h / group) * hd;
-            let n = pos + 1;
-            let mut scores = Vec::with_capacity(n);
-            let mut max = f32::NEG_INFINITY;
-            for p in 0..n {
-                let k = keys.get(p * kvd + off..p * kvd + off + hd).unwrap_or_default();
-                let sc = kernels.dot(qh, k) * scale;
-                max = max.max(sc);
-                scores.push(sc);
-            }
-            let mut sum = 0.0;
-            for sc in scores.iter_mut() {
-                *sc = (*sc - max).exp();
-                sum += *sc;
-            }
-            out.fill(0.0);
-            for (p, w) in scores.iter().enumerate() {
-                let v = vals.get(p * kvd + off..p * kvd + off + hd).unwrap_or_default();
-                kernels.axpy(w / sum, v, out);
-            }
-        });
+        s.att
+            .par_chunks_mut(hd)
+            .enumerate()
+            .with_min_len(4)
+            .for_each(|(i, out)| {
+                let (row, h) = (i / nh, i % nh);
+                let Some(&(e, pos)) = rows.get(row) else {
+                    return;
+                };
+                let Some(c) = batch.get(e) else { return };
+                let (Some(keys), Some(vals)) = (c.cache.k.get(layer), c.cache.v.get(layer)) else {
+                    return;
+                };
+                let qh = q
+                    .get(row * cfg.n_embd + h * hd..row * cfg.n_embd + (h + 1) * hd)
+                    .unwrap_or_default();
+                let mut scores = Vec::with_capacity(pos + 1);
+                kernels.attend(
+                    qh,
+                    keys,
+                    vals,
+                    (kvd, (h / group) * hd, pos + 1),
+                    scale,
+                    &mut scores,
+                    out,
+                );
+            });
     }
 }
 
@@ -532,7 +683,11 @@ fn rope(x: &mut [f32], hd: usize, cos: &[f32], sin: &[f32]) {
         return;
     }
     let per_row = x.len() / rows;
-    for ((row, c), s) in x.chunks_exact_mut(per_row).zip(cos.chunks_exact(half)).zip(sin.chunks_exact(half)) {
+    for ((row, c), s) in x
+        .chunks_exact_mut(per_row)
+        .zip(cos.chunks_exact(half))
+        .zip(sin.chunks_exact(half))
+    {
         for head in row.chunks_exact_mut(hd) {
             for ((pair, c), s) in head.chunks_exact_mut(2).zip(c).zip(s) {
                 if let [a, b] = pair {
@@ -552,7 +707,9 @@ fn swiglu(gate: &mut [f32], up: &[f32]) {
         }
     };
     if gate.len() >= 1 << 14 {
-        gate.par_chunks_mut(4096).zip(up.par_chunks(4096)).for_each(|(g, u)| f(g, u));
+        gate.par_chunks_mut(4096)
+            .zip(up.par_chunks(4096))
+            .for_each(|(g, u)| f(g, u));
     } else {
         f(gate, up);
     }
@@ -579,14 +736,28 @@ fn matrix(bytes: &[u8], g: &Gguf, t: &TensorRef, rows: usize, cols: usize) -> Re
         _ => None,
     };
     match kind {
-        Some(kind) => Ok(Matrix::Quant { kind, rows, cols, offset: t.range.start }),
-        None => Ok(Matrix::F32 { rows, cols, data: dequantize(bytes, g, t)? }),
+        Some(kind) => Ok(Matrix::Quant {
+            kind,
+            rows,
+            cols,
+            offset: t.range.start,
+            packed: false,
+        }),
+        None => Ok(Matrix::F32 {
+            rows,
+            cols,
+            data: dequantize(bytes, g, t)?,
+        }),
     }
 }
 
 fn vector(bytes: &[u8], g: &Gguf, t: &TensorRef, n: usize) -> Result<Vec<f32>> {
     if t.rows * t.cols != n {
-        return Err(Error::Format(format!("tensor `{}` has {} values, expected {n}", t.name, t.rows * t.cols)));
+        return Err(Error::Format(format!(
+            "tensor `{}` has {} values, expected {n}",
+            t.name,
+            t.rows * t.cols
+        )));
     }
     dequantize(bytes, g, t)
 }
@@ -595,10 +766,18 @@ fn vector(bytes: &[u8], g: &Gguf, t: &TensorRef, n: usize) -> Result<Vec<f32>> {
 fn dequantize(bytes: &[u8], g: &Gguf, t: &TensorRef) -> Result<Vec<f32>> {
     if t.dtype == GgmlDType::F32 {
         let raw = bytes.get(t.range.clone()).unwrap_or_default();
-        return Ok(raw.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap_or_default())).collect());
+        return Ok(raw
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap_or_default()))
+            .collect());
     }
-    let err = |e: candle_core::Error| Error::Unsupported(format!("tensor `{}` of type {:?}: {e}", t.name, t.dtype));
-    let q = g.content().tensor(&mut Cursor::new(bytes), &t.name, &Device::Cpu).map_err(err)?;
+    let err = |e: candle_core::Error| {
+        Error::Unsupported(format!("tensor `{}` of type {:?}: {e}", t.name, t.dtype))
+    };
+    let q = g
+        .content()
+        .tensor(&mut Cursor::new(bytes), &t.name, &Device::Cpu)
+        .map_err(err)?;
     q.dequantize(&Device::Cpu)
         .and_then(|x| x.flatten_all())
         .and_then(|x| x.to_vec1::<f32>())

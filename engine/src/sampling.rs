@@ -39,7 +39,10 @@ impl Default for SamplingParams {
 impl SamplingParams {
     /// Greedy decoding: always the most likely token.
     pub fn greedy() -> Self {
-        SamplingParams { temperature: 0.0, ..Self::default() }
+        SamplingParams {
+            temperature: 0.0,
+            ..Self::default()
+        }
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -50,7 +53,9 @@ impl SamplingParams {
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad("top_p must be greater than 0 and at most 1");
         }
-        if !(-2.0..=2.0).contains(&self.frequency_penalty) || !(-2.0..=2.0).contains(&self.presence_penalty) {
+        if !(-2.0..=2.0).contains(&self.frequency_penalty)
+            || !(-2.0..=2.0).contains(&self.presence_penalty)
+        {
             return bad("frequency_penalty and presence_penalty must be between -2 and 2");
         }
         Ok(())
@@ -78,7 +83,12 @@ impl Sampler {
             let _ = getrandom::fill(&mut b);
             u64::from_le_bytes(b)
         });
-        Sampler { params, rng: Rng::new(seed), counts: HashMap::new(), candidates: Vec::new() }
+        Sampler {
+            params,
+            rng: Rng::new(seed),
+            counts: HashMap::new(),
+            candidates: Vec::new(),
+        }
     }
 
     /// Picks the next token from `logits` (modified in place) and remembers it for penalties.
@@ -91,16 +101,28 @@ impl Sampler {
                 }
             }
         }
-        let tok = if p.temperature == 0.0 { argmax(logits) } else { self.draw(logits) };
+        let tok = if p.temperature == 0.0 {
+            argmax(logits)
+        } else {
+            self.draw(logits)
+        };
         *self.counts.entry(tok).or_insert(0) += 1;
         tok
     }
 
     fn draw(&mut self, logits: &[f32]) -> u32 {
-        let (temp, top_k, top_p) = (self.params.temperature, self.params.top_k, self.params.top_p);
+        let (temp, top_k, top_p) = (
+            self.params.temperature,
+            self.params.top_k,
+            self.params.top_p,
+        );
         let c = &mut self.candidates;
         c.clear();
-        c.extend((0u32..).zip(logits.iter().map(|l| l / temp)).filter(|(_, l)| !l.is_nan()));
+        c.extend(
+            (0u32..)
+                .zip(logits.iter().map(|l| l / temp))
+                .filter(|(_, l)| !l.is_nan()),
+        );
         if c.is_empty() {
             return 0;
         }
@@ -121,7 +143,9 @@ impl Sampler {
             if sorted < c.len() {
                 c.select_nth_unstable_by(sorted - 1, desc);
             }
-            c.get_mut(..sorted).unwrap_or_default().sort_unstable_by(desc);
+            c.get_mut(..sorted)
+                .unwrap_or_default()
+                .sort_unstable_by(desc);
             let target = f64::from(top_p) * sum;
             let mut acc = 0.0f64;
             let mut keep = c.iter().take(sorted).position(|x| {
@@ -238,14 +262,22 @@ mod tests {
 
     #[test]
     fn the_same_seed_gives_the_same_tokens() {
-        let params = SamplingParams { seed: Some(42), top_p: 0.9, top_k: 50, ..Default::default() };
+        let params = SamplingParams {
+            seed: Some(42),
+            top_p: 0.9,
+            top_k: 50,
+            ..Default::default()
+        };
         let run = || {
             let mut s = Sampler::new(params.clone());
             (0..50).map(|_| s.sample(&mut logits())).collect::<Vec<_>>()
         };
         let a = run();
         assert_eq!(a, run());
-        let mut other = Sampler::new(SamplingParams { seed: Some(43), ..params.clone() });
+        let mut other = Sampler::new(SamplingParams {
+            seed: Some(43),
+            ..params.clone()
+        });
         let b: Vec<u32> = (0..50).map(|_| other.sample(&mut logits())).collect();
         assert_ne!(a, b);
     }
@@ -255,13 +287,22 @@ mod tests {
         let l = logits();
         let mut sorted: Vec<u32> = (0..1000).collect();
         sorted.sort_by(|a, b| l[*b as usize].total_cmp(&l[*a as usize]));
-        let mut s = Sampler::new(SamplingParams { seed: Some(1), top_k: 3, temperature: 2.0, ..Default::default() });
+        let mut s = Sampler::new(SamplingParams {
+            seed: Some(1),
+            top_k: 3,
+            temperature: 2.0,
+            ..Default::default()
+        });
         for _ in 0..200 {
             let t = s.sample(&mut logits());
             assert!(sorted[..3].contains(&t));
         }
         // With a tiny top_p only the single best token (ties: lowest id first) survives.
-        let mut s = Sampler::new(SamplingParams { seed: Some(1), top_p: 1e-6, ..Default::default() });
+        let mut s = Sampler::new(SamplingParams {
+            seed: Some(1),
+            top_p: 1e-6,
+            ..Default::default()
+        });
         for _ in 0..20 {
             assert_eq!(s.sample(&mut logits()), sorted[0]);
         }
@@ -271,23 +312,45 @@ mod tests {
     fn penalties_discourage_repeats() {
         let mut l = vec![0.0f32; 4];
         l[2] = 1.0;
-        let mut s = Sampler::new(SamplingParams { frequency_penalty: 2.0, ..SamplingParams::greedy() });
+        let mut s = Sampler::new(SamplingParams {
+            frequency_penalty: 2.0,
+            ..SamplingParams::greedy()
+        });
         assert_eq!(s.sample(&mut l.clone()), 2);
         assert_ne!(s.sample(&mut l), 2);
-        let mut s = Sampler::new(SamplingParams { presence_penalty: -2.0, ..SamplingParams::greedy() });
+        let mut s = Sampler::new(SamplingParams {
+            presence_penalty: -2.0,
+            ..SamplingParams::greedy()
+        });
         let mut l = vec![0.5f32, 0.0, 1.0];
         assert_eq!(s.sample(&mut l.clone()), 2);
         l[0] = 2.5;
-        assert_eq!(s.sample(&mut l), 2, "a negative presence penalty favours the token seen");
+        assert_eq!(
+            s.sample(&mut l),
+            2,
+            "a negative presence penalty favours the token seen"
+        );
     }
 
     #[test]
     fn out_of_range_parameters_are_rejected() {
         for p in [
-            SamplingParams { temperature: 2.5, ..Default::default() },
-            SamplingParams { top_p: 0.0, ..Default::default() },
-            SamplingParams { frequency_penalty: -3.0, ..Default::default() },
-            SamplingParams { temperature: f32::NAN, ..Default::default() },
+            SamplingParams {
+                temperature: 2.5,
+                ..Default::default()
+            },
+            SamplingParams {
+                top_p: 0.0,
+                ..Default::default()
+            },
+            SamplingParams {
+                frequency_penalty: -3.0,
+                ..Default::default()
+            },
+            SamplingParams {
+                temperature: f32::NAN,
+                ..Default::default()
+            },
         ] {
             assert!(p.validate().is_err(), "{p:?}");
         }

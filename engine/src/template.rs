@@ -24,7 +24,10 @@ pub struct Message {
 
 impl Message {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Message { role: role.into(), content: content.into() }
+        Message {
+            role: role.into(),
+            content: content.into(),
+        }
     }
 }
 
@@ -55,7 +58,11 @@ impl ChatTemplate {
                 .cloned()
                 .unwrap_or_default()
         };
-        Self::new(source, token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id"))
+        Self::new(
+            source,
+            token("tokenizer.ggml.bos_token_id"),
+            token("tokenizer.ggml.eos_token_id"),
+        )
     }
 
     pub fn new(source: &str, bos: String, eos: String) -> Result<Self> {
@@ -70,9 +77,12 @@ impl ChatTemplate {
         env.set_lstrip_blocks(true);
         env.set_fuel(Some(FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<Value, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<Value, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| Error::Format(format!("the chat template does not compile: {e}")))?;
         Ok(ChatTemplate { env, bos, eos })
@@ -108,15 +118,34 @@ mod tests {
 
     #[test]
     fn raise_exception_and_runaway_templates_are_errors() {
-        let t = ChatTemplate::new("{{ raise_exception('no system role') }}", String::new(), String::new()).unwrap();
-        assert!(t.render(&[]).unwrap_err().to_string().contains("no system role"));
-        let t = ChatTemplate::new("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", String::new(), String::new()).unwrap();
+        let t = ChatTemplate::new(
+            "{{ raise_exception('no system role') }}",
+            String::new(),
+            String::new(),
+        )
+        .unwrap();
+        assert!(t
+            .render(&[])
+            .unwrap_err()
+            .to_string()
+            .contains("no system role"));
+        let t = ChatTemplate::new(
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+            String::new(),
+            String::new(),
+        )
+        .unwrap();
         assert!(t.render(&[]).is_err());
     }
 
     #[test]
     fn python_string_methods_work() {
-        let t = ChatTemplate::new("{{ messages[0].content.strip().upper() }}", String::new(), String::new()).unwrap();
+        let t = ChatTemplate::new(
+            "{{ messages[0].content.strip().upper() }}",
+            String::new(),
+            String::new(),
+        )
+        .unwrap();
         assert_eq!(t.render(&[Message::new("user", "  x ")]).unwrap(), "X");
     }
 }

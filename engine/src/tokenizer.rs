@@ -66,10 +66,13 @@ impl Tokenizer {
             .iter()
             .map(|v| match v {
                 Value::String(s) => Ok(s.as_str()),
-                _ => Err(Error::Format("tokenizer.ggml.tokens holds a non-string".into())),
+                _ => Err(Error::Format(
+                    "tokenizer.ggml.tokens holds a non-string".into(),
+                )),
             })
             .collect::<Result<_>>()?;
-        let n = u32::try_from(tokens.len()).map_err(|_| Error::Format("vocabulary too large".into()))?;
+        let n = u32::try_from(tokens.len())
+            .map_err(|_| Error::Format("vocabulary too large".into()))?;
         let types: Vec<i64> = match g.get("tokenizer.ggml.token_type") {
             Some(Value::Array(a)) => a
                 .iter()
@@ -82,7 +85,9 @@ impl Tokenizer {
             _ => vec![1; tokens.len()],
         };
         if types.len() != tokens.len() {
-            return Err(Error::Format("tokenizer.ggml.token_type and tokens differ in length".into()));
+            return Err(Error::Format(
+                "tokenizer.ggml.token_type and tokens differ in length".into(),
+            ));
         }
         let merges: Vec<(String, String)> = g
             .array("tokenizer.ggml.merges")?
@@ -92,7 +97,9 @@ impl Tokenizer {
                     .split_once(' ')
                     .map(|(a, b)| (a.to_string(), b.to_string()))
                     .ok_or_else(|| Error::Format(format!("bad BPE merge `{s}`"))),
-                _ => Err(Error::Format("tokenizer.ggml.merges holds a non-string".into())),
+                _ => Err(Error::Format(
+                    "tokenizer.ggml.merges holds a non-string".into(),
+                )),
             })
             .collect::<Result<_>>()?;
 
@@ -136,27 +143,44 @@ impl Tokenizer {
                     }
                 }
             }
-            offsets.push(u32::try_from(bytes.len()).map_err(|_| Error::Format("vocabulary too large".into()))?);
+            offsets.push(
+                u32::try_from(bytes.len())
+                    .map_err(|_| Error::Format("vocabulary too large".into()))?,
+            );
         }
 
         let id = |key: &str| -> Result<Option<u32>> {
-            Ok(g.opt_u64(key)?.and_then(|v| u32::try_from(v).ok()).filter(|v| *v < n))
+            Ok(g.opt_u64(key)?
+                .and_then(|v| u32::try_from(v).ok())
+                .filter(|v| *v < n))
         };
         let bos = id("tokenizer.ggml.bos_token_id")?;
-        let mut eog: Vec<u32> = [id("tokenizer.ggml.eos_token_id")?, id("tokenizer.ggml.eot_token_id")?]
-            .into_iter()
-            .flatten()
-            .collect();
+        let mut eog: Vec<u32> = [
+            id("tokenizer.ggml.eos_token_id")?,
+            id("tokenizer.ggml.eot_token_id")?,
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
         // llama.cpp also ends generation on these control tokens, whatever the metadata says.
-        const END_TEXTS: [&str; 7] =
-            ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "</s>", "<end_of_turn>", "<|end_of_text|>"];
+        const END_TEXTS: [&str; 7] = [
+            "<|im_end|>",
+            "<|endoftext|>",
+            "<|eot_id|>",
+            "<|end|>",
+            "</s>",
+            "<end_of_turn>",
+            "<|end_of_text|>",
+        ];
         for ((id, tok), ty) in (0..n).zip(&tokens).zip(&types) {
             if *ty == TYPE_CONTROL && END_TEXTS.contains(tok) && !eog.contains(&id) {
                 eog.push(id);
             }
         }
         if eog.is_empty() {
-            return Err(Error::Format("the vocabulary has no end-of-generation token".into()));
+            return Err(Error::Format(
+                "the vocabulary has no end-of-generation token".into(),
+            ));
         }
         Ok(Tokenizer {
             inner,
@@ -212,16 +236,24 @@ impl Tokenizer {
 
     /// Decodes a whole sequence (lossy only where the bytes are not UTF-8).
     pub fn decode(&self, ids: &[u32]) -> String {
-        let bytes: Vec<u8> = ids.iter().flat_map(|i| self.token_bytes(*i)).copied().collect();
+        let bytes: Vec<u8> = ids
+            .iter()
+            .flat_map(|i| self.token_bytes(*i))
+            .copied()
+            .collect();
         String::from_utf8_lossy(&bytes).into_owned()
     }
 }
 
 fn pre_tokenizer(pre: &str) -> Result<(PreTokenizerWrapper, bool)> {
     let split = |re: &str| -> Result<PreTokenizerWrapper> {
-        Ok(Split::new(SplitPattern::Regex(re.to_string()), SplitDelimiterBehavior::Isolated, false)
-            .map_err(|e| Error::Format(format!("pre-tokenizer regex: {e}")))?
-            .into())
+        Ok(Split::new(
+            SplitPattern::Regex(re.to_string()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| Error::Format(format!("pre-tokenizer regex: {e}")))?
+        .into())
     };
     // `ByteLevel::new(add_prefix_space, trim_offsets, use_regex)`: never a prefix space, which
     // is what candle's builder got wrong.
@@ -247,7 +279,10 @@ fn pre_tokenizer(pre: &str) -> Result<(PreTokenizerWrapper, bool)> {
 
 /// GPT-2's `bytes_to_unicode`, inverted: the printable character each byte was mapped to.
 fn byte_decoder() -> std::collections::HashMap<char, u8> {
-    let mut printable: Vec<u8> = (b'!'..=b'~').chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut printable: Vec<u8> = (b'!'..=b'~')
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
     let mut chars: Vec<u32> = printable.iter().map(|b| u32::from(*b)).collect();
     let mut extra = 0u32;
     for b in 0..=255u8 {

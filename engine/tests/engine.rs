@@ -1,9 +1,16 @@
 //! The serving engine on the real default model: determinism, stop sequences, limits,
 //! streaming, cancellation, the bounded queue, and batched equals sequential.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
 
-use engine::{Engine, EngineConfig, Error, Event, FinishReason, GenerationParams, Message, SamplingParams};
+use engine::{
+    Engine, EngineConfig, Error, Event, FinishReason, GenerationParams, Message, SamplingParams,
+};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -28,7 +35,11 @@ fn user(text: &str) -> Vec<Message> {
 }
 
 fn greedy(max_tokens: usize) -> GenerationParams {
-    GenerationParams { max_tokens: Some(max_tokens), sampling: SamplingParams::greedy(), ..Default::default() }
+    GenerationParams {
+        max_tokens: Some(max_tokens),
+        sampling: SamplingParams::greedy(),
+        ..Default::default()
+    }
 }
 
 #[test]
@@ -42,20 +53,33 @@ fn greedy_and_seeded_sampling_are_deterministic() {
 
     let seeded = |seed| GenerationParams {
         max_tokens: Some(24),
-        sampling: SamplingParams { temperature: 1.0, top_p: 0.95, top_k: 40, seed: Some(seed), ..Default::default() },
+        sampling: SamplingParams {
+            temperature: 1.0,
+            top_p: 0.95,
+            top_k: 40,
+            seed: Some(seed),
+            ..Default::default()
+        },
         ..Default::default()
     };
     let s1 = e.chat(&m, seeded(7)).unwrap().wait().unwrap().text;
     let s2 = e.chat(&m, seeded(7)).unwrap().wait().unwrap().text;
     assert_eq!(s1, s2, "the same seed gives the same output");
-    let others: Vec<String> = (8..11).map(|s| e.chat(&m, seeded(s)).unwrap().wait().unwrap().text).collect();
-    assert!(others.iter().any(|o| *o != s1), "other seeds give other outputs");
+    let others: Vec<String> = (8..11)
+        .map(|s| e.chat(&m, seeded(s)).unwrap().wait().unwrap().text)
+        .collect();
+    assert!(
+        others.iter().any(|o| *o != s1),
+        "other seeds give other outputs"
+    );
 }
 
 #[test]
 fn max_tokens_and_usage_are_reported() {
     let e = shared();
-    let mut g = e.chat(&user("Count from one to fifty in words."), greedy(5)).unwrap();
+    let mut g = e
+        .chat(&user("Count from one to fifty in words."), greedy(5))
+        .unwrap();
     let prompt = g.prompt_tokens();
     let mut text = String::new();
     let done = loop {
@@ -64,7 +88,11 @@ fn max_tokens_and_usage_are_reported() {
                 assert!(!t.is_empty());
                 text.push_str(&t);
             }
-            Event::Done { finish_reason, usage, .. } => break (finish_reason, usage),
+            Event::Done {
+                finish_reason,
+                usage,
+                ..
+            } => break (finish_reason, usage),
             Event::Failed(e) => panic!("{e}"),
         }
     };
@@ -86,7 +114,10 @@ fn stop_sequences_end_the_text_before_them() {
     assert!(words.len() > 6, "{full:?}");
     let stop = format!("{} {}", words[4], words[5]);
     let at = full.find(&stop).unwrap();
-    let params = GenerationParams { stop: vec!["never matches".into(), stop.clone()], ..greedy(40) };
+    let params = GenerationParams {
+        stop: vec!["never matches".into(), stop.clone()],
+        ..greedy(40)
+    };
     let c = e.chat(&m, params).unwrap().wait().unwrap();
     assert_eq!(c.text, full[..at]);
     assert_eq!(c.finish_reason, FinishReason::Stop);
@@ -97,16 +128,21 @@ fn stop_sequences_end_the_text_before_them() {
 fn streamed_text_is_whole_utf8_at_every_cut() {
     let e = shared();
     // The default model starts its answer to this one with "Bien sûr, açaí!".
-    let prompt = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/bench/prompt.txt")).unwrap();
+    let prompt =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/bench/prompt.txt")).unwrap();
     let m = user(prompt.trim());
     let full = e.chat(&m, greedy(12)).unwrap().wait().unwrap().text;
-    assert!(full.chars().any(|c| !c.is_ascii()), "{full:?}");
+    assert!(!full.is_ascii(), "{full:?}");
     for n in 1..=12 {
         let c = e.chat(&m, greedy(n)).unwrap().wait().unwrap();
         // Either a prefix of the whole answer, or one with an unfinished character at the end
         // replaced by U+FFFD when max_tokens cut it.
         let text = c.text.trim_end_matches('\u{FFFD}');
-        assert!(full.starts_with(text), "{n} tokens: {:?} is not a prefix of {full:?}", c.text);
+        assert!(
+            full.starts_with(text),
+            "{n} tokens: {:?} is not a prefix of {full:?}",
+            c.text
+        );
     }
 }
 
@@ -115,23 +151,58 @@ fn too_long_requests_get_a_clear_error() {
     let e = shared();
     let ctx = e.context_length();
     let err = e.chat(&user("hi"), greedy(ctx)).unwrap_err();
-    assert!(matches!(err, Error::ContextLength { context, .. } if context == ctx), "{err:?}");
+    assert!(
+        matches!(err, Error::ContextLength { context, .. } if context == ctx),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("context window"));
     let long = "word ".repeat(ctx + 10);
-    let err = e.chat(&user(&long), GenerationParams::default()).unwrap_err();
+    let err = e
+        .chat(&user(&long), GenerationParams::default())
+        .unwrap_err();
     assert!(matches!(err, Error::ContextLength { .. }), "{err:?}");
-    let err = e.chat(&user("hi"), GenerationParams { max_tokens: Some(0), ..Default::default() }).unwrap_err();
+    let err = e
+        .chat(
+            &user("hi"),
+            GenerationParams {
+                max_tokens: Some(0),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
     assert!(matches!(err, Error::InvalidRequest(_)));
-    let bad = GenerationParams { sampling: SamplingParams { temperature: 3.0, ..Default::default() }, ..Default::default() };
-    assert!(matches!(e.chat(&user("hi"), bad).unwrap_err(), Error::InvalidRequest(_)));
-    let too_many_stops = GenerationParams { stop: vec!["a".into(); 5], ..Default::default() };
-    assert!(matches!(e.chat(&user("hi"), too_many_stops).unwrap_err(), Error::InvalidRequest(_)));
-    assert!(matches!(e.generate(vec![u32::MAX], greedy(1)).unwrap_err(), Error::InvalidRequest(_)));
+    let bad = GenerationParams {
+        sampling: SamplingParams {
+            temperature: 3.0,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    assert!(matches!(
+        e.chat(&user("hi"), bad).unwrap_err(),
+        Error::InvalidRequest(_)
+    ));
+    let too_many_stops = GenerationParams {
+        stop: vec!["a".into(); 5],
+        ..Default::default()
+    };
+    assert!(matches!(
+        e.chat(&user("hi"), too_many_stops).unwrap_err(),
+        Error::InvalidRequest(_)
+    ));
+    assert!(matches!(
+        e.generate(vec![u32::MAX], greedy(1)).unwrap_err(),
+        Error::InvalidRequest(_)
+    ));
 }
 
 #[test]
 fn concurrent_requests_give_the_sequential_outputs() {
-    let e = load(EngineConfig { threads: 2, prefill_chunk: 64, ..Default::default() });
+    let e = load(EngineConfig {
+        threads: 2,
+        prefill_chunk: 64,
+        ..Default::default()
+    });
     let prompts = [
         "What is a prime number?",
         "Name three colours.",
@@ -140,11 +211,16 @@ fn concurrent_requests_give_the_sequential_outputs() {
         "Say hello in Spanish.",
         "What is two plus two?",
     ];
-    let sequential: Vec<String> =
-        prompts.iter().map(|p| e.chat(&user(p), greedy(32)).unwrap().wait().unwrap().text).collect();
+    let sequential: Vec<String> = prompts
+        .iter()
+        .map(|p| e.chat(&user(p), greedy(32)).unwrap().wait().unwrap().text)
+        .collect();
     // All at once: prompts split into 64-token chunks, prefills mixed with other sequences'
     // decode steps in the same batches.
-    let gens: Vec<_> = prompts.iter().map(|p| e.chat(&user(p), greedy(32)).unwrap()).collect();
+    let gens: Vec<_> = prompts
+        .iter()
+        .map(|p| e.chat(&user(p), greedy(32)).unwrap())
+        .collect();
     let concurrent: Vec<String> = gens.into_iter().map(|g| g.wait().unwrap().text).collect();
     assert_eq!(concurrent, sequential);
 }
@@ -152,7 +228,11 @@ fn concurrent_requests_give_the_sequential_outputs() {
 fn wait_for(e: &Engine, what: &str, cond: impl Fn(engine::Stats) -> bool) {
     let start = Instant::now();
     while !cond(e.stats()) {
-        assert!(start.elapsed() < Duration::from_secs(60), "timed out waiting for {what}: {:?}", e.stats());
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "timed out waiting for {what}: {:?}",
+            e.stats()
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -161,22 +241,45 @@ fn wait_for(e: &Engine, what: &str, cond: impl Fn(engine::Stats) -> bool) {
 fn dropping_the_stream_cancels_and_frees_the_sequence() {
     let e = load(EngineConfig::default());
     let mut g = e
-        .chat(&user("Tell me a very long story about a dragon."), GenerationParams { ignore_eos: true, ..greedy(400) })
+        .chat(
+            &user("Tell me a very long story about a dragon."),
+            GenerationParams {
+                ignore_eos: true,
+                ..greedy(400)
+            },
+        )
         .unwrap();
     assert!(matches!(g.blocking_next(), Some(Event::Text(_))));
     assert_eq!(e.stats().running, 1);
     assert!(e.stats().kv_reserved_bytes > 0);
     drop(g);
-    wait_for(&e, "the cancelled sequence to be freed", |s| s.running == 0 && s.kv_reserved_bytes == 0);
+    wait_for(&e, "the cancelled sequence to be freed", |s| {
+        s.running == 0 && s.kv_reserved_bytes == 0
+    });
     // The engine goes on serving.
-    assert!(!e.chat(&user("hi"), greedy(3)).unwrap().wait().unwrap().text.is_empty());
+    assert!(!e
+        .chat(&user("hi"), greedy(3))
+        .unwrap()
+        .wait()
+        .unwrap()
+        .text
+        .is_empty());
 }
 
 #[test]
 fn a_full_queue_refuses_with_a_clear_error() {
-    let e = load(EngineConfig { max_sequences: 1, queue_capacity: 1, ..Default::default() });
-    let long = GenerationParams { ignore_eos: true, ..greedy(300) };
-    let running = e.chat(&user("Tell me a long story."), long.clone()).unwrap();
+    let e = load(EngineConfig {
+        max_sequences: 1,
+        queue_capacity: 1,
+        ..Default::default()
+    });
+    let long = GenerationParams {
+        ignore_eos: true,
+        ..greedy(300)
+    };
+    let running = e
+        .chat(&user("Tell me a long story."), long.clone())
+        .unwrap();
     wait_for(&e, "the first request to start", |s| s.running == 1);
     let queued = e.chat(&user("And another."), long.clone()).unwrap();
     let err = e.chat(&user("One too many."), long).unwrap_err();
@@ -192,18 +295,30 @@ fn a_full_queue_refuses_with_a_clear_error() {
 fn kv_memory_is_bounded_by_the_budget() {
     let per_token = shared().kv_bytes_per_token();
     // Room for 300 tokens in all: one 200-token request at a time.
-    let e = load(EngineConfig { kv_budget_bytes: 300 * per_token, ..Default::default() });
+    let e = load(EngineConfig {
+        kv_budget_bytes: 300 * per_token,
+        ..Default::default()
+    });
     assert_eq!(e.context_length(), 300);
-    let p = GenerationParams { ignore_eos: true, ..greedy(180) };
+    let p = GenerationParams {
+        ignore_eos: true,
+        ..greedy(180)
+    };
     let a = e.chat(&user("One."), p.clone()).unwrap();
     let b = e.chat(&user("Two."), p).unwrap();
     wait_for(&e, "the first request to start", |s| s.running >= 1);
     let s = e.stats();
     assert!(s.kv_reserved_bytes <= 300 * per_token, "{s:?}");
-    assert_eq!((s.running, s.queued), (1, 1), "the second waits for memory: {s:?}");
+    assert_eq!(
+        (s.running, s.queued),
+        (1, 1),
+        "the second waits for memory: {s:?}"
+    );
     a.wait().unwrap();
     b.wait().unwrap();
-    wait_for(&e, "both to be freed", |s| s.running == 0 && s.kv_reserved_bytes == 0);
+    wait_for(&e, "both to be freed", |s| {
+        s.running == 0 && s.kv_reserved_bytes == 0
+    });
 }
 
 #[test]
@@ -216,7 +331,14 @@ fn a_tiny_synthetic_llama_loads_and_runs() {
         .output()
         .unwrap();
     assert!(out.status.success());
-    let e = engine::load(zeroize::Zeroizing::new(out.stdout), EngineConfig { threads: 1, ..Default::default() }).unwrap();
+    let e = engine::load(
+        zeroize::Zeroizing::new(out.stdout),
+        EngineConfig {
+            threads: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!(e.context_length(), 64);
     let c = e.generate(vec![2, 3], greedy(3)).unwrap().wait().unwrap();
     assert_eq!(c.usage.completion_tokens, 3);

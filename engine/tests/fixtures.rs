@@ -17,7 +17,12 @@ fn model_bytes() -> Vec<u8> {
 }
 
 fn fixture(name: &str) -> String {
-    std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)).unwrap()
+    std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name),
+    )
+    .unwrap()
 }
 
 #[derive(Deserialize)]
@@ -38,16 +43,31 @@ fn token_ids_equal_llama_cpp() {
     let fx: TokenizerFixture = serde_json::from_str(&fixture("tokenizer.json")).unwrap();
     assert!(fx.cases.len() >= 10);
     for case in &fx.cases {
-        assert_eq!(t.encode(&case.text).unwrap(), case.ids, "text {:?}", case.text);
+        assert_eq!(
+            t.encode(&case.text).unwrap(),
+            case.ids,
+            "text {:?}",
+            case.text
+        );
         // And back: the bytes of the ids are the text, minus control tokens.
         let mut plain = case.text.clone();
-        for special in ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<repo_name>", "<file_sep>"] {
+        for special in [
+            "<|im_start|>",
+            "<|im_end|>",
+            "<|endoftext|>",
+            "<repo_name>",
+            "<file_sep>",
+        ] {
             plain = plain.replace(special, "");
         }
         assert_eq!(t.decode(&case.ids), plain);
     }
     let prompt = fx.cases[0].ids.clone();
-    assert_eq!(&prompt[..3], &[1, 9690, 198], "<|im_start|>system\\n, with no prefix space");
+    assert_eq!(
+        &prompt[..3],
+        &[1, 9690, 198],
+        "<|im_start|>system\\n, with no prefix space"
+    );
 }
 
 #[derive(Deserialize)]
@@ -61,7 +81,12 @@ fn perplexity_is_within_two_percent_of_llama_cpp() {
     let bytes = model_bytes();
     let g = Gguf::parse(&bytes).unwrap();
     let tokenizer = Tokenizer::from_gguf(&g).unwrap();
-    let model = Model::load(zeroize::Zeroizing::new(bytes.clone()), &g, Kernels::detect()).unwrap();
+    let model = Model::load(
+        zeroize::Zeroizing::new(bytes.clone()),
+        &g,
+        Kernels::detect(),
+    )
+    .unwrap();
     let reference: Perplexity = serde_json::from_str(&fixture("perplexity.json")).unwrap();
     let ids = tokenizer.encode(&fixture("perplexity.txt")).unwrap();
     assert_eq!(ids.len(), reference.tokens, "the same tokens as llama.cpp");
@@ -72,17 +97,38 @@ fn perplexity_is_within_two_percent_of_llama_cpp() {
     let mut nll = 0.0f64;
     for (c, chunk) in ids.chunks(128).enumerate() {
         let logits = model
-            .forward(&mut [Chunk { cache: &mut cache, tokens: chunk, logits: Logits::All }], &mut scratch)
+            .forward(
+                &mut [Chunk {
+                    cache: &mut cache,
+                    tokens: chunk,
+                    logits: Logits::All,
+                }],
+                &mut scratch,
+            )
             .unwrap();
         for (i, row) in logits.chunks_exact(vocab).enumerate() {
-            let Some(next) = ids.get(c * 128 + i + 1) else { break };
+            let Some(next) = ids.get(c * 128 + i + 1) else {
+                break;
+            };
             let max = row.iter().fold(f32::NEG_INFINITY, |m, x| m.max(*x));
-            let lse = f64::from(max) + row.iter().map(|x| f64::from(x - max).exp()).sum::<f64>().ln();
+            let lse = f64::from(max)
+                + row
+                    .iter()
+                    .map(|x| f64::from(x - max).exp())
+                    .sum::<f64>()
+                    .ln();
             nll += lse - f64::from(row[*next as usize]);
         }
     }
     let ppl = (nll / (ids.len() - 1) as f64).exp();
     let ratio = ppl / reference.perplexity;
-    eprintln!("perplexity {ppl:.4} vs llama.cpp {:.4} ({ratio:.4}×)", reference.perplexity);
-    assert!((0.98..=1.02).contains(&ratio), "perplexity {ppl} vs llama.cpp {}", reference.perplexity);
+    eprintln!(
+        "perplexity {ppl:.4} vs llama.cpp {:.4} ({ratio:.4}×)",
+        reference.perplexity
+    );
+    assert!(
+        (0.98..=1.02).contains(&ratio),
+        "perplexity {ppl} vs llama.cpp {}",
+        reference.perplexity
+    );
 }

@@ -1,7 +1,8 @@
 //! The forward pass against candle-transformers' `quantized_llama` on the real default model.
 //! candle runs with `CANDLE_DEQUANTIZE_ALL=1` (f32 weights, f32 activations), which is the
-//! exact result of the graph; ours quantizes activations to 8 bits as llama.cpp does, so it must
-//! agree up to that noise, at the first position and after several (RoPE, attention, cache).
+//! exact result of the graph; ours quantizes activations to 8 bits as llama.cpp does, so its
+//! next-token distribution must agree up to that noise, at the first position and after
+//! several (RoPE, attention, the cache across two chunks).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
@@ -30,42 +31,78 @@ fn logits_match_the_exact_f32_graph() {
     let bytes = model_bytes();
     let mut reader = std::io::Cursor::new(&bytes);
     let content = gguf_file::Content::read(&mut reader).unwrap();
-    let mut exact =
-        candle_transformers::models::quantized_llama::ModelWeights::from_gguf(content, &mut reader, &Device::Cpu)
-            .unwrap();
+    let mut exact = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(
+        content,
+        &mut reader,
+        &Device::Cpu,
+    )
+    .unwrap();
 
     let g = engine::gguf::Gguf::parse(&bytes).unwrap();
-    let model = Model::load(zeroize::Zeroizing::new(bytes.clone()), &g, Kernels::detect()).unwrap();
+    let model = Model::load(
+        zeroize::Zeroizing::new(bytes.clone()),
+        &g,
+        Kernels::detect(),
+    )
+    .unwrap();
     let mut scratch = Scratch::default();
 
     for n in [1, 3, TOKENS.len()] {
-        let input = Tensor::new(&TOKENS[..n], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        let want: Vec<f32> = exact.forward(&input, 0).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+        let input = Tensor::new(&TOKENS[..n], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let want: Vec<f32> = exact
+            .forward(&input, 0)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         // Ours: the prompt in two chunks, so the cache path is exercised too.
         let mut cache = model.new_cache(64);
         let split = n / 2;
         model
-            .forward(&mut [Chunk { cache: &mut cache, tokens: &TOKENS[..split], logits: Logits::None }], &mut scratch)
+            .forward(
+                &mut [Chunk {
+                    cache: &mut cache,
+                    tokens: &TOKENS[..split],
+                    logits: Logits::None,
+                }],
+                &mut scratch,
+            )
             .unwrap();
         let got = model
-            .forward(&mut [Chunk { cache: &mut cache, tokens: &TOKENS[split..n], logits: Logits::Last }], &mut scratch)
+            .forward(
+                &mut [Chunk {
+                    cache: &mut cache,
+                    tokens: &TOKENS[split..n],
+                    logits: Logits::Last,
+                }],
+                &mut scratch,
+            )
             .unwrap();
         assert_eq!(got.len(), want.len());
-        // The exact top token is among our top three (8-bit activations can swap near-ties:
-        // llama.cpp, like us, answers this prompt with "L" where the f32 graph says "The").
-        let argmax = |v: &[f32]| v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
-        let mut ours: Vec<usize> = (0..got.len()).collect();
-        ours.sort_by(|a, b| got[*b].total_cmp(&got[*a]));
-        assert!(ours[..3].contains(&argmax(&want)), "top token after {n} tokens");
-        let rms = |v: &[f32]| (v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32).sqrt();
-        let err: Vec<f32> = got.iter().zip(&want).map(|(a, b)| a - b).collect();
-        let rel = rms(&err) / rms(&want);
-        eprintln!("{n} tokens: relative RMS error {rel}");
-        // Measured: 0.9% after 1 and 3 tokens and 10% after 37, where this prompt's logits are
-        // flat and 8-bit activations move them (llama.cpp is 5% from the f32 graph there; its
-        // perplexity and ours agree within 0.3%, tests/fixtures.rs). Rotating the NeoX halves
-        // instead of GGML's adjacent pairs gives 7.3% after 3 tokens.
-        let bound = if n <= 3 { 0.02 } else { 0.15 };
-        assert!(rel < bound, "relative RMS error {rel} after {n} tokens");
+        // The distributions, not the raw logits, are what sampling sees: compare them by
+        // KL divergence. This model has activations in the hundreds of thousands (layers 11
+        // and 28), so rounding differences as small as the order of a float sum move single
+        // logits by percents; the distribution barely moves. Measured: KL below 0.01 at every
+        // length with the scalar and the vector kernels; after 3 tokens, rotating the NeoX halves
+        // instead of GGML's adjacent pairs gives 0.73, and doubled positions give 0.52.
+        let softmax = |v: &[f32]| {
+            let m = v.iter().fold(f32::NEG_INFINITY, |a, b| a.max(*b));
+            let e: Vec<f64> = v.iter().map(|x| f64::from(x - m).exp()).collect();
+            let z: f64 = e.iter().sum();
+            e.into_iter().map(|x| x / z).collect::<Vec<f64>>()
+        };
+        let (p, q) = (softmax(&want), softmax(&got));
+        let kl: f64 = p
+            .iter()
+            .zip(&q)
+            .filter(|(a, _)| **a > 0.0)
+            .map(|(a, b)| a * (a / b.max(1e-30)).ln())
+            .sum();
+        eprintln!("{n} tokens: KL(exact || ours) = {kl}");
+        assert!(kl < 0.05, "KL divergence {kl} after {n} tokens");
     }
 }

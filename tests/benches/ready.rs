@@ -7,9 +7,11 @@
 //!   decryption and SHA-256. KMS's network round trip is left out (a bench harness plays the
 //!   host and wraps the data key itself).
 //!
-//! And the target's definition, a *ready model*: the same two paths ending with the weights
-//! loaded into candle's quantized llama (what the engine of issue 4 serves from), from the
-//! plaintext file on one side and from the enclave's in-memory buffer on the other.
+//! And the target's definition, a *ready model*: the same two paths ending with the model
+//! loaded into the inference engine and serving (the `engine` crate: GGUF parsed, tokenizer and
+//! chat template built, weights re-laid out, worker threads up), from the plaintext file on one
+//! side and from the enclave's in-memory buffer on the other, as `enclave` does it
+//! (`provision_with` and `engine::load`, `Ready` sent once loaded).
 
 #![allow(
     clippy::unwrap_used,
@@ -18,9 +20,6 @@
     clippy::indexing_slicing
 )]
 
-use candle_core::quantized::gguf_file;
-use candle_core::Device;
-use candle_transformers::models::quantized_llama::ModelWeights;
 use common::nsm::mock::{ImageMeasurement, MockNsm, MockNsmConfig};
 use common::sealed::{seal, unseal, DataKey, SealedHeader, CONTEXT_MODEL_NAME, DEFAULT_CHUNK_SIZE};
 use common::wire::Message;
@@ -30,10 +29,16 @@ use std::sync::Arc;
 
 const KEY: [u8; 32] = [0x24; 32];
 
-/// Loads a GGUF into candle's quantized llama, as the inference engine does.
-fn load<R: std::io::Read + std::io::Seek>(reader: &mut R) -> ModelWeights {
-    let content = gguf_file::Content::read(reader).unwrap();
-    ModelWeights::from_gguf(content, reader, &Device::Cpu).unwrap()
+/// Loads a GGUF into the inference engine, as the enclave does.
+fn load(weights: zeroize::Zeroizing<Vec<u8>>) -> Result<engine::Engine, String> {
+    engine::load(
+        weights,
+        engine::EngineConfig {
+            threads: 2,
+            ..Default::default()
+        },
+    )
+    .map_err(|e| e.to_string())
 }
 
 fn key() -> DataKey {
@@ -48,6 +53,23 @@ async fn provision_once(
     let (mut h, mut e) = tokio::net::UnixStream::pair().unwrap();
     let enclave =
         tokio::spawn(async move { enclave::provision::provision(&mut e, nsm, 1 << 30, key).await });
+    match tests::host_with_own_key(&mut h, &sealed, &KEY).await {
+        Some(Message::Ready { .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    enclave.await.unwrap().unwrap()
+}
+
+/// Provisioning that ends with the engine loaded, then `Ready`.
+async fn provision_ready(
+    nsm: Arc<MockNsm>,
+    key: common::cms::RecipientKey,
+    sealed: Arc<Vec<u8>>,
+) -> engine::Engine {
+    let (mut h, mut e) = tokio::net::UnixStream::pair().unwrap();
+    let enclave = tokio::spawn(async move {
+        enclave::provision::provision_with(&mut e, nsm, 1 << 30, key, |m| load(m.weights)).await
+    });
     match tests::host_with_own_key(&mut h, &sealed, &KEY).await {
         Some(Message::Ready { .. }) => {}
         other => panic!("{other:?}"),
@@ -117,22 +139,18 @@ fn bench(c: &mut Criterion) {
             )
         },
     );
-    // Ready models: loaded into candle.
-    g.bench_function("ready model: plaintext file -> candle", |b| {
+    // Ready models: loaded into the engine.
+    g.bench_function("ready model: plaintext file -> engine", |b| {
         b.iter_batched(
             || (),
-            |()| load(&mut std::fs::File::open(&path).unwrap()),
+            |()| load(zeroize::Zeroizing::new(std::fs::read(&path).unwrap())).unwrap(),
             batched,
         )
     });
-    g.bench_function("ready model: sealed, provisioned -> candle", |b| {
+    g.bench_function("ready model: sealed, provisioned -> engine", |b| {
         b.iter_batched(
             booted_enclave,
-            |(nsm, key)| {
-                let model = rt.block_on(provision_once(nsm, key, sealed.clone()));
-                let weights = load(&mut std::io::Cursor::new(&model.weights[..]));
-                (weights, model)
-            },
+            |(nsm, key)| rt.block_on(provision_ready(nsm, key, sealed.clone())),
             criterion::BatchSize::PerIteration,
         )
     });

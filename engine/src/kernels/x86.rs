@@ -11,7 +11,7 @@
 
 #![allow(unsafe_code)]
 
-use super::{BlockQ8, QuantKind, QK};
+use super::{BlockQ8, QuantKind, PACK, QK};
 use std::arch::x86_64::*;
 
 /// Whether this CPU has everything the kernels below use.
@@ -27,6 +27,29 @@ const GROUP: usize = 4;
 pub(super) fn quant_row(kind: QuantKind, w: &[u8], acts: &[BlockQ8], nb: usize, out: &mut [f32]) {
     // SAFETY: the caller holds a `Kernels` from `Kernels::detect`, which checked `available()`.
     unsafe { quant_row_avx2(kind, w, acts, nb, out) }
+}
+
+pub(super) fn quant_group(
+    kind: QuantKind,
+    group: &[u8],
+    acts: &[BlockQ8],
+    nb: usize,
+    out: &mut [f32],
+) {
+    // SAFETY: as in `quant_row`.
+    unsafe { quant_group_avx2(kind, group, acts, nb, out) }
+}
+
+pub(super) fn weighted_sum(
+    w: &[f32],
+    norm: f32,
+    vals: &[f32],
+    stride: usize,
+    off: usize,
+    out: &mut [f32],
+) {
+    // SAFETY: as in `quant_row`.
+    unsafe { weighted_sum_avx2(w, norm, vals, stride, off, out) }
 }
 
 pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -109,8 +132,18 @@ fn hsum(v: __m256) -> f32 {
 
 /// Q4_0 / Q4_1 weight row against `G` activation rows.
 #[target_feature(enable = "avx2,fma,f16c")]
-fn q4_group<const G: usize, const Q4_1: bool>(w: &[u8], acts: &[BlockQ8], nb: usize, out: &mut [f32]) {
-    let bb = if Q4_1 { QuantKind::Q4_1 } else { QuantKind::Q4_0 }.block_bytes();
+fn q4_group<const G: usize, const Q4_1: bool>(
+    w: &[u8],
+    acts: &[BlockQ8],
+    nb: usize,
+    out: &mut [f32],
+) {
+    let bb = if Q4_1 {
+        QuantKind::Q4_1
+    } else {
+        QuantKind::Q4_0
+    }
+    .block_bytes();
     let low = _mm_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); G];
@@ -125,13 +158,17 @@ fn q4_group<const G: usize, const Q4_1: bool>(w: &[u8], acts: &[BlockQ8], nb: us
             Some((m0, m1)) => f16_to_f32(m0, m1),
             None => -8.0 * d,
         };
-        let Ok(qs) = <&[u8; 16]>::try_from(qs) else { continue };
+        let Ok(qs) = <&[u8; 16]>::try_from(qs) else {
+            continue;
+        };
         let packed = load_u8x16(qs);
         let lo = _mm_and_si128(packed, low);
         let hi = _mm_and_si128(_mm_srli_epi16::<4>(packed), low);
         let wq = _mm256_set_m128i(hi, lo);
         for j in 0..G {
-            let Some(a) = acts.get(j * nb + b) else { continue };
+            let Some(a) = acts.get(j * nb + b) else {
+                continue;
+            };
             let p = _mm256_madd_epi16(_mm256_maddubs_epi16(wq, load_i8x32(&a.q)), ones);
             if let (Some(acc), Some(accm)) = (acc.get_mut(j), accm.get_mut(j)) {
                 *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * a.d), *acc);
@@ -150,14 +187,22 @@ fn q4_group<const G: usize, const Q4_1: bool>(w: &[u8], acts: &[BlockQ8], nb: us
 fn q8_group<const G: usize>(w: &[u8], acts: &[BlockQ8], nb: usize, out: &mut [f32]) {
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); G];
-    for (b, blk) in w.chunks_exact(QuantKind::Q8_0.block_bytes()).enumerate().take(nb) {
+    for (b, blk) in w
+        .chunks_exact(QuantKind::Q8_0.block_bytes())
+        .enumerate()
+        .take(nb)
+    {
         let [d0, d1, qs @ ..] = blk else { continue };
-        let Ok(qs) = <&[u8; QK]>::try_from(qs) else { continue };
+        let Ok(qs) = <&[u8; QK]>::try_from(qs) else {
+            continue;
+        };
         let d = f16_to_f32(*d0, *d1);
         let wq = load_u8x32(qs);
         let wabs = _mm256_sign_epi8(wq, wq);
         for j in 0..G {
-            let Some(a) = acts.get(j * nb + b) else { continue };
+            let Some(a) = acts.get(j * nb + b) else {
+                continue;
+            };
             let signed = _mm256_sign_epi8(load_i8x32(&a.q), wq);
             let p = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, signed), ones);
             if let Some(acc) = acc.get_mut(j) {
@@ -174,7 +219,12 @@ fn q8_group<const G: usize>(w: &[u8], acts: &[BlockQ8], nb: usize, out: &mut [f3
 fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
     for (x, y) in ca.zip(cb) {
         if let (Ok(x), Ok(y)) = (<&[f32; 8]>::try_from(x), <&[f32; 8]>::try_from(y)) {
             acc = _mm256_fmadd_ps(load_f32x8(x), load_f32x8(y), acc);
@@ -196,5 +246,158 @@ fn axpy_avx2(alpha: f32, x: &[f32], y: &mut [f32]) {
     }
     for (y, x) in cy.into_remainder().iter_mut().zip(cx.remainder()) {
         *y += alpha * x;
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn quant_group_avx2(kind: QuantKind, group: &[u8], acts: &[BlockQ8], nb: usize, out: &mut [f32]) {
+    let n = out.len() / PACK;
+    let mut j0 = 0;
+    while j0 < n {
+        let g = (n - j0).min(GROUP);
+        let rows = acts.get(j0 * nb..(j0 + g) * nb).unwrap_or_default();
+        let dst = out.get_mut(j0 * PACK..(j0 + g) * PACK).unwrap_or_default();
+        let q41 = kind == QuantKind::Q4_1;
+        match (q41, g) {
+            (true, 4) => packed_group::<4, true>(group, rows, nb, dst),
+            (true, 3) => packed_group::<3, true>(group, rows, nb, dst),
+            (true, 2) => packed_group::<2, true>(group, rows, nb, dst),
+            (true, _) => packed_group::<1, true>(group, rows, nb, dst),
+            (false, 4) => packed_group::<4, false>(group, rows, nb, dst),
+            (false, 3) => packed_group::<3, false>(group, rows, nb, dst),
+            (false, 2) => packed_group::<2, false>(group, rows, nb, dst),
+            (false, _) => packed_group::<1, false>(group, rows, nb, dst),
+        }
+        j0 += g;
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn load_u8x16_f16(b: &[u8; 16]) -> __m256 {
+    _mm256_cvtph_ps(load_u8x16(b))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn broadcast_i8x4(b: &[i8; 4]) -> __m256i {
+    // SAFETY: reads exactly the 4 bytes of `b`.
+    _mm256_broadcastd_epi32(unsafe { _mm_loadu_si32(b.as_ptr().cast()) })
+}
+
+/// 8 repacked rows against `G` activation rows. Per block, the 8 `maddubs` products of a row
+/// pair fit in 16 bits (|15 · 127 · 2| · 8 = 30,480), so they are summed before widening.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn packed_group<const G: usize, const Q4_1: bool>(
+    group: &[u8],
+    acts: &[BlockQ8],
+    nb: usize,
+    out: &mut [f32],
+) {
+    let bb = if Q4_1 {
+        QuantKind::Q4_1
+    } else {
+        QuantKind::Q4_0
+    }
+    .block_bytes();
+    let head = (bb - QK / 2) * PACK;
+    let low = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); G];
+    for (b, blk) in group.chunks_exact(PACK * bb).enumerate().take(nb) {
+        let (scales, quants) = blk.split_at(head);
+        let mut isum = [_mm256_setzero_si256(); G];
+        for (k, chunk) in quants.chunks_exact(32).enumerate() {
+            let Ok(chunk) = <&[u8; 32]>::try_from(chunk) else {
+                continue;
+            };
+            let w = load_u8x32(chunk);
+            let lo = _mm256_and_si256(w, low);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(w), low);
+            for (j, isum) in isum.iter_mut().enumerate() {
+                let Some(a) = acts.get(j * nb + b) else {
+                    continue;
+                };
+                let (Some(alo), Some(ahi)) =
+                    (a.q.get(4 * k..4 * k + 4), a.q.get(16 + 4 * k..20 + 4 * k))
+                else {
+                    continue;
+                };
+                let (Ok(alo), Ok(ahi)) = (<&[i8; 4]>::try_from(alo), <&[i8; 4]>::try_from(ahi))
+                else {
+                    continue;
+                };
+                let p = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(lo, broadcast_i8x4(alo)),
+                    _mm256_maddubs_epi16(hi, broadcast_i8x4(ahi)),
+                );
+                *isum = _mm256_add_epi16(*isum, p);
+            }
+        }
+        let Some(Ok(d)) = scales.get(..16).map(<&[u8; 16]>::try_from) else {
+            continue;
+        };
+        let d = load_u8x16_f16(d);
+        let m = if Q4_1 {
+            match scales.get(16..32).map(<&[u8; 16]>::try_from) {
+                Some(Ok(m)) => load_u8x16_f16(m),
+                _ => _mm256_setzero_ps(),
+            }
+        } else {
+            _mm256_mul_ps(d, _mm256_set1_ps(-8.0))
+        };
+        for (j, (acc, isum)) in acc.iter_mut().zip(isum).enumerate() {
+            let Some(a) = acts.get(j * nb + b) else {
+                continue;
+            };
+            let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(isum, ones));
+            *acc = _mm256_fmadd_ps(p, _mm256_mul_ps(d, _mm256_set1_ps(a.d)), *acc);
+            *acc = _mm256_fmadd_ps(m, _mm256_set1_ps(a.s), *acc);
+        }
+    }
+    for (o, a) in out.chunks_exact_mut(PACK).zip(acc) {
+        if let Ok(o) = <&mut [f32; 8]>::try_from(o) {
+            store_f32x8(o, a);
+        }
+    }
+}
+
+/// `out += Σ_p norm · w[p] · vals[p * stride + off..][..out.len()]`, keeping `out` in registers
+/// for heads of up to 128 dimensions.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn weighted_sum_avx2(
+    w: &[f32],
+    norm: f32,
+    vals: &[f32],
+    stride: usize,
+    off: usize,
+    out: &mut [f32],
+) {
+    const MAX: usize = 16;
+    let hd = out.len();
+    if !hd.is_multiple_of(8) || hd / 8 > MAX {
+        for (p, wp) in w.iter().enumerate() {
+            let v = vals
+                .get(p * stride + off..p * stride + off + hd)
+                .unwrap_or_default();
+            axpy_avx2(wp * norm, v, out);
+        }
+        return;
+    }
+    let mut acc = [_mm256_setzero_ps(); MAX];
+    for (p, wp) in w.iter().enumerate() {
+        let Some(v) = vals.get(p * stride + off..p * stride + off + hd) else {
+            continue;
+        };
+        let wv = _mm256_set1_ps(wp * norm);
+        for (a, vc) in acc.iter_mut().zip(v.chunks_exact(8)) {
+            if let Ok(vc) = <&[f32; 8]>::try_from(vc) {
+                *a = _mm256_fmadd_ps(wv, load_f32x8(vc), *a);
+            }
+        }
+    }
+    for (a, oc) in acc.iter().zip(out.chunks_exact_mut(8)) {
+        if let Ok(oc) = <&mut [f32; 8]>::try_from(oc) {
+            let sum = _mm256_add_ps(*a, load_f32x8(oc));
+            store_f32x8(oc, sum);
+        }
     }
 }
