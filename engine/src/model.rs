@@ -9,9 +9,7 @@
 //! at load time.
 
 use crate::gguf::{Gguf, TensorRef};
-use crate::kernels::{
-    dequantize_row, quantize_row, repack_q4, BlockQ8, Kernels, QuantKind, PACK, QK,
-};
+use crate::kernels::{dequantize_row, repack_q4, BlockQ8, Kernels, QuantKind, PACK, QK};
 use crate::{Error, Result};
 use candle_core::quantized::GgmlDType;
 use candle_core::Device;
@@ -328,7 +326,7 @@ impl Model {
         for (li, layer) in self.layers.iter().enumerate() {
             // Attention block.
             rms_norm(&s.x, &layer.attn_norm, cfg.rms_eps, d, &mut s.xb);
-            quantize_rows(&s.xb, d, &mut s.xq);
+            quantize_rows(self.kernels, &s.xb, d, &mut s.xq);
             self.matmul(
                 &mut [
                     (&layer.wq, &mut s.q),
@@ -362,13 +360,13 @@ impl Model {
                 at += n;
             }
             self.attention(li, batch, s);
-            quantize_rows(&s.att, d, &mut s.xq);
+            quantize_rows(self.kernels, &s.att, d, &mut s.xq);
             self.matmul(&mut [(&layer.wo, &mut s.xb)], &s.att, &s.xq, t, &mut s.tmp);
             add(&mut s.x, &s.xb);
 
             // Feed-forward block.
             rms_norm(&s.x, &layer.ffn_norm, cfg.rms_eps, d, &mut s.xb);
-            quantize_rows(&s.xb, d, &mut s.xq);
+            quantize_rows(self.kernels, &s.xb, d, &mut s.xq);
             self.matmul(
                 &mut [(&layer.gate, &mut s.hb), (&layer.up, &mut s.hb2)],
                 &s.xb,
@@ -377,7 +375,7 @@ impl Model {
                 &mut s.tmp,
             );
             swiglu(&mut s.hb, &s.hb2);
-            quantize_rows(&s.hb, cfg.n_ff, &mut s.hq);
+            quantize_rows(self.kernels, &s.hb, cfg.n_ff, &mut s.hq);
             self.matmul(&mut [(&layer.down, &mut s.xb)], &s.hb, &s.hq, t, &mut s.tmp);
             add(&mut s.x, &s.xb);
         }
@@ -407,7 +405,7 @@ impl Model {
         let mut hn = Vec::new();
         rms_norm(&h, &self.output_norm, cfg.rms_eps, d, &mut hn);
         let mut hq = Vec::new();
-        quantize_rows(&hn, d, &mut hq);
+        quantize_rows(self.kernels, &hn, d, &mut hq);
         let mut logits = Vec::new();
         let out = self.output.as_ref().unwrap_or(&self.embed);
         self.matmul(
@@ -667,11 +665,11 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, d: usize, out: &mut Vec<f32>) {
     }
 }
 
-fn quantize_rows(x: &[f32], cols: usize, out: &mut Vec<BlockQ8>) {
+fn quantize_rows(k: Kernels, x: &[f32], cols: usize, out: &mut Vec<BlockQ8>) {
     let nb = cols / QK;
     resize(out, x.len() / cols * nb);
     for (xs, os) in x.chunks_exact(cols).zip(out.chunks_exact_mut(nb)) {
-        quantize_row(xs, os);
+        k.quantize_row(xs, os);
     }
 }
 

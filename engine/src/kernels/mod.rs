@@ -181,11 +181,17 @@ impl Kernels {
             return;
         }
         scores.clear();
-        for p in 0..n {
-            let k = keys
-                .get(p * stride + off..p * stride + off + hd)
-                .unwrap_or_default();
-            scores.push(self.dot(q, k) * scale);
+        match self.0 {
+            Imp::Scalar => {
+                for p in 0..n {
+                    let k = keys
+                        .get(p * stride + off..p * stride + off + hd)
+                        .unwrap_or_default();
+                    scores.push(scalar_dot(q, k) * scale);
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Imp::Avx2 => x86::scores(q, keys, (stride, off, n), scale, scores),
         }
         let max = scores.iter().fold(f32::NEG_INFINITY, |m, x| m.max(*x));
         let mut sum = 0.0;
@@ -233,6 +239,18 @@ impl Kernels {
             Imp::Scalar => scalar_axpy(alpha, x, y),
             #[cfg(target_arch = "x86_64")]
             Imp::Avx2 => x86::axpy(alpha, x, y),
+        }
+    }
+}
+
+impl Kernels {
+    /// [`quantize_row`], vectorized where the CPU allows (rounding half to even there, as
+    /// GGML's AVX2 `quantize_row_q8_1` does; the scalar version rounds half away from zero).
+    pub fn quantize_row(self, x: &[f32], out: &mut [BlockQ8]) {
+        match self.0 {
+            Imp::Scalar => quantize_row(x, out),
+            #[cfg(target_arch = "x86_64")]
+            Imp::Avx2 => x86::quantize_row(x, out),
         }
     }
 }
@@ -643,6 +661,22 @@ mod tests {
             Kernels::Scalar.axpy(alpha, &xs, &mut b);
             for (p, q) in a.iter().zip(&b) {
                 prop_assert!((p - q).abs() <= 1e-4 * (1.0 + q.abs()));
+            }
+        }
+
+        #[test]
+        fn vector_quantization_matches_scalar(xs in proptest::collection::vec(-50.0f32..50.0, 96..=96)) {
+            let (mut a, mut b) = ([BlockQ8::default(); 3], [BlockQ8::default(); 3]);
+            quantize_row(&xs, &mut a);
+            Kernels::detect().quantize_row(&xs, &mut b);
+            for (a, b) in a.iter().zip(&b) {
+                prop_assert_eq!(a.d, b.d);
+                // Only exact ties may round differently, by one step.
+                for (p, q) in a.q.iter().zip(&b.q) {
+                    prop_assert!((i32::from(*p) - i32::from(*q)).abs() <= 1);
+                }
+                let sum: i32 = b.q.iter().map(|q| i32::from(*q)).sum();
+                prop_assert!((b.s - b.d * sum as f32).abs() <= 1e-3 * (1.0 + b.s.abs()));
             }
         }
 

@@ -52,6 +52,22 @@ pub(super) fn weighted_sum(
     unsafe { weighted_sum_avx2(w, norm, vals, stride, off, out) }
 }
 
+pub(super) fn scores(
+    q: &[f32],
+    keys: &[f32],
+    layout: (usize, usize, usize),
+    scale: f32,
+    out: &mut Vec<f32>,
+) {
+    // SAFETY: as in `quant_row`.
+    unsafe { scores_avx2(q, keys, layout, scale, out) }
+}
+
+pub(super) fn quantize_row(x: &[f32], out: &mut [BlockQ8]) {
+    // SAFETY: as in `quant_row`.
+    unsafe { quantize_row_avx2(x, out) }
+}
+
 pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
     // SAFETY: as in `quant_row`.
     unsafe { dot_avx2(a, b) }
@@ -399,5 +415,105 @@ fn weighted_sum_avx2(
             let sum = _mm256_add_ps(*a, load_f32x8(oc));
             store_f32x8(oc, sum);
         }
+    }
+}
+
+/// `out[p] = scale · q·k_p` for `n` positions, four positions per pass so that one horizontal
+/// reduction serves four dot products.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn scores_avx2(
+    q: &[f32],
+    keys: &[f32],
+    (stride, off, n): (usize, usize, usize),
+    scale: f32,
+    out: &mut Vec<f32>,
+) {
+    let hd = q.len();
+    let body = hd - hd % 8;
+    let key = |p: usize| {
+        keys.get(p * stride + off..p * stride + off + hd)
+            .unwrap_or_default()
+    };
+    let tail = |k: &[f32]| -> f32 {
+        let (qt, kt) = (
+            q.get(body..).unwrap_or_default(),
+            k.get(body..).unwrap_or_default(),
+        );
+        qt.iter().zip(kt).map(|(a, b)| a * b).sum()
+    };
+    let mut p = 0;
+    while p + 4 <= n {
+        let ks = [key(p), key(p + 1), key(p + 2), key(p + 3)];
+        let d = ks.map(|k| dot8(q, k));
+        let t0 = _mm256_hadd_ps(d[0], d[1]);
+        let t1 = _mm256_hadd_ps(d[2], d[3]);
+        let t = _mm256_hadd_ps(t0, t1);
+        let r = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps::<1>(t));
+        let mut four = [0.0f32; 4];
+        // SAFETY: writes exactly the 4 floats of `four`.
+        unsafe { _mm_storeu_ps(four.as_mut_ptr(), r) };
+        for (s, k) in four.iter().zip(ks) {
+            out.push((s + tail(k)) * scale);
+        }
+        p += 4;
+    }
+    while p < n {
+        let k = key(p);
+        out.push((hsum(dot8(q, k)) + tail(k)) * scale);
+        p += 1;
+    }
+}
+
+/// Eight partial sums of `q·k` over their common multiple-of-8 prefix.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot8(q: &[f32], k: &[f32]) -> __m256 {
+    let mut acc = _mm256_setzero_ps();
+    for (qc, kc) in q.chunks_exact(8).zip(k.chunks_exact(8)) {
+        if let (Ok(qc), Ok(kc)) = (<&[f32; 8]>::try_from(qc), <&[f32; 8]>::try_from(kc)) {
+            acc = _mm256_fmadd_ps(load_f32x8(qc), load_f32x8(kc), acc);
+        }
+    }
+    acc
+}
+
+/// GGML's AVX2 `quantize_row_q8_1`, with f32 scales.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn quantize_row_avx2(x: &[f32], out: &mut [BlockQ8]) {
+    let sign = _mm256_set1_ps(-0.0);
+    for (block, xs) in out.iter_mut().zip(x.chunks_exact(QK)) {
+        let mut v = [_mm256_setzero_ps(); 4];
+        for (v, c) in v.iter_mut().zip(xs.chunks_exact(8)) {
+            if let Ok(c) = <&[f32; 8]>::try_from(c) {
+                *v = load_f32x8(c);
+            }
+        }
+        let m01 = _mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1]));
+        let m23 = _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3]));
+        let m = _mm256_max_ps(m01, m23);
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+        let d = amax / 127.0;
+        let id = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+        let [i0, i1, i2, i3] = v.map(|v| {
+            let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                _mm256_mul_ps(v, id),
+            );
+            _mm256_cvtps_epi32(r)
+        });
+        let sum = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+        let sum = _mm_add_epi32(
+            _mm256_castsi256_si128(sum),
+            _mm256_extracti128_si256::<1>(sum),
+        );
+        let sum = _mm_hadd_epi32(sum, sum);
+        let sum = _mm_cvtsi128_si32(_mm_hadd_epi32(sum, sum));
+        // Pack to 8 bits; the packs interleave 128-bit lanes and the permutation undoes that.
+        let p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+        let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        // SAFETY: writes exactly the 32 bytes of `block.q`.
+        unsafe { _mm256_storeu_si256(block.q.as_mut_ptr().cast(), p) };
+        block.d = d;
+        block.s = d * sum as f32;
     }
 }
