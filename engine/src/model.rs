@@ -9,7 +9,9 @@
 //! at load time.
 
 use crate::gguf::{Gguf, TensorRef};
-use crate::kernels::{dequantize_row, repack_q4, BlockQ8, Kernels, QuantKind, PACK, QK};
+use crate::kernels::{
+    dequantize_packed_row, dequantize_row, repack, BlockQ8, Kernels, QuantKind, PACK, QK,
+};
 use crate::{Error, Result};
 use candle_core::quantized::GgmlDType;
 use candle_core::Device;
@@ -122,7 +124,7 @@ impl Config {
 /// A weight matrix: in place in the model buffer with a native kernel, or dequantized.
 #[derive(Debug)]
 enum Matrix {
-    /// `packed`: re-laid out in groups of [`PACK`] rows by [`repack_q4`].
+    /// `packed`: re-laid out in groups of [`PACK`] rows by [`repack`].
     Quant {
         kind: QuantKind,
         rows: usize,
@@ -208,14 +210,15 @@ impl Model {
                 down: load(&n("ffn_down"), d, cfg.n_ff)?,
             });
         }
-        let embed = load("token_embd.weight", cfg.n_vocab, d)?;
+        let mut embed = load("token_embd.weight", cfg.n_vocab, d)?;
         let mut output = if g.has_tensor("output.weight") {
             Some(load("output.weight", cfg.n_vocab, d)?)
         } else {
             None
         };
         let output_norm = vector("output_norm.weight")?;
-        // Re-lay out the Q4 matrices in place (the embedding stays as it is: rows are looked up).
+        // Re-lay out the quantized matrices in place, the embedding included (its rows are
+        // looked up through the packed layout).
         let mut tmp = Vec::new();
         for m in layers
             .iter_mut()
@@ -231,6 +234,7 @@ impl Model {
                 ]
             })
             .chain(output.as_mut())
+            .chain([&mut embed])
         {
             if let Matrix::Quant {
                 kind,
@@ -240,13 +244,13 @@ impl Model {
                 packed,
             } = m
             {
-                if kind.packs() && *rows % PACK == 0 {
+                if *rows % PACK == 0 {
                     let group = PACK * kind.row_bytes(*cols);
                     for g0 in (0..*rows / PACK).map(|g| *offset + g * group) {
                         if let Some(region) = bytes.get_mut(g0..g0 + group) {
                             tmp.clear();
                             tmp.extend_from_slice(region);
-                            repack_q4(*kind, &tmp, *cols / QK, region);
+                            repack(*kind, &tmp, *cols / QK, region);
                         }
                     }
                     *packed = true;
@@ -421,7 +425,23 @@ impl Model {
     fn embed_row(&self, tok: u32, row: &mut [f32]) {
         let d = self.cfg.n_embd;
         match &self.embed {
-            Matrix::Quant { kind, offset, .. } => {
+            Matrix::Quant {
+                kind,
+                offset,
+                packed: true,
+                ..
+            } => {
+                let group = PACK * kind.row_bytes(d);
+                let start = offset + tok as usize / PACK * group;
+                let bytes = self.bytes.get(start..start + group).unwrap_or_default();
+                dequantize_packed_row(*kind, bytes, tok as usize % PACK, row);
+            }
+            Matrix::Quant {
+                kind,
+                offset,
+                packed: false,
+                ..
+            } => {
                 let rb = kind.row_bytes(d);
                 let start = offset + tok as usize * rb;
                 dequantize_row(

@@ -11,12 +11,12 @@
 //! Q4_1 an f16 minimum `m`, and the quants. Q4 quants are nibbles: byte `j` holds weight `j` in
 //! its low nibble and weight `j + 16` in its high nibble.
 //!
-//! Q4 matrices are re-laid out at load time, in place, into groups of 8 rows ([`repack_q4`]):
-//! per block, the 8 rows' scales, then their quants interleaved 4 bytes at a time. One 32-byte
+//! Matrices are re-laid out at load time, in place, into groups of 8 rows ([`repack`]): per
+//! block, the 8 rows' scales, then their quants interleaved 4 bytes at a time. One 32-byte
 //! load then holds 4 quants of each of 8 rows, so a `maddubs` against 4 broadcast activations
 //! yields 8 rows' partial sums at once, and the scales apply to 8 rows in one multiply: the
-//! layout of llama.cpp's `block_q4_0x8` repacking (ggml-cpu/repack.cpp), which GGML has for
-//! Q4_0 only. The group is the same size as the 8 rows it replaces.
+//! layout of llama.cpp's `block_q4_0x8` repacking (ggml-cpu/repack.cpp), here for Q4_0, Q4_1
+//! and Q8_0. The group is the same size as the 8 rows it replaces.
 
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -60,9 +60,12 @@ impl QuantKind {
         cols / QK * self.block_bytes()
     }
 
-    /// Whether [`repack_q4`] applies.
-    pub const fn packs(self) -> bool {
-        matches!(self, QuantKind::Q4_0 | QuantKind::Q4_1)
+    /// Bytes of quants per block: the block minus its f16 scales.
+    pub const fn quant_bytes(self) -> usize {
+        match self {
+            QuantKind::Q4_0 | QuantKind::Q4_1 => QK / 2,
+            QuantKind::Q8_0 => QK,
+        }
     }
 }
 
@@ -145,11 +148,7 @@ impl Kernels {
         out: &mut [f32],
     ) {
         let n = out.len() / PACK;
-        if nb == 0
-            || !kind.packs()
-            || group.len() != nb * PACK * kind.block_bytes()
-            || acts.len() != n * nb
-        {
+        if nb == 0 || group.len() != nb * PACK * kind.block_bytes() || acts.len() != n * nb {
             out.fill(0.0);
             return;
         }
@@ -349,12 +348,12 @@ fn scalar_quant_row(kind: QuantKind, w: &[u8], acts: &[BlockQ8], nb: usize, out:
     }
 }
 
-/// Re-lays out [`PACK`] consecutive rows of Q4_0/Q4_1 blocks (`rows`, `nb` blocks each) into
+/// Re-lays out [`PACK`] consecutive rows of `kind` blocks (`rows`, `nb` blocks each) into
 /// `out`, which has the same size. Per block: the 8 `d` (f16), for Q4_1 the 8 `m`, then
-/// 4 chunks of 32 bytes, chunk `k` holding bytes `4k..4k+4` of each row's 16 quant bytes.
-pub fn repack_q4(kind: QuantKind, rows: &[u8], nb: usize, out: &mut [u8]) {
+/// chunks of 32 bytes, chunk `k` holding quant bytes `4k..4k+4` of each of the 8 rows.
+pub fn repack(kind: QuantKind, rows: &[u8], nb: usize, out: &mut [u8]) {
     let bb = kind.block_bytes();
-    let head = bb - QK / 2; // bytes of scales per row-block: 2 (Q4_0) or 4 (Q4_1)
+    let head = bb - kind.quant_bytes();
     for b in 0..nb {
         let dst = out
             .get_mut(b * PACK * bb..(b + 1) * PACK * bb)
@@ -381,32 +380,58 @@ pub fn repack_q4(kind: QuantKind, rows: &[u8], nb: usize, out: &mut [u8]) {
     }
 }
 
+/// The integer quants of row `r` in one repacked block (Q4: 0..=15, Q8_0: signed), and the
+/// row's scale `d` and minimum `m` (so that weight `e` is `q[e] * d + m`).
+fn packed_block_row(kind: QuantKind, blk: &[u8], r: usize) -> ([i32; QK], f32, f32) {
+    let head = kind.block_bytes() - kind.quant_bytes();
+    let d = f16_at(blk, 2 * r);
+    let m = match kind {
+        QuantKind::Q4_1 => f16_at(blk, 2 * PACK + 2 * r),
+        QuantKind::Q4_0 => -8.0 * d,
+        QuantKind::Q8_0 => 0.0,
+    };
+    let mut q = [0i32; QK];
+    for k in 0..kind.quant_bytes() / 4 {
+        let at = head * PACK + k * 4 * PACK + r * 4;
+        for (i, byte) in blk.get(at..at + 4).unwrap_or_default().iter().enumerate() {
+            let e = 4 * k + i;
+            if kind == QuantKind::Q8_0 {
+                if let Some(x) = q.get_mut(e) {
+                    *x = i32::from(*byte as i8);
+                }
+            } else {
+                if let Some(x) = q.get_mut(e) {
+                    *x = i32::from(byte & 0x0F);
+                }
+                if let Some(x) = q.get_mut(e + QK / 2) {
+                    *x = i32::from(byte >> 4);
+                }
+            }
+        }
+    }
+    (q, d, m)
+}
+
+/// Row `r` of a repacked group, dequantized into `out` (`nb * QK` values).
+pub fn dequantize_packed_row(kind: QuantKind, group: &[u8], r: usize, out: &mut [f32]) {
+    for (blk, ys) in group
+        .chunks_exact(PACK * kind.block_bytes())
+        .zip(out.chunks_exact_mut(QK))
+    {
+        let (q, d, m) = packed_block_row(kind, blk, r);
+        for (y, q) in ys.iter_mut().zip(q) {
+            *y = q as f32 * d + m;
+        }
+    }
+}
+
 fn scalar_quant_group(kind: QuantKind, group: &[u8], acts: &[BlockQ8], nb: usize, out: &mut [f32]) {
-    let bb = kind.block_bytes();
-    let head = bb - QK / 2;
     for (arow, o) in acts.chunks_exact(nb).zip(out.chunks_exact_mut(PACK)) {
         o.fill(0.0);
-        for (blk, a) in group.chunks_exact(PACK * bb).zip(arow) {
+        for (blk, a) in group.chunks_exact(PACK * kind.block_bytes()).zip(arow) {
             for (r, o) in o.iter_mut().enumerate() {
-                let d = f16_at(blk, 2 * r);
-                let m = if kind == QuantKind::Q4_1 {
-                    f16_at(blk, 2 * PACK + 2 * r)
-                } else {
-                    -8.0 * d
-                };
-                let mut isum = 0i32;
-                for k in 0..4 {
-                    for i in 0..4 {
-                        let q = blk
-                            .get(head * PACK + k * 4 * PACK + r * 4 + i)
-                            .copied()
-                            .unwrap_or(0);
-                        let e = 4 * k + i;
-                        isum += i32::from(q & 0x0F) * i32::from(a.q.get(e).copied().unwrap_or(0));
-                        isum +=
-                            i32::from(q >> 4) * i32::from(a.q.get(e + 16).copied().unwrap_or(0));
-                    }
-                }
+                let (q, d, m) = packed_block_row(kind, blk, r);
+                let isum: i32 = q.iter().zip(&a.q).map(|(w, x)| w * i32::from(*x)).sum();
                 *o += d * a.d * isum as f32 + m * a.s;
             }
         }
@@ -518,17 +543,23 @@ mod tests {
 
     #[test]
     fn repacked_groups_match_the_row_kernel() {
-        for kind in [QuantKind::Q4_0, QuantKind::Q4_1] {
+        for kind in [QuantKind::Q4_0, QuantKind::Q4_1, QuantKind::Q8_0] {
             for (nb, n) in [(1, 1), (18, 1), (18, 4), (48, 5), (3, 9)] {
                 let rows: Vec<Vec<u8>> = (0..PACK)
                     .map(|r| random_weights(kind, nb, (r * 7 + nb) as u64))
                     .collect();
                 let flat: Vec<u8> = rows.concat();
                 let mut packed = vec![0u8; flat.len()];
-                repack_q4(kind, &flat, nb, &mut packed);
+                repack(kind, &flat, nb, &mut packed);
                 let x = random_acts(n * nb * QK, nb as u64);
                 let mut acts = vec![BlockQ8::default(); n * nb];
                 quantize_row(&x, &mut acts);
+                for (r, row) in rows.iter().enumerate() {
+                    let (mut a, mut b) = (vec![0.0; nb * QK], vec![0.0; nb * QK]);
+                    dequantize_row(kind, row, &mut a);
+                    dequantize_packed_row(kind, &packed, r, &mut b);
+                    assert_eq!(a, b, "{kind:?} row {r}");
+                }
                 for k in [Kernels::Scalar, Kernels::detect()] {
                     let mut got = vec![0.0; n * PACK];
                     k.quant_group(kind, &packed, &acts, nb, &mut got);

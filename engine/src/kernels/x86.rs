@@ -273,16 +273,19 @@ fn quant_group_avx2(kind: QuantKind, group: &[u8], acts: &[BlockQ8], nb: usize, 
         let g = (n - j0).min(GROUP);
         let rows = acts.get(j0 * nb..(j0 + g) * nb).unwrap_or_default();
         let dst = out.get_mut(j0 * PACK..(j0 + g) * PACK).unwrap_or_default();
-        let q41 = kind == QuantKind::Q4_1;
-        match (q41, g) {
-            (true, 4) => packed_group::<4, true>(group, rows, nb, dst),
-            (true, 3) => packed_group::<3, true>(group, rows, nb, dst),
-            (true, 2) => packed_group::<2, true>(group, rows, nb, dst),
-            (true, _) => packed_group::<1, true>(group, rows, nb, dst),
-            (false, 4) => packed_group::<4, false>(group, rows, nb, dst),
-            (false, 3) => packed_group::<3, false>(group, rows, nb, dst),
-            (false, 2) => packed_group::<2, false>(group, rows, nb, dst),
-            (false, _) => packed_group::<1, false>(group, rows, nb, dst),
+        match (kind, g) {
+            (QuantKind::Q4_1, 4) => packed_group::<4, true>(group, rows, nb, dst),
+            (QuantKind::Q4_1, 3) => packed_group::<3, true>(group, rows, nb, dst),
+            (QuantKind::Q4_1, 2) => packed_group::<2, true>(group, rows, nb, dst),
+            (QuantKind::Q4_1, _) => packed_group::<1, true>(group, rows, nb, dst),
+            (QuantKind::Q4_0, 4) => packed_group::<4, false>(group, rows, nb, dst),
+            (QuantKind::Q4_0, 3) => packed_group::<3, false>(group, rows, nb, dst),
+            (QuantKind::Q4_0, 2) => packed_group::<2, false>(group, rows, nb, dst),
+            (QuantKind::Q4_0, _) => packed_group::<1, false>(group, rows, nb, dst),
+            (QuantKind::Q8_0, 4) => packed_q8_group::<4>(group, rows, nb, dst),
+            (QuantKind::Q8_0, 3) => packed_q8_group::<3>(group, rows, nb, dst),
+            (QuantKind::Q8_0, 2) => packed_q8_group::<2>(group, rows, nb, dst),
+            (QuantKind::Q8_0, _) => packed_q8_group::<1>(group, rows, nb, dst),
         }
         j0 += g;
     }
@@ -515,5 +518,56 @@ fn quantize_row_avx2(x: &[f32], out: &mut [BlockQ8]) {
         unsafe { _mm256_storeu_si256(block.q.as_mut_ptr().cast(), p) };
         block.d = d;
         block.s = d * sum as f32;
+    }
+}
+
+/// 8 repacked Q8_0 rows against `G` activation rows, with GGML's sign trick (`maddubs` needs
+/// an unsigned operand: `|w| · sign(w)·a`). Each product pair can reach 32,512, so it is widened
+/// to 32 bits at once.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn packed_q8_group<const G: usize>(group: &[u8], acts: &[BlockQ8], nb: usize, out: &mut [f32]) {
+    let bb = QuantKind::Q8_0.block_bytes();
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); G];
+    for (b, blk) in group.chunks_exact(PACK * bb).enumerate().take(nb) {
+        let (scales, quants) = blk.split_at(2 * PACK);
+        let mut isum = [_mm256_setzero_si256(); G];
+        for (k, chunk) in quants.chunks_exact(32).enumerate() {
+            let Ok(chunk) = <&[u8; 32]>::try_from(chunk) else {
+                continue;
+            };
+            let w = load_u8x32(chunk);
+            let wabs = _mm256_sign_epi8(w, w);
+            for (j, isum) in isum.iter_mut().enumerate() {
+                let Some(a) = acts.get(j * nb + b) else {
+                    continue;
+                };
+                let Some(Ok(a4)) = a.q.get(4 * k..4 * k + 4).map(<&[i8; 4]>::try_from) else {
+                    continue;
+                };
+                let signed = _mm256_sign_epi8(broadcast_i8x4(a4), w);
+                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, signed), ones);
+                *isum = _mm256_add_epi32(*isum, p);
+            }
+        }
+        let Ok(d) = <&[u8; 16]>::try_from(scales) else {
+            continue;
+        };
+        let d = load_u8x16_f16(d);
+        for (j, (acc, isum)) in acc.iter_mut().zip(isum).enumerate() {
+            let Some(a) = acts.get(j * nb + b) else {
+                continue;
+            };
+            *acc = _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(isum),
+                _mm256_mul_ps(d, _mm256_set1_ps(a.d)),
+                *acc,
+            );
+        }
+    }
+    for (o, a) in out.chunks_exact_mut(PACK).zip(acc) {
+        if let Ok(o) = <&mut [f32; 8]>::try_from(o) {
+            store_f32x8(o, a);
+        }
     }
 }
