@@ -21,7 +21,7 @@
 )]
 
 use common::nsm::mock::{ImageMeasurement, MockNsm, MockNsmConfig};
-use common::sealed::{seal, unseal, DataKey, SealedHeader, CONTEXT_MODEL_NAME, DEFAULT_CHUNK_SIZE};
+use common::sealed::{unseal, DataKey};
 use common::wire::Message;
 use criterion::{criterion_group, criterion_main, Criterion};
 use std::path::PathBuf;
@@ -83,16 +83,7 @@ fn bench(c: &mut Criterion) {
         return;
     };
     let plain = std::fs::read(&path).expect("MODEL_PATH");
-    let header = SealedHeader {
-        chunk_size: DEFAULT_CHUNK_SIZE,
-        plaintext_size: 0,
-        plaintext_sha256: [0; 32],
-        nonce_prefix: [3; 7],
-        key_id: "bench".into(),
-        wrapped_key: vec![0; 184],
-        context: [(CONTEXT_MODEL_NAME.to_string(), "smollm2".to_string())].into(),
-    };
-    let sealed = seal(&key(), header, &plain).unwrap();
+    let sealed = tests::seal_with_own_key(&plain, &KEY);
     let dir = std::env::temp_dir().join(format!("ready-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let sealed_path = dir.join("model.sealed");

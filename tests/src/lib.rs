@@ -133,3 +133,24 @@ pub async fn host_with_own_key(
     let _ = conn.flush().await;
     read_frame(conn, DEFAULT_MAX_PAYLOAD).await.ok()
 }
+
+/// `plain` sealed under `data_key` (as `host seal` would, without KMS), for tests and benches
+/// that play the host with their own key (`host_with_own_key`).
+pub fn seal_with_own_key(plain: &[u8], data_key: &[u8; 32]) -> Vec<u8> {
+    use common::sealed::{seal, DataKey, SealedHeader, CONTEXT_MODEL_NAME, DEFAULT_CHUNK_SIZE};
+    let header = SealedHeader {
+        chunk_size: DEFAULT_CHUNK_SIZE,
+        plaintext_size: 0,
+        plaintext_sha256: [0; 32],
+        nonce_prefix: [3; 7],
+        key_id: "own-key".into(),
+        wrapped_key: vec![0; 184],
+        context: [(CONTEXT_MODEL_NAME.to_string(), "smollm2".to_string())].into(),
+    };
+    seal(
+        &DataKey::from_slice(&mut data_key.to_owned()).unwrap(),
+        header,
+        plain,
+    )
+    .unwrap()
+}

@@ -9,29 +9,10 @@
     clippy::indexing_slicing
 )]
 
-use common::sealed::{seal, DataKey, SealedHeader, CONTEXT_MODEL_NAME, DEFAULT_CHUNK_SIZE};
 use common::wire::Message;
 use enclave::provision::{provision_with, ProvisionError};
 
 const KEY: [u8; 32] = [0x42; 32];
-
-fn sealed(plain: &[u8]) -> Vec<u8> {
-    let header = SealedHeader {
-        chunk_size: DEFAULT_CHUNK_SIZE,
-        plaintext_size: 0,
-        plaintext_sha256: [0; 32],
-        nonce_prefix: [9; 7],
-        key_id: "serving-test".into(),
-        wrapped_key: vec![0; 184],
-        context: [(CONTEXT_MODEL_NAME.to_string(), "smollm2".to_string())].into(),
-    };
-    seal(
-        &DataKey::from_slice(&mut KEY.clone()).unwrap(),
-        header,
-        plain,
-    )
-    .unwrap()
-}
 
 async fn provision(plain: &[u8]) -> (Option<Message>, Result<engine::Engine, ProvisionError>) {
     let nsm = tests::Local::new().nsm(tests::IMAGE, |_| {});
@@ -50,7 +31,7 @@ async fn provision(plain: &[u8]) -> (Option<Message>, Result<engine::Engine, Pro
         })
         .await
     });
-    let host = tests::host_with_own_key(&mut h, &sealed(plain), &KEY).await;
+    let host = tests::host_with_own_key(&mut h, &tests::seal_with_own_key(plain, &KEY), &KEY).await;
     (host, enclave.await.unwrap())
 }
 

@@ -146,6 +146,14 @@ fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
 }
 
+const fn q4_kind(q4_1: bool) -> QuantKind {
+    if q4_1 {
+        QuantKind::Q4_1
+    } else {
+        QuantKind::Q4_0
+    }
+}
+
 /// Q4_0 / Q4_1 weight row against `G` activation rows.
 #[target_feature(enable = "avx2,fma,f16c")]
 fn q4_group<const G: usize, const Q4_1: bool>(
@@ -154,12 +162,7 @@ fn q4_group<const G: usize, const Q4_1: bool>(
     nb: usize,
     out: &mut [f32],
 ) {
-    let bb = if Q4_1 {
-        QuantKind::Q4_1
-    } else {
-        QuantKind::Q4_0
-    }
-    .block_bytes();
+    let bb = q4_kind(Q4_1).block_bytes();
     let low = _mm_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); G];
@@ -311,12 +314,7 @@ fn packed_group<const G: usize, const Q4_1: bool>(
     nb: usize,
     out: &mut [f32],
 ) {
-    let bb = if Q4_1 {
-        QuantKind::Q4_1
-    } else {
-        QuantKind::Q4_0
-    }
-    .block_bytes();
+    let bb = q4_kind(Q4_1).block_bytes();
     let head = (bb - QK / 2) * PACK;
     let low = _mm256_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
