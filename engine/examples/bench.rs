@@ -73,7 +73,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let mut aggregate = Vec::new();
     for _ in 0..runs {
-        let start = Instant::now();
         let gens = (0..streams)
             .map(|_| engine.chat(&messages, params.clone()))
             .collect::<Result<Vec<_>, _>>()?;
@@ -88,7 +87,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let window = ends.max().unwrap_or_default() - firsts.max().unwrap_or_default();
         let produced: usize = done.iter().map(|c| c.usage.completion_tokens - 1).sum();
         aggregate.push(produced as f64 / window.as_secs_f64());
-        let _ = start;
     }
 
     let out = serde_json::json!({

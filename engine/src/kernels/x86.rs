@@ -305,6 +305,21 @@ fn broadcast_i8x4(b: &[i8; 4]) -> __m256i {
     _mm256_broadcastd_epi32(unsafe { _mm_loadu_si32(b.as_ptr().cast()) })
 }
 
+/// The `G` activation blocks at block index `b`, one per activation row, or `None` when `acts`
+/// is too short. Taken once per block so the inner loops index fixed-size arrays only.
+fn gather<const G: usize>(acts: &[BlockQ8], nb: usize, b: usize) -> Option<[&BlockQ8; G]> {
+    let mut out = [acts.first()?; G];
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = acts.get(j * nb + b)?;
+    }
+    Some(out)
+}
+
+/// Bytes `4k..4k + 4` of an activation block, as the 4-byte array `broadcast_i8x4` takes.
+fn quad(q: &[i8; QK], k: usize) -> &[i8; 4] {
+    q.as_chunks::<4>().0.get(k).unwrap_or(&[0; 4])
+}
+
 /// 8 repacked rows against `G` activation rows. Per block, the 8 `maddubs` products of a row
 /// pair fit in 16 bits (|15 · 127 · 2| · 8 = 30,480), so they are summed before widening.
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -321,30 +336,23 @@ fn packed_group<const G: usize, const Q4_1: bool>(
     let mut acc = [_mm256_setzero_ps(); G];
     for (b, blk) in group.chunks_exact(PACK * bb).enumerate().take(nb) {
         let (scales, quants) = blk.split_at(head);
+        let (Some(a), Ok(quants)) = (
+            gather::<G>(acts, nb, b),
+            <&[u8; PACK * QK / 2]>::try_from(quants),
+        ) else {
+            continue;
+        };
         let mut isum = [_mm256_setzero_si256(); G];
-        for (k, chunk) in quants.chunks_exact(32).enumerate() {
-            let Ok(chunk) = <&[u8; 32]>::try_from(chunk) else {
-                continue;
-            };
+        // Chunk k holds bytes 4k..4k+4 of each of the 8 rows: weights 4k.. in the low
+        // nibbles, 16 + 4k.. in the high ones.
+        for (k, chunk) in quants.as_chunks::<32>().0.iter().enumerate() {
             let w = load_u8x32(chunk);
             let lo = _mm256_and_si256(w, low);
             let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(w), low);
-            for (j, isum) in isum.iter_mut().enumerate() {
-                let Some(a) = acts.get(j * nb + b) else {
-                    continue;
-                };
-                let (Some(alo), Some(ahi)) =
-                    (a.q.get(4 * k..4 * k + 4), a.q.get(16 + 4 * k..20 + 4 * k))
-                else {
-                    continue;
-                };
-                let (Ok(alo), Ok(ahi)) = (<&[i8; 4]>::try_from(alo), <&[i8; 4]>::try_from(ahi))
-                else {
-                    continue;
-                };
+            for (isum, a) in isum.iter_mut().zip(&a) {
                 let p = _mm256_add_epi16(
-                    _mm256_maddubs_epi16(lo, broadcast_i8x4(alo)),
-                    _mm256_maddubs_epi16(hi, broadcast_i8x4(ahi)),
+                    _mm256_maddubs_epi16(lo, broadcast_i8x4(quad(&a.q, k))),
+                    _mm256_maddubs_epi16(hi, broadcast_i8x4(quad(&a.q, 4 + k))),
                 );
                 *isum = _mm256_add_epi16(*isum, p);
             }
@@ -361,10 +369,7 @@ fn packed_group<const G: usize, const Q4_1: bool>(
         } else {
             _mm256_mul_ps(d, _mm256_set1_ps(-8.0))
         };
-        for (j, (acc, isum)) in acc.iter_mut().zip(isum).enumerate() {
-            let Some(a) = acts.get(j * nb + b) else {
-                continue;
-            };
+        for ((acc, isum), a) in acc.iter_mut().zip(isum).zip(&a) {
             let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(isum, ones));
             *acc = _mm256_fmadd_ps(p, _mm256_mul_ps(d, _mm256_set1_ps(a.d)), *acc);
             *acc = _mm256_fmadd_ps(m, _mm256_set1_ps(a.s), *acc);
@@ -529,33 +534,25 @@ fn packed_q8_group<const G: usize>(group: &[u8], acts: &[BlockQ8], nb: usize, ou
     let mut acc = [_mm256_setzero_ps(); G];
     for (b, blk) in group.chunks_exact(PACK * bb).enumerate().take(nb) {
         let (scales, quants) = blk.split_at(2 * PACK);
+        let (Some(a), Ok(quants), Ok(d)) = (
+            gather::<G>(acts, nb, b),
+            <&[u8; PACK * QK]>::try_from(quants),
+            <&[u8; 16]>::try_from(scales),
+        ) else {
+            continue;
+        };
         let mut isum = [_mm256_setzero_si256(); G];
-        for (k, chunk) in quants.chunks_exact(32).enumerate() {
-            let Ok(chunk) = <&[u8; 32]>::try_from(chunk) else {
-                continue;
-            };
+        for (k, chunk) in quants.as_chunks::<32>().0.iter().enumerate() {
             let w = load_u8x32(chunk);
             let wabs = _mm256_sign_epi8(w, w);
-            for (j, isum) in isum.iter_mut().enumerate() {
-                let Some(a) = acts.get(j * nb + b) else {
-                    continue;
-                };
-                let Some(Ok(a4)) = a.q.get(4 * k..4 * k + 4).map(<&[i8; 4]>::try_from) else {
-                    continue;
-                };
-                let signed = _mm256_sign_epi8(broadcast_i8x4(a4), w);
+            for (isum, a) in isum.iter_mut().zip(&a) {
+                let signed = _mm256_sign_epi8(broadcast_i8x4(quad(&a.q, k)), w);
                 let p = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, signed), ones);
                 *isum = _mm256_add_epi32(*isum, p);
             }
         }
-        let Ok(d) = <&[u8; 16]>::try_from(scales) else {
-            continue;
-        };
         let d = load_u8x16_f16(d);
-        for (j, (acc, isum)) in acc.iter_mut().zip(isum).enumerate() {
-            let Some(a) = acts.get(j * nb + b) else {
-                continue;
-            };
+        for ((acc, isum), a) in acc.iter_mut().zip(isum).zip(&a) {
             *acc = _mm256_fmadd_ps(
                 _mm256_cvtepi32_ps(isum),
                 _mm256_mul_ps(d, _mm256_set1_ps(a.d)),
