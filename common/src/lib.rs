@@ -1,9 +1,10 @@
 //! Code shared by the enclave, the host relay and the client: the NSM abstraction (the real
 //! `/dev/nsm` driver and, behind the `mock-nsm` feature, a mock NSM with its own persisted CA),
-//! the sealed-model format, and, as later issues land, the host↔enclave wire protocol.
+//! the sealed-model format, and the host↔enclave wire protocol and transport.
 //!
-//! Nothing here does async I/O: the crate works on byte slices and typed values, and the
-//! binaries own sockets and files (DESIGN.md §2).
+//! The codecs do no I/O: they work on byte slices and typed values. The `tokio` feature adds
+//! the socket side (`wire::io` framing and the vsock/Unix [`transport`]) for the binaries
+//! (DESIGN.md §2).
 
 pub mod cbor;
 #[cfg(feature = "cli")]
@@ -11,6 +12,8 @@ pub mod cli;
 pub mod cms;
 pub mod nsm;
 pub mod sealed;
+#[cfg(feature = "tokio")]
+pub mod transport;
 pub mod wire;
 
 #[cfg(feature = "mock-nsm")]

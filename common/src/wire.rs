@@ -23,6 +23,12 @@ pub const DEFAULT_MAX_PAYLOAD: usize = 4 << 20;
 /// Longest human-readable reason carried in a frame.
 pub const MAX_REASON: usize = 1024;
 
+/// Longest nonce an attestation request may carry (the NSM accepts up to 512 bytes; clients
+/// need 32).
+pub const MAX_NONCE: usize = 64;
+/// Longest event record (a JSON object) the enclave may send.
+pub const MAX_EVENT: usize = 16 << 10;
+
 /// Message types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -41,21 +47,147 @@ pub enum MessageType {
     Ready = 0x06,
     /// enclave → host: provisioning failed, and why.
     Failed = 0x07,
+    /// host → enclave: opens a control connection; asks what state the enclave is in.
+    StatusRequest = 0x08,
+    /// enclave → host: the answer.
+    Status = 0x09,
+    /// host → enclave: liveness probe on the control connection.
+    Ping = 0x0a,
+    /// enclave → host: the answer, echoing the probe's number.
+    Pong = 0x0b,
+    /// host → enclave: opens a serving connection for one attestation document.
+    AttestationRequest = 0x10,
+    /// enclave → host: the COSE_Sign1 document.
+    AttestationResponse = 0x11,
+    /// host → enclave: opens (or continues) a serving connection for one opaque request.
+    RequestData = 0x12,
+    /// host → enclave: the request body is complete.
+    RequestEnd = 0x13,
+    /// enclave → host: part of the opaque response.
+    ResponseData = 0x14,
+    /// enclave → host: the response is complete.
+    ResponseEnd = 0x15,
+    /// either way: the stream failed at the transport level (never content).
+    StreamError = 0x16,
+    /// host → enclave: the client went away; stop the work.
+    Cancel = 0x17,
+    /// enclave → host: a content-free log or audit record.
+    Event = 0x20,
+}
+
+/// How a message type's payload is laid out.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// The whole payload is one byte string, taken without a copy.
+    Raw,
+    /// No payload.
+    Empty,
+    /// Length-prefixed fields.
+    Fields,
 }
 
 impl MessageType {
+    const ALL: [Self; 20] = [
+        Self::SealedHeader,
+        Self::KeyReleaseRequest,
+        Self::KeyReleaseResponse,
+        Self::KeyReleaseFailed,
+        Self::Chunk,
+        Self::Ready,
+        Self::Failed,
+        Self::StatusRequest,
+        Self::Status,
+        Self::Ping,
+        Self::Pong,
+        Self::AttestationRequest,
+        Self::AttestationResponse,
+        Self::RequestData,
+        Self::RequestEnd,
+        Self::ResponseData,
+        Self::ResponseEnd,
+        Self::StreamError,
+        Self::Cancel,
+        Self::Event,
+    ];
+
     fn from_u8(b: u8) -> Option<Self> {
-        Some(match b {
-            0x01 => Self::SealedHeader,
-            0x02 => Self::KeyReleaseRequest,
-            0x03 => Self::KeyReleaseResponse,
-            0x04 => Self::KeyReleaseFailed,
-            0x05 => Self::Chunk,
-            0x06 => Self::Ready,
-            0x07 => Self::Failed,
-            _ => return None,
-        })
+        Self::ALL.into_iter().find(|t| *t as u8 == b)
     }
+
+    fn layout(self) -> Layout {
+        match self {
+            Self::SealedHeader
+            | Self::KeyReleaseRequest
+            | Self::KeyReleaseResponse
+            | Self::Chunk
+            | Self::AttestationResponse
+            | Self::RequestData
+            | Self::ResponseData => Layout::Raw,
+            Self::StatusRequest | Self::RequestEnd | Self::ResponseEnd | Self::Cancel => {
+                Layout::Empty
+            }
+            Self::KeyReleaseFailed
+            | Self::Ready
+            | Self::Failed
+            | Self::Status
+            | Self::Ping
+            | Self::Pong
+            | Self::AttestationRequest
+            | Self::StreamError
+            | Self::Event => Layout::Fields,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::SealedHeader => "SealedHeader",
+            Self::KeyReleaseRequest => "KeyReleaseRequest",
+            Self::KeyReleaseResponse => "KeyReleaseResponse",
+            Self::KeyReleaseFailed => "KeyReleaseFailed",
+            Self::Chunk => "Chunk",
+            Self::Ready => "Ready",
+            Self::Failed => "Failed",
+            Self::StatusRequest => "StatusRequest",
+            Self::Status => "Status",
+            Self::Ping => "Ping",
+            Self::Pong => "Pong",
+            Self::AttestationRequest => "AttestationRequest",
+            Self::AttestationResponse => "AttestationResponse",
+            Self::RequestData => "RequestData",
+            Self::RequestEnd => "RequestEnd",
+            Self::ResponseData => "ResponseData",
+            Self::ResponseEnd => "ResponseEnd",
+            Self::StreamError => "StreamError",
+            Self::Cancel => "Cancel",
+            Self::Event => "Event",
+        }
+    }
+}
+
+/// What an enclave is doing, as it tells a host that (re)connects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnclaveState {
+    /// No model yet: the host should provision one.
+    AwaitingModel,
+    /// Another connection is provisioning it.
+    Provisioning,
+    /// A model is loaded and serving.
+    Ready {
+        /// SHA-256 of the weights (PCR16's input).
+        model_sha256: [u8; 32],
+        /// The model's name.
+        model_name: String,
+    },
+}
+
+/// Kinds of [`Message::Event`] records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum EventKind {
+    /// An operational log line.
+    Log = 1,
+    /// One request's audit record.
+    Audit = 2,
 }
 
 /// A decoded message.
@@ -92,29 +224,66 @@ pub enum Message {
         /// Why, without any content.
         reason: String,
     },
+    /// What state are you in?
+    StatusRequest,
+    /// The enclave's state.
+    Status(EnclaveState),
+    /// Liveness probe.
+    Ping(u64),
+    /// Its answer.
+    Pong(u64),
+    /// A fresh attestation document, please, with this nonce.
+    AttestationRequest {
+        /// At most [`MAX_NONCE`] bytes.
+        nonce: Vec<u8>,
+    },
+    /// The document.
+    AttestationResponse(Vec<u8>),
+    /// Opaque request bytes.
+    RequestData(Vec<u8>),
+    /// End of the request.
+    RequestEnd,
+    /// Opaque response bytes.
+    ResponseData(Vec<u8>),
+    /// End of the response.
+    ResponseEnd,
+    /// A transport-level failure of this stream.
+    StreamError {
+        /// An HTTP status the relay answers with if nothing was sent yet (503 busy, 400 bad
+        /// encapsulation, 500 internal).
+        status: u16,
+        /// Why, without any content.
+        reason: String,
+    },
+    /// Stop the work for this connection's request.
+    Cancel,
+    /// A log or audit record: a JSON object of at most [`MAX_EVENT`] bytes, content-free by
+    /// construction in the enclave.
+    Event {
+        /// Which.
+        kind: EventKind,
+        /// The JSON object.
+        record: String,
+    },
 }
 
 impl fmt::Debug for Message {
     // Sizes only: frames can carry ciphertext, and logs should not.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = self.message_type().name();
         match self {
-            Self::SealedHeader(b) => write!(f, "SealedHeader({} bytes)", b.len()),
-            Self::KeyReleaseRequest { attestation } => {
-                write!(f, "KeyReleaseRequest({} bytes)", attestation.len())
-            }
-            Self::KeyReleaseResponse {
-                ciphertext_for_recipient,
-            } => {
-                write!(
-                    f,
-                    "KeyReleaseResponse({} bytes)",
-                    ciphertext_for_recipient.len()
-                )
-            }
-            Self::KeyReleaseFailed { error } => write!(f, "KeyReleaseFailed({error:?})"),
-            Self::Chunk(b) => write!(f, "Chunk({} bytes)", b.len()),
-            Self::Ready { model_name, .. } => write!(f, "Ready({model_name:?})"),
-            Self::Failed { reason } => write!(f, "Failed({reason:?})"),
+            Self::KeyReleaseFailed { error } => write!(f, "{name}({error:?})"),
+            Self::Ready { model_name, .. } => write!(f, "{name}({model_name:?})"),
+            Self::Failed { reason } => write!(f, "{name}({reason:?})"),
+            Self::Status(s) => write!(f, "{name}({s:?})"),
+            Self::Ping(n) | Self::Pong(n) => write!(f, "{name}({n})"),
+            Self::AttestationRequest { nonce } => write!(f, "{name}({} byte nonce)", nonce.len()),
+            Self::StreamError { status, reason } => write!(f, "{name}({status}, {reason:?})"),
+            Self::Event { kind, record } => write!(f, "{name}({kind:?}, {} bytes)", record.len()),
+            _ => match self.raw_payload() {
+                Some(b) => write!(f, "{name}({} bytes)", b.len()),
+                None => f.write_str(name),
+            },
         }
     }
 }
@@ -203,6 +372,12 @@ impl<'a> Fields<'a> {
         self.buf = rest;
         Ok(field)
     }
+    fn array<const N: usize>(&mut self, reason: &'static str) -> Result<[u8; N], WireError> {
+        self.bytes()?.try_into().map_err(|_| WireError::Invalid {
+            what: self.what,
+            reason,
+        })
+    }
     fn text(&mut self, max: usize) -> Result<String, WireError> {
         let raw = self.bytes()?;
         if raw.len() > max {
@@ -241,19 +416,78 @@ impl Message {
             Self::Chunk(_) => MessageType::Chunk,
             Self::Ready { .. } => MessageType::Ready,
             Self::Failed { .. } => MessageType::Failed,
+            Self::StatusRequest => MessageType::StatusRequest,
+            Self::Status(_) => MessageType::Status,
+            Self::Ping(_) => MessageType::Ping,
+            Self::Pong(_) => MessageType::Pong,
+            Self::AttestationRequest { .. } => MessageType::AttestationRequest,
+            Self::AttestationResponse(_) => MessageType::AttestationResponse,
+            Self::RequestData(_) => MessageType::RequestData,
+            Self::RequestEnd => MessageType::RequestEnd,
+            Self::ResponseData(_) => MessageType::ResponseData,
+            Self::ResponseEnd => MessageType::ResponseEnd,
+            Self::StreamError { .. } => MessageType::StreamError,
+            Self::Cancel => MessageType::Cancel,
+            Self::Event { .. } => MessageType::Event,
         }
     }
 
     /// The payload when it is one raw byte field (no copy needed to send it).
     fn raw_payload(&self) -> Option<&[u8]> {
         match self {
-            Self::SealedHeader(b) | Self::Chunk(b) => Some(b),
+            Self::SealedHeader(b)
+            | Self::Chunk(b)
+            | Self::AttestationResponse(b)
+            | Self::RequestData(b)
+            | Self::ResponseData(b) => Some(b),
             Self::KeyReleaseRequest { attestation } => Some(attestation),
             Self::KeyReleaseResponse {
                 ciphertext_for_recipient,
             } => Some(ciphertext_for_recipient),
             _ => None,
         }
+    }
+
+    /// The fields of a [`Layout::Fields`] message (empty for the others).
+    fn fields(&self) -> Vec<u8> {
+        let mut p = Vec::new();
+        match self {
+            Self::KeyReleaseFailed { error } => put(&mut p, truncate(error, MAX_REASON)),
+            Self::Ready {
+                model_sha256,
+                model_name,
+            } => {
+                put(&mut p, model_sha256);
+                put(&mut p, truncate(model_name, MAX_REASON));
+            }
+            Self::Failed { reason } => put(&mut p, truncate(reason, MAX_REASON)),
+            Self::Status(state) => match state {
+                EnclaveState::AwaitingModel => put(&mut p, &[0]),
+                EnclaveState::Provisioning => put(&mut p, &[1]),
+                EnclaveState::Ready {
+                    model_sha256,
+                    model_name,
+                } => {
+                    put(&mut p, &[2]);
+                    put(&mut p, model_sha256);
+                    put(&mut p, truncate(model_name, MAX_REASON));
+                }
+            },
+            Self::Ping(n) | Self::Pong(n) => put(&mut p, &n.to_be_bytes()),
+            Self::AttestationRequest { nonce } => {
+                put(&mut p, nonce.get(..MAX_NONCE).unwrap_or(nonce))
+            }
+            Self::StreamError { status, reason } => {
+                put(&mut p, &status.to_be_bytes());
+                put(&mut p, truncate(reason, MAX_REASON));
+            }
+            Self::Event { kind, record } => {
+                put(&mut p, &[*kind as u8]);
+                put(&mut p, truncate(record, MAX_EVENT));
+            }
+            _ => {}
+        }
+        p
     }
 
     /// The frame header for a payload of `len` bytes.
@@ -264,31 +498,17 @@ impl Message {
 
     /// The complete frame: header and payload.
     pub fn encode(&self) -> Vec<u8> {
-        if let Some(raw) = self.raw_payload() {
-            let mut frame = Vec::with_capacity(HEADER_LEN + raw.len());
-            frame.extend_from_slice(&self.frame_header(raw.len()));
-            frame.extend_from_slice(raw);
-            return frame;
-        }
-        let mut payload = Vec::new();
-        match self {
-            Self::SealedHeader(_)
-            | Self::Chunk(_)
-            | Self::KeyReleaseRequest { .. }
-            | Self::KeyReleaseResponse { .. } => {}
-            Self::KeyReleaseFailed { error } => put(&mut payload, truncate(error).as_bytes()),
-            Self::Ready {
-                model_sha256,
-                model_name,
-            } => {
-                put(&mut payload, model_sha256);
-                put(&mut payload, truncate(model_name).as_bytes());
+        let fields;
+        let payload = match self.raw_payload() {
+            Some(raw) => raw,
+            None => {
+                fields = self.fields();
+                &fields
             }
-            Self::Failed { reason } => put(&mut payload, truncate(reason).as_bytes()),
-        }
+        };
         let mut frame = Vec::with_capacity(HEADER_LEN + payload.len());
         frame.extend_from_slice(&self.frame_header(payload.len()));
-        frame.extend_from_slice(&payload);
+        frame.extend_from_slice(payload);
         frame
     }
 
@@ -303,50 +523,74 @@ impl Message {
             MessageType::KeyReleaseResponse => Self::KeyReleaseResponse {
                 ciphertext_for_recipient: payload,
             },
+            MessageType::AttestationResponse => Self::AttestationResponse(payload),
+            MessageType::RequestData => Self::RequestData(payload),
+            MessageType::ResponseData => Self::ResponseData(payload),
             _ => Self::decode(ty, &payload)?,
         })
     }
 
     /// Decodes a payload of type `ty`.
     pub fn decode(ty: MessageType, payload: &[u8]) -> Result<Self, WireError> {
-        if matches!(
-            ty,
-            MessageType::SealedHeader
-                | MessageType::Chunk
-                | MessageType::KeyReleaseRequest
-                | MessageType::KeyReleaseResponse
-        ) {
-            return Self::decode_owned(ty, payload.to_vec());
+        let what = ty.name();
+        match ty.layout() {
+            Layout::Raw => return Self::decode_owned(ty, payload.to_vec()),
+            Layout::Empty => {
+                if !payload.is_empty() {
+                    return Err(WireError::TrailingBytes(what));
+                }
+                return Ok(match ty {
+                    MessageType::StatusRequest => Self::StatusRequest,
+                    MessageType::RequestEnd => Self::RequestEnd,
+                    MessageType::ResponseEnd => Self::ResponseEnd,
+                    _ => Self::Cancel,
+                });
+            }
+            Layout::Fields => {}
         }
-        let what = match ty {
-            MessageType::SealedHeader => "SealedHeader",
-            MessageType::KeyReleaseRequest => "KeyReleaseRequest",
-            MessageType::KeyReleaseResponse => "KeyReleaseResponse",
-            MessageType::KeyReleaseFailed => "KeyReleaseFailed",
-            MessageType::Chunk => "Chunk",
-            MessageType::Ready => "Ready",
-            MessageType::Failed => "Failed",
-        };
         let mut f = Fields { buf: payload, what };
+        let invalid = |reason| WireError::Invalid { what, reason };
         let msg = match ty {
-            MessageType::SealedHeader
-            | MessageType::Chunk
-            | MessageType::KeyReleaseRequest
-            | MessageType::KeyReleaseResponse => unreachable_raw(what)?,
             MessageType::KeyReleaseFailed => Self::KeyReleaseFailed {
                 error: f.text(MAX_REASON)?,
             },
-            MessageType::Ready => {
-                let model_sha256 = f.bytes()?.try_into().map_err(|_| WireError::Invalid {
-                    what,
-                    reason: "model_sha256 is not 32 bytes",
-                })?;
-                Self::Ready {
-                    model_sha256,
+            MessageType::Ready => Self::Ready {
+                model_sha256: f.array("model_sha256 is not 32 bytes")?,
+                model_name: f.text(MAX_REASON)?,
+            },
+            MessageType::Status => Self::Status(match f.array("state is not one byte")? {
+                [0] => EnclaveState::AwaitingModel,
+                [1] => EnclaveState::Provisioning,
+                [2] => EnclaveState::Ready {
+                    model_sha256: f.array("model_sha256 is not 32 bytes")?,
                     model_name: f.text(MAX_REASON)?,
+                },
+                _ => return Err(invalid("unknown state")),
+            }),
+            MessageType::Ping => Self::Ping(u64::from_be_bytes(f.array("not 8 bytes")?)),
+            MessageType::Pong => Self::Pong(u64::from_be_bytes(f.array("not 8 bytes")?)),
+            MessageType::AttestationRequest => {
+                let nonce = f.bytes()?;
+                if nonce.len() > MAX_NONCE {
+                    return Err(invalid("nonce too long"));
+                }
+                Self::AttestationRequest {
+                    nonce: nonce.to_vec(),
                 }
             }
-            MessageType::Failed => Self::Failed {
+            MessageType::StreamError => Self::StreamError {
+                status: u16::from_be_bytes(f.array("status is not 2 bytes")?),
+                reason: f.text(MAX_REASON)?,
+            },
+            MessageType::Event => Self::Event {
+                kind: match f.array("kind is not one byte")? {
+                    [1] => EventKind::Log,
+                    [2] => EventKind::Audit,
+                    _ => return Err(invalid("unknown event kind")),
+                },
+                record: f.text(MAX_EVENT)?,
+            },
+            _ => Self::Failed {
                 reason: f.text(MAX_REASON)?,
             },
         };
@@ -355,24 +599,16 @@ impl Message {
     }
 }
 
-/// Raw messages are decoded before field parsing; this arm cannot be reached.
-fn unreachable_raw(what: &'static str) -> Result<Message, WireError> {
-    Err(WireError::Invalid {
-        what,
-        reason: "raw payload decoded as fields",
-    })
-}
-
-/// Cuts a reason to [`MAX_REASON`] bytes at a character boundary.
-fn truncate(s: &str) -> &str {
-    if s.len() <= MAX_REASON {
-        return s;
+/// Cuts text to `max` bytes at a character boundary.
+fn truncate(s: &str, max: usize) -> &[u8] {
+    if s.len() <= max {
+        return s.as_bytes();
     }
-    let mut end = MAX_REASON;
+    let mut end = max;
     while !s.is_char_boundary(end) {
         end -= 1;
     }
-    s.get(..end).unwrap_or_default()
+    s.get(..end).unwrap_or_default().as_bytes()
 }
 
 /// Async framing over a byte stream (Unix socket or vsock).
@@ -401,6 +637,29 @@ pub mod io {
         Ok(check_preface(&p)?)
     }
 
+    /// Sends our preface and the first frame in one write, so opening a request costs no
+    /// round trip; the peer's preface is checked by [`read_preface`] before its first answer.
+    pub async fn open<S: AsyncWrite + Unpin>(s: &mut S, first: &Message) -> Result<(), ConnError> {
+        let mut buf = PREFACE.to_vec();
+        buf.extend_from_slice(&first.encode());
+        s.write_all(&buf).await?;
+        s.flush().await?;
+        Ok(())
+    }
+
+    /// Reads and checks the peer's preface.
+    pub async fn read_preface<S: AsyncRead + Unpin>(s: &mut S) -> Result<(), ConnError> {
+        let mut p = [0u8; 8];
+        s.read_exact(&mut p).await?;
+        Ok(check_preface(&p)?)
+    }
+
+    /// Sends our preface (the side that answers).
+    pub async fn write_preface<S: AsyncWrite + Unpin>(s: &mut S) -> Result<(), ConnError> {
+        s.write_all(&PREFACE).await?;
+        Ok(())
+    }
+
     /// Reads one frame, refusing payloads over `max` before allocating them.
     pub async fn read_frame<S: AsyncRead + Unpin>(
         s: &mut S,
@@ -418,21 +677,14 @@ pub mod io {
         Ok(Message::decode_owned(ty, payload)?)
     }
 
-    /// Writes a frame of a raw-payload type (`SealedHeader`, `Chunk`, `KeyReleaseRequest`,
-    /// `KeyReleaseResponse`) straight from `payload`, so a sender can reuse one buffer. The
-    /// caller flushes.
+    /// Writes a frame of a raw-payload type (`SealedHeader`, `Chunk`, `RequestData`, …)
+    /// straight from `payload`, so a sender can reuse one buffer. The caller flushes.
     pub async fn write_raw<S: AsyncWrite + Unpin>(
         s: &mut S,
         ty: MessageType,
         payload: &[u8],
     ) -> Result<(), ConnError> {
-        if !matches!(
-            ty,
-            MessageType::SealedHeader
-                | MessageType::Chunk
-                | MessageType::KeyReleaseRequest
-                | MessageType::KeyReleaseResponse
-        ) {
+        if ty.layout() != Layout::Raw {
             return Err(WireError::Invalid {
                 what: "write_raw",
                 reason: "message type has structured fields",
@@ -491,12 +743,38 @@ mod tests {
                 ciphertext_for_recipient: c
             }),
             text.prop_map(|error| Message::KeyReleaseFailed { error }),
-            bytes.prop_map(Message::Chunk),
+            bytes.clone().prop_map(Message::Chunk),
             (any::<[u8; 32]>(), text).prop_map(|(model_sha256, model_name)| Message::Ready {
                 model_sha256,
                 model_name
             }),
             text.prop_map(|reason| Message::Failed { reason }),
+            Just(Message::StatusRequest),
+            Just(Message::Status(EnclaveState::AwaitingModel)),
+            Just(Message::Status(EnclaveState::Provisioning)),
+            (any::<[u8; 32]>(), text).prop_map(|(model_sha256, model_name)| Message::Status(
+                EnclaveState::Ready {
+                    model_sha256,
+                    model_name
+                }
+            )),
+            any::<u64>().prop_map(Message::Ping),
+            any::<u64>().prop_map(Message::Pong),
+            proptest::collection::vec(any::<u8>(), 0..=MAX_NONCE)
+                .prop_map(|nonce| Message::AttestationRequest { nonce }),
+            bytes.clone().prop_map(Message::AttestationResponse),
+            bytes.clone().prop_map(Message::RequestData),
+            Just(Message::RequestEnd),
+            bytes.clone().prop_map(Message::ResponseData),
+            Just(Message::ResponseEnd),
+            (any::<u16>(), text)
+                .prop_map(|(status, reason)| Message::StreamError { status, reason }),
+            Just(Message::Cancel),
+            (
+                prop_oneof![Just(EventKind::Log), Just(EventKind::Audit)],
+                text
+            )
+                .prop_map(|(kind, record)| Message::Event { kind, record }),
         ]
     }
 
@@ -541,6 +819,20 @@ mod tests {
         assert!(Message::decode(MessageType::Ready, &[0, 0, 0, 1, 1, 0, 0, 0, 0]).is_err());
         assert!(Message::decode(MessageType::Failed, &[0, 0, 0, 2, 0xff, 0xfe]).is_err());
         assert_eq!(check_preface(b"NEWIRE\x02\x00"), Err(WireError::BadPreface));
+        // Empty messages are empty; fixed-size fields are their size; nonces are bounded.
+        assert_eq!(
+            Message::decode(MessageType::Cancel, &[0]),
+            Err(WireError::TrailingBytes("Cancel"))
+        );
+        assert!(Message::decode(MessageType::Ping, &[0, 0, 0, 2, 1, 2]).is_err());
+        assert!(Message::decode(MessageType::Status, &[0, 0, 0, 1, 9]).is_err());
+        let mut long_nonce = vec![0, 0, 0, 65];
+        long_nonce.extend([7; 65]);
+        assert!(Message::decode(MessageType::AttestationRequest, &long_nonce).is_err());
+        assert!(Message::decode(MessageType::Event, &[0, 0, 0, 1, 3, 0, 0, 0, 0]).is_err());
+        for t in MessageType::ALL {
+            assert_eq!(MessageType::from_u8(t as u8), Some(t));
+        }
         let long = "é".repeat(MAX_REASON);
         let m = Message::Failed { reason: long };
         assert!(

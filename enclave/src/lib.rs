@@ -1,6 +1,6 @@
 //! The enclave application: everything that runs inside the Nitro Enclave. Provisioning
-//! (attested key release and in-memory unsealing) is here; inference and the attested client
-//! endpoint arrive with issues 4 and 6.
+//! (attested key release and in-memory unsealing), and the listener that serves the host's
+//! control connection, attestation documents and opaque request streams.
 //!
 //! Everything from the host is untrusted input: bounded, checked, and answered with
 //! content-free errors.
@@ -8,3 +8,4 @@
 #![forbid(unsafe_code)]
 
 pub mod provision;
+pub mod server;

@@ -1,15 +1,19 @@
 //! `enclave`: the process inside the Nitro Enclave.
 //!
 //! ```text
-//! enclave --listen unix:PATH [--max-model-bytes N]
+//! enclave --listen unix:PATH|vsock:any:PORT [--max-model-bytes N] [--max-streams N]
 //!         [--mock-ca DIR --mock-image LABEL [--mock-debug]]   (builds with the mock-nsm feature)
 //! ```
 //! It waits for the host to provision it with a sealed model, unseals it in memory, loads it into
-//! the inference engine (then reports `Ready`), and logs content-free events. The client
-//! endpoint arrives with the attested-channel issue.
+//! the inference engine (then reports `Ready`), and serves the host's control connection and
+//! client attestation requests (`enclave::server`). The OHTTP gateway arrives with the
+//! attested-channel issue; until then request streams are refused with 501.
 
 use clap::Parser;
 use common::nsm::Nsm;
+use common::transport::Endpoint;
+use enclave::server::{Config, Enclave, NoGateway};
+#[cfg(feature = "mock-nsm")]
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -17,11 +21,17 @@ use std::sync::Arc;
 #[derive(Parser)]
 #[command(name = "enclave", version, about = "Confidential inference enclave")]
 struct Args {
-    /// Where the host connects: unix:PATH in local mode.
+    /// Where the host connects: vsock:any:PORT on Nitro, unix:PATH in local mode.
     #[arg(long, env = "ENCLAVE_LISTEN")]
     listen: String,
+    /// Client request streams served at once; more get 503.
+    #[arg(long, env = "ENCLAVE_MAX_STREAMS", default_value_t = Config::default().max_streams)]
+    max_streams: usize,
+    /// Largest client request body, in bytes.
+    #[arg(long, env = "ENCLAVE_MAX_REQUEST_BYTES", default_value_t = Config::default().max_request_bytes)]
+    max_request_bytes: usize,
     /// Largest model accepted, in bytes (the enclave's memory minus the KV caches).
-    #[arg(long, env = "ENCLAVE_MAX_MODEL_BYTES", default_value_t = 8 << 30)]
+    #[arg(long, env = "ENCLAVE_MAX_MODEL_BYTES", default_value_t = Config::default().max_model_bytes)]
     max_model_bytes: u64,
     /// Inference worker threads (default: the enclave's vCPUs).
     #[arg(long, env = "ENCLAVE_THREADS")]
@@ -63,61 +73,26 @@ fn open_nsm(args: &Args) -> Result<Arc<dyn Nsm>, String> {
 
 async fn run(args: Args) -> Result<(), String> {
     let nsm = open_nsm(&args)?;
-    let path = PathBuf::from(
-        args.listen
-            .strip_prefix("unix:")
-            .ok_or("--listen must be unix:PATH (vsock arrives with the relay)")?,
-    );
-    let _ = std::fs::remove_file(&path);
-    let listener = tokio::net::UnixListener::bind(&path)
-        .map_err(|e| format!("listen on {}: {e}", path.display()))?;
-    tracing::info!(path = %path.display(), "waiting for the host to provision a model");
-    let mut cfg = engine::EngineConfig {
-        kv_budget_bytes: args.kv_mib << 20,
-        ..Default::default()
+    let endpoint: Endpoint = args.listen.parse().map_err(|e| format!("--listen: {e}"))?;
+    let listener = endpoint
+        .bind()
+        .map_err(|e| format!("listen on {endpoint}: {e}"))?;
+    let mut cfg = Config {
+        max_model_bytes: args.max_model_bytes,
+        max_streams: args.max_streams,
+        max_request_bytes: args.max_request_bytes,
+        ..Config::default()
     };
+    cfg.engine.kv_budget_bytes = args.kv_mib << 20;
     if let Some(t) = args.threads {
-        cfg.threads = t;
+        cfg.engine.threads = t;
     }
-    let (engine, sha256, name) = loop {
-        // A fresh key per attempt, made while no host is waiting on it.
-        let recipient = enclave::provision::recipient_key()
-            .await
-            .map_err(|e| e.to_string())?;
-        let (mut conn, _) = listener
-            .accept()
-            .await
-            .map_err(|e| format!("accept: {e}"))?;
-        let cfg = cfg.clone();
-        let load = move |m: enclave::provision::LoadedModel| {
-            let (sha256, name) = (m.sha256, m.name);
-            engine::load(m.weights, cfg)
-                .map(|e| (e, sha256, name))
-                .map_err(|e| e.to_string())
-        };
-        match enclave::provision::provision_with(
-            &mut conn,
-            nsm.clone(),
-            args.max_model_bytes,
-            recipient,
-            load,
-        )
-        .await
-        {
-            Ok(loaded) => break loaded,
-            // Refuse to serve; say why, and let the host try again (e.g. after a policy fix).
-            Err(e) => tracing::error!(error = %e, "provisioning failed; not serving"),
-        }
-    };
-    tracing::info!(
-        model = %name,
-        sha256 = %hex::encode(sha256),
-        context = engine.context_length(),
-        kernels = engine::kernels::Kernels::detect().name(),
-        "ready"
-    );
-    let _ = tokio::signal::ctrl_c().await;
-    Ok(())
+    let enclave = Enclave::new(nsm, cfg, Arc::new(NoGateway));
+    tracing::info!(%endpoint, "waiting for the host to provision a model");
+    tokio::select! {
+        r = enclave.serve(listener) => r.map_err(|e| format!("accept on {endpoint}: {e}")),
+        _ = tokio::signal::ctrl_c() => Ok(()),
+    }
 }
 
 fn main() -> ExitCode {

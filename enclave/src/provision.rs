@@ -18,7 +18,7 @@ use common::sealed::{
     allocate, model_pcr16, DataKey, SealError, SealedHeader, Unsealer, MODEL_PCR,
 };
 use common::wire::io::{handshake, read_frame, write_frame, ConnError};
-use common::wire::{Message, DEFAULT_MAX_PAYLOAD, MAX_REASON};
+use common::wire::{Message, DEFAULT_MAX_PAYLOAD};
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 use zeroize::Zeroizing;
@@ -137,7 +137,35 @@ where
     T: Send + 'static,
     F: FnOnce(LoadedModel) -> Result<T, String> + Send + 'static,
 {
-    let loaded = match run(conn, nsm, max_model, recipient).await {
+    handshake(conn).await?;
+    let header = match read_frame(conn, DEFAULT_MAX_PAYLOAD).await? {
+        Message::SealedHeader(b) => b,
+        got => {
+            return Err(ProvisionError::Protocol {
+                expected: "SealedHeader",
+                got,
+            })
+        }
+    };
+    provision_from_header(conn, header, nsm, max_model, recipient, load).await
+}
+
+/// [`provision_with`] on a connection whose preface and `SealedHeader` frame were already
+/// read (by the enclave's listener, which dispatches on a connection's first frame).
+pub async fn provision_from_header<S, T, F>(
+    conn: &mut S,
+    header_bytes: Vec<u8>,
+    nsm: Arc<dyn Nsm>,
+    max_model: u64,
+    recipient: RecipientKey,
+    load: F,
+) -> Result<T, ProvisionError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    T: Send + 'static,
+    F: FnOnce(LoadedModel) -> Result<T, String> + Send + 'static,
+{
+    let loaded = match run(conn, header_bytes, nsm, max_model, recipient).await {
         Ok(model) => {
             let (sha256, name) = (model.sha256, model.name.clone());
             blocking(move || load(model))
@@ -160,8 +188,8 @@ where
             Ok(loaded)
         }
         Err(e) => {
-            let mut reason = e.to_string();
-            reason.truncate(MAX_REASON);
+            // The codec cuts it to MAX_REASON at a character boundary.
+            let reason = e.to_string();
             // Best effort: the connection may be what failed.
             let _ = write_frame(conn, &Message::Failed { reason }).await;
             Err(e)
@@ -171,20 +199,11 @@ where
 
 async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut S,
+    header_bytes: Vec<u8>,
     nsm: Arc<dyn Nsm>,
     max_model: u64,
     recipient: RecipientKey,
 ) -> Result<LoadedModel, ProvisionError> {
-    handshake(conn).await?;
-    let header_bytes = match read_frame(conn, DEFAULT_MAX_PAYLOAD).await? {
-        Message::SealedHeader(b) => b,
-        got => {
-            return Err(ProvisionError::Protocol {
-                expected: "SealedHeader",
-                got,
-            })
-        }
-    };
     let (header, used) = SealedHeader::decode(&header_bytes)?;
     if used != header_bytes.len() {
         return Err(SealError::TrailingData {

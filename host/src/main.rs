@@ -3,7 +3,8 @@
 //! ```text
 //! host seal --kms-key-id ID --in MODEL --out SEALED [--name NAME] [--region R] [--endpoint-url URL]
 //! host kms-policy --measurements FILE [--sealed SEALED | --model-sha256 HEX] [--include-pcr N]...
-//! host provision --enclave unix:PATH --sealed SEALED [--region R] [--endpoint-url URL]
+//! host provision --enclave unix:PATH|vsock:CID:PORT --sealed SEALED [--region R] [--endpoint-url URL]
+//! host serve [--config FILE] [--listen ADDR] [--enclave ADDR] [--sealed SEALED] [limits…]
 //! ```
 
 use clap::{Parser, Subcommand};
@@ -89,9 +90,11 @@ enum Command {
         #[arg(long)]
         enclave_principal: Option<String>,
     },
+    /// Run the relay: the client HTTP API, kept in front of a provisioned enclave.
+    Serve(Box<ServeArgs>),
     /// Provision a running enclave with a sealed model (key release through KMS).
     Provision {
-        /// Enclave address: unix:PATH (local mode).
+        /// Enclave address: vsock:CID:PORT, or unix:PATH in local mode.
         #[arg(long)]
         enclave: String,
         /// The sealed model.
@@ -100,6 +103,132 @@ enum Command {
         #[command(flatten)]
         kms: KmsArgs,
     },
+}
+
+/// `host serve` flags. Each overrides the configuration file's value; defaults live in
+/// `ServeConfig::default` only.
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// TOML configuration file (unknown keys are refused).
+    #[arg(long, env = "HOST_CONFIG")]
+    config: Option<PathBuf>,
+    /// Client listener address [default: 127.0.0.1:8000].
+    #[arg(long, env = "HOST_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
+    /// The enclave: vsock:CID:PORT, or unix:PATH in local mode [default: vsock:16:5000].
+    #[arg(long, env = "HOST_ENCLAVE")]
+    enclave: Option<String>,
+    /// Sealed model to provision the enclave with, at start and whenever it restarts.
+    #[arg(long, env = "HOST_SEALED")]
+    sealed: Option<PathBuf>,
+    /// TLS certificate chain (PEM) for the client listener.
+    #[arg(long, env = "HOST_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "HOST_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Largest request body in bytes [default: 1 MiB].
+    #[arg(long, env = "HOST_MAX_BODY_BYTES")]
+    max_body_bytes: Option<u64>,
+    /// Time for a client to send its request headers, ms [default: 10000].
+    #[arg(long, env = "HOST_HEADER_TIMEOUT_MS")]
+    header_timeout_ms: Option<u64>,
+    /// Time for a client to send a whole request body, ms [default: 30000].
+    #[arg(long, env = "HOST_BODY_TIMEOUT_MS")]
+    body_timeout_ms: Option<u64>,
+    /// Idle connection timeout, ms [default: 120000].
+    #[arg(long, env = "HOST_IDLE_TIMEOUT_MS")]
+    idle_timeout_ms: Option<u64>,
+    /// Requests in flight at once [default: 2048].
+    #[arg(long, env = "HOST_MAX_IN_FLIGHT")]
+    max_in_flight: Option<usize>,
+    /// Per-client sustained requests per second [default: 50].
+    #[arg(long, env = "HOST_RATE_PER_SECOND")]
+    rate_per_second: Option<f64>,
+    /// Per-client burst [default: 100].
+    #[arg(long, env = "HOST_RATE_BURST")]
+    rate_burst: Option<f64>,
+    /// Time for the enclave to answer, ms [default: 30000].
+    #[arg(long, env = "HOST_ENCLAVE_TIMEOUT_MS")]
+    enclave_timeout_ms: Option<u64>,
+    /// Drain time on SIGTERM, ms [default: 30000].
+    #[arg(long, env = "HOST_SHUTDOWN_GRACE_MS")]
+    shutdown_grace_ms: Option<u64>,
+    /// Audit records as JSON lines to this file [default: the log].
+    #[arg(long, env = "HOST_AUDIT_LOG")]
+    audit_log: Option<PathBuf>,
+    /// Log format: text or json.
+    #[arg(long, env = "LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    #[command(flatten)]
+    kms: KmsArgs,
+}
+
+impl ServeArgs {
+    fn config(&self) -> Result<host::serve::config::ServeConfig, String> {
+        let mut c = match &self.config {
+            Some(path) => {
+                host::serve::config::ServeConfig::from_file(path).map_err(|e| e.to_string())?
+            }
+            None => Default::default(),
+        };
+        macro_rules! set {
+            ($($f:ident),*) => {$(if let Some(v) = &self.$f { c.$f = v.clone(); })*};
+        }
+        macro_rules! set_opt {
+            ($($f:ident),*) => {$(if self.$f.is_some() { c.$f = self.$f.clone(); })*};
+        }
+        set!(
+            listen,
+            enclave,
+            max_body_bytes,
+            header_timeout_ms,
+            body_timeout_ms,
+            idle_timeout_ms,
+            max_in_flight,
+            rate_per_second,
+            rate_burst,
+            enclave_timeout_ms,
+            shutdown_grace_ms
+        );
+        set_opt!(sealed, tls_cert, tls_key, audit_log);
+        if self.kms.region.is_some() {
+            c.region = self.kms.region.clone();
+        }
+        if self.kms.endpoint_url.is_some() {
+            c.endpoint_url = self.kms.endpoint_url.clone();
+        }
+        c.validate().map_err(|e| e.to_string())?;
+        Ok(c)
+    }
+}
+
+async fn serve(cfg: host::serve::config::ServeConfig) -> Result<(), String> {
+    let kms = match &cfg.sealed {
+        Some(sealed) => {
+            read_sealed_header(sealed)?;
+            Some(
+                host::kms::client(&KmsOptions {
+                    region: cfg.region.clone(),
+                    endpoint_url: cfg.endpoint_url.clone(),
+                    static_credentials: None,
+                })
+                .await,
+            )
+        }
+        None => None,
+    };
+    let relay = host::serve::start(cfg, kms)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| format!("SIGTERM handler: {e}"))?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    relay.shutdown().await;
+    Ok(())
 }
 
 fn read_sealed_header(path: &PathBuf) -> Result<SealedHeader, String> {
@@ -116,6 +245,7 @@ fn read_sealed_header(path: &PathBuf) -> Result<SealedHeader, String> {
 
 async fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
+        Command::Serve(args) => serve(args.config()?).await,
         Command::Seal {
             kms_key_id,
             input,
@@ -194,14 +324,14 @@ async fn run(cli: Cli) -> Result<(), String> {
             sealed,
             kms,
         } => {
-            let path = enclave
-                .strip_prefix("unix:")
-                .ok_or("--enclave must be unix:PATH (vsock arrives with the relay)")?;
+            let endpoint: common::transport::Endpoint =
+                enclave.parse().map_err(|e| format!("--enclave: {e}"))?;
             // Check the sealed file before touching the enclave.
             read_sealed_header(&sealed)?;
-            let mut conn = tokio::net::UnixStream::connect(path)
+            let mut conn = endpoint
+                .connect()
                 .await
-                .map_err(|e| format!("connect {path}: {e}"))?;
+                .map_err(|e| format!("connect {endpoint}: {e}"))?;
             let client = host::kms::client(&kms.options()).await;
             match host::provision::provision(&mut conn, &client, &sealed).await {
                 Ok(p) => {
@@ -224,5 +354,6 @@ async fn run(cli: Cli) -> Result<(), String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    common::cli::run_main("host", run(cli))
+    let json = matches!(&cli.command, Command::Serve(a) if a.log_format == "json");
+    common::cli::run_main_with("host", json, run(cli))
 }

@@ -93,14 +93,23 @@ pub async fn provision<S: AsyncRead + AsyncWrite + Unpin>(
     kms: &aws_sdk_kms::Client,
     sealed: &Path,
 ) -> Result<Provisioned, ProvisionError> {
+    handshake(conn).await?;
+    send_model(conn, kms, sealed).await
+}
+
+/// [`provision`] on a connection whose prefaces were already exchanged (`host serve`'s control
+/// connection).
+pub async fn send_model<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut S,
+    kms: &aws_sdk_kms::Client,
+    sealed: &Path,
+) -> Result<Provisioned, ProvisionError> {
     let io = |source| ProvisionError::Io {
         path: sealed.to_path_buf(),
         source,
     };
     let mut file = tokio::fs::File::open(sealed).await.map_err(io)?;
     let (header, header_bytes) = read_header(&mut file, sealed).await?;
-
-    handshake(conn).await?;
     write_frame(conn, &Message::SealedHeader(header_bytes)).await?;
     let attestation = match read_frame(conn, DEFAULT_MAX_PAYLOAD).await? {
         Message::KeyReleaseRequest { attestation } => attestation,

@@ -1,0 +1,432 @@
+//! The enclave's listener: one socket (vsock on Nitro, Unix in local mode) on which the host
+//! opens a control connection (status, provisioning, pings, the enclave's events) and one
+//! connection per client request (an attestation document, or one opaque request stream).
+//! A connection says what it is with its first frame; see `common::transport` for why there
+//! is one connection per request.
+//!
+//! Everything the host sends is untrusted: frames are bounded, request bodies are bounded,
+//! concurrent streams are bounded, and failures are answered with content-free reasons.
+
+use crate::provision::{provision_from_header, recipient_key, LoadedModel};
+use common::nsm::{AttestationRequest, Nsm};
+use common::transport::{BoxConn, Listener};
+use common::wire::io::{read_frame, read_preface, write_frame, write_preface, ConnError};
+use common::wire::{EnclaveState, EventKind, Message, DEFAULT_MAX_PAYLOAD};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, Semaphore};
+
+/// A loaded model and what identifies it.
+pub struct Served {
+    /// The inference engine on the unsealed weights.
+    pub engine: engine::Engine,
+    /// SHA-256 of the weights (PCR16's input).
+    pub sha256: [u8; 32],
+    /// The model's name from the sealed header.
+    pub name: String,
+}
+
+impl std::fmt::Debug for Served {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Served")
+            .field("name", &self.name)
+            .field("sha256", &hex::encode(self.sha256))
+            .finish()
+    }
+}
+
+/// A stream failure the host may see: an HTTP-like status and a content-free reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamFailure {
+    /// 400 (malformed request), 413 (too large), 503 (not ready or busy), 500 (internal).
+    pub status: u16,
+    /// Why, naming checks, never content.
+    pub reason: String,
+}
+
+impl StreamFailure {
+    /// A failure with `status` and `reason`.
+    pub fn new(status: u16, reason: impl Into<String>) -> Self {
+        Self {
+            status,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The response to one request, as it is produced. Dropping the receiver cancels the work.
+pub type ResponseStream = mpsc::Receiver<Result<Vec<u8>, StreamFailure>>;
+
+/// What answers opaque client requests: the attested OHTTP gateway.
+pub trait Gateway: Send + Sync + 'static {
+    /// The public key that attestation documents for clients carry (`public_key`).
+    fn public_key(&self) -> Option<Vec<u8>>;
+    /// The `user_data` that binds the key to the model and configuration.
+    fn user_data(&self, served: &Served) -> Option<Vec<u8>>;
+    /// Starts answering one request.
+    fn open(&self, served: Arc<Served>, request: Vec<u8>) -> Result<ResponseStream, StreamFailure>;
+}
+
+/// The listener's limits.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Largest model accepted, in bytes.
+    pub max_model_bytes: u64,
+    /// The engine's configuration.
+    pub engine: engine::EngineConfig,
+    /// Request streams served at once; more are refused with 503.
+    pub max_streams: usize,
+    /// Largest request body, in bytes.
+    pub max_request_bytes: usize,
+    /// Events kept while no host is connected to take them.
+    pub event_backlog: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            max_model_bytes: 8 << 30,
+            engine: engine::EngineConfig::default(),
+            max_streams: 4096,
+            max_request_bytes: 1 << 20,
+            event_backlog: 4096,
+        }
+    }
+}
+
+enum Phase {
+    Awaiting,
+    Provisioning,
+    Ready(Arc<Served>),
+}
+
+/// The enclave's serving state, shared by all connections.
+pub struct Enclave {
+    nsm: Arc<dyn Nsm>,
+    cfg: Config,
+    gateway: Arc<dyn Gateway>,
+    phase: Mutex<Phase>,
+    streams: Arc<Semaphore>,
+    events_tx: mpsc::Sender<(EventKind, String)>,
+    events_rx: tokio::sync::Mutex<mpsc::Receiver<(EventKind, String)>>,
+}
+
+impl std::fmt::Debug for Enclave {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Enclave").finish_non_exhaustive()
+    }
+}
+
+impl Enclave {
+    /// An enclave waiting for its model.
+    pub fn new(nsm: Arc<dyn Nsm>, cfg: Config, gateway: Arc<dyn Gateway>) -> Arc<Self> {
+        let (events_tx, events_rx) = mpsc::channel(cfg.event_backlog.max(1));
+        Arc::new(Self {
+            nsm,
+            streams: Arc::new(Semaphore::new(cfg.max_streams)),
+            cfg,
+            gateway,
+            phase: Mutex::new(Phase::Awaiting),
+            events_tx,
+            events_rx: tokio::sync::Mutex::new(events_rx),
+        })
+    }
+
+    /// The model, once provisioned.
+    pub fn served(&self) -> Option<Arc<Served>> {
+        match &*self.phase.lock().unwrap_or_else(|e| e.into_inner()) {
+            Phase::Ready(s) => Some(s.clone()),
+            _ => None,
+        }
+    }
+
+    fn state(&self) -> EnclaveState {
+        match &*self.phase.lock().unwrap_or_else(|e| e.into_inner()) {
+            Phase::Awaiting => EnclaveState::AwaitingModel,
+            Phase::Provisioning => EnclaveState::Provisioning,
+            Phase::Ready(s) => EnclaveState::Ready {
+                model_sha256: s.sha256,
+                model_name: s.name.clone(),
+            },
+        }
+    }
+
+    /// Queues a content-free event for the host. When the backlog is full the event is
+    /// dropped (and logged locally) rather than blocking serving.
+    pub fn emit(&self, kind: EventKind, record: String) {
+        if self.events_tx.try_send((kind, record)).is_err() {
+            tracing::warn!("event backlog full; an event was dropped");
+        }
+    }
+
+    /// Accepts connections until the listener fails.
+    pub async fn serve(self: Arc<Self>, listener: Listener) -> std::io::Result<()> {
+        loop {
+            let conn = listener.accept().await?;
+            let me = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = me.connection(conn).await {
+                    tracing::debug!(error = %e, "connection ended");
+                }
+            });
+        }
+    }
+
+    async fn connection(self: Arc<Self>, mut conn: BoxConn) -> Result<(), ConnError> {
+        read_preface(&mut conn).await?;
+        write_preface(&mut conn).await?;
+        match read_frame(&mut conn, DEFAULT_MAX_PAYLOAD).await? {
+            Message::StatusRequest => self.control(conn).await,
+            Message::SealedHeader(header) => {
+                // `host provision`: a one-shot provisioning connection.
+                self.provision(&mut conn, header).await;
+                Ok(())
+            }
+            Message::AttestationRequest { nonce } => self.attest(conn, nonce).await,
+            Message::RequestData(first) => self.stream(conn, first).await,
+            got => {
+                let reason = format!("{got:?} cannot open a connection");
+                write_frame(
+                    &mut conn,
+                    &Message::StreamError {
+                        status: 400,
+                        reason,
+                    },
+                )
+                .await
+            }
+        }
+    }
+
+    /// Provisions on `conn` if no model is loaded or loading; answers `Ready` at once for the
+    /// model already loaded, and `Failed` while another connection provisions.
+    async fn provision(&self, conn: &mut BoxConn, header: Vec<u8>) {
+        let claim = {
+            let mut phase = self.phase.lock().unwrap_or_else(|e| e.into_inner());
+            match &*phase {
+                Phase::Awaiting => {
+                    *phase = Phase::Provisioning;
+                    Ok(())
+                }
+                Phase::Provisioning => Err(Message::Failed {
+                    reason: "another connection is provisioning this enclave".into(),
+                }),
+                Phase::Ready(s) => Err(Message::Ready {
+                    model_sha256: s.sha256,
+                    model_name: s.name.clone(),
+                }),
+            }
+        };
+        if let Err(answer) = claim {
+            let _ = write_frame(conn, &answer).await;
+            return;
+        }
+        let result = match recipient_key().await {
+            Ok(key) => {
+                let cfg = self.cfg.engine.clone();
+                let load = move |m: LoadedModel| {
+                    let (sha256, name) = (m.sha256, m.name);
+                    engine::load(m.weights, cfg)
+                        .map(|engine| Served {
+                            engine,
+                            sha256,
+                            name,
+                        })
+                        .map_err(|e| e.to_string())
+                };
+                provision_from_header(
+                    conn,
+                    header,
+                    self.nsm.clone(),
+                    self.cfg.max_model_bytes,
+                    key,
+                    load,
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        let mut phase = self.phase.lock().unwrap_or_else(|e| e.into_inner());
+        match result {
+            Ok(served) => {
+                tracing::info!(
+                    model = %served.name,
+                    sha256 = %hex::encode(served.sha256),
+                    context = served.engine.context_length(),
+                    kernels = engine::kernels::Kernels::detect().name(),
+                    "ready"
+                );
+                *phase = Phase::Ready(Arc::new(served));
+            }
+            Err(e) => {
+                // Refuse to serve; the host may try again (e.g. after a key policy fix).
+                tracing::error!(error = %e, "provisioning failed; not serving");
+                *phase = Phase::Awaiting;
+            }
+        }
+    }
+
+    /// The host's control connection: status and provisioning first, then, once a model is
+    /// ready, pings and the event stream.
+    async fn control(&self, mut conn: BoxConn) -> Result<(), ConnError> {
+        write_frame(&mut conn, &Message::Status(self.state())).await?;
+        while self.served().is_none() {
+            match read_frame(&mut conn, DEFAULT_MAX_PAYLOAD).await? {
+                Message::StatusRequest => {
+                    write_frame(&mut conn, &Message::Status(self.state())).await?;
+                }
+                Message::Ping(n) => write_frame(&mut conn, &Message::Pong(n)).await?,
+                Message::SealedHeader(header) => self.provision(&mut conn, header).await,
+                got => return refuse(&mut conn, got).await,
+            }
+        }
+        // One control connection takes the events at a time; a second one waits for it.
+        let mut events = self.events_rx.lock().await;
+        let (mut rd, mut wr) = tokio::io::split(conn);
+        // Frames are read by one task and handed over a channel, so the select below never
+        // cancels a read mid-frame.
+        let (tx, mut frames) = mpsc::channel(16);
+        let reader = tokio::spawn(async move {
+            loop {
+                let frame = read_frame(&mut rd, DEFAULT_MAX_PAYLOAD).await;
+                let stop = frame.is_err();
+                if tx.send(frame).await.is_err() || stop {
+                    return;
+                }
+            }
+        });
+        let result = loop {
+            tokio::select! {
+                frame = frames.recv() => match frame {
+                    Some(Ok(Message::StatusRequest)) => {
+                        write_frame(&mut wr, &Message::Status(self.state())).await?;
+                    }
+                    Some(Ok(Message::Ping(n))) => write_frame(&mut wr, &Message::Pong(n)).await?,
+                    Some(Ok(got)) => break refuse(&mut wr, got).await,
+                    Some(Err(e)) => break Err(e),
+                    None => break Ok(()),
+                },
+                Some((kind, record)) = events.recv() => {
+                    write_frame(&mut wr, &Message::Event { kind, record }).await?;
+                }
+            }
+        };
+        reader.abort();
+        result
+    }
+
+    /// One attestation document for a client: the nonce it chose, the gateway's key, and the
+    /// binding of that key to the model.
+    async fn attest(&self, mut conn: BoxConn, nonce: Vec<u8>) -> Result<(), ConnError> {
+        let served = self.served();
+        let public_key = self.gateway.public_key();
+        let user_data = served.as_deref().and_then(|s| self.gateway.user_data(s));
+        let nsm = self.nsm.clone();
+        let doc = tokio::task::spawn_blocking(move || {
+            nsm.attest(AttestationRequest {
+                nonce: Some(&nonce),
+                public_key: public_key.as_deref(),
+                user_data: user_data.as_deref(),
+            })
+        })
+        .await;
+        let answer = match doc {
+            Ok(Ok(doc)) => Message::AttestationResponse(doc),
+            Ok(Err(e)) => fail(500, format!("NSM: {e}")),
+            Err(_) => fail(500, "attestation worker failed"),
+        };
+        write_frame(&mut conn, &answer).await
+    }
+
+    /// One opaque request: the body (bounded), then the response as it is produced. EOF or
+    /// `Cancel` from the host drops the response stream, which cancels the work.
+    async fn stream(&self, mut conn: BoxConn, first: Vec<u8>) -> Result<(), ConnError> {
+        let Ok(_permit) = self.streams.clone().try_acquire_owned() else {
+            let busy = fail(503, "enclave is at its stream limit");
+            return write_frame(&mut conn, &busy).await;
+        };
+        let Some(served) = self.served() else {
+            return write_frame(&mut conn, &fail(503, "model not ready")).await;
+        };
+        let max = self.cfg.max_request_bytes;
+        let mut body = first;
+        loop {
+            if body.len() > max {
+                let too_large = fail(413, format!("request body exceeds {max} bytes"));
+                return write_frame(&mut conn, &too_large).await;
+            }
+            match read_frame(&mut conn, DEFAULT_MAX_PAYLOAD).await? {
+                Message::RequestData(more) => body.extend_from_slice(&more),
+                Message::RequestEnd => break,
+                Message::Cancel => return Ok(()),
+                got => {
+                    let reason = format!("{got:?} inside a request body");
+                    return write_frame(&mut conn, &fail(400, reason)).await;
+                }
+            }
+        }
+        let mut response = match self.gateway.open(served, body) {
+            Ok(r) => r,
+            Err(f) => return write_frame(&mut conn, &fail(f.status, f.reason)).await,
+        };
+        let (mut rd, mut wr) = tokio::io::split(conn);
+        // The host sends nothing after `RequestEnd`: whatever arrives here (Cancel, EOF,
+        // garbage) means the client went away. One pinned read, never restarted.
+        let gone = read_frame(&mut rd, 64);
+        tokio::pin!(gone);
+        loop {
+            tokio::select! {
+                chunk = response.recv() => {
+                    let msg = match chunk {
+                        Some(Ok(bytes)) => Message::ResponseData(bytes),
+                        Some(Err(f)) => fail(f.status, f.reason),
+                        None => Message::ResponseEnd,
+                    };
+                    let last = !matches!(msg, Message::ResponseData(_));
+                    write_frame(&mut wr, &msg).await?;
+                    if last {
+                        // Wait briefly for the host to close, so the frame is not cut off.
+                        let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
+                        return Ok(());
+                    }
+                }
+                _ = &mut gone => return Ok(()),
+            }
+        }
+    }
+}
+
+/// Answers a message that has no place on this connection, and ends it.
+async fn refuse<W: tokio::io::AsyncWrite + Unpin>(
+    conn: &mut W,
+    got: Message,
+) -> Result<(), ConnError> {
+    let reason = format!("{got:?} is not a control message");
+    write_frame(conn, &Message::Failed { reason }).await
+}
+
+/// A `StreamError` (the codec cuts the reason to `MAX_REASON` at a character boundary).
+fn fail(status: u16, reason: impl Into<String>) -> Message {
+    Message::StreamError {
+        status,
+        reason: reason.into(),
+    }
+}
+
+/// The gateway until the attested OHTTP channel is configured: attestation documents carry no
+/// key, and requests are refused with 501, never answered in the clear.
+#[derive(Debug)]
+pub struct NoGateway;
+
+impl Gateway for NoGateway {
+    fn public_key(&self) -> Option<Vec<u8>> {
+        None
+    }
+    fn user_data(&self, _: &Served) -> Option<Vec<u8>> {
+        None
+    }
+    fn open(&self, _: Arc<Served>, _: Vec<u8>) -> Result<ResponseStream, StreamFailure> {
+        Err(StreamFailure::new(501, "no OHTTP gateway is configured"))
+    }
+}

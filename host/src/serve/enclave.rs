@@ -1,0 +1,324 @@
+//! The relay's side of the enclave: a supervisor that keeps one control connection (status,
+//! provisioning, pings, the enclave's events) and re-provisions with backoff whenever the
+//! enclave restarts or the connection drops; and the per-request connections that carry
+//! attestation documents and opaque streams (one connection per request, see
+//! `common::transport`).
+
+use super::config::{ms, ServeConfig};
+use super::metrics::Metrics;
+use super::stopped;
+use crate::provision::send_model;
+use common::transport::{BoxConn, Endpoint};
+use common::wire::io::{open, read_frame, read_preface, write_frame, ConnError};
+use common::wire::{EnclaveState, EventKind, Message, DEFAULT_MAX_PAYLOAD};
+use std::io::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// What the HTTP side knows of the enclave.
+#[derive(Debug)]
+pub struct Link {
+    /// Where it listens.
+    pub endpoint: Endpoint,
+    ready: AtomicBool,
+}
+
+impl Link {
+    /// A link to `endpoint`, not ready.
+    pub fn new(endpoint: Endpoint) -> Self {
+        Self {
+            endpoint,
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether the control connection is up and the model is ready.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    fn set_ready(&self, ready: bool, metrics: &Metrics) {
+        self.ready.store(ready, Ordering::Release);
+        metrics.ready.store(i64::from(ready), Ordering::Relaxed);
+    }
+}
+
+/// Why a per-request exchange with the enclave failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The enclave could not be reached.
+    #[error("enclave unavailable: {0}")]
+    Unavailable(std::io::Error),
+    /// The enclave did not answer in time.
+    #[error("enclave timed out")]
+    Timeout,
+    /// The enclave refused the stream, and said why (content-free).
+    #[error("enclave: {reason}")]
+    Refused {
+        /// Its status.
+        status: u16,
+        /// Its reason.
+        reason: String,
+    },
+    /// The connection failed or the enclave broke the protocol.
+    #[error("enclave connection: {0}")]
+    Conn(#[from] ConnError),
+}
+
+async fn timed<T>(
+    limit: Duration,
+    f: impl std::future::Future<Output = Result<T, UpstreamError>>,
+) -> Result<T, UpstreamError> {
+    tokio::time::timeout(limit, f)
+        .await
+        .map_err(|_| UpstreamError::Timeout)?
+}
+
+/// Opens a per-request connection whose first frame is `first`.
+pub async fn connect(endpoint: &Endpoint, first: &Message) -> Result<BoxConn, UpstreamError> {
+    let mut conn = endpoint
+        .connect()
+        .await
+        .map_err(UpstreamError::Unavailable)?;
+    open(&mut conn, first).await?;
+    Ok(conn)
+}
+
+/// Reads the enclave's preface and first answer on a per-request connection.
+pub async fn first_answer(conn: &mut BoxConn, limit: Duration) -> Result<Message, UpstreamError> {
+    timed(limit, async {
+        read_preface(conn).await?;
+        match read_frame(conn, DEFAULT_MAX_PAYLOAD).await? {
+            Message::StreamError { status, reason } => {
+                Err(UpstreamError::Refused { status, reason })
+            }
+            m => Ok(m),
+        }
+    })
+    .await
+}
+
+/// A fresh attestation document with `nonce`.
+pub async fn attest(
+    endpoint: &Endpoint,
+    nonce: Vec<u8>,
+    limit: Duration,
+) -> Result<Vec<u8>, UpstreamError> {
+    let mut conn = timed(
+        limit,
+        connect(endpoint, &Message::AttestationRequest { nonce }),
+    )
+    .await?;
+    match first_answer(&mut conn, limit).await? {
+        Message::AttestationResponse(doc) => Ok(doc),
+        other => Err(UpstreamError::Conn(ConnError::Wire(
+            common::wire::WireError::Invalid {
+                what: "AttestationResponse",
+                reason: if matches!(other, Message::ResponseEnd) {
+                    "stream answer to an attestation request"
+                } else {
+                    "unexpected answer"
+                },
+            },
+        ))),
+    }
+}
+
+/// Where the enclave's audit records go.
+pub enum AuditSink {
+    /// Into the log (target `audit`).
+    Log,
+    /// Appended to a file as JSON lines.
+    File(std::fs::File),
+}
+
+impl std::fmt::Debug for AuditSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Log => "AuditSink::Log",
+            Self::File(_) => "AuditSink::File",
+        })
+    }
+}
+
+impl AuditSink {
+    fn write(&mut self, record: &str) {
+        match self {
+            Self::Log => tracing::info!(target: "audit", record),
+            Self::File(f) => {
+                if let Err(e) = writeln!(f, "{record}") {
+                    tracing::error!(error = %e, "audit log write failed");
+                }
+            }
+        }
+    }
+}
+
+/// Keeps the enclave provisioned and the control connection up until `shutdown` turns true.
+pub async fn supervise(
+    cfg: ServeConfig,
+    link: Arc<Link>,
+    metrics: Arc<Metrics>,
+    kms: Option<aws_sdk_kms::Client>,
+    mut audit: AuditSink,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let initial = Duration::from_millis(100);
+    let mut backoff = initial;
+    loop {
+        let started = Instant::now();
+        let result = tokio::select! {
+            r = control(&cfg, &link, &metrics, kms.as_ref(), &mut audit) => r,
+            _ = stopped(&mut shutdown) => return,
+        };
+        link.set_ready(false, &metrics);
+        match result {
+            Ok(()) => tracing::warn!("enclave closed the control connection"),
+            Err(e) => tracing::warn!(error = %e, "enclave control connection lost"),
+        }
+        // A connection that stayed up a while earns a fast reconnect.
+        if started.elapsed() > Duration::from_secs(30) {
+            backoff = initial;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stopped(&mut shutdown) => return,
+        }
+        backoff = (backoff * 2).min(ms(cfg.max_backoff_ms));
+    }
+}
+
+/// Why the control connection ended.
+#[derive(Debug, thiserror::Error)]
+enum ControlError {
+    #[error("{0}")]
+    Upstream(#[from] UpstreamError),
+    #[error("{0}")]
+    Conn(#[from] ConnError),
+    #[error("provisioning failed: {0}")]
+    Provision(#[from] crate::provision::ProvisionError),
+    #[error("enclave awaits a model, and no sealed model is configured")]
+    NoModel,
+    #[error("enclave did not answer a ping in time")]
+    PingTimeout,
+    #[error("unexpected {0:?} on the control connection")]
+    Unexpected(Message),
+}
+
+async fn control(
+    cfg: &ServeConfig,
+    link: &Link,
+    metrics: &Metrics,
+    kms: Option<&aws_sdk_kms::Client>,
+    audit: &mut AuditSink,
+) -> Result<(), ControlError> {
+    let limit = ms(cfg.enclave_timeout_ms);
+    let mut conn = timed(limit, connect(&link.endpoint, &Message::StatusRequest)).await?;
+    let mut state = match first_answer(&mut conn, limit).await? {
+        Message::Status(s) => s,
+        other => return Err(ControlError::Unexpected(other)),
+    };
+    metrics.enclave_connects.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(endpoint = %link.endpoint, ?state, "enclave connected");
+    loop {
+        match state {
+            EnclaveState::Ready { model_name, .. } => {
+                tracing::info!(model = %model_name, "enclave ready");
+                break;
+            }
+            EnclaveState::Provisioning => {
+                // Someone else (`host provision`) is at it: ask again shortly.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                write_frame(&mut conn, &Message::StatusRequest).await?;
+                state = match read_control(&mut conn, metrics, audit).await? {
+                    Message::Status(s) => s,
+                    other => return Err(ControlError::Unexpected(other)),
+                };
+            }
+            EnclaveState::AwaitingModel => {
+                let (Some(sealed), Some(kms)) = (&cfg.sealed, kms) else {
+                    return Err(ControlError::NoModel);
+                };
+                let t0 = Instant::now();
+                match send_model(&mut conn, kms, sealed).await {
+                    Ok(p) => {
+                        metrics.provisioned_ok.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(
+                            model = %p.model_name,
+                            sha256 = %hex::encode(p.model_sha256),
+                            ms = t0.elapsed().as_millis() as u64,
+                            "enclave provisioned"
+                        );
+                        state = EnclaveState::Ready {
+                            model_sha256: p.model_sha256,
+                            model_name: p.model_name,
+                        };
+                    }
+                    Err(e) => {
+                        metrics.provisioned_failed.fetch_add(1, Ordering::Relaxed);
+                        return Err(e.into());
+                    }
+                }
+            }
+        }
+    }
+    link.set_ready(true, metrics);
+    // Reads and pings run side by side on the two halves; the reader is one long-lived
+    // future, never cancelled mid-frame.
+    let (mut rd, mut wr) = tokio::io::split(conn);
+    let pong = std::sync::atomic::AtomicU64::new(0);
+    let reader = async {
+        loop {
+            match read_control(&mut rd, metrics, audit).await? {
+                Message::Pong(k) => pong.store(k, Ordering::Relaxed),
+                other => return Err::<(), _>(ControlError::Unexpected(other)),
+            }
+        }
+    };
+    tokio::pin!(reader);
+    let mut ping = tokio::time::interval(ms(cfg.ping_interval_ms));
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut n, mut sent) = (0u64, Instant::now());
+    loop {
+        tokio::select! {
+            r = &mut reader => return r,
+            _ = ping.tick() => {
+                if pong.load(Ordering::Relaxed) != n {
+                    if sent.elapsed() > limit {
+                        return Err(ControlError::PingTimeout);
+                    }
+                    continue;
+                }
+                n = n.wrapping_add(1);
+                sent = Instant::now();
+                write_frame(&mut wr, &Message::Ping(n)).await?;
+            }
+        }
+    }
+}
+
+/// The next control message that is not an event; events are written out on the way.
+async fn read_control<S: tokio::io::AsyncRead + Unpin>(
+    conn: &mut S,
+    metrics: &Metrics,
+    audit: &mut AuditSink,
+) -> Result<Message, ConnError> {
+    loop {
+        match read_frame(conn, DEFAULT_MAX_PAYLOAD).await? {
+            Message::Event {
+                kind: EventKind::Audit,
+                record,
+            } => {
+                metrics.audit_events.fetch_add(1, Ordering::Relaxed);
+                audit.write(&record);
+            }
+            Message::Event {
+                kind: EventKind::Log,
+                record,
+            } => tracing::info!(target: "enclave", record),
+            m => return Ok(m),
+        }
+    }
+}

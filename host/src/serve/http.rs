@@ -1,0 +1,588 @@
+//! The client-facing HTTP/1.1 server of `host serve`: routes, limits, and the streaming relay
+//! of opaque OHTTP bodies (RFC 9458; chunked OHTTP, draft-ietf-ohai-chunked-ohttp) to the
+//! enclave. The relay never looks inside a body: it counts bytes, forwards them as they come,
+//! and streams the response back as the enclave produces it.
+
+use super::config::{ms, ServeConfig};
+use super::enclave::{self, Link, UpstreamError};
+use super::limit::RateLimiter;
+use super::metrics::{route_of, Metrics};
+use bytes::Bytes;
+use common::transport::BoxConn;
+use common::wire::io::{read_frame, write_frame, write_raw};
+use common::wire::{Message, MessageType, DEFAULT_MAX_PAYLOAD, MAX_NONCE};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use hyper::{Method, Request, Response, StatusCode};
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+
+/// The request content type of chunked OHTTP.
+pub const OHTTP_REQ: &str = "message/ohttp-chunked-req";
+/// The response content type of chunked OHTTP.
+pub const OHTTP_RES: &str = "message/ohttp-chunked-res";
+
+/// Shared state of the HTTP side.
+#[derive(Debug)]
+pub struct App {
+    /// The configuration.
+    pub cfg: ServeConfig,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// The enclave.
+    pub link: Arc<Link>,
+    limiter: RateLimiter,
+    in_flight: Arc<Semaphore>,
+    ids: AtomicU64,
+}
+
+impl App {
+    /// The HTTP side for `cfg`.
+    pub fn new(cfg: ServeConfig, metrics: Arc<Metrics>, link: Arc<Link>) -> Self {
+        Self {
+            limiter: RateLimiter::new(cfg.rate_per_second, cfg.rate_burst),
+            in_flight: Arc::new(Semaphore::new(cfg.max_in_flight)),
+            ids: AtomicU64::new(0),
+            cfg,
+            metrics,
+            link,
+        }
+    }
+}
+
+/// A response body: a whole buffer, or the enclave's stream.
+pub enum RelayBody {
+    /// Bytes known in advance.
+    Full(Full<Bytes>),
+    /// Chunks as they arrive; an `Err` cuts the response so the client sees it fail.
+    Stream(mpsc::Receiver<Result<Bytes, std::io::Error>>),
+}
+
+/// A response body that records the request's metrics and log line when it is finished or
+/// dropped (a client that goes away mid-stream counts too).
+pub struct Tracked {
+    body: RelayBody,
+    done: Option<Done>,
+}
+
+struct Done {
+    app: Arc<App>,
+    id: u64,
+    route: &'static str,
+    status: u16,
+    start: Instant,
+    bytes_in: u64,
+    bytes_out: u64,
+    complete: bool,
+    _permit: Option<OwnedSemaphorePermit>,
+    activity: Arc<super::Activity>,
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        let m = &self.app.metrics;
+        let elapsed = self.start.elapsed();
+        m.observe(self.route, self.status, elapsed);
+        m.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.activity.done();
+        m.bytes_out.fetch_add(self.bytes_out, Ordering::Relaxed);
+        tracing::info!(
+            id = self.id,
+            route = self.route,
+            status = self.status,
+            bytes_in = self.bytes_in,
+            bytes_out = self.bytes_out,
+            complete = self.complete,
+            latency_us = elapsed.as_micros() as u64,
+            "request"
+        );
+    }
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        let this = self.get_mut();
+        let next = match &mut this.body {
+            RelayBody::Full(f) => match Pin::new(f).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => Poll::Ready(frame.into_data().ok().map(Ok)),
+                Poll::Ready(_) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            },
+            RelayBody::Stream(rx) => rx.poll_recv(cx),
+        };
+        match next {
+            Poll::Ready(Some(Ok(data))) => {
+                if let Some(d) = &mut this.done {
+                    d.bytes_out += data.len() as u64;
+                }
+                Poll::Ready(Some(Ok(Frame::data(data))))
+            }
+            // `done.complete` stays false: the log line says the stream was cut.
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
+            Poll::Ready(None) => {
+                if let Some(mut d) = this.done.take() {
+                    d.complete = true;
+                }
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.body {
+            RelayBody::Full(f) => f.is_end_stream(),
+            RelayBody::Stream(_) => false,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.body {
+            RelayBody::Full(f) => f.size_hint(),
+            RelayBody::Stream(_) => SizeHint::default(),
+        }
+    }
+}
+
+/// What a handler produces before it is tracked.
+struct Answer {
+    status: StatusCode,
+    headers: Vec<(hyper::header::HeaderName, HeaderValue)>,
+    body: RelayBody,
+    bytes_in: u64,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Answer {
+    fn new(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Self {
+        Self {
+            status,
+            headers: vec![(CONTENT_TYPE, HeaderValue::from_static(content_type))],
+            body: RelayBody::Full(Full::new(body.into())),
+            bytes_in: 0,
+            permit: None,
+        }
+    }
+
+    /// A JSON error: `{"error": {"code": …, "message": …}}`.
+    fn error(status: StatusCode, code: &str, message: impl AsRef<str>) -> Self {
+        let body = serde_json::json!({"error": {"code": code, "message": message.as_ref()}});
+        Self::new(status, "application/json", body.to_string())
+    }
+
+    fn retry_after(mut self, wait: Duration) -> Self {
+        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+        if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+            self.headers.push((RETRY_AFTER, v));
+        }
+        self
+    }
+}
+
+/// Serves one request. Never fails: every problem is an HTTP answer.
+pub async fn handle(
+    app: Arc<App>,
+    peer: IpAddr,
+    req: Request<Incoming>,
+    activity: Arc<super::Activity>,
+) -> Result<Response<Tracked>, std::convert::Infallible> {
+    let start = Instant::now();
+    let id = app.ids.fetch_add(1, Ordering::Relaxed);
+    let route = route_of(req.uri().path());
+    app.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
+    let answer = route_request(&app, peer, route, req).await;
+    let done = Done {
+        app: app.clone(),
+        id,
+        route,
+        status: answer.status.as_u16(),
+        start,
+        bytes_in: answer.bytes_in,
+        bytes_out: 0,
+        complete: false,
+        _permit: answer.permit,
+        activity,
+    };
+    let mut response = Response::new(Tracked {
+        body: answer.body,
+        done: Some(done),
+    });
+    *response.status_mut() = answer.status;
+    let headers = response.headers_mut();
+    for (k, v) in answer.headers {
+        headers.append(k, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&id.to_string()) {
+        headers.insert("x-request-id", v);
+    }
+    Ok(response)
+}
+
+async fn route_request(
+    app: &Arc<App>,
+    peer: IpAddr,
+    route: &'static str,
+    req: Request<Incoming>,
+) -> Answer {
+    let method = req.method().clone();
+    match (route, method) {
+        ("/healthz", Method::GET) => {
+            Answer::new(StatusCode::OK, "application/json", r#"{"status":"ok"}"#)
+        }
+        ("/readyz", Method::GET) => {
+            if app.link.is_ready() {
+                Answer::new(StatusCode::OK, "application/json", r#"{"status":"ready"}"#)
+            } else {
+                Answer::error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not_ready",
+                    "the enclave is not connected or its model is not ready",
+                )
+            }
+        }
+        ("/metrics", Method::GET) => Answer::new(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            app.metrics.render(),
+        ),
+        ("/v1/attestation", Method::GET) => match admit(app, peer) {
+            Ok(permit) => {
+                let mut a = attestation(app, req.uri().query()).await;
+                a.permit = Some(permit);
+                a
+            }
+            Err(a) => a,
+        },
+        ("/v1/ohttp", Method::POST) => match admit(app, peer) {
+            Ok(permit) => {
+                let mut a = ohttp(app, req).await;
+                if a.permit.is_none() {
+                    a.permit = Some(permit);
+                }
+                a
+            }
+            Err(a) => a,
+        },
+        ("other", _) => Answer::error(StatusCode::NOT_FOUND, "not_found", "no such route"),
+        _ => Answer::error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "method not allowed on this route",
+        ),
+    }
+}
+
+/// The checks every enclave-bound request passes: the client's rate, readiness, and the
+/// in-flight limit, cheapest first.
+fn admit(app: &App, peer: IpAddr) -> Result<OwnedSemaphorePermit, Answer> {
+    if let Err(wait) = app.limiter.check(peer, Instant::now()) {
+        app.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+        return Err(Answer::error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many requests from this client",
+        )
+        .retry_after(wait));
+    }
+    if !app.link.is_ready() {
+        return Err(Answer::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "the enclave is not ready",
+        )
+        .retry_after(Duration::from_secs(1)));
+    }
+    app.in_flight.clone().try_acquire_owned().map_err(|_| {
+        Answer::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "too many requests in flight",
+        )
+        .retry_after(Duration::from_secs(1))
+    })
+}
+
+fn upstream_error(app: &App, e: UpstreamError) -> Answer {
+    match e {
+        UpstreamError::Refused { status, reason } => {
+            let status = match status {
+                400 | 413 | 501 | 503 => {
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY)
+                }
+                _ => StatusCode::BAD_GATEWAY,
+            };
+            Answer::error(status, "enclave_refused", reason)
+        }
+        UpstreamError::Timeout => Answer::error(
+            StatusCode::GATEWAY_TIMEOUT,
+            "enclave_timeout",
+            "the enclave did not answer in time",
+        ),
+        UpstreamError::Unavailable(_) => {
+            app.metrics
+                .upstream_failures
+                .fetch_add(1, Ordering::Relaxed);
+            Answer::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "enclave_unavailable",
+                "the enclave cannot be reached",
+            )
+            .retry_after(Duration::from_secs(1))
+        }
+        UpstreamError::Conn(e) => {
+            app.metrics
+                .upstream_failures
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %e, "enclave connection failed");
+            Answer::error(
+                StatusCode::BAD_GATEWAY,
+                "enclave_failed",
+                "the enclave connection failed",
+            )
+        }
+    }
+}
+
+async fn attestation(app: &App, query: Option<&str>) -> Answer {
+    let nonce = query
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("nonce="));
+    let Some(nonce) = nonce else {
+        return Answer::error(
+            StatusCode::BAD_REQUEST,
+            "bad_nonce",
+            "nonce=HEX is required",
+        );
+    };
+    if nonce.len() > 2 * MAX_NONCE {
+        return Answer::error(
+            StatusCode::BAD_REQUEST,
+            "bad_nonce",
+            format!("the nonce is at most {MAX_NONCE} bytes"),
+        );
+    }
+    let nonce = match hex::decode(nonce) {
+        Ok(n) if !n.is_empty() => n,
+        _ => {
+            return Answer::error(
+                StatusCode::BAD_REQUEST,
+                "bad_nonce",
+                "the nonce must be non-empty hex",
+            )
+        }
+    };
+    match enclave::attest(&app.link.endpoint, nonce, ms(app.cfg.enclave_timeout_ms)).await {
+        Ok(doc) => {
+            app.metrics.attestations.fetch_add(1, Ordering::Relaxed);
+            let mut a = Answer::new(StatusCode::OK, "application/cbor", doc);
+            a.headers.push((
+                hyper::header::CACHE_CONTROL,
+                HeaderValue::from_static("no-store"),
+            ));
+            a
+        }
+        Err(e) => upstream_error(app, e),
+    }
+}
+
+/// Forwards the request body to a new enclave connection as it arrives, then streams the
+/// response back.
+async fn ohttp(app: &App, req: Request<Incoming>) -> Answer {
+    let max = app.cfg.max_body_bytes;
+    let ct = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    if ct.map(|c| c.split(';').next().unwrap_or_default().trim()) != Some(OHTTP_REQ) {
+        return Answer::error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "bad_content_type",
+            format!("the content type must be {OHTTP_REQ}"),
+        );
+    }
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max) {
+        return too_large(max);
+    }
+    let limit = ms(app.cfg.enclave_timeout_ms);
+    let mut body = req.into_body();
+    let deadline = tokio::time::Instant::now() + ms(app.cfg.body_timeout_ms);
+    let mut conn: Option<BoxConn> = None;
+    let mut received = 0u64;
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => {
+                return Answer::error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "body_timeout",
+                    "the request body took too long",
+                )
+            }
+            Ok(None) => break,
+            Ok(Some(Err(_))) => {
+                return Answer::error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_body",
+                    "the request body could not be read",
+                )
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        received += data.len() as u64;
+        app.metrics
+            .bytes_in
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        if received > max {
+            return too_large(max);
+        }
+        // Frames stay under the enclave's limit whatever size the client's chunks are.
+        for piece in data.chunks(DEFAULT_MAX_PAYLOAD / 2) {
+            let sent = match &mut conn {
+                None => match tokio::time::timeout(
+                    limit,
+                    enclave::connect(&app.link.endpoint, &Message::RequestData(piece.to_vec())),
+                )
+                .await
+                {
+                    Ok(Ok(c)) => {
+                        conn = Some(c);
+                        Ok(())
+                    }
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err(UpstreamError::Timeout),
+                },
+                Some(c) => write_raw(c, MessageType::RequestData, piece)
+                    .await
+                    .map_err(UpstreamError::Conn),
+            };
+            if let Err(e) = sent {
+                return with_bytes(upstream_error(app, e), received);
+            }
+        }
+    }
+    let mut conn = match conn {
+        Some(c) => c,
+        None => match enclave::connect(&app.link.endpoint, &Message::RequestData(Vec::new())).await
+        {
+            Ok(c) => c,
+            Err(e) => return upstream_error(app, e),
+        },
+    };
+    if let Err(e) = write_frame(&mut conn, &Message::RequestEnd).await {
+        return with_bytes(upstream_error(app, e.into()), received);
+    }
+    let first = match enclave::first_answer(&mut conn, limit).await {
+        Ok(m) => m,
+        Err(e) => return with_bytes(upstream_error(app, e), received),
+    };
+    let (tx, rx) = mpsc::channel(8);
+    match first {
+        Message::ResponseData(b) => {
+            let _ = tx.try_send(Ok(Bytes::from(b)));
+            let metrics = app.metrics.clone();
+            tokio::spawn(pump(conn, tx, metrics));
+        }
+        Message::ResponseEnd => drop(tx),
+        _ => {
+            return with_bytes(
+                upstream_error(
+                    app,
+                    UpstreamError::Conn(
+                        common::wire::WireError::Invalid {
+                            what: "response",
+                            reason: "unexpected first frame",
+                        }
+                        .into(),
+                    ),
+                ),
+                received,
+            )
+        }
+    }
+    Answer {
+        status: StatusCode::OK,
+        headers: vec![
+            (CONTENT_TYPE, HeaderValue::from_static(OHTTP_RES)),
+            (
+                hyper::header::CACHE_CONTROL,
+                HeaderValue::from_static("no-store"),
+            ),
+        ],
+        body: RelayBody::Stream(rx),
+        bytes_in: received,
+        permit: None,
+    }
+}
+
+fn with_bytes(mut a: Answer, bytes_in: u64) -> Answer {
+    a.bytes_in = bytes_in;
+    a
+}
+
+fn too_large(max: u64) -> Answer {
+    let mut a = Answer::error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+        format!("the request body is over {max} bytes"),
+    );
+    // The rest of the body is not read: close the connection instead.
+    a.headers
+        .push((hyper::header::CONNECTION, HeaderValue::from_static("close")));
+    a
+}
+
+/// Copies the enclave's response frames to the client's body until the end, an error, or
+/// the client going away (the body's receiver dropped), which closes the enclave connection
+/// and so cancels the work there.
+async fn pump(
+    mut conn: BoxConn,
+    tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
+    metrics: Arc<Metrics>,
+) {
+    loop {
+        let next = tokio::select! {
+            f = read_frame(&mut conn, DEFAULT_MAX_PAYLOAD) => f,
+            _ = tx.closed() => break,
+        };
+        let item = match next {
+            Ok(Message::ResponseData(b)) => Ok(Bytes::from(b)),
+            Ok(Message::ResponseEnd) => return,
+            Ok(Message::StreamError { reason, .. }) => {
+                Err(std::io::Error::other(format!("enclave: {reason}")))
+            }
+            Ok(other) => Err(std::io::Error::other(format!("enclave sent {other:?}"))),
+            Err(e) => Err(std::io::Error::other(e.to_string())),
+        };
+        let failed = item.is_err();
+        if failed {
+            metrics.upstream_failures.fetch_add(1, Ordering::Relaxed);
+        }
+        if tx.send(item).await.is_err() || failed {
+            break;
+        }
+    }
+    // Best effort: say so explicitly before closing.
+    let _ = write_frame(&mut conn, &Message::Cancel).await;
+    let _ = conn.shutdown().await;
+}

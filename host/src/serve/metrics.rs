@@ -1,0 +1,236 @@
+//! The relay's Prometheus metrics, rendered in the text exposition format (Prometheus
+//! "Exposition formats", text format 0.0.4). Only routes, statuses, sizes, times and counts:
+//! never a byte of a request or response body.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Latency histogram bucket bounds, in seconds.
+const BUCKETS: [f64; 16] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    120.0,
+];
+
+/// The routes metrics are kept for (anything else is `other`).
+pub const ROUTES: [&str; 6] = [
+    "/v1/attestation",
+    "/v1/ohttp",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "other",
+];
+
+#[derive(Default)]
+struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+/// All of the relay's metrics.
+#[derive(Default)]
+pub struct Metrics {
+    requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
+    latency: [Histogram; ROUTES.len()],
+    /// Requests being served now.
+    pub in_flight: AtomicI64,
+    /// Body bytes received from clients.
+    pub bytes_in: AtomicU64,
+    /// Body bytes sent to clients.
+    pub bytes_out: AtomicU64,
+    /// Attestation documents fetched from the enclave.
+    pub attestations: AtomicU64,
+    /// Control connections established to the enclave.
+    pub enclave_connects: AtomicU64,
+    /// Provisioning attempts that ended with a ready model.
+    pub provisioned_ok: AtomicU64,
+    /// Provisioning attempts that failed.
+    pub provisioned_failed: AtomicU64,
+    /// 1 when the enclave is connected and its model is ready.
+    pub ready: AtomicI64,
+    /// Requests refused by the per-client rate limit.
+    pub rate_limited: AtomicU64,
+    /// Audit records received from the enclave.
+    pub audit_events: AtomicU64,
+    /// Streams cut because the enclave failed or went away mid-response.
+    pub upstream_failures: AtomicU64,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+/// The metrics name of a request path.
+pub fn route_of(path: &str) -> &'static str {
+    ROUTES.into_iter().find(|r| *r == path).unwrap_or("other")
+}
+
+impl Metrics {
+    /// Records one finished request.
+    pub fn observe(&self, route: &'static str, status: u16, elapsed: Duration) {
+        *self
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((route, status))
+            .or_default() += 1;
+        let i = ROUTES.iter().position(|r| *r == route).unwrap_or(0);
+        if let Some(h) = self.latency.get(i) {
+            let secs = elapsed.as_secs_f64();
+            for (b, bound) in h.buckets.iter().zip(BUCKETS) {
+                if secs <= bound {
+                    b.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            h.count.fetch_add(1, Ordering::Relaxed);
+            h.sum_us
+                .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// The exposition text.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        let _ = writeln!(
+            out,
+            "# HELP relay_requests_total HTTP requests by route and status."
+        );
+        let _ = writeln!(out, "# TYPE relay_requests_total counter");
+        for ((route, status), n) in self
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "relay_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP relay_request_duration_seconds Time from request to the end of the response."
+        );
+        let _ = writeln!(out, "# TYPE relay_request_duration_seconds histogram");
+        for (route, h) in ROUTES.iter().zip(&self.latency) {
+            for (b, bound) in h.buckets.iter().zip(BUCKETS) {
+                let _ = writeln!(
+                    out,
+                    "relay_request_duration_seconds_bucket{{route=\"{route}\",le=\"{bound}\"}} {}",
+                    b.load(Ordering::Relaxed)
+                );
+            }
+            let count = h.count.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "relay_request_duration_seconds_bucket{{route=\"{route}\",le=\"+Inf\"}} {count}"
+            );
+            let _ = writeln!(
+                out,
+                "relay_request_duration_seconds_sum{{route=\"{route}\"}} {}",
+                h.sum_us.load(Ordering::Relaxed) as f64 / 1e6
+            );
+            let _ = writeln!(
+                out,
+                "relay_request_duration_seconds_count{{route=\"{route}\"}} {count}"
+            );
+        }
+        let gauges = [
+            (
+                "relay_in_flight_requests",
+                "Requests being served.",
+                self.in_flight.load(Ordering::Relaxed),
+            ),
+            (
+                "relay_enclave_ready",
+                "1 when the enclave is connected and its model ready.",
+                self.ready.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, help, v) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        }
+        let counters = [
+            (
+                "relay_body_bytes_in_total",
+                "Request body bytes received.",
+                &self.bytes_in,
+            ),
+            (
+                "relay_body_bytes_out_total",
+                "Response body bytes sent.",
+                &self.bytes_out,
+            ),
+            (
+                "relay_attestation_requests_total",
+                "Attestation documents fetched from the enclave.",
+                &self.attestations,
+            ),
+            (
+                "relay_enclave_connects_total",
+                "Control connections made to the enclave.",
+                &self.enclave_connects,
+            ),
+            (
+                "relay_rate_limited_total",
+                "Requests refused by the per-client rate limit.",
+                &self.rate_limited,
+            ),
+            (
+                "relay_audit_events_total",
+                "Audit records received from the enclave.",
+                &self.audit_events,
+            ),
+            (
+                "relay_upstream_failures_total",
+                "Streams cut by an enclave failure.",
+                &self.upstream_failures,
+            ),
+        ];
+        for (name, help, v) in counters {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP relay_provisioning_total Provisioning attempts by result.\n# TYPE relay_provisioning_total counter"
+        );
+        let _ = writeln!(
+            out,
+            "relay_provisioning_total{{result=\"ok\"}} {}\nrelay_provisioning_total{{result=\"failed\"}} {}",
+            self.provisioned_ok.load(Ordering::Relaxed),
+            self.provisioned_failed.load(Ordering::Relaxed)
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counts_and_cumulative_buckets() {
+        let m = Metrics::default();
+        m.observe("/v1/ohttp", 200, Duration::from_millis(3));
+        m.observe("/v1/ohttp", 200, Duration::from_millis(300));
+        m.observe(route_of("/nope"), 404, Duration::from_micros(10));
+        let text = m.render();
+        assert!(text.contains("relay_requests_total{route=\"/v1/ohttp\",status=\"200\"} 2"));
+        assert!(text.contains("relay_requests_total{route=\"other\",status=\"404\"} 1"));
+        assert!(text
+            .contains("relay_request_duration_seconds_bucket{route=\"/v1/ohttp\",le=\"0.005\"} 1"));
+        assert!(text
+            .contains("relay_request_duration_seconds_bucket{route=\"/v1/ohttp\",le=\"0.5\"} 2"));
+        assert!(text.contains("relay_request_duration_seconds_count{route=\"/v1/ohttp\"} 2"));
+    }
+}

@@ -1,0 +1,343 @@
+//! `host serve`: the relay. It listens for clients (HTTP/1.1, optionally TLS), keeps the
+//! enclave provisioned, and forwards attestation requests and opaque OHTTP streams to it
+//! (DESIGN.md §3). It sees ciphertext, sizes and timing, never content.
+
+pub mod config;
+pub mod enclave;
+pub mod http;
+pub mod limit;
+pub mod metrics;
+
+use config::{ms, ServeConfig};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// Why the relay could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Bad configuration.
+    #[error("configuration: {0}")]
+    Config(#[from] config::ConfigError),
+    /// The listener could not be opened.
+    #[error("listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: io::Error,
+    },
+    /// The TLS certificate or key could not be loaded.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The audit log could not be opened.
+    #[error("audit log {path}: {source}")]
+    Audit {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+}
+
+/// A running relay.
+#[derive(Debug)]
+pub struct Relay {
+    /// The address it listens on (useful when configured with port 0).
+    pub local_addr: std::net::SocketAddr,
+    /// Its metrics.
+    pub metrics: Arc<metrics::Metrics>,
+    /// Its view of the enclave.
+    pub link: Arc<enclave::Link>,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    /// Stops accepting, lets in-flight requests finish within the configured grace period,
+    /// and returns when they have (or the period is over).
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// Starts the relay: the supervisor of the enclave and the client listener.
+pub async fn start(
+    cfg: ServeConfig,
+    kms: Option<aws_sdk_kms::Client>,
+) -> Result<Relay, ServeError> {
+    cfg.validate()?;
+    let endpoint = cfg
+        .enclave
+        .parse()
+        .map_err(|e: common::transport::BadEndpoint| config::ConfigError::Invalid(e.to_string()))?;
+    let tls = match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(c), Some(k)) => Some(tls_acceptor(c, k)?),
+        _ => None,
+    };
+    let audit = match &cfg.audit_log {
+        Some(path) => enclave::AuditSink::File(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| ServeError::Audit {
+                    path: path.clone(),
+                    source,
+                })?,
+        ),
+        None => enclave::AuditSink::Log,
+    };
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
+    let local_addr = listener.local_addr().map_err(|source| ServeError::Listen {
+        addr: cfg.listen,
+        source,
+    })?;
+    let metrics = Arc::new(metrics::Metrics::default());
+    let link = Arc::new(enclave::Link::new(endpoint));
+    let (shutdown, rx) = watch::channel(false);
+    tokio::spawn(enclave::supervise(
+        cfg.clone(),
+        link.clone(),
+        metrics.clone(),
+        kms,
+        audit,
+        rx.clone(),
+    ));
+    let app = Arc::new(http::App::new(cfg, metrics.clone(), link.clone()));
+    tracing::info!(%local_addr, tls = tls.is_some(), "relay listening");
+    let task = tokio::spawn(accept_loop(listener, app, tls, rx));
+    Ok(Relay {
+        local_addr,
+        metrics,
+        link,
+        shutdown,
+        task,
+    })
+}
+
+fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<tokio_rustls::TlsAcceptor, ServeError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| ServeError::Tls(format!("{}: {e}", cert.display())))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| ServeError::Tls(format!("{}: {e}", key.display())))?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ServeError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| ServeError::Tls(e.to_string()))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    app: Arc<http::App>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stopped(&mut shutdown) => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let app = app.clone();
+        let tls = tls.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let activity = Arc::new(Activity::new(ms(app.cfg.idle_timeout_ms)));
+            let header_timeout = ms(app.cfg.header_timeout_ms);
+            let io: Pin<Box<dyn common::transport::Conn>> = match tls {
+                Some(acceptor) => {
+                    match tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await {
+                        Ok(Ok(s)) => Box::pin(s),
+                        _ => return,
+                    }
+                }
+                None => Box::pin(tcp),
+            };
+            let io = TokioIo::new(IdleIo {
+                inner: io,
+                activity: activity.clone(),
+            });
+            let svc_activity = activity.clone();
+            let svc = hyper::service::service_fn(move |req| {
+                svc_activity.busy.fetch_add(1, Ordering::Relaxed);
+                svc_activity.touch();
+                http::handle(app.clone(), peer.ip(), req, svc_activity.clone())
+            });
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .keep_alive(true);
+            let conn = watcher.watch(builder.serve_connection(io, svc));
+            let idle = activity.clone();
+            tokio::select! {
+                r = conn => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "client connection ended");
+                    }
+                }
+                _ = idle.expired() => tracing::debug!("idle client connection closed"),
+            }
+        });
+    }
+    drop(listener);
+    tracing::info!("shutting down: draining in-flight requests");
+    let grace = ms(app.cfg.shutdown_grace_ms);
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("grace period over; cutting the remaining streams");
+    }
+}
+
+/// Resolves once `shutdown` says true (or its sender is gone).
+pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    loop {
+        if *shutdown.borrow_and_update() {
+            return;
+        }
+        if shutdown.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// When a connection last moved bytes, and how many of its requests are in flight.
+#[derive(Debug)]
+pub struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+    busy: AtomicUsize,
+    idle: Duration,
+}
+
+impl Activity {
+    /// A connection that closes after `idle` without requests or bytes.
+    pub fn new(idle: Duration) -> Self {
+        Self {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            busy: AtomicUsize::new(0),
+            idle,
+        }
+    }
+
+    fn touch(&self) {
+        let now = self.start.elapsed().as_millis() as u64;
+        self.last_ms.fetch_max(now, Ordering::Relaxed);
+    }
+
+    /// A request of this connection has finished.
+    pub fn done(&self) {
+        self.busy.fetch_sub(1, Ordering::Relaxed);
+        self.touch();
+    }
+
+    /// Resolves once the connection has had no request in flight and no bytes moving for
+    /// the idle limit.
+    async fn expired(&self) {
+        loop {
+            let last = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let due = last + self.idle;
+            if Instant::now() >= due && self.busy.load(Ordering::Relaxed) == 0 {
+                return;
+            }
+            let wake = due.max(Instant::now() + self.idle / 4);
+            tokio::time::sleep_until(wake.into()).await;
+        }
+    }
+}
+
+/// A client connection that records when it last moved bytes.
+struct IdleIo {
+    inner: Pin<Box<dyn common::transport::Conn>>,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for IdleIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = self.inner.as_mut().poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        r
+    }
+}
+
+impl AsyncWrite for IdleIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = self.inner.as_mut().poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = self.inner.as_mut().poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.inner.as_mut().poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.inner.as_mut().poll_shutdown(cx)
+    }
+}
