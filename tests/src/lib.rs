@@ -154,3 +154,271 @@ pub fn seal_with_own_key(plain: &[u8], data_key: &[u8; 32]) -> Vec<u8> {
     )
     .unwrap()
 }
+
+/// A minimal HTTP/1.1 client over raw TCP, so tests can also misbehave (slow headers, huge
+/// declared bodies, vanishing mid-stream).
+pub mod http {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    /// A parsed response.
+    #[derive(Debug)]
+    pub struct Response {
+        /// Status code.
+        pub status: u16,
+        /// Header lines, names lowercased.
+        pub headers: Vec<(String, String)>,
+        /// The body, de-chunked.
+        pub body: Vec<u8>,
+        /// Whether a chunked body ended with its terminating chunk (false: the stream was cut).
+        pub complete: bool,
+    }
+
+    impl Response {
+        /// A header's value.
+        pub fn header(&self, name: &str) -> Option<&str> {
+            self.headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        }
+        /// The body as text.
+        pub fn text(&self) -> String {
+            String::from_utf8_lossy(&self.body).into_owned()
+        }
+    }
+
+    /// Sends `method path` with `body` (and `content_type`) and reads the whole response.
+    pub async fn request(
+        addr: std::net::SocketAddr,
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+        body: &[u8],
+    ) -> Response {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let mut head = format!("{method} {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n");
+        if let Some(ct) = content_type {
+            head.push_str(&format!("content-type: {ct}\r\n"));
+        }
+        if method == "POST" {
+            head.push_str(&format!("content-length: {}\r\n", body.len()));
+        }
+        head.push_str("\r\n");
+        s.write_all(head.as_bytes()).await.unwrap();
+        s.write_all(body).await.unwrap();
+        read_response(&mut s).await
+    }
+
+    /// Reads a response until the connection closes.
+    pub async fn read_response(s: &mut TcpStream) -> Response {
+        let mut raw = Vec::new();
+        let _ = s.read_to_end(&mut raw).await;
+        parse(&raw)
+    }
+
+    /// Parses a response read to EOF.
+    pub fn parse(raw: &[u8]) -> Response {
+        let split = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap_or_else(|| panic!("no header end in {:?}", String::from_utf8_lossy(raw)));
+        let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+        let mut lines = head.split("\r\n");
+        let status = lines
+            .next()
+            .unwrap()
+            .split(' ')
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        let rest = &raw[split + 4..];
+        let chunked = headers
+            .iter()
+            .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
+        if !chunked {
+            return Response {
+                status,
+                headers,
+                body: rest.to_vec(),
+                complete: true,
+            };
+        }
+        let (mut body, mut at, mut complete) = (Vec::new(), 0, false);
+        while let Some(eol) = rest[at..].windows(2).position(|w| w == b"\r\n") {
+            let size_text = String::from_utf8_lossy(&rest[at..at + eol]).into_owned();
+            let Ok(size) = usize::from_str_radix(size_text.trim(), 16) else {
+                break;
+            };
+            at += eol + 2;
+            if size == 0 {
+                complete = true;
+                break;
+            }
+            if rest.len() < at + size + 2 {
+                body.extend_from_slice(&rest[at..]);
+                break;
+            }
+            body.extend_from_slice(&rest[at..at + size]);
+            at += size + 2;
+        }
+        Response {
+            status,
+            headers,
+            body,
+            complete,
+        }
+    }
+}
+
+/// A scripted enclave speaking the host↔enclave protocol, for the relay's fault tests.
+pub mod fake_enclave {
+    use common::transport::{BoxConn, Endpoint};
+    use common::wire::io::{read_frame, read_preface, write_frame, write_preface};
+    use common::wire::{EnclaveState, EventKind, Message, DEFAULT_MAX_PAYLOAD};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+    use tokio::sync::mpsc;
+
+    /// What the fake does with a request stream.
+    #[derive(Clone, Copy, Debug)]
+    pub enum Script {
+        /// Echo the request body back in `chunks` pieces, `delay` apart.
+        Echo {
+            /// Pieces.
+            chunks: usize,
+            /// Pause between pieces.
+            delay: Duration,
+        },
+        /// Send one piece of the body, then drop the connection.
+        DieMidStream,
+    }
+
+    /// A running fake.
+    pub struct Fake {
+        task: tokio::task::JoinHandle<()>,
+        /// Request streams that ended because the host went away before the response did.
+        pub cancelled: mpsc::UnboundedReceiver<()>,
+        /// Request streams seen.
+        pub streams: Arc<AtomicUsize>,
+    }
+
+    impl Fake {
+        /// Stops it: the listener and every connection close, as when an enclave dies.
+        pub fn kill(self) {
+            self.task.abort();
+        }
+    }
+
+    /// Starts a fake enclave, ready with a model, on `endpoint`; `audit` records are sent on the
+    /// control connection once it is up.
+    pub fn start(endpoint: &Endpoint, script: Script, audit: Vec<String>) -> Fake {
+        let listener = endpoint.bind().unwrap();
+        let (tx, cancelled) = mpsc::unbounded_channel();
+        let streams = Arc::new(AtomicUsize::new(0));
+        let counter = streams.clone();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok(conn) = listener.accept().await else {
+                    return;
+                };
+                let (tx, counter, audit) = (tx.clone(), counter.clone(), audit.clone());
+                conns.spawn(async move {
+                    let _ = serve(conn, script, tx, counter, audit).await;
+                });
+            }
+        });
+        Fake {
+            task,
+            cancelled,
+            streams,
+        }
+    }
+
+    async fn serve(
+        mut conn: BoxConn,
+        script: Script,
+        cancelled: mpsc::UnboundedSender<()>,
+        streams: Arc<AtomicUsize>,
+        audit: Vec<String>,
+    ) -> Result<(), common::wire::io::ConnError> {
+        read_preface(&mut conn).await?;
+        write_preface(&mut conn).await?;
+        match read_frame(&mut conn, DEFAULT_MAX_PAYLOAD).await? {
+            Message::StatusRequest => {
+                let ready = EnclaveState::Ready {
+                    model_sha256: [7; 32],
+                    model_name: "fake".into(),
+                };
+                write_frame(&mut conn, &Message::Status(ready)).await?;
+                for record in audit {
+                    let m = Message::Event {
+                        kind: EventKind::Audit,
+                        record,
+                    };
+                    write_frame(&mut conn, &m).await?;
+                }
+                loop {
+                    match read_frame(&mut conn, DEFAULT_MAX_PAYLOAD).await? {
+                        Message::Ping(n) => write_frame(&mut conn, &Message::Pong(n)).await?,
+                        _ => return Ok(()),
+                    }
+                }
+            }
+            Message::AttestationRequest { nonce } => {
+                let mut doc = b"fake-document:".to_vec();
+                doc.extend(nonce);
+                write_frame(&mut conn, &Message::AttestationResponse(doc)).await
+            }
+            Message::RequestData(first) => {
+                streams.fetch_add(1, Ordering::Relaxed);
+                let mut body = first;
+                loop {
+                    match read_frame(&mut conn, DEFAULT_MAX_PAYLOAD).await? {
+                        Message::RequestData(more) => body.extend(more),
+                        Message::RequestEnd => break,
+                        _ => return Ok(()),
+                    }
+                }
+                let (mut rd, mut wr) = tokio::io::split(conn);
+                let gone = read_frame(&mut rd, 64);
+                tokio::pin!(gone);
+                let (pieces, delay, die) = match script {
+                    Script::Echo { chunks, delay } => (chunks.max(1), delay, false),
+                    Script::DieMidStream => (2, Duration::ZERO, true),
+                };
+                let size = body.len().div_ceil(pieces).max(1);
+                for (i, piece) in body.chunks(size).enumerate() {
+                    if die && i == 1 {
+                        return Ok(()); // dropped mid-stream
+                    }
+                    if i > 0 {
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => {}
+                            _ = &mut gone => {
+                                let _ = cancelled.send(());
+                                return Ok(());
+                            }
+                        }
+                    }
+                    if write_frame(&mut wr, &Message::ResponseData(piece.to_vec()))
+                        .await
+                        .is_err()
+                    {
+                        let _ = cancelled.send(());
+                        return Ok(());
+                    }
+                }
+                write_frame(&mut wr, &Message::ResponseEnd).await
+            }
+            _ => Ok(()),
+        }
+    }
+}
