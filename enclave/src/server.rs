@@ -13,8 +13,10 @@ use common::transport::{BoxConn, Listener};
 use common::wire::io::{read_frame, read_preface, write_frame, write_preface, ConnError};
 use common::wire::{EnclaveState, EventKind, Message, DEFAULT_MAX_PAYLOAD};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWriteExt, BufReader};
+
+/// A host connection, read through a buffer (one read syscall per burst of frames).
+type Conn = BufReader<BoxConn>;
 use tokio::sync::{mpsc, Semaphore};
 
 /// A loaded model and what identifies it.
@@ -173,35 +175,50 @@ impl Enclave {
         }
     }
 
-    async fn connection(self: Arc<Self>, mut conn: BoxConn) -> Result<(), ConnError> {
+    /// One connection: its first frame says what it is. Request connections (attestation,
+    /// streams) are reused by the host for one exchange after another; control and
+    /// provisioning connections are not.
+    async fn connection(self: Arc<Self>, conn: BoxConn) -> Result<(), ConnError> {
+        let mut conn = BufReader::with_capacity(16 << 10, conn);
         read_preface(&mut conn).await?;
         write_preface(&mut conn).await?;
-        match read_frame(&mut conn, DEFAULT_MAX_PAYLOAD).await? {
-            Message::StatusRequest => self.control(conn).await,
-            Message::SealedHeader(header) => {
-                // `host provision`: a one-shot provisioning connection.
-                self.provision(&mut conn, header).await;
-                Ok(())
+        let mut first = true;
+        loop {
+            let frame = match read_frame(&mut conn, DEFAULT_MAX_PAYLOAD).await {
+                Ok(f) => f,
+                // The host closed an idle request connection.
+                Err(ConnError::Io(e))
+                    if !first && e.kind() == std::io::ErrorKind::UnexpectedEof =>
+                {
+                    return Ok(())
+                }
+                Err(e) => return Err(e),
+            };
+            match frame {
+                Message::StatusRequest if first => return self.control(conn).await,
+                Message::SealedHeader(header) if first => {
+                    // `host provision`: a one-shot provisioning connection.
+                    self.provision(&mut conn, header).await;
+                    return Ok(());
+                }
+                Message::AttestationRequest { nonce } => self.attest(&mut conn, nonce).await?,
+                Message::RequestData(body) => {
+                    if !self.stream(&mut conn, body).await? {
+                        return Ok(());
+                    }
+                }
+                got => {
+                    let reason = format!("{got:?} cannot open an exchange");
+                    return write_frame(&mut conn, &fail(400, reason)).await;
+                }
             }
-            Message::AttestationRequest { nonce } => self.attest(conn, nonce).await,
-            Message::RequestData(first) => self.stream(conn, first).await,
-            got => {
-                let reason = format!("{got:?} cannot open a connection");
-                write_frame(
-                    &mut conn,
-                    &Message::StreamError {
-                        status: 400,
-                        reason,
-                    },
-                )
-                .await
-            }
+            first = false;
         }
     }
 
     /// Provisions on `conn` if no model is loaded or loading; answers `Ready` at once for the
     /// model already loaded, and `Failed` while another connection provisions.
-    async fn provision(&self, conn: &mut BoxConn, header: Vec<u8>) {
+    async fn provision(&self, conn: &mut Conn, header: Vec<u8>) {
         let claim = {
             let mut phase = self.phase.lock().unwrap_or_else(|e| e.into_inner());
             match &*phase {
@@ -269,7 +286,7 @@ impl Enclave {
 
     /// The host's control connection: status and provisioning first, then, once a model is
     /// ready, pings and the event stream.
-    async fn control(&self, mut conn: BoxConn) -> Result<(), ConnError> {
+    async fn control(&self, mut conn: Conn) -> Result<(), ConnError> {
         write_frame(&mut conn, &Message::Status(self.state())).await?;
         while self.served().is_none() {
             match read_frame(&mut conn, DEFAULT_MAX_PAYLOAD).await? {
@@ -318,7 +335,7 @@ impl Enclave {
 
     /// One attestation document for a client: the nonce it chose, the gateway's key, and the
     /// binding of that key to the model.
-    async fn attest(&self, mut conn: BoxConn, nonce: Vec<u8>) -> Result<(), ConnError> {
+    async fn attest(&self, conn: &mut Conn, nonce: Vec<u8>) -> Result<(), ConnError> {
         let served = self.served();
         let public_key = self.gateway.public_key();
         let user_data = served.as_deref().and_then(|s| self.gateway.user_data(s));
@@ -336,62 +353,85 @@ impl Enclave {
             Ok(Err(e)) => fail(500, format!("NSM: {e}")),
             Err(_) => fail(500, "attestation worker failed"),
         };
-        write_frame(&mut conn, &answer).await
+        write_frame(conn, &answer).await
     }
 
-    /// One opaque request: the body (bounded), then the response as it is produced. EOF or
-    /// `Cancel` from the host drops the response stream, which cancels the work.
-    async fn stream(&self, mut conn: BoxConn, first: Vec<u8>) -> Result<(), ConnError> {
-        let Ok(_permit) = self.streams.clone().try_acquire_owned() else {
-            let busy = fail(503, "enclave is at its stream limit");
-            return write_frame(&mut conn, &busy).await;
-        };
-        let Some(served) = self.served() else {
-            return write_frame(&mut conn, &fail(503, "model not ready")).await;
-        };
+    /// One opaque request: the body (bounded), then the response as it is produced, frames
+    /// that are ready together written together. EOF or `Cancel` from the host drops the
+    /// response stream, which cancels the work. Returns whether the connection may carry
+    /// another exchange.
+    async fn stream(&self, conn: &mut Conn, first: Vec<u8>) -> Result<bool, ConnError> {
         let max = self.cfg.max_request_bytes;
         let mut body = first;
         loop {
             if body.len() > max {
                 let too_large = fail(413, format!("request body exceeds {max} bytes"));
-                return write_frame(&mut conn, &too_large).await;
+                write_frame(conn, &too_large).await?;
+                return Ok(false);
             }
-            match read_frame(&mut conn, DEFAULT_MAX_PAYLOAD).await? {
+            match read_frame(conn, DEFAULT_MAX_PAYLOAD).await? {
                 Message::RequestData(more) => body.extend_from_slice(&more),
                 Message::RequestEnd => break,
-                Message::Cancel => return Ok(()),
+                Message::Cancel => return Ok(false),
                 got => {
                     let reason = format!("{got:?} inside a request body");
-                    return write_frame(&mut conn, &fail(400, reason)).await;
+                    write_frame(conn, &fail(400, reason)).await?;
+                    return Ok(false);
                 }
             }
         }
+        let Ok(_permit) = self.streams.clone().try_acquire_owned() else {
+            write_frame(conn, &fail(503, "enclave is at its stream limit")).await?;
+            return Ok(true);
+        };
+        let Some(served) = self.served() else {
+            write_frame(conn, &fail(503, "model not ready")).await?;
+            return Ok(true);
+        };
         let mut response = match self.gateway.open(served, body) {
             Ok(r) => r,
-            Err(f) => return write_frame(&mut conn, &fail(f.status, f.reason)).await,
+            Err(f) => {
+                write_frame(conn, &fail(f.status, f.reason)).await?;
+                return Ok(true);
+            }
         };
         let (mut rd, mut wr) = tokio::io::split(conn);
-        // The host sends nothing after `RequestEnd`: whatever arrives here (Cancel, EOF,
-        // garbage) means the client went away. One pinned read, never restarted.
+        // The host sends nothing after `RequestEnd` until the response ends: whatever arrives
+        // here (Cancel, EOF, garbage) means the client went away. One pinned read, never
+        // restarted while the response lasts.
         let gone = read_frame(&mut rd, 64);
         tokio::pin!(gone);
+        let mut out = Vec::new();
         loop {
             tokio::select! {
                 chunk = response.recv() => {
-                    let msg = match chunk {
-                        Some(Ok(bytes)) => Message::ResponseData(bytes),
-                        Some(Err(f)) => fail(f.status, f.reason),
-                        None => Message::ResponseEnd,
-                    };
-                    let last = !matches!(msg, Message::ResponseData(_));
-                    write_frame(&mut wr, &msg).await?;
+                    let mut next = Some(chunk);
+                    let mut last = false;
+                    // Everything ready now goes out in one write.
+                    while let Some(chunk) = next.take() {
+                        let msg = match chunk {
+                            Some(Ok(bytes)) => Message::ResponseData(bytes),
+                            Some(Err(f)) => fail(f.status, f.reason),
+                            None => Message::ResponseEnd,
+                        };
+                        last = !matches!(msg, Message::ResponseData(_));
+                        out.extend_from_slice(&msg.encode());
+                        if !last {
+                            next = match response.try_recv() {
+                                Ok(c) => Some(Some(c)),
+                                Err(mpsc::error::TryRecvError::Disconnected) => Some(None),
+                                Err(mpsc::error::TryRecvError::Empty) => None,
+                            };
+                        }
+                    }
+                    wr.write_all(&out).await?;
+                    wr.flush().await?;
+                    out.clear();
                     if last {
-                        // Wait briefly for the host to close, so the frame is not cut off.
-                        let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
-                        return Ok(());
+                        return Ok(true);
                     }
                 }
-                _ = &mut gone => return Ok(()),
+                _ = &mut gone => return Ok(false),
             }
         }
     }

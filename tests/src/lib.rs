@@ -285,7 +285,9 @@ pub mod http {
     /// Reads a response until the connection closes.
     pub async fn read_response(s: &mut TcpStream) -> Response {
         let mut raw = Vec::new();
-        let _ = s.read_to_end(&mut raw).await;
+        if let Err(e) = s.read_to_end(&mut raw).await {
+            eprintln!("http client: read error {e} after {} bytes", raw.len());
+        }
         parse(&raw)
     }
 
@@ -415,82 +417,104 @@ pub mod fake_enclave {
     }
 
     async fn serve(
-        mut conn: BoxConn,
+        conn: BoxConn,
         script: Script,
         cancelled: mpsc::UnboundedSender<()>,
         streams: Arc<AtomicUsize>,
         audit: Vec<String>,
     ) -> Result<(), common::wire::io::ConnError> {
+        let mut conn = tokio::io::BufReader::new(conn);
         read_preface(&mut conn).await?;
         write_preface(&mut conn).await?;
-        match read_frame(&mut conn, DEFAULT_MAX_PAYLOAD).await? {
-            Message::StatusRequest => {
-                let ready = EnclaveState::Ready {
-                    model_sha256: [7; 32],
-                    model_name: "fake".into(),
-                };
-                write_frame(&mut conn, &Message::Status(ready)).await?;
-                for record in audit {
-                    let m = Message::Event {
-                        kind: EventKind::Audit,
-                        record,
+        // Request connections carry one exchange after another, as the real enclave's do.
+        loop {
+            match read_frame(&mut conn, DEFAULT_MAX_PAYLOAD).await? {
+                Message::StatusRequest => {
+                    let ready = EnclaveState::Ready {
+                        model_sha256: [7; 32],
+                        model_name: "fake".into(),
                     };
-                    write_frame(&mut conn, &m).await?;
-                }
-                loop {
-                    match read_frame(&mut conn, DEFAULT_MAX_PAYLOAD).await? {
-                        Message::Ping(n) => write_frame(&mut conn, &Message::Pong(n)).await?,
-                        _ => return Ok(()),
+                    write_frame(&mut conn, &Message::Status(ready)).await?;
+                    for record in audit {
+                        let m = Message::Event {
+                            kind: EventKind::Audit,
+                            record,
+                        };
+                        write_frame(&mut conn, &m).await?;
                     }
-                }
-            }
-            Message::AttestationRequest { nonce } => {
-                let mut doc = b"fake-document:".to_vec();
-                doc.extend(nonce);
-                write_frame(&mut conn, &Message::AttestationResponse(doc)).await
-            }
-            Message::RequestData(first) => {
-                streams.fetch_add(1, Ordering::Relaxed);
-                let mut body = first;
-                loop {
-                    match read_frame(&mut conn, DEFAULT_MAX_PAYLOAD).await? {
-                        Message::RequestData(more) => body.extend(more),
-                        Message::RequestEnd => break,
-                        _ => return Ok(()),
-                    }
-                }
-                let (mut rd, mut wr) = tokio::io::split(conn);
-                let gone = read_frame(&mut rd, 64);
-                tokio::pin!(gone);
-                let (pieces, delay, die) = match script {
-                    Script::Echo { chunks, delay } => (chunks.max(1), delay, false),
-                    Script::DieMidStream => (2, Duration::ZERO, true),
-                };
-                let size = body.len().div_ceil(pieces).max(1);
-                for (i, piece) in body.chunks(size).enumerate() {
-                    if die && i == 1 {
-                        return Ok(()); // dropped mid-stream
-                    }
-                    if i > 0 {
-                        tokio::select! {
-                            _ = tokio::time::sleep(delay) => {}
-                            _ = &mut gone => {
-                                let _ = cancelled.send(());
-                                return Ok(());
-                            }
+                    loop {
+                        match read_frame(&mut conn, DEFAULT_MAX_PAYLOAD).await? {
+                            Message::Ping(n) => write_frame(&mut conn, &Message::Pong(n)).await?,
+                            _ => return Ok(()),
                         }
                     }
-                    if write_frame(&mut wr, &Message::ResponseData(piece.to_vec()))
-                        .await
-                        .is_err()
-                    {
-                        let _ = cancelled.send(());
+                }
+                Message::AttestationRequest { nonce } => {
+                    let mut doc = b"fake-document:".to_vec();
+                    doc.extend(nonce);
+                    write_frame(&mut conn, &Message::AttestationResponse(doc)).await?;
+                }
+                Message::RequestData(first) => {
+                    streams.fetch_add(1, Ordering::Relaxed);
+                    let mut body = first;
+                    loop {
+                        match read_frame(&mut conn, DEFAULT_MAX_PAYLOAD).await? {
+                            Message::RequestData(more) => body.extend(more),
+                            Message::RequestEnd => break,
+                            _ => return Ok(()),
+                        }
+                    }
+                    if !respond(&mut conn, script, &body, &cancelled).await? {
                         return Ok(());
                     }
                 }
-                write_frame(&mut wr, &Message::ResponseEnd).await
+                _ => return Ok(()),
             }
-            _ => Ok(()),
         }
+    }
+
+    /// Answers one request per `script`; whether the connection stays usable.
+    async fn respond(
+        conn: &mut tokio::io::BufReader<BoxConn>,
+        script: Script,
+        body: &[u8],
+        cancelled: &mpsc::UnboundedSender<()>,
+    ) -> Result<bool, common::wire::io::ConnError> {
+        use tokio::io::AsyncWriteExt;
+        let (pieces, delay, die) = match script {
+            Script::Echo { chunks, delay } => (chunks.max(1), delay, false),
+            Script::DieMidStream => (2, Duration::ZERO, true),
+        };
+        let size = body.len().div_ceil(pieces).max(1);
+        let parts: Vec<&[u8]> = body.chunks(size).collect();
+        let (mut rd, mut wr) = tokio::io::split(conn);
+        let gone = read_frame(&mut rd, 64);
+        tokio::pin!(gone);
+        for (i, piece) in parts.iter().enumerate() {
+            if die && i == 1 {
+                return Ok(false); // dropped mid-stream
+            }
+            if i > 0 {
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = &mut gone => {
+                        let _ = cancelled.send(());
+                        return Ok(false);
+                    }
+                }
+            }
+            let mut out = Message::ResponseData(piece.to_vec()).encode();
+            if i + 1 == parts.len() {
+                out.extend(Message::ResponseEnd.encode());
+            }
+            if wr.write_all(&out).await.is_err() {
+                let _ = cancelled.send(());
+                return Ok(false);
+            }
+        }
+        if parts.is_empty() {
+            wr.write_all(&Message::ResponseEnd.encode()).await?;
+        }
+        Ok(true)
     }
 }

@@ -333,6 +333,14 @@ async fn a_thousand_concurrent_streams_complete_in_bounded_memory() {
             tokio::spawn(async move {
                 let body: Vec<u8> = (0..1024u32).map(|j| (i * 31 + j) as u8).collect();
                 let resp = post(addr, &body).await;
+                if !(resp.complete && resp.body == body) {
+                    eprintln!(
+                        "stream {i}: complete {} len {} headers {:?}",
+                        resp.complete,
+                        resp.body.len(),
+                        resp.headers
+                    );
+                }
                 (resp.status, resp.complete && resp.body == body)
             })
         })

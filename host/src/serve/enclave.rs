@@ -10,19 +10,31 @@ use super::stopped;
 use crate::provision::send_model;
 use common::transport::{BoxConn, Endpoint};
 use common::wire::io::{open, read_frame, read_preface, write_frame, ConnError};
-use common::wire::{EnclaveState, EventKind, Message, DEFAULT_MAX_PAYLOAD};
+use common::wire::{EnclaveState, EventKind, Message, DEFAULT_MAX_PAYLOAD, HEADER_LEN, PREFACE};
 use std::io::Write as _;
+use std::pin::Pin;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::Mutex;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWriteExt, BufReader, ReadBuf};
 use tokio::sync::watch;
 
-/// What the HTTP side knows of the enclave.
+/// Idle per-request connections kept for reuse.
+const MAX_IDLE: usize = 512;
+
+/// What the HTTP side knows of the enclave, and its idle request connections.
 #[derive(Debug)]
 pub struct Link {
     /// Where it listens.
     pub endpoint: Endpoint,
     ready: AtomicBool,
+    /// Bumped whenever the control connection drops: pooled connections of an older
+    /// generation may lead to a dead enclave and are not reused.
+    generation: AtomicU64,
+    idle: Mutex<Vec<Upstream>>,
 }
 
 impl Link {
@@ -31,6 +43,8 @@ impl Link {
         Self {
             endpoint,
             ready: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
+            idle: Mutex::new(Vec::new()),
         }
     }
 
@@ -40,8 +54,130 @@ impl Link {
     }
 
     fn set_ready(&self, ready: bool, metrics: &Metrics) {
+        if !ready {
+            self.generation.fetch_add(1, Ordering::AcqRel);
+            self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        }
         self.ready.store(ready, Ordering::Release);
         metrics.ready.store(i64::from(ready), Ordering::Relaxed);
+    }
+
+    /// A connection for one request: an idle one that is still open, or a new one.
+    pub async fn upstream(&self) -> Result<Upstream, UpstreamError> {
+        let generation = self.generation.load(Ordering::Acquire);
+        loop {
+            let pooled = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            match pooled {
+                Some(mut c) => {
+                    if c.generation == generation && c.is_open() {
+                        return Ok(c);
+                    }
+                }
+                None => break,
+            }
+        }
+        let conn = self
+            .endpoint
+            .connect()
+            .await
+            .map_err(UpstreamError::Unavailable)?;
+        Ok(Upstream {
+            io: BufReader::with_capacity(16 << 10, conn),
+            generation,
+            fresh: true,
+            awaiting_preface: true,
+        })
+    }
+
+    /// Returns a connection whose exchange ended cleanly, for the next request.
+    pub fn recycle(&self, c: Upstream) {
+        if c.generation != self.generation.load(Ordering::Acquire) {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < MAX_IDLE {
+            idle.push(c);
+        }
+    }
+}
+
+/// One connection to the enclave for one request at a time. A connection is reused only
+/// after its exchange ended cleanly (`ResponseEnd`, or an attestation document); one cut
+/// short is dropped, and its closing is what cancels the enclave's work.
+pub struct Upstream {
+    io: BufReader<BoxConn>,
+    generation: u64,
+    /// Our preface is still to be sent.
+    fresh: bool,
+    /// The enclave's preface is still to be read.
+    awaiting_preface: bool,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Upstream {
+    /// Whether the enclave has not closed this idle connection (a read would block). Any byte
+    /// waiting on an idle connection is a protocol error, so it counts as closed too.
+    fn is_open(&mut self) -> bool {
+        if !self.io.buffer().is_empty() {
+            return false;
+        }
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut byte = [0u8; 1];
+        let mut buf = ReadBuf::new(&mut byte);
+        matches!(
+            Pin::new(self.io.get_mut()).poll_read(&mut cx, &mut buf),
+            Poll::Pending
+        )
+    }
+
+    /// Writes `frames` (encoded, concatenated), after our preface on a new connection, in one
+    /// write.
+    pub async fn send(&mut self, frames: &[u8]) -> Result<(), UpstreamError> {
+        let conn = self.io.get_mut();
+        if self.fresh {
+            self.fresh = false;
+            let mut buf = Vec::with_capacity(PREFACE.len() + frames.len());
+            buf.extend_from_slice(&PREFACE);
+            buf.extend_from_slice(frames);
+            conn.write_all(&buf).await.map_err(ConnError::Io)?;
+        } else {
+            conn.write_all(frames).await.map_err(ConnError::Io)?;
+        }
+        Ok(())
+    }
+
+    /// The next frame from the enclave (its preface first, on a new connection). A
+    /// `StreamError` is returned as [`UpstreamError::Refused`].
+    pub async fn next(&mut self) -> Result<Message, UpstreamError> {
+        if self.awaiting_preface {
+            read_preface(&mut self.io).await?;
+            self.awaiting_preface = false;
+        }
+        match read_frame(&mut self.io, DEFAULT_MAX_PAYLOAD).await? {
+            Message::StreamError { status, reason } => {
+                Err(UpstreamError::Refused { status, reason })
+            }
+            m => Ok(m),
+        }
+    }
+
+    /// Whether a whole frame is already buffered (so [`Upstream::next`] will not wait).
+    pub fn has_buffered_frame(&self) -> bool {
+        let b = self.io.buffer();
+        match b.first_chunk::<HEADER_LEN>() {
+            Some(h) => {
+                let len = u32::from_be_bytes([h[1], h[2], h[3], h[4]]) as usize;
+                b.len() >= HEADER_LEN + len
+            }
+            None => false,
+        }
     }
 }
 
@@ -67,7 +203,8 @@ pub enum UpstreamError {
     Conn(#[from] ConnError),
 }
 
-async fn timed<T>(
+/// Runs `f` within `limit`.
+pub async fn timed<T>(
     limit: Duration,
     f: impl std::future::Future<Output = Result<T, UpstreamError>>,
 ) -> Result<T, UpstreamError> {
@@ -76,51 +213,24 @@ async fn timed<T>(
         .map_err(|_| UpstreamError::Timeout)?
 }
 
-/// Opens a per-request connection whose first frame is `first`.
-pub async fn connect(endpoint: &Endpoint, first: &Message) -> Result<BoxConn, UpstreamError> {
-    let mut conn = endpoint
-        .connect()
-        .await
-        .map_err(UpstreamError::Unavailable)?;
-    open(&mut conn, first).await?;
-    Ok(conn)
-}
-
-/// Reads the enclave's preface and first answer on a per-request connection.
-pub async fn first_answer(conn: &mut BoxConn, limit: Duration) -> Result<Message, UpstreamError> {
-    timed(limit, async {
-        read_preface(conn).await?;
-        match read_frame(conn, DEFAULT_MAX_PAYLOAD).await? {
-            Message::StreamError { status, reason } => {
-                Err(UpstreamError::Refused { status, reason })
-            }
-            m => Ok(m),
-        }
-    })
-    .await
-}
-
 /// A fresh attestation document with `nonce`.
 pub async fn attest(
-    endpoint: &Endpoint,
+    link: &Link,
     nonce: Vec<u8>,
     limit: Duration,
 ) -> Result<Vec<u8>, UpstreamError> {
-    let mut conn = timed(
-        limit,
-        connect(endpoint, &Message::AttestationRequest { nonce }),
-    )
-    .await?;
-    match first_answer(&mut conn, limit).await? {
-        Message::AttestationResponse(doc) => Ok(doc),
-        other => Err(UpstreamError::Conn(ConnError::Wire(
+    let mut up = timed(limit, link.upstream()).await?;
+    up.send(&Message::AttestationRequest { nonce }.encode())
+        .await?;
+    match timed(limit, up.next()).await? {
+        Message::AttestationResponse(doc) => {
+            link.recycle(up);
+            Ok(doc)
+        }
+        _ => Err(UpstreamError::Conn(ConnError::Wire(
             common::wire::WireError::Invalid {
                 what: "AttestationResponse",
-                reason: if matches!(other, Message::ResponseEnd) {
-                    "stream answer to an attestation request"
-                } else {
-                    "unexpected answer"
-                },
+                reason: "unexpected answer",
             },
         ))),
     }
@@ -215,13 +325,32 @@ async fn control(
     audit: &mut AuditSink,
 ) -> Result<(), ControlError> {
     let limit = ms(cfg.enclave_timeout_ms);
-    let mut conn = timed(limit, connect(&link.endpoint, &Message::StatusRequest)).await?;
-    let mut state = match first_answer(&mut conn, limit).await? {
+    let mut conn = timed(limit, async {
+        let mut conn = link
+            .endpoint
+            .connect()
+            .await
+            .map_err(UpstreamError::Unavailable)?;
+        open(&mut conn, &Message::StatusRequest).await?;
+        read_preface(&mut conn).await?;
+        Ok(conn)
+    })
+    .await?;
+    let mut state = match timed(limit, async {
+        Ok(read_frame(&mut conn, DEFAULT_MAX_PAYLOAD).await?)
+    })
+    .await?
+    {
         Message::Status(s) => s,
         other => return Err(ControlError::Unexpected(other)),
     };
     metrics.enclave_connects.fetch_add(1, Ordering::Relaxed);
-    tracing::info!(endpoint = %link.endpoint, ?state, "enclave connected");
+    let phase = match &state {
+        EnclaveState::AwaitingModel => "awaiting a model",
+        EnclaveState::Provisioning => "provisioning",
+        EnclaveState::Ready { .. } => "ready",
+    };
+    tracing::info!(endpoint = %link.endpoint, state = phase, "enclave connected");
     loop {
         match state {
             EnclaveState::Ready { model_name, .. } => {

@@ -8,9 +8,7 @@ use super::enclave::{self, Link, UpstreamError};
 use super::limit::RateLimiter;
 use super::metrics::{route_of, Metrics};
 use bytes::Bytes;
-use common::transport::BoxConn;
-use common::wire::io::{read_frame, write_frame, write_raw};
-use common::wire::{Message, MessageType, DEFAULT_MAX_PAYLOAD, MAX_NONCE};
+use common::wire::{Message, DEFAULT_MAX_PAYLOAD, MAX_NONCE};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
@@ -21,7 +19,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 /// The request content type of chunked OHTTP.
@@ -125,8 +122,10 @@ impl Body for Tracked {
         };
         match next {
             Poll::Ready(Some(Ok(data))) => {
+                let ended = matches!(&this.body, RelayBody::Full(f) if f.is_end_stream());
                 if let Some(d) = &mut this.done {
                     d.bytes_out += data.len() as u64;
+                    d.complete |= ended;
                 }
                 Poll::Ready(Some(Ok(Frame::data(data))))
             }
@@ -385,7 +384,7 @@ async fn attestation(app: &App, query: Option<&str>) -> Answer {
             )
         }
     };
-    match enclave::attest(&app.link.endpoint, nonce, ms(app.cfg.enclave_timeout_ms)).await {
+    match enclave::attest(&app.link, nonce, ms(app.cfg.enclave_timeout_ms)).await {
         Ok(doc) => {
             app.metrics.attestations.fetch_add(1, Ordering::Relaxed);
             let mut a = Answer::new(StatusCode::OK, "application/cbor", doc);
@@ -399,9 +398,11 @@ async fn attestation(app: &App, query: Option<&str>) -> Answer {
     }
 }
 
-/// Forwards the request body to a new enclave connection as it arrives, then streams the
-/// response back.
-async fn ohttp(app: &App, req: Request<Incoming>) -> Answer {
+/// Forwards the request body to an enclave connection as it arrives, then streams the
+/// response back. Small exchanges take one write and one read on the enclave side: the last
+/// body piece goes out with `RequestEnd`, and a response already complete in the read buffer
+/// is answered without a streaming task.
+async fn ohttp(app: &Arc<App>, req: Request<Incoming>) -> Answer {
     let max = app.cfg.max_body_bytes;
     let ct = req
         .headers()
@@ -425,85 +426,128 @@ async fn ohttp(app: &App, req: Request<Incoming>) -> Answer {
     let limit = ms(app.cfg.enclave_timeout_ms);
     let mut body = req.into_body();
     let deadline = tokio::time::Instant::now() + ms(app.cfg.body_timeout_ms);
-    let mut conn: Option<BoxConn> = None;
+    let mut up: Option<enclave::Upstream> = None;
     let mut received = 0u64;
+    let mut out = Vec::new();
     loop {
-        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
-            Err(_) => {
-                return Answer::error(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "body_timeout",
-                    "the request body took too long",
-                )
+        let frame = if body.is_end_stream() {
+            None
+        } else {
+            match tokio::time::timeout_at(deadline, body.frame()).await {
+                Err(_) => {
+                    return Answer::error(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "body_timeout",
+                        "the request body took too long",
+                    )
+                }
+                Ok(None) => None,
+                Ok(Some(Err(_))) => {
+                    return Answer::error(
+                        StatusCode::BAD_REQUEST,
+                        "bad_body",
+                        "the request body could not be read",
+                    )
+                }
+                Ok(Some(Ok(frame))) => Some(frame),
             }
-            Ok(None) => break,
-            Ok(Some(Err(_))) => {
-                return Answer::error(
-                    StatusCode::BAD_REQUEST,
-                    "bad_body",
-                    "the request body could not be read",
-                )
+        };
+        let end = frame.is_none() || body.is_end_stream();
+        if let Some(data) = frame.and_then(|f| f.into_data().ok()) {
+            received += data.len() as u64;
+            app.metrics
+                .bytes_in
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
+            if received > max {
+                return too_large(max);
             }
-            Ok(Some(Ok(frame))) => frame,
-        };
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        received += data.len() as u64;
-        app.metrics
-            .bytes_in
-            .fetch_add(data.len() as u64, Ordering::Relaxed);
-        if received > max {
-            return too_large(max);
+            // Frames stay under the enclave's limit whatever size the client's chunks are.
+            for piece in data.chunks(DEFAULT_MAX_PAYLOAD / 2) {
+                out.extend_from_slice(&Message::RequestData(piece.to_vec()).encode());
+            }
         }
-        // Frames stay under the enclave's limit whatever size the client's chunks are.
-        for piece in data.chunks(DEFAULT_MAX_PAYLOAD / 2) {
-            let sent = match &mut conn {
-                None => match tokio::time::timeout(
-                    limit,
-                    enclave::connect(&app.link.endpoint, &Message::RequestData(piece.to_vec())),
-                )
-                .await
-                {
-                    Ok(Ok(c)) => {
-                        conn = Some(c);
-                        Ok(())
-                    }
-                    Ok(Err(e)) => Err(e),
-                    Err(_) => Err(UpstreamError::Timeout),
+        if end {
+            if received == 0 {
+                out.extend_from_slice(&Message::RequestData(Vec::new()).encode());
+            }
+            out.extend_from_slice(&Message::RequestEnd.encode());
+        }
+        if !out.is_empty() {
+            let conn = match &mut up {
+                Some(c) => c,
+                None => match enclave::timed(limit, app.link.upstream()).await {
+                    Ok(c) => up.insert(c),
+                    Err(e) => return with_bytes(upstream_error(app, e), received),
                 },
-                Some(c) => write_raw(c, MessageType::RequestData, piece)
-                    .await
-                    .map_err(UpstreamError::Conn),
             };
-            if let Err(e) = sent {
+            if let Err(e) = conn.send(&out).await {
                 return with_bytes(upstream_error(app, e), received);
             }
+            out.clear();
+        }
+        if end {
+            break;
         }
     }
-    let mut conn = match conn {
-        Some(c) => c,
-        None => match enclave::connect(&app.link.endpoint, &Message::RequestData(Vec::new())).await
-        {
-            Ok(c) => c,
-            Err(e) => return upstream_error(app, e),
-        },
+    let Some(mut up) = up else {
+        return upstream_error(app, UpstreamError::Timeout);
     };
-    if let Err(e) = write_frame(&mut conn, &Message::RequestEnd).await {
-        return with_bytes(upstream_error(app, e.into()), received);
-    }
-    let first = match enclave::first_answer(&mut conn, limit).await {
+    let first = match enclave::timed(limit, up.next()).await {
         Ok(m) => m,
         Err(e) => return with_bytes(upstream_error(app, e), received),
     };
-    let (tx, rx) = mpsc::channel(8);
+    let mut answer = Answer {
+        status: StatusCode::OK,
+        headers: vec![
+            (CONTENT_TYPE, HeaderValue::from_static(OHTTP_RES)),
+            (
+                hyper::header::CACHE_CONTROL,
+                HeaderValue::from_static("no-store"),
+            ),
+        ],
+        body: RelayBody::Full(Full::new(Bytes::new())),
+        bytes_in: received,
+        permit: None,
+    };
     match first {
         Message::ResponseData(b) => {
-            let _ = tx.try_send(Ok(Bytes::from(b)));
-            let metrics = app.metrics.clone();
-            tokio::spawn(pump(conn, tx, metrics));
+            let b = Bytes::from(b);
+            let (tx, rx) = mpsc::channel(8);
+            answer.body = RelayBody::Stream(rx);
+            // The common small case: the whole response is already here.
+            let next = if up.has_buffered_frame() {
+                Some(up.next().await)
+            } else {
+                None
+            };
+            match next {
+                Some(Ok(Message::ResponseEnd)) => {
+                    app.link.recycle(up);
+                    answer.body = RelayBody::Full(Full::new(b));
+                }
+                None => {
+                    let _ = tx.try_send(Ok(b));
+                    tokio::spawn(pump(up, tx, app.clone()));
+                }
+                Some(Ok(Message::ResponseData(more))) => {
+                    let _ = tx.try_send(Ok(b));
+                    let _ = tx.try_send(Ok(Bytes::from(more)));
+                    tokio::spawn(pump(up, tx, app.clone()));
+                }
+                Some(other) => {
+                    app.metrics
+                        .upstream_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    let e = match other {
+                        Ok(m) => std::io::Error::other(format!("enclave sent {m:?}")),
+                        Err(e) => std::io::Error::other(e.to_string()),
+                    };
+                    let _ = tx.try_send(Ok(b));
+                    let _ = tx.try_send(Err(e));
+                }
+            }
         }
-        Message::ResponseEnd => drop(tx),
+        Message::ResponseEnd => app.link.recycle(up),
         _ => {
             return with_bytes(
                 upstream_error(
@@ -520,19 +564,7 @@ async fn ohttp(app: &App, req: Request<Incoming>) -> Answer {
             )
         }
     }
-    Answer {
-        status: StatusCode::OK,
-        headers: vec![
-            (CONTENT_TYPE, HeaderValue::from_static(OHTTP_RES)),
-            (
-                hyper::header::CACHE_CONTROL,
-                HeaderValue::from_static("no-store"),
-            ),
-        ],
-        body: RelayBody::Stream(rx),
-        bytes_in: received,
-        permit: None,
-    }
+    answer
 }
 
 fn with_bytes(mut a: Answer, bytes_in: u64) -> Answer {
@@ -554,35 +586,36 @@ fn too_large(max: u64) -> Answer {
 
 /// Copies the enclave's response frames to the client's body until the end, an error, or
 /// the client going away (the body's receiver dropped), which closes the enclave connection
-/// and so cancels the work there.
+/// and so cancels the work there. Only a connection whose response ended cleanly is reused.
 async fn pump(
-    mut conn: BoxConn,
+    mut up: enclave::Upstream,
     tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
-    metrics: Arc<Metrics>,
+    app: Arc<App>,
 ) {
     loop {
         let next = tokio::select! {
-            f = read_frame(&mut conn, DEFAULT_MAX_PAYLOAD) => f,
+            f = up.next() => f,
             _ = tx.closed() => break,
         };
         let item = match next {
             Ok(Message::ResponseData(b)) => Ok(Bytes::from(b)),
-            Ok(Message::ResponseEnd) => return,
-            Ok(Message::StreamError { reason, .. }) => {
-                Err(std::io::Error::other(format!("enclave: {reason}")))
+            Ok(Message::ResponseEnd) => {
+                app.link.recycle(up);
+                return;
             }
             Ok(other) => Err(std::io::Error::other(format!("enclave sent {other:?}"))),
             Err(e) => Err(std::io::Error::other(e.to_string())),
         };
         let failed = item.is_err();
         if failed {
-            metrics.upstream_failures.fetch_add(1, Ordering::Relaxed);
+            app.metrics
+                .upstream_failures
+                .fetch_add(1, Ordering::Relaxed);
         }
         if tx.send(item).await.is_err() || failed {
             break;
         }
     }
-    // Best effort: say so explicitly before closing.
-    let _ = write_frame(&mut conn, &Message::Cancel).await;
-    let _ = conn.shutdown().await;
+    // Best effort: say so explicitly; dropping the connection closes it either way.
+    let _ = up.send(&Message::Cancel.encode()).await;
 }

@@ -96,12 +96,10 @@ pub async fn start(
         ),
         None => enclave::AuditSink::Log,
     };
-    let listener = TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|source| ServeError::Listen {
-            addr: cfg.listen,
-            source,
-        })?;
+    let listener = listen(cfg.listen).map_err(|source| ServeError::Listen {
+        addr: cfg.listen,
+        source,
+    })?;
     let local_addr = listener.local_addr().map_err(|source| ServeError::Listen {
         addr: cfg.listen,
         source,
@@ -127,6 +125,19 @@ pub async fn start(
         shutdown,
         task,
     })
+}
+
+/// The client listener, with a backlog deep enough for bursts of thousands of connections
+/// (the default 1024 overflows under load and the kernel then resets connections).
+fn listen(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
 }
 
 fn tls_acceptor(
