@@ -62,24 +62,27 @@ impl Link {
         metrics.ready.store(i64::from(ready), Ordering::Relaxed);
     }
 
-    /// A connection for one request: an idle one that is still open, or a new one.
-    pub async fn upstream(&self) -> Result<Upstream, UpstreamError> {
+    /// An idle connection that is still open, if there is one.
+    pub fn pooled(&self) -> Option<Upstream> {
         let generation = self.generation.load(Ordering::Acquire);
         loop {
-            let pooled = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-            match pooled {
-                Some(mut c) => {
-                    if c.generation == generation && c.is_open() {
-                        return Ok(c);
-                    }
-                }
-                None => break,
+            let mut c = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
+            if c.generation == generation && c.is_open() {
+                return Some(c);
             }
         }
-        let conn = self
-            .endpoint
-            .connect()
+    }
+
+    /// A connection for one request: an idle one that is still open, or a new one made
+    /// within `limit`.
+    pub async fn upstream(&self, limit: Duration) -> Result<Upstream, UpstreamError> {
+        if let Some(c) = self.pooled() {
+            return Ok(c);
+        }
+        let generation = self.generation.load(Ordering::Acquire);
+        let conn = tokio::time::timeout(limit, self.endpoint.connect())
             .await
+            .map_err(|_| UpstreamError::Timeout)?
             .map_err(UpstreamError::Unavailable)?;
         Ok(Upstream {
             io: BufReader::with_capacity(16 << 10, conn),
@@ -219,7 +222,7 @@ pub async fn attest(
     nonce: Vec<u8>,
     limit: Duration,
 ) -> Result<Vec<u8>, UpstreamError> {
-    let mut up = timed(limit, link.upstream()).await?;
+    let mut up = link.upstream(limit).await?;
     up.send(&Message::AttestationRequest { nonce }.encode())
         .await?;
     match timed(limit, up.next()).await? {

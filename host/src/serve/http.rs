@@ -475,7 +475,7 @@ async fn ohttp(app: &Arc<App>, req: Request<Incoming>) -> Answer {
         if !out.is_empty() {
             let conn = match &mut up {
                 Some(c) => c,
-                None => match enclave::timed(limit, app.link.upstream()).await {
+                None => match app.link.upstream(limit).await {
                     Ok(c) => up.insert(c),
                     Err(e) => return with_bytes(upstream_error(app, e), received),
                 },

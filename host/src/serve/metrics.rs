@@ -2,10 +2,8 @@
 //! "Exposition formats", text format 0.0.4). Only routes, statuses, sizes, times and counts:
 //! never a byte of a request or response body.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Mutex;
 use std::time::Duration;
 
 /// Latency histogram bucket bounds, in seconds.
@@ -24,6 +22,31 @@ pub const ROUTES: [&str; 6] = [
     "other",
 ];
 
+/// The statuses counted one by one; anything else counts under its class (`2xx`, …).
+const STATUSES: [u16; 16] = [
+    200, 204, 400, 401, 403, 404, 405, 408, 413, 415, 429, 500, 501, 502, 503, 504,
+];
+
+/// One counter per route and status, without a lock: one atomic increment per request.
+#[derive(Default)]
+struct Requests([[AtomicU64; STATUSES.len() + 5]; ROUTES.len()]);
+
+fn status_slot(status: u16) -> usize {
+    STATUSES
+        .iter()
+        .position(|s| *s == status)
+        .unwrap_or(STATUSES.len() + usize::from((status / 100).clamp(1, 5)) - 1)
+}
+
+fn status_label(slot: usize) -> String {
+    match STATUSES.get(slot) {
+        Some(s) => s.to_string(),
+        None => format!("{}xx", slot + 1 - STATUSES.len()),
+    }
+}
+
+/// Per-bucket counts (not cumulative: one increment per observation); cumulative sums are
+/// made when rendering.
 #[derive(Default)]
 struct Histogram {
     buckets: [AtomicU64; BUCKETS.len()],
@@ -34,7 +57,7 @@ struct Histogram {
 /// All of the relay's metrics.
 #[derive(Default)]
 pub struct Metrics {
-    requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
+    requests: Requests,
     latency: [Histogram; ROUTES.len()],
     /// Requests being served now.
     pub in_flight: AtomicI64,
@@ -74,19 +97,23 @@ pub fn route_of(path: &str) -> &'static str {
 impl Metrics {
     /// Records one finished request.
     pub fn observe(&self, route: &'static str, status: u16, elapsed: Duration) {
-        *self
-            .requests
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry((route, status))
-            .or_default() += 1;
         let i = ROUTES.iter().position(|r| *r == route).unwrap_or(0);
+        if let Some(c) = self
+            .requests
+            .0
+            .get(i)
+            .and_then(|r| r.get(status_slot(status)))
+        {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
         if let Some(h) = self.latency.get(i) {
             let secs = elapsed.as_secs_f64();
-            for (b, bound) in h.buckets.iter().zip(BUCKETS) {
-                if secs <= bound {
-                    b.fetch_add(1, Ordering::Relaxed);
-                }
+            if let Some(b) = BUCKETS
+                .iter()
+                .position(|bound| secs <= *bound)
+                .and_then(|k| h.buckets.get(k))
+            {
+                b.fetch_add(1, Ordering::Relaxed);
             }
             h.count.fetch_add(1, Ordering::Relaxed);
             h.sum_us
@@ -102,16 +129,17 @@ impl Metrics {
             "# HELP relay_requests_total HTTP requests by route and status."
         );
         let _ = writeln!(out, "# TYPE relay_requests_total counter");
-        for ((route, status), n) in self
-            .requests
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-        {
-            let _ = writeln!(
-                out,
-                "relay_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
-            );
+        for (route, counts) in ROUTES.iter().zip(&self.requests.0) {
+            for (slot, n) in counts.iter().enumerate() {
+                let n = n.load(Ordering::Relaxed);
+                if n > 0 {
+                    let status = status_label(slot);
+                    let _ = writeln!(
+                        out,
+                        "relay_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
+                    );
+                }
+            }
         }
         let _ = writeln!(
             out,
@@ -119,11 +147,12 @@ impl Metrics {
         );
         let _ = writeln!(out, "# TYPE relay_request_duration_seconds histogram");
         for (route, h) in ROUTES.iter().zip(&self.latency) {
+            let mut cumulative = 0;
             for (b, bound) in h.buckets.iter().zip(BUCKETS) {
+                cumulative += b.load(Ordering::Relaxed);
                 let _ = writeln!(
                     out,
-                    "relay_request_duration_seconds_bucket{{route=\"{route}\",le=\"{bound}\"}} {}",
-                    b.load(Ordering::Relaxed)
+                    "relay_request_duration_seconds_bucket{{route=\"{route}\",le=\"{bound}\"}} {cumulative}"
                 );
             }
             let count = h.count.load(Ordering::Relaxed);
@@ -224,6 +253,7 @@ mod tests {
         m.observe("/v1/ohttp", 200, Duration::from_millis(3));
         m.observe("/v1/ohttp", 200, Duration::from_millis(300));
         m.observe(route_of("/nope"), 404, Duration::from_micros(10));
+        m.observe("/readyz", 299, Duration::from_micros(10));
         let text = m.render();
         assert!(text.contains("relay_requests_total{route=\"/v1/ohttp\",status=\"200\"} 2"));
         assert!(text.contains("relay_requests_total{route=\"other\",status=\"404\"} 1"));
@@ -232,5 +262,6 @@ mod tests {
         assert!(text
             .contains("relay_request_duration_seconds_bucket{route=\"/v1/ohttp\",le=\"0.5\"} 2"));
         assert!(text.contains("relay_request_duration_seconds_count{route=\"/v1/ohttp\"} 2"));
+        assert!(text.contains("relay_requests_total{route=\"/readyz\",status=\"2xx\"} 1"));
     }
 }
