@@ -9,7 +9,12 @@
 //!     prints p50/p99 of both and what the relay adds, as JSON
 //! ```
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
 
 use common::transport::Endpoint;
 use common::wire::io::{open, read_frame, read_preface, write_frame};
