@@ -154,6 +154,9 @@ struct ServeArgs {
     /// Drain time on SIGTERM, ms [default: 30000].
     #[arg(long, env = "HOST_SHUTDOWN_GRACE_MS")]
     shutdown_grace_ms: Option<u64>,
+    /// Relay worker threads, one single-threaded runtime each [default: 0, one per CPU].
+    #[arg(long, env = "HOST_WORKERS")]
+    workers: Option<usize>,
     /// Audit records as JSON lines to this file [default: the log].
     #[arg(long, env = "HOST_AUDIT_LOG")]
     audit_log: Option<PathBuf>,

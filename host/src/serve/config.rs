@@ -50,6 +50,8 @@ pub struct ServeConfig {
     pub ping_interval_ms: u64,
     /// Where the enclave's audit records go as JSON lines (default: the log).
     pub audit_log: Option<PathBuf>,
+    /// Relay worker threads, one single-threaded runtime each (0: one per CPU).
+    pub workers: usize,
 }
 
 impl Default for ServeConfig {
@@ -74,6 +76,7 @@ impl Default for ServeConfig {
             max_backoff_ms: 10_000,
             ping_interval_ms: 5_000,
             audit_log: None,
+            workers: 0,
         }
     }
 }

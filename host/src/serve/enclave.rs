@@ -11,6 +11,7 @@ use crate::provision::send_model;
 use common::transport::{BoxConn, Endpoint};
 use common::wire::io::{open, read_frame, read_preface, write_frame, ConnError};
 use common::wire::{EnclaveState, EventKind, Message, DEFAULT_MAX_PAYLOAD, HEADER_LEN, PREFACE};
+use std::collections::HashMap;
 use std::io::Write as _;
 use std::pin::Pin;
 use std::sync::atomic::AtomicU64;
@@ -34,7 +35,9 @@ pub struct Link {
     /// Bumped whenever the control connection drops: pooled connections of an older
     /// generation may lead to a dead enclave and are not reused.
     generation: AtomicU64,
-    idle: Mutex<Vec<Upstream>>,
+    /// Idle connections by the thread (and so the runtime, whose reactor they are
+    /// registered with) that made them: each relay worker reuses its own.
+    idle: Mutex<HashMap<std::thread::ThreadId, Vec<Upstream>>>,
 }
 
 impl Link {
@@ -44,7 +47,7 @@ impl Link {
             endpoint,
             ready: AtomicBool::new(false),
             generation: AtomicU64::new(0),
-            idle: Mutex::new(Vec::new()),
+            idle: Mutex::new(HashMap::new()),
         }
     }
 
@@ -66,7 +69,12 @@ impl Link {
     pub fn pooled(&self) -> Option<Upstream> {
         let generation = self.generation.load(Ordering::Acquire);
         loop {
-            let mut c = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
+            let mut c = self
+                .idle
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_mut(&std::thread::current().id())?
+                .pop()?;
             if c.generation == generation && c.is_open() {
                 return Some(c);
             }
@@ -98,8 +106,9 @@ impl Link {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < MAX_IDLE {
-            idle.push(c);
+        let mine = idle.entry(std::thread::current().id()).or_default();
+        if mine.len() < MAX_IDLE {
+            mine.push(c);
         }
     }
 }

@@ -57,7 +57,7 @@ pub struct Relay {
     /// Its view of the enclave.
     pub link: Arc<enclave::Link>,
     shutdown: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Relay {
@@ -65,7 +65,13 @@ impl Relay {
     /// and returns when they have (or the period is over).
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
-        let _ = self.task.await;
+        let threads = self.threads;
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
     }
 }
 
@@ -96,14 +102,20 @@ pub async fn start(
         ),
         None => enclave::AuditSink::Log,
     };
-    let listener = listen(cfg.listen).map_err(|source| ServeError::Listen {
-        addr: cfg.listen,
-        source,
-    })?;
-    let local_addr = listener.local_addr().map_err(|source| ServeError::Listen {
-        addr: cfg.listen,
-        source,
-    })?;
+    // One listening socket per worker thread (SO_REUSEPORT: the kernel spreads connections
+    // over them), all on the port the first one got.
+    let workers = match cfg.workers {
+        0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+        n => n,
+    };
+    let addr = cfg.listen;
+    let listen_err = |source| ServeError::Listen { addr, source };
+    let first = bind(cfg.listen).map_err(listen_err)?;
+    let local_addr = first.local_addr().map_err(listen_err)?;
+    let mut sockets = vec![first];
+    for _ in 1..workers {
+        sockets.push(bind(local_addr).map_err(listen_err)?);
+    }
     let metrics = Arc::new(metrics::Metrics::default());
     let link = Arc::new(enclave::Link::new(endpoint));
     let (shutdown, rx) = watch::channel(false);
@@ -116,28 +128,56 @@ pub async fn start(
         rx.clone(),
     ));
     let app = Arc::new(http::App::new(cfg, metrics.clone(), link.clone()));
-    tracing::info!(%local_addr, tls = tls.is_some(), "relay listening");
-    let task = tokio::spawn(accept_loop(listener, app, tls, rx));
+    tracing::info!(%local_addr, tls = tls.is_some(), workers, "relay listening");
+    // Thread per core: each worker runs a single-threaded runtime with its own listener,
+    // connections and enclave connections, so a request never changes threads.
+    let mut threads = Vec::with_capacity(workers);
+    for (i, socket) in sockets.into_iter().enumerate() {
+        let (app, tls, rx) = (app.clone(), tls.clone(), rx.clone());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| ServeError::Listen {
+                addr: local_addr,
+                source: e,
+            })?;
+        // Listening starts before `start` returns; the listener belongs to its worker's
+        // reactor.
+        let listener = {
+            let _guard = runtime.enter();
+            socket.listen(4096).map_err(listen_err)?
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("relay-{i}"))
+            .spawn(move || runtime.block_on(accept_loop(listener, app, tls, rx)))
+            .map_err(|source| ServeError::Listen {
+                addr: local_addr,
+                source,
+            })?;
+        threads.push(thread);
+    }
     Ok(Relay {
         local_addr,
         metrics,
         link,
         shutdown,
-        task,
+        threads,
     })
 }
 
-/// The client listener, with a backlog deep enough for bursts of thousands of connections
-/// (the default 1024 overflows under load and the kernel then resets connections).
-fn listen(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+/// A client listening socket, bound and not yet listening (that happens on its worker's
+/// runtime). Its backlog is deep enough for bursts of thousands of connections: the default
+/// 1024 overflows under load, and the kernel then resets connections.
+fn bind(addr: std::net::SocketAddr) -> io::Result<tokio::net::TcpSocket> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
         tokio::net::TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
     socket.bind(addr)?;
-    socket.listen(4096)
+    Ok(socket)
 }
 
 fn tls_acceptor(
