@@ -3,8 +3,10 @@
 //!
 //! **One connection per request.** Provisioning and control (status, pings, audit events)
 //! use one long-lived connection; every client request (an attestation document, one OHTTP
-//! exchange) opens its own connection, says what it is in its first frame, and ends with it.
-//! We chose that over multiplexing streams on one connection because:
+//! exchange) runs on a connection of its own, which says what it carries in its first frame.
+//! A connection whose exchange ended cleanly is reused for a later request (as HTTP
+//! keep-alive does); one cut short is closed. We chose that over multiplexing streams on one
+//! connection because:
 //! - the kernel's socket buffers are the per-stream flow control: a slow client stalls its
 //!   own socket only, with no head-of-line blocking and no window accounting of ours;
 //! - closing the connection *is* cancellation: the enclave sees EOF and drops the work;
