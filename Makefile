@@ -22,6 +22,8 @@ build:
 # Python packages the tests drive mock-kms with (boto3, as users will).
 test-deps:
 	$(PYTHON) -c "import boto3" 2>/dev/null || $(PYTHON) -m pip install --quiet --disable-pip-version-check boto3
+	command -v openssl >/dev/null || apt-get install -y -q openssl >/dev/null \
+		|| (apt-get update -q >/dev/null && apt-get install -y -q openssl >/dev/null)
 
 # Every test in the workspace, the mock NSM included (its feature is test-only). The engine's
 # tests run the real default model.

@@ -450,3 +450,111 @@ async fn wrong_routes_methods_and_content_types_get_json_errors() {
         assert!(v["error"]["code"].is_string(), "{v}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_in_flight_streams_and_stops_accepting() {
+    let ep = socket("relay-drain");
+    let _fake = fake_enclave::start(&ep, echo(4, 150), vec![]);
+    let r = relay(&ep, |c| c.shutdown_grace_ms = 10_000).await;
+    wait_ready(r.local_addr, true).await;
+    let addr = r.local_addr;
+    let stream = tokio::spawn(async move { post(addr, b"0123456789abcdef").await });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    r.shutdown().await;
+    let resp = stream.await.unwrap();
+    assert_eq!(resp.status, 200);
+    assert!(resp.complete, "the in-flight stream was cut by shutdown");
+    assert_eq!(resp.body, b"0123456789abcdef");
+    assert!(TcpStream::connect(addr).await.is_err(), "still accepting");
+}
+
+/// A self-signed certificate for 127.0.0.1, made with the openssl CLI.
+fn self_signed(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let status = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ])
+        .args([
+            "-days",
+            "1",
+            "-subj",
+            "/CN=relay-test",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("the TLS test needs the openssl CLI (Debian package openssl)");
+    assert!(status.success());
+    (cert, key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_on_the_client_listener() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let ep = socket("relay-tls");
+    let _fake = fake_enclave::start(&ep, echo(2, 0), vec![]);
+    let dir = tests::tempdir("tls");
+    let (cert, key) = self_signed(&dir);
+    let r = relay(&ep, |c| {
+        c.tls_cert = Some(cert.clone());
+        c.tls_key = Some(key.clone());
+    })
+    .await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(&cert).unwrap())
+        .unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let body = loop {
+        let tcp = TcpStream::connect(r.local_addr).await.unwrap();
+        let name = ServerName::try_from("127.0.0.1").unwrap();
+        let mut tls = connector.connect(name, tcp).await.unwrap();
+        let req = format!(
+            "POST /v1/ohttp HTTP/1.1\r\nhost: t\r\nconnection: close\r\ncontent-type: {OHTTP_REQ}\r\ncontent-length: 6\r\n\r\nsecret"
+        );
+        tls.write_all(req.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        let _ = tls.read_to_end(&mut raw).await;
+        let resp = parse(&raw);
+        if resp.status == 200 {
+            break resp.body;
+        }
+        assert_eq!(resp.status, 503, "{}", resp.text());
+        assert!(Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(body, b"secret");
+    // Plain HTTP to a TLS listener gets nowhere.
+    let mut plain = TcpStream::connect(r.local_addr).await.unwrap();
+    plain
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut raw)).await;
+    assert!(!raw.starts_with(b"HTTP/1.1 200"));
+}
