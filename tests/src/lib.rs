@@ -91,6 +91,33 @@ pub fn measurements(image: &str) -> std::collections::BTreeMap<u8, String> {
     parse_measurements(&measurements_json(&pcrs).to_string()).unwrap()
 }
 
+/// Sets `key_id`'s policy to the one `host kms-policy` prints: decrypt only for `image` with
+/// the model `model_sha256` in PCR16.
+pub async fn put_release_policy(
+    kms: &aws_sdk_kms::Client,
+    key_id: &str,
+    image: &str,
+    model_sha256: &[u8; 32],
+) {
+    use host::policy::{generate, PolicyRequest};
+    let policy = generate(&PolicyRequest {
+        measurements: measurements(image),
+        include: vec![],
+        model_pcr16: Some(common::sealed::model_pcr16(model_sha256)),
+        account: "000000000000".into(),
+        admin_principal: None,
+        enclave_principal: None,
+    })
+    .unwrap();
+    kms.put_key_policy()
+        .key_id(key_id)
+        .policy_name("default")
+        .policy(policy.to_string())
+        .send()
+        .await
+        .unwrap();
+}
+
 /// Seals `model` under a new mock-kms key whose policy releases it only to `image` running
 /// that model (as `host seal` and `host kms-policy` do); returns the client, the sealed file
 /// and the model's SHA-256.
@@ -99,7 +126,6 @@ pub async fn seal_for_image(
     image: &str,
     model: &std::path::Path,
 ) -> (aws_sdk_kms::Client, PathBuf, [u8; 32]) {
-    use host::policy::{generate, PolicyRequest};
     let kms = kms_client(endpoint).await;
     let key_id = kms
         .create_key()
@@ -123,22 +149,7 @@ pub async fn seal_for_image(
     .await
     .unwrap();
     let sha256 = summary.header.plaintext_sha256;
-    let policy = generate(&PolicyRequest {
-        measurements: measurements(image),
-        include: vec![],
-        model_pcr16: Some(common::sealed::model_pcr16(&sha256)),
-        account: "000000000000".into(),
-        admin_principal: None,
-        enclave_principal: None,
-    })
-    .unwrap();
-    kms.put_key_policy()
-        .key_id(&key_id)
-        .policy_name("default")
-        .policy(policy.to_string())
-        .send()
-        .await
-        .unwrap();
+    put_release_policy(&kms, &key_id, image, &sha256).await;
     (kms, sealed, sha256)
 }
 
@@ -280,6 +291,23 @@ pub mod http {
         s.write_all(head.as_bytes()).await.unwrap();
         s.write_all(body).await.unwrap();
         read_response(&mut s).await
+    }
+
+    /// Polls `/readyz` until it says `want` (ready or not), for up to `within`.
+    pub async fn wait_ready(addr: std::net::SocketAddr, want: bool, within: std::time::Duration) {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let r = request(addr, "GET", "/readyz", None, b"").await;
+            if (r.status == 200) == want {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "readyz stayed {}",
+                r.status
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
 
     /// Reads a response until the connection closes.

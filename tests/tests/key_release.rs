@@ -24,7 +24,7 @@ use host::provision::{provision as host_provision, ProvisionError as HostError, 
 use host::seal::{seal_file, SealRequest};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tests::{kms_client, measurements, start_kms, tempdir, Local, IMAGE};
+use tests::{kms_client, measurements, put_release_policy, start_kms, tempdir, Local, IMAGE};
 
 const MAX_MODEL: u64 = 1 << 30;
 
@@ -75,22 +75,7 @@ async fn setup(endpoint: &str, policy_image: &str, bind_model: Option<[u8; 32]>)
     .await
     .unwrap();
     let sha256 = summary.header.plaintext_sha256;
-    let policy = generate(&PolicyRequest {
-        measurements: measurements(policy_image),
-        include: vec![],
-        model_pcr16: Some(model_pcr16(&bind_model.unwrap_or(sha256))),
-        account: "000000000000".into(),
-        admin_principal: None,
-        enclave_principal: None,
-    })
-    .unwrap();
-    kms.put_key_policy()
-        .key_id(&key_id)
-        .policy_name("default")
-        .policy(policy.to_string())
-        .send()
-        .await
-        .unwrap();
+    put_release_policy(&kms, &key_id, policy_image, &bind_model.unwrap_or(sha256)).await;
     Setup {
         kms,
         key_id,

@@ -69,15 +69,7 @@ async fn relay(enclave: &Endpoint, edit: impl FnOnce(&mut ServeConfig)) -> Relay
 }
 
 async fn wait_ready(addr: SocketAddr, want: bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let r = request(addr, "GET", "/readyz", None, b"").await;
-        if (r.status == 200) == want {
-            return;
-        }
-        assert!(Instant::now() < deadline, "readyz stayed {}", r.status);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    tests::http::wait_ready(addr, want, Duration::from_secs(20)).await;
 }
 
 async fn post(addr: SocketAddr, body: &[u8]) -> tests::http::Response {

@@ -15,7 +15,7 @@ use common::transport::Endpoint;
 use enclave::server::{Config, Enclave, NoGateway};
 use host::serve::config::ServeConfig;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tests::http::request;
 use tests::{default_model, seal_for_image, start_kms, tempdir, Local, IMAGE};
 
@@ -52,15 +52,7 @@ impl RunningEnclave {
 }
 
 async fn wait_ready(addr: SocketAddr, want: bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let r = request(addr, "GET", "/readyz", None, b"").await;
-        if (r.status == 200) == want {
-            return;
-        }
-        assert!(Instant::now() < deadline, "readyz stayed {}", r.status);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    tests::http::wait_ready(addr, want, Duration::from_secs(60)).await;
 }
 
 fn metric(text: &str, name: &str) -> u64 {
