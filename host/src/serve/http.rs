@@ -15,7 +15,7 @@ use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Method, Request, Response, StatusCode};
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -37,7 +37,6 @@ pub struct App {
     pub link: Arc<Link>,
     limiter: RateLimiter,
     in_flight: Arc<Semaphore>,
-    ids: AtomicU64,
 }
 
 impl App {
@@ -46,7 +45,6 @@ impl App {
         Self {
             limiter: RateLimiter::new(cfg.rate_per_second, cfg.rate_burst),
             in_flight: Arc::new(Semaphore::new(cfg.max_in_flight)),
-            ids: AtomicU64::new(0),
             cfg,
             metrics,
             link,
@@ -86,10 +84,8 @@ impl Drop for Done {
     fn drop(&mut self) {
         let m = &self.app.metrics;
         let elapsed = self.start.elapsed();
-        m.observe(self.route, self.status, elapsed);
-        m.in_flight.fetch_sub(1, Ordering::Relaxed);
+        m.request_finished(self.route, self.status, elapsed, self.bytes_out);
         self.activity.done();
-        m.bytes_out.fetch_add(self.bytes_out, Ordering::Relaxed);
         tracing::info!(
             id = self.id,
             route = self.route,
@@ -199,9 +195,8 @@ pub async fn handle(
     activity: Arc<super::Activity>,
 ) -> Result<Response<Tracked>, std::convert::Infallible> {
     let start = Instant::now();
-    let id = app.ids.fetch_add(1, Ordering::Relaxed);
+    let id = app.metrics.request_started();
     let route = route_of(req.uri().path());
-    app.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
     let answer = route_request(&app, peer, route, req).await;
     let done = Done {
         app: app.clone(),
@@ -455,9 +450,7 @@ async fn ohttp(app: &Arc<App>, req: Request<Incoming>) -> Answer {
         let end = frame.is_none() || body.is_end_stream();
         if let Some(data) = frame.and_then(|f| f.into_data().ok()) {
             received += data.len() as u64;
-            app.metrics
-                .bytes_in
-                .fetch_add(data.len() as u64, Ordering::Relaxed);
+            app.metrics.add_bytes_in(data.len() as u64);
             if received > max {
                 return too_large(max);
             }

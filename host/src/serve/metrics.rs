@@ -54,17 +54,34 @@ struct Histogram {
     sum_us: AtomicU64,
 }
 
+/// Shards of the per-request counters: each worker thread counts in its own, so requests on
+/// different cores do not fight over cache lines; rendering sums them.
+const SHARDS: usize = 8;
+
+/// The counters every request touches.
+#[derive(Default)]
+#[repr(align(128))]
+struct Shard {
+    requests: Requests,
+    latency: [Histogram; ROUTES.len()],
+    in_flight: AtomicI64,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    ids: AtomicU64,
+}
+
+thread_local! {
+    /// This thread's shard, assigned round-robin on first use.
+    static SHARD: usize = {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS
+    };
+}
+
 /// All of the relay's metrics.
 #[derive(Default)]
 pub struct Metrics {
-    requests: Requests,
-    latency: [Histogram; ROUTES.len()],
-    /// Requests being served now.
-    pub in_flight: AtomicI64,
-    /// Body bytes received from clients.
-    pub bytes_in: AtomicU64,
-    /// Body bytes sent to clients.
-    pub bytes_out: AtomicU64,
+    shards: [Shard; SHARDS],
     /// Attestation documents fetched from the enclave.
     pub attestations: AtomicU64,
     /// Control connections established to the enclave.
@@ -95,10 +112,44 @@ pub fn route_of(path: &str) -> &'static str {
 }
 
 impl Metrics {
-    /// Records one finished request.
+    fn shard(&self) -> (usize, &Shard) {
+        let i = SHARD.with(|i| *i);
+        let [first, ..] = &self.shards;
+        let shard = self.shards.get(i).unwrap_or(first);
+        (i, shard)
+    }
+
+    /// A request begins: counts it in flight and returns its id (unique in this process).
+    pub fn request_started(&self) -> u64 {
+        let (i, shard) = self.shard();
+        shard.in_flight.fetch_add(1, Ordering::Relaxed);
+        shard.ids.fetch_add(1, Ordering::Relaxed) * SHARDS as u64 + i as u64
+    }
+
+    /// Request body bytes received.
+    pub fn add_bytes_in(&self, n: u64) {
+        self.shard().1.bytes_in.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// A request ended (its response sent, or the client gone).
+    pub fn request_finished(
+        &self,
+        route: &'static str,
+        status: u16,
+        elapsed: Duration,
+        bytes_out: u64,
+    ) {
+        let shard = self.shard().1;
+        shard.in_flight.fetch_sub(1, Ordering::Relaxed);
+        shard.bytes_out.fetch_add(bytes_out, Ordering::Relaxed);
+        self.observe(route, status, elapsed);
+    }
+
+    /// Records one finished request's status and latency.
     pub fn observe(&self, route: &'static str, status: u16, elapsed: Duration) {
+        let shard = self.shard().1;
         let i = ROUTES.iter().position(|r| *r == route).unwrap_or(0);
-        if let Some(c) = self
+        if let Some(c) = shard
             .requests
             .0
             .get(i)
@@ -106,7 +157,7 @@ impl Metrics {
         {
             c.fetch_add(1, Ordering::Relaxed);
         }
-        if let Some(h) = self.latency.get(i) {
+        if let Some(h) = shard.latency.get(i) {
             let secs = elapsed.as_secs_f64();
             if let Some(b) = BUCKETS
                 .iter()
@@ -121,6 +172,10 @@ impl Metrics {
         }
     }
 
+    fn sum(&self, f: impl Fn(&Shard) -> u64) -> u64 {
+        self.shards.iter().map(f).sum()
+    }
+
     /// The exposition text.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
@@ -129,9 +184,15 @@ impl Metrics {
             "# HELP relay_requests_total HTTP requests by route and status."
         );
         let _ = writeln!(out, "# TYPE relay_requests_total counter");
-        for (route, counts) in ROUTES.iter().zip(&self.requests.0) {
-            for (slot, n) in counts.iter().enumerate() {
-                let n = n.load(Ordering::Relaxed);
+        for (r, route) in ROUTES.iter().enumerate() {
+            for slot in 0..STATUSES.len() + 5 {
+                let n = self.sum(|s| {
+                    s.requests
+                        .0
+                        .get(r)
+                        .and_then(|c| c.get(slot))
+                        .map_or(0, |c| c.load(Ordering::Relaxed))
+                });
                 if n > 0 {
                     let status = status_label(slot);
                     let _ = writeln!(
@@ -146,16 +207,17 @@ impl Metrics {
             "# HELP relay_request_duration_seconds Time from request to the end of the response."
         );
         let _ = writeln!(out, "# TYPE relay_request_duration_seconds histogram");
-        for (route, h) in ROUTES.iter().zip(&self.latency) {
+        for (r, route) in ROUTES.iter().enumerate() {
+            let hist = |f: &dyn Fn(&Histogram) -> u64| self.sum(|s| s.latency.get(r).map_or(0, f));
             let mut cumulative = 0;
-            for (b, bound) in h.buckets.iter().zip(BUCKETS) {
-                cumulative += b.load(Ordering::Relaxed);
+            for (k, bound) in BUCKETS.iter().enumerate() {
+                cumulative += hist(&|h| h.buckets.get(k).map_or(0, |b| b.load(Ordering::Relaxed)));
                 let _ = writeln!(
                     out,
                     "relay_request_duration_seconds_bucket{{route=\"{route}\",le=\"{bound}\"}} {cumulative}"
                 );
             }
-            let count = h.count.load(Ordering::Relaxed);
+            let count = hist(&|h| h.count.load(Ordering::Relaxed));
             let _ = writeln!(
                 out,
                 "relay_request_duration_seconds_bucket{{route=\"{route}\",le=\"+Inf\"}} {count}"
@@ -163,7 +225,7 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "relay_request_duration_seconds_sum{{route=\"{route}\"}} {}",
-                h.sum_us.load(Ordering::Relaxed) as f64 / 1e6
+                hist(&|h| h.sum_us.load(Ordering::Relaxed)) as f64 / 1e6
             );
             let _ = writeln!(
                 out,
@@ -174,7 +236,10 @@ impl Metrics {
             (
                 "relay_in_flight_requests",
                 "Requests being served.",
-                self.in_flight.load(Ordering::Relaxed),
+                self.shards
+                    .iter()
+                    .map(|s| s.in_flight.load(Ordering::Relaxed))
+                    .sum(),
             ),
             (
                 "relay_enclave_ready",
@@ -185,17 +250,25 @@ impl Metrics {
         for (name, help, v) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         }
-        let counters = [
+        let bytes = [
             (
                 "relay_body_bytes_in_total",
                 "Request body bytes received.",
-                &self.bytes_in,
+                self.sum(|s| s.bytes_in.load(Ordering::Relaxed)),
             ),
             (
                 "relay_body_bytes_out_total",
                 "Response body bytes sent.",
-                &self.bytes_out,
+                self.sum(|s| s.bytes_out.load(Ordering::Relaxed)),
             ),
+        ];
+        for (name, help, v) in bytes {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+            );
+        }
+        let counters = [
             (
                 "relay_attestation_requests_total",
                 "Attestation documents fetched from the enclave.",
