@@ -2,30 +2,72 @@
 //! default), a tokio runtime, and on failure one line `NAME: error` and exit status 1. Code
 //! below `main` never reads the environment or prints; it returns errors with context.
 //!
-//! Log lines are handed to a writer thread that writes them in batches at most every 10 ms: a
-//! request's log line costs a channel send on the serving thread instead of a `write(2)`. The channel is bounded
-//! (a full one blocks the logger rather than drop lines), and `main` drains it before exit.
+//! Log lines go into a buffer of the thread that logs them, and a writer thread sweeps the
+//! buffers every 10 ms and writes them out in one batch: a request's log line costs an
+//! uncontended lock and a copy on the serving thread, not a `write(2)`. A buffer that reaches
+//! 1 MiB is written out by its own thread (backpressure, never a lost line), and `main`
+//! sweeps once more before exit.
 
 use std::future::Future;
 use std::io::Write;
 use std::process::ExitCode;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex, OnceLock};
 
-/// Lines queued for the writer thread before loggers wait.
-const LOG_QUEUE: usize = 16_384;
+/// Bytes a thread may buffer before it writes them itself.
+const MAX_BUFFERED: usize = 1 << 20;
 
-/// Hands each event's formatted line to the writer thread.
-struct Background(SyncSender<Vec<u8>>);
+type Buffer = Arc<Mutex<Vec<u8>>>;
 
-/// One event's line, sent when the formatter is done with it.
-struct Line {
-    buf: Vec<u8>,
-    tx: SyncSender<Vec<u8>>,
+/// Every thread's log buffer.
+fn buffers() -> &'static Mutex<Vec<Buffer>> {
+    static ALL: OnceLock<Mutex<Vec<Buffer>>> = OnceLock::new();
+    ALL.get_or_init(|| Mutex::new(Vec::new()))
 }
+
+thread_local! {
+    /// This thread's buffer, registered on first use.
+    static MINE: Buffer = {
+        let b: Buffer = Arc::default();
+        buffers().lock().unwrap_or_else(|e| e.into_inner()).push(b.clone());
+        b
+    };
+}
+
+/// Writes `bytes` to standard error (a failure to log has nowhere to be reported).
+fn emit(bytes: &[u8]) {
+    let _ = std::io::stderr().lock().write_all(bytes);
+}
+
+/// Writes out every buffer, and forgets the buffers of threads that have ended.
+fn sweep(scratch: &mut Vec<u8>) {
+    let mut all = buffers().lock().unwrap_or_else(|e| e.into_inner());
+    for b in all.iter() {
+        std::mem::swap(&mut *b.lock().unwrap_or_else(|e| e.into_inner()), scratch);
+        if !scratch.is_empty() {
+            emit(scratch);
+            scratch.clear();
+        }
+    }
+    // Only the list holds the buffer of a thread that has exited, and it is empty now.
+    all.retain(|b| Arc::strong_count(b) > 1);
+}
+
+/// The `MakeWriter` for the formatter: each event's line goes to this thread's buffer.
+struct Background;
+
+/// Appends to this thread's buffer.
+struct Line;
 
 impl Write for Line {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.buf.extend_from_slice(b);
+        MINE.with(|mine| {
+            let mut buf = mine.lock().unwrap_or_else(|e| e.into_inner());
+            buf.extend_from_slice(b);
+            if buf.len() >= MAX_BUFFERED {
+                emit(&buf);
+                buf.clear();
+            }
+        });
         Ok(b.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -33,43 +75,19 @@ impl Write for Line {
     }
 }
 
-impl Drop for Line {
-    fn drop(&mut self) {
-        if !self.buf.is_empty() {
-            let _ = self.tx.send(std::mem::take(&mut self.buf));
-        }
-    }
-}
-
 impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Background {
     type Writer = Line;
     fn make_writer(&'a self) -> Line {
-        Line {
-            buf: Vec::with_capacity(256),
-            tx: self.0.clone(),
-        }
+        Line
     }
 }
 
-/// Writes queued lines to standard error, a batch per wake-up, until every sender is gone. An
-/// empty line asks for an acknowledgement once everything before it is written.
-fn write_lines(rx: Receiver<Vec<u8>>, ack: SyncSender<()>) {
-    let stderr = std::io::stderr();
-    let mut out = std::io::BufWriter::with_capacity(64 << 10, stderr.lock());
-    while let Ok(first) = rx.recv() {
-        let mut flushed = first.is_empty();
-        let _ = out.write_all(&first);
-        while let Ok(more) = rx.try_recv() {
-            flushed |= more.is_empty();
-            let _ = out.write_all(&more);
-        }
-        let _ = out.flush();
-        if flushed {
-            let _ = ack.try_send(());
-        }
-        // Let lines gather instead of waking for each one: loggers do not wake a writer
-        // that is not waiting.
+/// The writer thread: a sweep every 10 ms.
+fn write_lines() {
+    let mut scratch = Vec::new();
+    loop {
         std::thread::sleep(std::time::Duration::from_millis(10));
+        sweep(&mut scratch);
     }
 }
 
@@ -90,27 +108,23 @@ where
 {
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let (tx, rx) = sync_channel(LOG_QUEUE);
-    let (ack_tx, ack_rx) = sync_channel(1);
-    let spawned = std::thread::Builder::new()
+    // Detached: it sleeps between sweeps, and `main` sweeps a last time itself.
+    let _ = std::thread::Builder::new()
         .name("log-writer".into())
-        .spawn(move || write_lines(rx, ack_tx));
+        .spawn(write_lines);
     // Colours only for a terminal: escape codes in a log file are noise (and cost).
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(Background(tx.clone()));
+        .with_writer(Background);
     if json {
         logs.json().init();
     } else {
         logs.event_format(Text).init();
     }
     let code = run_runtime(name, work);
-    // An empty line is the flush marker: wait until everything before it is written.
-    if spawned.is_ok() && tx.send(Vec::new()).is_ok() {
-        let _ = ack_rx.recv_timeout(std::time::Duration::from_secs(2));
-    }
+    sweep(&mut Vec::new());
     code
 }
 
