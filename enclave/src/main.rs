@@ -1,18 +1,23 @@
 //! `enclave`: the process inside the Nitro Enclave.
 //!
 //! ```text
-//! enclave --listen unix:PATH|vsock:any:PORT [--max-model-bytes N] [--max-streams N]
+//! enclave --listen unix:PATH|vsock:any:PORT [--max-model-bytes N] [--max-streams N] …
 //!         [--mock-ca DIR --mock-image LABEL [--mock-debug]]   (builds with the mock-nsm feature)
+//! enclave --print-config [same limits]
 //! ```
-//! It waits for the host to provision it with a sealed model, unseals it in memory, loads it into
-//! the inference engine (then reports `Ready`), and serves the host's control connection and
-//! client attestation requests (`enclave::server`). The OHTTP gateway arrives with the
-//! attested-channel issue; until then request streams are refused with 501.
+//! At boot it measures its runtime configuration into PCR17 and locks it, and generates its
+//! OHTTP key. It waits for the host to provision it with a sealed model, unseals it in memory,
+//! loads it into the inference engine (then reports `Ready`), and serves the host's control
+//! connection, client attestation documents, and encrypted client requests
+//! (`enclave::server`, `enclave::gateway`). `--print-config` prints the measured configuration,
+//! its SHA-256 and PCR17, for the client policy, and exits.
 
 use clap::Parser;
 use common::nsm::Nsm;
 use common::transport::Endpoint;
-use enclave::server::{Config, Enclave, NoGateway};
+use enclave::gateway::OhttpGateway;
+use enclave::runtime::RuntimeConfig;
+use enclave::server::{Config, Enclave};
 #[cfg(feature = "mock-nsm")]
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,8 +27,11 @@ use std::sync::Arc;
 #[command(name = "enclave", version, about = "Confidential inference enclave")]
 struct Args {
     /// Where the host connects: vsock:any:PORT on Nitro, unix:PATH in local mode.
-    #[arg(long, env = "ENCLAVE_LISTEN")]
-    listen: String,
+    #[arg(long, env = "ENCLAVE_LISTEN", required_unless_present = "print_config")]
+    listen: Option<String>,
+    /// Print the measured runtime configuration (JSON), its SHA-256 and PCR17, and exit.
+    #[arg(long)]
+    print_config: bool,
     /// Client request streams served at once; more get 503.
     #[arg(long, env = "ENCLAVE_MAX_STREAMS", default_value_t = Config::default().max_streams)]
     max_streams: usize,
@@ -71,12 +79,7 @@ fn open_nsm(args: &Args) -> Result<Arc<dyn Nsm>, String> {
     ))
 }
 
-async fn run(args: Args) -> Result<(), String> {
-    let nsm = open_nsm(&args)?;
-    let endpoint: Endpoint = args.listen.parse().map_err(|e| format!("--listen: {e}"))?;
-    let listener = endpoint
-        .bind()
-        .map_err(|e| format!("listen on {endpoint}: {e}"))?;
+fn config(args: &Args) -> Config {
     let mut cfg = Config {
         max_model_bytes: args.max_model_bytes,
         max_streams: args.max_streams,
@@ -87,7 +90,29 @@ async fn run(args: Args) -> Result<(), String> {
     if let Some(t) = args.threads {
         cfg.engine.threads = t;
     }
-    let enclave = Enclave::new(nsm, cfg, Arc::new(NoGateway));
+    cfg
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let cfg = config(&args);
+    let runtime = RuntimeConfig::of(&cfg);
+    let config_sha256 = runtime.sha256();
+    let nsm = open_nsm(&args)?;
+    // PCR17 is measured and locked before any document is made, so every attestation shows it.
+    enclave::runtime::measure(nsm.as_ref(), &config_sha256)
+        .map_err(|e| format!("measuring the runtime configuration into PCR17: {e}"))?;
+    let gateway = OhttpGateway::new(config_sha256).map_err(|e| format!("OHTTP key: {e}"))?;
+    let listen = args.listen.as_deref().unwrap_or_default();
+    let endpoint: Endpoint = listen.parse().map_err(|e| format!("--listen: {e}"))?;
+    let listener = endpoint
+        .bind()
+        .map_err(|e| format!("listen on {endpoint}: {e}"))?;
+    tracing::info!(
+        config_sha256 = %hex::encode(config_sha256),
+        key_id = gateway.key_id(),
+        "runtime configuration measured into PCR17; OHTTP key generated"
+    );
+    let enclave = Enclave::new(nsm, cfg, Arc::new(gateway));
     tracing::info!(%endpoint, "waiting for the host to provision a model");
     tokio::select! {
         r = enclave.serve(listener) => r.map_err(|e| format!("accept on {endpoint}: {e}")),
@@ -95,7 +120,20 @@ async fn run(args: Args) -> Result<(), String> {
     }
 }
 
+/// `--print-config`: what an operator publishes for clients' policies.
+fn print_config(args: &Args) -> ExitCode {
+    let runtime = RuntimeConfig::of(&config(args));
+    let json = String::from_utf8_lossy(&runtime.canonical()).into_owned();
+    println!("{json}");
+    println!("config_sha256 = \"{}\"", hex::encode(runtime.sha256()));
+    println!("pcr17 = \"{}\"", hex::encode(runtime.pcr17()));
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.print_config {
+        return print_config(&args);
+    }
     common::cli::run_main("enclave", run(args))
 }

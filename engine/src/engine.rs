@@ -142,6 +142,11 @@ impl Generation {
         self.rx.recv().await
     }
 
+    /// The next event if one is ready now, without waiting.
+    pub fn try_next(&mut self) -> Option<Event> {
+        self.rx.try_recv().ok()
+    }
+
     /// [`Generation::next`] for threads outside an async runtime.
     pub fn blocking_next(&mut self) -> Option<Event> {
         self.rx.blocking_recv()

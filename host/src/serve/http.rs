@@ -313,7 +313,7 @@ fn upstream_error(app: &App, e: UpstreamError) -> Answer {
     match e {
         UpstreamError::Refused { status, reason } => {
             let status = match status {
-                400 | 413 | 501 | 503 => {
+                400 | 413 | 422 | 501 | 503 => {
                     StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY)
                 }
                 _ => StatusCode::BAD_GATEWAY,

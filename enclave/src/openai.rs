@@ -1,0 +1,542 @@
+//! The OpenAI chat-completions API as the enclave serves it inside the encrypted channel:
+//! request parsing and validation, and the `chat.completion` / `chat.completion.chunk` objects,
+//! server-sent events and error bodies that go back (platform.openai.com/docs/api-reference/chat).
+//!
+//! Errors carry OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, and never
+//! echo the request's content.
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+/// Most messages in one request.
+pub const MAX_MESSAGES: usize = 256;
+/// Most stop sequences (OpenAI's limit).
+pub const MAX_STOP: usize = 4;
+
+/// A chat-completions request. Fields the enclave does not implement are refused when they
+/// would change the answer (`n > 1`, tools, logprobs), and ignored when they would not.
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    /// Which model.
+    pub model: String,
+    /// The conversation.
+    pub messages: Vec<ChatMessage>,
+    /// Stream `chat.completion.chunk` events.
+    #[serde(default)]
+    pub stream: bool,
+    /// Streaming options.
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    /// Tokens to generate at most (deprecated name).
+    pub max_tokens: Option<u32>,
+    /// Tokens to generate at most.
+    pub max_completion_tokens: Option<u32>,
+    /// 0..=2.
+    pub temperature: Option<f32>,
+    /// (0, 1].
+    pub top_p: Option<f32>,
+    /// Seed for reproducible sampling.
+    pub seed: Option<i64>,
+    /// Up to 4 stop sequences.
+    pub stop: Option<Stop>,
+    /// -2..=2.
+    pub frequency_penalty: Option<f32>,
+    /// -2..=2.
+    pub presence_penalty: Option<f32>,
+    /// Choices to generate: only 1.
+    pub n: Option<u32>,
+    /// Log probabilities: not supported.
+    #[serde(default)]
+    pub logprobs: Option<bool>,
+    /// Tools: not supported.
+    #[serde(default)]
+    pub tools: Option<Vec<serde_json::Value>>,
+}
+
+/// Streaming options.
+#[derive(Debug, Default, Deserialize)]
+pub struct StreamOptions {
+    /// Send a last chunk with the token usage.
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// `stop`: one string or several.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    /// One stop sequence.
+    One(String),
+    /// Several.
+    Many(Vec<String>),
+}
+
+/// One message.
+#[derive(Deserialize)]
+pub struct ChatMessage {
+    /// system, developer, user, assistant.
+    pub role: String,
+    /// Text, or an array of content parts of which only text parts are accepted.
+    #[serde(default)]
+    pub content: Option<Content>,
+}
+
+// Message content is user data: never in Debug output.
+impl std::fmt::Debug for ChatMessage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatMessage")
+            .field("role", &self.role)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Message content.
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    /// Plain text.
+    Text(String),
+    /// Content parts.
+    Parts(Vec<Part>),
+}
+
+/// A content part.
+#[derive(Deserialize)]
+pub struct Part {
+    /// `text` (others are refused).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The text of a text part.
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+/// An API error: status, type, code, parameter and a content-free message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// HTTP status inside the channel.
+    pub status: u16,
+    /// OpenAI's `type`.
+    pub kind: &'static str,
+    /// OpenAI's `code`.
+    pub code: Option<&'static str>,
+    /// The offending parameter.
+    pub param: Option<&'static str>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl ApiError {
+    /// 400 `invalid_request_error`.
+    pub fn invalid(param: Option<&'static str>, message: impl Into<String>) -> Self {
+        Self {
+            status: 400,
+            kind: "invalid_request_error",
+            code: None,
+            param,
+            message: message.into(),
+        }
+    }
+
+    /// An error with every field given.
+    pub fn new(
+        status: u16,
+        kind: &'static str,
+        code: Option<&'static str>,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            status,
+            kind,
+            code,
+            param: None,
+            message: message.into(),
+        }
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> Vec<u8> {
+        serde_json::to_vec(&json!({
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        }))
+        .unwrap_or_default()
+    }
+
+    /// From an engine error (whose messages never contain prompt or output text).
+    pub fn from_engine(e: &engine::Error) -> Self {
+        match e {
+            engine::Error::ContextLength { .. } => Self {
+                code: Some("context_length_exceeded"),
+                param: Some("messages"),
+                ..Self::invalid(None, e.to_string())
+            },
+            engine::Error::InvalidRequest(_) => Self::invalid(None, e.to_string()),
+            engine::Error::QueueFull { .. } => {
+                Self::new(429, "rate_limit_error", Some("engine_busy"), e.to_string())
+            }
+            engine::Error::ContextFull { .. } => {
+                Self::new(400, "invalid_request_error", None, e.to_string())
+            }
+            _ => Self::new(500, "server_error", None, e.to_string()),
+        }
+    }
+}
+
+/// A validated request, ready for the engine.
+#[derive(Debug)]
+pub struct Prepared {
+    /// The conversation.
+    pub messages: Vec<engine::Message>,
+    /// Generation parameters.
+    pub params: engine::GenerationParams,
+    /// Stream the answer.
+    pub stream: bool,
+    /// Send usage in a last streaming chunk.
+    pub include_usage: bool,
+}
+
+/// Parses and validates a request body for the model `served`.
+pub fn prepare(body: &[u8], served: &str) -> Result<Prepared, ApiError> {
+    let req: ChatRequest = serde_json::from_slice(body).map_err(|e| {
+        // serde's own messages can quote input values; the category and position cannot.
+        let what = match e.classify() {
+            serde_json::error::Category::Eof => "truncated JSON",
+            serde_json::error::Category::Syntax => "malformed JSON",
+            serde_json::error::Category::Data => "a missing field or a value of the wrong type",
+            serde_json::error::Category::Io => "an unreadable body",
+        };
+        ApiError::invalid(
+            None,
+            format!(
+                "the request body is not a valid chat request: {what} at line {} column {}",
+                e.line(),
+                e.column()
+            ),
+        )
+    })?;
+    if req.model != served {
+        return Err(ApiError {
+            status: 404,
+            kind: "invalid_request_error",
+            code: Some("model_not_found"),
+            param: Some("model"),
+            message: format!("this enclave serves only the model `{served}`"),
+        });
+    }
+    if req.messages.is_empty() {
+        return Err(ApiError::invalid(
+            Some("messages"),
+            "messages must not be empty",
+        ));
+    }
+    if req.messages.len() > MAX_MESSAGES {
+        return Err(ApiError::invalid(
+            Some("messages"),
+            format!("at most {MAX_MESSAGES} messages are accepted"),
+        ));
+    }
+    if req.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::invalid(Some("n"), "only n = 1 is supported"));
+    }
+    if req.logprobs == Some(true) {
+        return Err(ApiError::invalid(
+            Some("logprobs"),
+            "logprobs are not supported",
+        ));
+    }
+    if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+        return Err(ApiError::invalid(Some("tools"), "tools are not supported"));
+    }
+    let mut messages = Vec::with_capacity(req.messages.len());
+    for m in req.messages {
+        let role = match m.role.as_str() {
+            "developer" => "system",
+            r @ ("system" | "user" | "assistant") => r,
+            _ => {
+                return Err(ApiError::invalid(
+                    Some("messages"),
+                    "a message role must be system, developer, user or assistant",
+                ))
+            }
+        };
+        let content = match m.content {
+            None => String::new(),
+            Some(Content::Text(t)) => t,
+            Some(Content::Parts(parts)) => {
+                let mut text = String::new();
+                for p in parts {
+                    match (p.kind.as_str(), p.text) {
+                        ("text", Some(t)) => text.push_str(&t),
+                        _ => {
+                            return Err(ApiError::invalid(
+                                Some("messages"),
+                                "only text content parts are supported",
+                            ))
+                        }
+                    }
+                }
+                text
+            }
+        };
+        messages.push(engine::Message::new(role, content));
+    }
+    let stop = match req.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(v)) => v,
+    };
+    if stop.len() > MAX_STOP {
+        return Err(ApiError::invalid(
+            Some("stop"),
+            format!("at most {MAX_STOP} stop sequences are accepted"),
+        ));
+    }
+    let defaults = engine::SamplingParams::default();
+    let sampling = engine::SamplingParams {
+        temperature: req.temperature.unwrap_or(defaults.temperature),
+        top_p: req.top_p.unwrap_or(defaults.top_p),
+        seed: req.seed.map(|s| s as u64),
+        frequency_penalty: req.frequency_penalty.unwrap_or(0.0),
+        presence_penalty: req.presence_penalty.unwrap_or(0.0),
+        ..defaults
+    };
+    sampling.validate().map_err(|e| ApiError::from_engine(&e))?;
+    let max_tokens = req.max_completion_tokens.or(req.max_tokens);
+    if max_tokens == Some(0) {
+        return Err(ApiError::invalid(
+            Some("max_tokens"),
+            "max_tokens must be at least 1",
+        ));
+    }
+    Ok(Prepared {
+        messages,
+        params: engine::GenerationParams {
+            max_tokens: max_tokens.map(|n| n as usize),
+            stop,
+            sampling,
+            ignore_eos: false,
+        },
+        stream: req.stream,
+        include_usage: req.stream_options.is_some_and(|o| o.include_usage),
+    })
+}
+
+/// What every object of one completion shares.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    /// `chatcmpl-…`.
+    pub id: String,
+    /// Unix seconds.
+    pub created: u64,
+    /// The model's name.
+    pub model: String,
+}
+
+#[derive(Serialize)]
+struct UsageJson {
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    total_tokens: usize,
+}
+
+fn usage(u: &engine::Usage) -> UsageJson {
+    UsageJson {
+        prompt_tokens: u.prompt_tokens,
+        completion_tokens: u.completion_tokens,
+        total_tokens: u.total_tokens,
+    }
+}
+
+fn finish(r: engine::FinishReason) -> &'static str {
+    match r {
+        engine::FinishReason::Stop => "stop",
+        engine::FinishReason::Length => "length",
+    }
+}
+
+impl Completion {
+    /// A new completion's identity.
+    pub fn new(model: &str) -> Self {
+        let mut id = [0u8; 12];
+        // An id needs no secrecy; a failed RNG leaves zeros, still a valid id.
+        let _ = aws_lc_rs::rand::fill(&mut id);
+        let created = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        Self {
+            id: format!("chatcmpl-{}", hex::encode(id)),
+            created,
+            model: model.to_owned(),
+        }
+    }
+
+    /// The non-streaming answer: one `chat.completion`.
+    pub fn whole(&self, text: &str, reason: engine::FinishReason, u: &engine::Usage) -> Vec<u8> {
+        serde_json::to_vec(&json!({
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": null},
+                "logprobs": null,
+                "finish_reason": finish(reason),
+            }],
+            "usage": usage(u),
+        }))
+        .unwrap_or_default()
+    }
+
+    fn chunk(&self, delta: serde_json::Value, reason: Option<&str>) -> Vec<u8> {
+        self.event(&json!({
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{
+                "index": 0,
+                "delta": delta,
+                "logprobs": null,
+                "finish_reason": reason,
+            }],
+        }))
+    }
+
+    fn event(&self, v: &serde_json::Value) -> Vec<u8> {
+        let mut out = b"data: ".to_vec();
+        // Writing a JSON value into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut out, v);
+        out.extend_from_slice(b"\n\n");
+        out
+    }
+
+    /// The first streaming event: the assistant's role.
+    pub fn role_event(&self) -> Vec<u8> {
+        self.chunk(json!({"role": "assistant", "content": ""}), None)
+    }
+
+    /// A streaming event with new text.
+    pub fn text_event(&self, text: &str) -> Vec<u8> {
+        self.chunk(json!({"content": text}), None)
+    }
+
+    /// The last events: the finish reason, the usage if asked for, and `[DONE]`.
+    pub fn done_events(
+        &self,
+        reason: engine::FinishReason,
+        u: &engine::Usage,
+        include_usage: bool,
+    ) -> Vec<u8> {
+        let mut out = self.chunk(json!({}), Some(finish(reason)));
+        if include_usage {
+            out.extend(self.event(&json!({
+                "id": self.id,
+                "object": "chat.completion.chunk",
+                "created": self.created,
+                "model": self.model,
+                "choices": [],
+                "usage": usage(u),
+            })));
+        }
+        out.extend_from_slice(b"data: [DONE]\n\n");
+        out
+    }
+
+    /// An error in the middle of a stream (OpenAI sends an `error` object as an event).
+    pub fn error_event(&self, e: &ApiError) -> Vec<u8> {
+        let mut out = b"data: ".to_vec();
+        out.extend(e.body());
+        out.extend_from_slice(b"\n\n");
+        out
+    }
+}
+
+/// `GET /v1/models`.
+pub fn models(model: &str, created: u64) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "object": "list",
+        "data": [{"id": model, "object": "model", "created": created, "owned_by": "enclave"}],
+    }))
+    .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_request_is_prepared() {
+        let body = br#"{"model":"m","messages":[{"role":"developer","content":"be brief"},
+            {"role":"user","content":[{"type":"text","text":"hi "},{"type":"text","text":"there"}]}],
+            "stream":true,"stream_options":{"include_usage":true},"max_tokens":5,"temperature":0,
+            "top_p":0.5,"seed":3,"stop":"x","user":"ignored","n":1}"#;
+        let p = prepare(body, "m").unwrap();
+        assert_eq!(p.messages[0].role, "system");
+        assert_eq!(p.messages[1].content, "hi there");
+        assert!(p.stream && p.include_usage);
+        assert_eq!(p.params.max_tokens, Some(5));
+        assert_eq!(p.params.stop, vec!["x".to_string()]);
+        assert_eq!(p.params.sampling.seed, Some(3));
+        assert_eq!(p.params.sampling.top_p, 0.5);
+    }
+
+    #[test]
+    fn bad_requests_get_openai_errors_without_content() {
+        let err = |body: &str| prepare(body.as_bytes(), "m").unwrap_err();
+        let e = err(r#"{"model":"other","messages":[{"role":"user","content":"SECRET"}]}"#);
+        assert_eq!((e.status, e.code), (404, Some("model_not_found")));
+        assert!(!String::from_utf8(e.body()).unwrap().contains("SECRET"));
+        let e = err(r#"{"model":"m","messages":[{"role":"user","content":"SECRET"}"#);
+        assert_eq!(e.status, 400);
+        assert!(!e.message.contains("SECRET"), "{}", e.message);
+        let e = err(r#"{"model":"m","messages":[{"role":"user","content":17}]}"#);
+        assert_eq!(e.status, 400);
+        assert_eq!(
+            err(r#"{"model":"m","messages":[]}"#).param,
+            Some("messages")
+        );
+        let e = err(r#"{"model":"m","messages":[{"role":"tool","content":"x"}]}"#);
+        assert_eq!(e.param, Some("messages"));
+        let e = err(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"n":2}"#);
+        assert_eq!(e.param, Some("n"));
+        let e = err(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":3}"#);
+        assert_eq!(e.status, 400);
+        let e = err(
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stop":["a","b","c","d","e"]}"#,
+        );
+        assert_eq!(e.param, Some("stop"));
+        let body: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+    }
+
+    #[test]
+    fn stream_events_are_sse_chunks() {
+        let c = Completion::new("m");
+        let role = String::from_utf8(c.role_event()).unwrap();
+        assert!(role.starts_with("data: {") && role.ends_with("}\n\n"));
+        let v: serde_json::Value =
+            serde_json::from_str(role.trim_start_matches("data: ").trim()).unwrap();
+        assert_eq!(v["object"], "chat.completion.chunk");
+        assert_eq!(v["choices"][0]["delta"]["role"], "assistant");
+        let u = engine::Usage {
+            prompt_tokens: 3,
+            completion_tokens: 2,
+            total_tokens: 5,
+        };
+        let done =
+            String::from_utf8(c.done_events(engine::FinishReason::Length, &u, true)).unwrap();
+        assert!(done.ends_with("data: [DONE]\n\n"));
+        assert!(done.contains(r#""finish_reason":"length""#));
+        assert!(done.contains(r#""total_tokens":5"#));
+        let whole: serde_json::Value =
+            serde_json::from_slice(&c.whole("hi", engine::FinishReason::Stop, &u)).unwrap();
+        assert_eq!(whole["choices"][0]["message"]["content"], "hi");
+        assert_eq!(whole["usage"]["prompt_tokens"], 3);
+    }
+}

@@ -1,0 +1,168 @@
+//! The enclave's runtime configuration, as clients see it: every setting that changes what the
+//! enclave does with a request (limits, the engine's bounds, the channel's suites, and the
+//! guardrail policy once there is one) in one canonical JSON document. Its SHA-256 is extended
+//! into PCR17 and locked at boot, before any attestation, and is bound in the `user_data` of
+//! client attestation documents (`common::binding`), so a client pins the configuration it
+//! accepts as it pins the image (PCR0-2) and the model (PCR16).
+//!
+//! Settings that change only speed (worker threads) are left out, so one policy covers every
+//! instance size.
+
+use common::binding::{config_pcr17, CONFIG_PCR};
+use common::nsm::{Nsm, NsmError};
+use common::sealed::sha256;
+use serde::Serialize;
+
+/// Version of the document's schema.
+pub const CONFIG_VERSION: u32 = 1;
+
+/// The measured configuration. Field order is the serialization order: do not reorder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RuntimeConfig {
+    /// Schema version.
+    pub v: u32,
+    /// The client channel: chunked OHTTP, its KEM and symmetric suites.
+    pub channel: ChannelConfig,
+    /// Request limits.
+    pub limits: Limits,
+    /// The engine's bounds.
+    pub engine: EngineBounds,
+    /// The guardrail policy's SHA-256 (hex), when one is loaded.
+    pub guardrails: Option<String>,
+}
+
+/// The channel's algorithms (RFC 9458 §3, RFC 9180 §7).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ChannelConfig {
+    /// Encapsulation.
+    pub protocol: &'static str,
+    /// The KEM.
+    pub kem: &'static str,
+    /// KDF/AEAD pairs offered.
+    pub suites: Vec<&'static str>,
+}
+
+/// Request limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Limits {
+    /// Largest encapsulated request, in bytes.
+    pub max_request_bytes: usize,
+    /// Request streams served at once.
+    pub max_streams: usize,
+    /// Largest model accepted, in bytes.
+    pub max_model_bytes: u64,
+}
+
+/// The engine's bounds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EngineBounds {
+    /// Sequences decoded together.
+    pub max_sequences: usize,
+    /// Requests allowed to wait.
+    pub queue_capacity: usize,
+    /// KV-cache bytes.
+    pub kv_budget_bytes: usize,
+    /// Longest sequence, in tokens.
+    pub max_context: usize,
+    /// `max_tokens` when a request does not say.
+    pub default_max_tokens: usize,
+}
+
+impl RuntimeConfig {
+    /// The configuration of an enclave started with `cfg`.
+    pub fn of(cfg: &crate::server::Config) -> Self {
+        Self {
+            v: CONFIG_VERSION,
+            channel: ChannelConfig {
+                protocol: "chunked-ohttp (draft-ietf-ohai-chunked-ohttp), binary HTTP (RFC 9292)",
+                kem: "DHKEM(X25519, HKDF-SHA256)",
+                suites: vec!["HKDF-SHA256/AES-128-GCM", "HKDF-SHA256/ChaCha20Poly1305"],
+            },
+            limits: Limits {
+                max_request_bytes: cfg.max_request_bytes,
+                max_streams: cfg.max_streams,
+                max_model_bytes: cfg.max_model_bytes,
+            },
+            engine: EngineBounds {
+                max_sequences: cfg.engine.max_sequences,
+                queue_capacity: cfg.engine.queue_capacity,
+                kv_budget_bytes: cfg.engine.kv_budget_bytes,
+                max_context: cfg.engine.max_context,
+                default_max_tokens: cfg.engine.default_max_tokens,
+            },
+            guardrails: None,
+        }
+    }
+
+    /// The canonical bytes: compact JSON in field order.
+    pub fn canonical(&self) -> Vec<u8> {
+        // Serializing these plain fields cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// SHA-256 of [`RuntimeConfig::canonical`]: PCR17's input.
+    pub fn sha256(&self) -> [u8; 32] {
+        sha256(&self.canonical())
+    }
+
+    /// PCR17 as an enclave with this configuration reports it.
+    pub fn pcr17(&self) -> [u8; 48] {
+        config_pcr17(&self.sha256())
+    }
+}
+
+/// Why the configuration could not be measured.
+#[derive(Debug, thiserror::Error)]
+pub enum MeasureError {
+    /// The NSM refused.
+    #[error("NSM: {0}")]
+    Nsm(#[from] NsmError),
+    /// PCR17 already holds another configuration.
+    #[error("PCR17 already measures another configuration")]
+    AlreadyMeasured,
+}
+
+/// Extends PCR17 with the configuration's SHA-256 and locks it. Run once at boot, before the
+/// first attestation document is made.
+pub fn measure(nsm: &dyn Nsm, config_sha256: &[u8; 32]) -> Result<(), MeasureError> {
+    let state = nsm.describe_pcr(CONFIG_PCR)?;
+    let expected = config_pcr17(config_sha256);
+    if state.locked || state.value.iter().any(|&b| b != 0) {
+        return if state.locked && state.value == expected {
+            Ok(())
+        } else {
+            Err(MeasureError::AlreadyMeasured)
+        };
+    }
+    nsm.extend_pcr(CONFIG_PCR, config_sha256)?;
+    nsm.lock_pcr(CONFIG_PCR)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::Config;
+
+    #[test]
+    fn canonical_json_is_stable_and_every_limit_counts() {
+        let base = RuntimeConfig::of(&Config::default());
+        let json = String::from_utf8(base.canonical()).unwrap();
+        assert!(
+            json.starts_with(r#"{"v":1,"channel":{"protocol":"#),
+            "{json}"
+        );
+        assert!(json.ends_with(r#""guardrails":null}"#), "{json}");
+        let mut cfg = Config::default();
+        cfg.engine.max_context += 1;
+        assert_ne!(RuntimeConfig::of(&cfg).sha256(), base.sha256());
+        let mut cfg = Config::default();
+        cfg.max_request_bytes += 1;
+        assert_ne!(RuntimeConfig::of(&cfg).sha256(), base.sha256());
+        // Threads change speed, not behaviour: not measured.
+        let mut cfg = Config::default();
+        cfg.engine.threads += 1;
+        assert_eq!(RuntimeConfig::of(&cfg).sha256(), base.sha256());
+        assert_eq!(base.pcr17(), config_pcr17(&base.sha256()));
+    }
+}
