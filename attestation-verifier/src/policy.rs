@@ -161,6 +161,9 @@ pub enum PolicyError {
     /// A PCR index is not 0..32.
     #[error("PCR index {0:?} is not an integer in 0..32")]
     PcrIndex(String),
+    /// A measurements file is not nitro-cli's JSON.
+    #[error("measurements file: {0}")]
+    Measurements(String),
     /// A hex value does not decode or has the wrong length.
     #[error("{field}: {reason}")]
     Hex {
@@ -195,6 +198,35 @@ pub fn parse_hex(field: &str, s: &str) -> Result<Vec<u8>, PolicyError> {
         field: field.to_owned(),
         reason: e.to_string(),
     })
+}
+
+/// Reads the PCRs of a measurements file: `nitro-cli build-enclave` / `describe-eif` output
+/// (`{"Measurements": {"HashAlgorithm": …, "PCR0": "…"}}`) or the same object without the
+/// wrapper. Values must be 96 hex digits, and PCR0, PCR1 and PCR2 must be present.
+pub fn parse_measurements(json_text: &str) -> Result<BTreeMap<u8, Pcr>, PolicyError> {
+    let bad = |reason: String| PolicyError::Measurements(reason);
+    let v: serde_json::Value = serde_json::from_str(json_text).map_err(|e| bad(e.to_string()))?;
+    let m = v.get("Measurements").unwrap_or(&v);
+    let obj = m
+        .as_object()
+        .ok_or_else(|| bad("not a JSON object".into()))?;
+    let mut out = BTreeMap::new();
+    for (k, v) in obj {
+        let Some(index) = k.strip_prefix("PCR") else {
+            continue; // HashAlgorithm and the like
+        };
+        let index = parse_pcr_index(index).map_err(|_| bad(format!("{k} is not PCR0..PCR31")))?;
+        let value = v
+            .as_str()
+            .ok_or_else(|| bad(format!("{k} is not a string")))?;
+        out.insert(index, parse_pcr_value(k, value)?);
+    }
+    for required in [0u8, 1, 2] {
+        if !out.contains_key(&required) {
+            return Err(bad(format!("PCR{required} is missing")));
+        }
+    }
+    Ok(out)
 }
 
 impl PolicyFile {
@@ -263,6 +295,38 @@ mod tests {
         assert_eq!(policy.max_clock_skew, DEFAULT_MAX_CLOCK_SKEW);
         assert_eq!(policy.pcrs[&0][47], 1);
         assert!(!policy.allow_debug);
+    }
+
+    #[test]
+    fn measurements_files() {
+        let pcr = |b: &str| b.repeat(48);
+        let json = format!(
+            r#"{{"Measurements":{{"HashAlgorithm":"Sha384 {{ ... }}","PCR0":"{}","PCR1":"{}","PCR2":"{}","PCR8":"{}"}}}}"#,
+            pcr("0A"),
+            pcr("01"),
+            pcr("02"),
+            pcr("08")
+        );
+        let m = parse_measurements(&json).unwrap();
+        assert_eq!(m.len(), 4);
+        assert_eq!(m[&0][0], 0x0a);
+        let bare = format!(
+            r#"{{"PCR0":"{}","PCR1":"{}","PCR2":"{}"}}"#,
+            pcr("00"),
+            pcr("01"),
+            pcr("02")
+        );
+        assert_eq!(parse_measurements(&bare).unwrap().len(), 3);
+        let missing = format!(r#"{{"PCR0":"{}","PCR1":"{}"}}"#, pcr("00"), pcr("01"));
+        assert!(parse_measurements(&missing).is_err());
+        let short = format!(
+            r#"{{"PCR0":"00","PCR1":"{}","PCR2":"{}"}}"#,
+            pcr("01"),
+            pcr("02")
+        );
+        assert!(parse_measurements(&short).is_err());
+        assert!(parse_measurements(r#"{"PCR99":"00"}"#).is_err());
+        assert!(parse_measurements("[]").is_err());
     }
 
     #[test]

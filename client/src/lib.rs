@@ -1,3 +1,372 @@
-//! Verifies the enclave's attestation, then talks to it end to end; also a local OpenAI-compatible proxy.
+//! The client: verifies the enclave's attestation, then talks to it end to end through the
+//! untrusted relay (DESIGN.md §4.3-4.4); also a local OpenAI-compatible proxy ([`proxy`]).
+//!
+//! [`Client::send`] takes a binary HTTP request for the enclave (RFC 9292), and:
+//! 1. uses the cached verified key, or attests afresh: a random 32-byte nonce to
+//!    `GET /v1/attestation`, then [`attest::verify`] against the [`policy`];
+//! 2. encapsulates the request to that key (chunked OHTTP) and posts it to `/v1/ohttp`;
+//! 3. opens the response chunk by chunk as it arrives ([`Response::chunk`]): the relay cannot
+//!    read, alter, reorder or truncate it without the client noticing.
+//!
+//! Nothing is sent before a document verifies. The verified key is cached for a bounded time
+//! (`ClientConfig::attestation_ttl`). When the gateway refuses the encapsulation (its key
+//! changed: the enclave restarted), the client re-attests once and retries only if the new
+//! verified key differs; otherwise the error is final.
 
 #![forbid(unsafe_code)]
+
+pub mod attest;
+pub mod policy;
+pub mod proxy;
+mod transport;
+
+use attest::{AttestError, Attested};
+use attestation_verifier::UnixTime;
+use common::bhttp::{self, BhttpError, Field, ResponseDecoder, ResponsePart};
+use common::channel::{self, ChannelError, ResponseOpener};
+use policy::ClientPolicy;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+pub use transport::Transport;
+
+/// Largest response plaintext accepted, in bytes.
+pub const DEFAULT_MAX_RESPONSE: usize = 64 << 20;
+/// Largest attestation document accepted from the relay, in bytes.
+const MAX_DOCUMENT: usize = attestation_verifier::MAX_DOCUMENT_SIZE;
+
+/// Everything that can go wrong. Messages never contain prompt or answer text.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The relay could not be reached or broke HTTP.
+    #[error("relay: {0}")]
+    Transport(String),
+    /// The relay answered with an error status.
+    #[error("relay answered {status}: {message}")]
+    Relay {
+        /// HTTP status.
+        status: u16,
+        /// The relay's error message.
+        message: String,
+    },
+    /// The attestation did not verify: nothing was sent.
+    #[error(transparent)]
+    Attestation(#[from] AttestError),
+    /// The encrypted channel failed (tampering, truncation, a stale key).
+    #[error("encrypted channel: {0}")]
+    Channel(#[from] ChannelError),
+    /// The decrypted response is not valid binary HTTP.
+    #[error("enclave response: {0}")]
+    Message(#[from] BhttpError),
+    /// The gateway refused our key twice: even a fresh attestation's key is not accepted.
+    #[error("the enclave refused the attested key again after re-attesting: {0}")]
+    KeyRefused(String),
+    /// The configuration is invalid.
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+/// How to reach the enclave and what to accept.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// The relay's base URL, `http://host:port` or `https://host:port`.
+    pub url: String,
+    /// What the enclave must prove.
+    pub policy: ClientPolicy,
+    /// How long a verified key is reused before attesting again.
+    pub attestation_ttl: Duration,
+    /// Extra PEM roots for the relay's TLS certificate (beyond the system's).
+    pub tls_roots: Vec<std::path::PathBuf>,
+    /// Time allowed for the relay to connect and answer headers.
+    pub timeout: Duration,
+    /// Largest response plaintext.
+    pub max_response: usize,
+}
+
+impl ClientConfig {
+    /// Defaults for `url` and `policy`: keys reused for 60 s, 30 s timeout.
+    pub fn new(url: impl Into<String>, policy: ClientPolicy) -> Self {
+        Self {
+            url: url.into(),
+            policy,
+            attestation_ttl: Duration::from_secs(60),
+            tls_roots: Vec::new(),
+            timeout: Duration::from_secs(30),
+            max_response: DEFAULT_MAX_RESPONSE,
+        }
+    }
+}
+
+struct Cached {
+    attested: Arc<Attested>,
+    at: Instant,
+}
+
+/// A client of one enclave (through its relay).
+pub struct Client {
+    cfg: ClientConfig,
+    transport: Transport,
+    cache: Mutex<Option<Cached>>,
+    attestations: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("url", &self.cfg.url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// A client for `cfg`; nothing is contacted yet.
+    pub fn new(cfg: ClientConfig) -> Result<Self, ClientError> {
+        let transport = Transport::new(&cfg.url, &cfg.tls_roots, cfg.timeout)?;
+        Ok(Self {
+            cfg,
+            transport,
+            cache: Mutex::new(None),
+            attestations: Default::default(),
+        })
+    }
+
+    /// How many attestation documents this client has fetched.
+    pub fn attestation_count(&self) -> u64 {
+        self.attestations.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Attests afresh: a new nonce, a new document, full verification. The result is cached.
+    pub async fn attest(&self) -> Result<Arc<Attested>, ClientError> {
+        let mut nonce = [0u8; 32];
+        aws_lc_rs::rand::fill(&mut nonce)
+            .map_err(|_| ClientError::Config("the system RNG failed".into()))?;
+        let path = format!("/v1/attestation?nonce={}", hex::encode(nonce));
+        self.attestations
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (status, body) = self.transport.get(&path, MAX_DOCUMENT).await?;
+        if status != 200 {
+            return Err(relay_error(status, &body));
+        }
+        let attested = Arc::new(attest::verify(
+            &body,
+            &self.cfg.policy,
+            &nonce,
+            UnixTime::now(),
+        )?);
+        *self.cache.lock().unwrap_or_else(|e| e.into_inner()) = Some(Cached {
+            attested: attested.clone(),
+            at: Instant::now(),
+        });
+        Ok(attested)
+    }
+
+    /// The cached verified key while it is fresh, else a new attestation.
+    pub async fn attested(&self) -> Result<Arc<Attested>, ClientError> {
+        let fresh = {
+            let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            cache
+                .as_ref()
+                .filter(|c| c.at.elapsed() < self.cfg.attestation_ttl)
+                .map(|c| c.attested.clone())
+        };
+        match fresh {
+            Some(a) => Ok(a),
+            None => self.attest().await,
+        }
+    }
+
+    fn forget(&self, key_config: &[u8]) {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache
+            .as_ref()
+            .is_some_and(|c| c.attested.key_config == key_config)
+        {
+            *cache = None;
+        }
+    }
+
+    /// Sends `request` to the enclave over the attested channel and returns the response once
+    /// its head has arrived; its content follows with [`Response::chunk`].
+    pub async fn send(&self, request: &bhttp::Request) -> Result<Response, ClientError> {
+        let plain = zeroize::Zeroizing::new(request.encode());
+        let mut previous: Option<Arc<Attested>> = None;
+        loop {
+            let attested = match &previous {
+                None => self.attested().await?,
+                Some(old) => {
+                    let new = self.attest().await?;
+                    if new.key_config == old.key_config {
+                        return Err(ClientError::KeyRefused(
+                            "the enclave still attests the key it refuses".into(),
+                        ));
+                    }
+                    new
+                }
+            };
+            let (body, opener) = channel::encapsulate(&attested.key_config, &plain)?;
+            let mut http = self
+                .transport
+                .post(
+                    "/v1/ohttp",
+                    channel::REQUEST_MEDIA_TYPE,
+                    body,
+                    &[("accept", channel::RESPONSE_MEDIA_TYPE)],
+                )
+                .await?;
+            if http.status == 200 {
+                let mut response = Response {
+                    status: 0,
+                    headers: Vec::new(),
+                    http,
+                    opener,
+                    decoder: ResponseDecoder::new(),
+                    queued: VecDeque::new(),
+                    ended: false,
+                    complete: false,
+                    max: self.cfg.max_response,
+                };
+                response.read_head().await?;
+                return Ok(response);
+            }
+            let body = http.read_all(64 << 10).await.unwrap_or_default();
+            let key_refused = http.status == 422
+                || (http.status == 400 && error_code(&body).as_deref() == Some("enclave_refused"));
+            if key_refused && previous.is_none() {
+                // The enclave restarted with a new key (or the relay says so): re-attest once.
+                self.forget(&attested.key_config);
+                previous = Some(attested);
+                continue;
+            }
+            if key_refused {
+                return Err(ClientError::KeyRefused(
+                    relay_error(http.status, &body).to_string(),
+                ));
+            }
+            return Err(relay_error(http.status, &body));
+        }
+    }
+}
+
+fn error_code(body: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    v["error"]["code"].as_str().map(str::to_owned)
+}
+
+fn relay_error(status: u16, body: &[u8]) -> ClientError {
+    let message = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| "no error message".into());
+    ClientError::Relay {
+        status,
+        message: message.chars().take(512).collect(),
+    }
+}
+
+/// The enclave's response, opened as it arrives.
+pub struct Response {
+    /// The enclave's status code (inside the channel: the relay never sees it).
+    pub status: u16,
+    /// The enclave's header fields.
+    pub headers: Vec<Field>,
+    http: transport::HttpResponse,
+    opener: ResponseOpener,
+    decoder: ResponseDecoder,
+    queued: VecDeque<Vec<u8>>,
+    ended: bool,
+    complete: bool,
+    max: usize,
+}
+
+impl std::fmt::Debug for Response {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Response")
+            .field("status", &self.status)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Response {
+    /// The first value of header `name`.
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_slice())
+    }
+
+    async fn read_head(&mut self) -> Result<(), ClientError> {
+        while self.status == 0 {
+            if !self.pull().await? {
+                return Err(
+                    ChannelError::Decrypt("the response ended before its head".into()).into(),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads more of the encapsulated body and decodes what it completes. False at the end.
+    async fn pull(&mut self) -> Result<bool, ClientError> {
+        let (plain, more) = match self.http.next_bytes().await? {
+            Some(bytes) => (self.opener.push(&bytes, self.max)?, true),
+            None => (self.opener.finish(self.max)?, false),
+        };
+        for part in self.decoder.push(&plain)? {
+            match part {
+                ResponsePart::Head(h) => {
+                    self.status = h.status;
+                    self.headers = h.headers;
+                }
+                ResponsePart::Data(d) => self.queued.push_back(d),
+                ResponsePart::End => self.ended = true,
+            }
+        }
+        if !more && !self.ended {
+            return Err(BhttpError::Truncated.into());
+        }
+        Ok(more)
+    }
+
+    /// The next piece of content, authenticated; `None` once the response is complete.
+    pub async fn chunk(&mut self) -> Option<Result<Vec<u8>, ClientError>> {
+        loop {
+            if let Some(d) = self.queued.pop_front() {
+                return Some(Ok(d));
+            }
+            if self.complete {
+                return None;
+            }
+            if self.ended && self.decoder.is_done() {
+                // Drain to the authenticated end of the stream: trailing data is an error.
+                self.complete = true;
+                return match self.pull_to_end().await {
+                    Ok(()) => None,
+                    Err(e) => Some(Err(e)),
+                };
+            }
+            if let Err(e) = self.pull().await {
+                self.complete = true;
+                return Some(Err(e));
+            }
+        }
+    }
+
+    async fn pull_to_end(&mut self) -> Result<(), ClientError> {
+        while self.pull().await? {
+            if !self.queued.is_empty() {
+                return Err(BhttpError::AfterEnd.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// The whole content.
+    pub async fn bytes(mut self) -> Result<Vec<u8>, ClientError> {
+        let mut out = Vec::new();
+        while let Some(c) = self.chunk().await {
+            out.extend_from_slice(&c?);
+        }
+        Ok(out)
+    }
+}

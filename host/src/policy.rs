@@ -19,42 +19,11 @@ pub enum MeasurementsError {
 }
 
 /// Reads `nitro-cli build-enclave` / `describe-eif` output (`{"Measurements": {"PCR0": …}}`)
-/// or the same object without the wrapper. PCR values must be 96 hex digits.
+/// or the same object without the wrapper (`attestation_verifier::parse_measurements`).
 pub fn parse_measurements(json_text: &str) -> Result<Measurements, MeasurementsError> {
-    let v: Value =
-        serde_json::from_str(json_text).map_err(|e| MeasurementsError::Format(e.to_string()))?;
-    let m = v.get("Measurements").unwrap_or(&v);
-    let obj = m
-        .as_object()
-        .ok_or_else(|| MeasurementsError::Format("not an object".into()))?;
-    let mut out = BTreeMap::new();
-    for (k, v) in obj {
-        let Some(index) = k.strip_prefix("PCR") else {
-            continue; // HashAlgorithm and the like
-        };
-        let index: u8 = index
-            .parse()
-            .ok()
-            .filter(|i| *i < 32)
-            .ok_or_else(|| MeasurementsError::Format(format!("{k} is not PCR0..PCR31")))?;
-        let hex_value = v
-            .as_str()
-            .ok_or_else(|| MeasurementsError::Format(format!("{k} is not a string")))?;
-        let bytes = hex::decode(hex_value)
-            .map_err(|_| MeasurementsError::Format(format!("{k} is not hex")))?;
-        if bytes.len() != 48 {
-            return Err(MeasurementsError::Format(format!("{k} is not 48 bytes")));
-        }
-        out.insert(index, hex_value.to_ascii_lowercase());
-    }
-    for required in [0u8, 1, 2] {
-        if !out.contains_key(&required) {
-            return Err(MeasurementsError::Format(format!(
-                "PCR{required} is missing"
-            )));
-        }
-    }
-    Ok(out)
+    let pcrs = attestation_verifier::parse_measurements(json_text)
+        .map_err(|e| MeasurementsError::Format(e.to_string()))?;
+    Ok(pcrs.into_iter().map(|(i, v)| (i, hex::encode(v))).collect())
 }
 
 /// The measurements file the mock NSM's image would have, in nitro-cli's format.
