@@ -13,3 +13,33 @@ pub mod openai;
 pub mod provision;
 pub mod runtime;
 pub mod server;
+
+use common::nsm::Nsm;
+use std::sync::Arc;
+
+/// A booted enclave: configuration measured, key generated, listener state ready.
+#[derive(Debug)]
+pub struct Booted {
+    /// The serving state.
+    pub enclave: Arc<server::Enclave>,
+    /// The runtime configuration's SHA-256 (in PCR17).
+    pub config_sha256: [u8; 32],
+    /// The OHTTP key id.
+    pub key_id: u8,
+}
+
+/// Boots the enclave: measures the runtime configuration into PCR17 and locks it (before any
+/// attestation document can be made), then generates the OHTTP key.
+pub fn boot(nsm: Arc<dyn Nsm>, cfg: server::Config) -> Result<Booted, String> {
+    let config_sha256 = runtime::RuntimeConfig::of(&cfg).sha256();
+    runtime::measure(nsm.as_ref(), &config_sha256)
+        .map_err(|e| format!("measuring the runtime configuration into PCR17: {e}"))?;
+    let gateway =
+        gateway::OhttpGateway::new(config_sha256).map_err(|e| format!("OHTTP key: {e}"))?;
+    let key_id = gateway.key_id();
+    Ok(Booted {
+        enclave: server::Enclave::new(nsm, cfg, Arc::new(gateway)),
+        config_sha256,
+        key_id,
+    })
+}

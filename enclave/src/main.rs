@@ -15,9 +15,8 @@
 use clap::Parser;
 use common::nsm::Nsm;
 use common::transport::Endpoint;
-use enclave::gateway::OhttpGateway;
 use enclave::runtime::RuntimeConfig;
-use enclave::server::{Config, Enclave};
+use enclave::server::Config;
 #[cfg(feature = "mock-nsm")]
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -94,25 +93,19 @@ fn config(args: &Args) -> Config {
 }
 
 async fn run(args: Args) -> Result<(), String> {
-    let cfg = config(&args);
-    let runtime = RuntimeConfig::of(&cfg);
-    let config_sha256 = runtime.sha256();
     let nsm = open_nsm(&args)?;
-    // PCR17 is measured and locked before any document is made, so every attestation shows it.
-    enclave::runtime::measure(nsm.as_ref(), &config_sha256)
-        .map_err(|e| format!("measuring the runtime configuration into PCR17: {e}"))?;
-    let gateway = OhttpGateway::new(config_sha256).map_err(|e| format!("OHTTP key: {e}"))?;
+    let booted = enclave::boot(nsm, config(&args))?;
     let listen = args.listen.as_deref().unwrap_or_default();
     let endpoint: Endpoint = listen.parse().map_err(|e| format!("--listen: {e}"))?;
     let listener = endpoint
         .bind()
         .map_err(|e| format!("listen on {endpoint}: {e}"))?;
     tracing::info!(
-        config_sha256 = %hex::encode(config_sha256),
-        key_id = gateway.key_id(),
+        config_sha256 = %hex::encode(booted.config_sha256),
+        key_id = booted.key_id,
         "runtime configuration measured into PCR17; OHTTP key generated"
     );
-    let enclave = Enclave::new(nsm, cfg, Arc::new(gateway));
+    let enclave = booted.enclave;
     tracing::info!(%endpoint, "waiting for the host to provision a model");
     tokio::select! {
         r = enclave.serve(listener) => r.map_err(|e| format!("accept on {endpoint}: {e}")),

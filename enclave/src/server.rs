@@ -453,20 +453,3 @@ fn fail(status: u16, reason: impl Into<String>) -> Message {
         reason: reason.into(),
     }
 }
-
-/// The gateway until the attested OHTTP channel is configured: attestation documents carry no
-/// key, and requests are refused with 501, never answered in the clear.
-#[derive(Debug)]
-pub struct NoGateway;
-
-impl Gateway for NoGateway {
-    fn public_key(&self) -> Option<Vec<u8>> {
-        None
-    }
-    fn user_data(&self, _: &Served) -> Option<Vec<u8>> {
-        None
-    }
-    fn open(&self, _: Arc<Served>, _: Vec<u8>) -> Result<ResponseStream, StreamFailure> {
-        Err(StreamFailure::new(501, "no OHTTP gateway is configured"))
-    }
-}

@@ -240,6 +240,8 @@ pub fn seal_with_own_key(plain: &[u8], data_key: &[u8; 32]) -> Vec<u8> {
 
 /// A minimal HTTP/1.1 client over raw TCP, so tests can also misbehave (slow headers, huge
 /// declared bodies, vanishing mid-stream).
+pub mod stack;
+
 pub mod http {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;

@@ -12,44 +12,12 @@
 
 use attestation_verifier::{verify, Policy, UnixTime};
 use common::transport::Endpoint;
-use enclave::server::{Config, Enclave, NoGateway};
 use host::serve::config::ServeConfig;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tests::http::request;
+use tests::stack::{enclave_config, RunningEnclave};
 use tests::{default_model, seal_for_image, start_kms, tempdir, Local, IMAGE};
-
-/// An enclave on its own runtime, so that stopping it closes every connection it has, as a
-/// real enclave restart does.
-struct RunningEnclave {
-    runtime: tokio::runtime::Runtime,
-}
-
-impl RunningEnclave {
-    fn start(local: &Local, endpoint: &Endpoint) -> Self {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let nsm = local.nsm(IMAGE, |_| {});
-        let mut cfg = Config::default();
-        cfg.engine.threads = 2;
-        let enclave = Enclave::new(nsm, cfg, std::sync::Arc::new(NoGateway));
-        let listener = {
-            let _guard = runtime.enter();
-            endpoint.bind().unwrap()
-        };
-        runtime.spawn(async move {
-            let _ = enclave.serve(listener).await;
-        });
-        Self { runtime }
-    }
-
-    fn stop(self) {
-        self.runtime.shutdown_background();
-    }
-}
 
 async fn wait_ready(addr: SocketAddr, want: bool) {
     tests::http::wait_ready(addr, want, Duration::from_secs(60)).await;
@@ -69,7 +37,7 @@ async fn the_relay_provisions_attests_and_reprovisions_the_real_enclave() {
     let kms_url = start_kms(vec![local.root()]).await;
     let (kms, sealed, sha256) = seal_for_image(&kms_url, IMAGE, &default_model()).await;
     let endpoint = Endpoint::Unix(tempdir("relay-enclave").join("enclave.sock"));
-    let enclave = RunningEnclave::start(&local, &endpoint);
+    let enclave = RunningEnclave::start(&local, &endpoint, enclave_config());
     let cfg = ServeConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         enclave: endpoint.to_string(),
@@ -112,8 +80,12 @@ async fn the_relay_provisions_attests_and_reprovisions_the_real_enclave() {
     };
     verify(&doc.body, &[local.root()], UnixTime::now(), &policy).unwrap();
 
-    // Until the OHTTP gateway exists, streams are refused inside the enclave, not relayed in
-    // the clear.
+    // The document attests the gateway's key; a body that is not encapsulated to it is
+    // refused by the enclave (400), never answered.
+    assert!(verify(&doc.body, &[local.root()], UnixTime::now(), &policy)
+        .unwrap()
+        .public_key()
+        .is_some());
     let refused = request(
         addr,
         "POST",
@@ -122,13 +94,18 @@ async fn the_relay_provisions_attests_and_reprovisions_the_real_enclave() {
         b"x",
     )
     .await;
-    assert_eq!(refused.status, 501, "{}", refused.text());
+    assert_eq!(refused.status, 400, "{}", refused.text());
+    assert!(
+        refused.text().contains("enclave_refused"),
+        "{}",
+        refused.text()
+    );
 
     // The enclave restarts (fresh NSM, nothing loaded): the relay notices, says not ready,
     // and provisions it again by itself.
     enclave.stop();
     wait_ready(addr, false).await;
-    let enclave = RunningEnclave::start(&local, &endpoint);
+    let enclave = RunningEnclave::start(&local, &endpoint, enclave_config());
     wait_ready(addr, true).await;
     let m = request(addr, "GET", "/metrics", None, b"").await.text();
     assert_eq!(

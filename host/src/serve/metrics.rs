@@ -23,8 +23,8 @@ pub const ROUTES: [&str; 6] = [
 ];
 
 /// The statuses counted one by one; anything else counts under its class (`2xx`, …).
-const STATUSES: [u16; 16] = [
-    200, 204, 400, 401, 403, 404, 405, 408, 413, 415, 429, 500, 501, 502, 503, 504,
+const STATUSES: [u16; 17] = [
+    200, 204, 400, 401, 403, 404, 405, 408, 413, 415, 422, 429, 500, 501, 502, 503, 504,
 ];
 
 /// One counter per route and status, without a lock: one atomic increment per request.

@@ -1,0 +1,397 @@
+//! The whole local stack for the attested-channel tests: mock-kms, the real enclave (mock NSM,
+//! its own runtime so it can be restarted), `host serve`, and taps that record every byte the
+//! untrusted side carries: a Unix-socket tap between the relay and the enclave, and a
+//! man-in-the-middle HTTP proxy between the client and the relay that can also misbehave.
+
+use crate::{default_model, seal_for_image, start_kms, tempdir, Local, IMAGE};
+use bytes::Bytes;
+use client::policy::{ClientPolicy, ClientPolicyFile};
+use common::nsm::mock::ImageMeasurement;
+use common::transport::Endpoint;
+use enclave::server::Config;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// An enclave on its own runtime, so that stopping it closes every connection it has, as a
+/// real enclave restart does.
+pub struct RunningEnclave {
+    runtime: tokio::runtime::Runtime,
+}
+
+impl RunningEnclave {
+    /// Boots an enclave of the test image with `cfg` on `endpoint` (`enclave::boot`: PCR17
+    /// measured, OHTTP key generated).
+    pub fn start(local: &Local, endpoint: &Endpoint, cfg: Config) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let nsm = local.nsm(IMAGE, |_| {});
+        let booted = enclave::boot(nsm, cfg).unwrap();
+        let listener = {
+            let _guard = runtime.enter();
+            endpoint.bind().unwrap()
+        };
+        runtime.spawn(async move {
+            let _ = booted.enclave.serve(listener).await;
+        });
+        Self { runtime }
+    }
+
+    /// Stops it: every connection closes.
+    pub fn stop(self) {
+        self.runtime.shutdown_background();
+    }
+}
+
+/// The enclave configuration the tests use (2 engine threads).
+pub fn enclave_config() -> Config {
+    let mut cfg = Config::default();
+    cfg.engine.threads = 2;
+    cfg
+}
+
+/// Copies bytes both ways between `front` (where the relay connects) and `back` (the enclave),
+/// recording everything.
+pub fn unix_tap(front: &Endpoint, back: Endpoint) -> Arc<Mutex<Vec<u8>>> {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let listener = front.bind().unwrap();
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok(conn) = listener.accept().await {
+            let back = back.clone();
+            let record = record.clone();
+            tokio::spawn(async move {
+                let Ok(up) = back.connect().await else {
+                    return;
+                };
+                let (mut cr, mut cw) = tokio::io::split(conn);
+                let (mut ur, mut uw) = tokio::io::split(up);
+                let r1 = record.clone();
+                let a = async move {
+                    let mut buf = vec![0u8; 64 << 10];
+                    while let Ok(n) = cr.read(&mut buf).await {
+                        if n == 0 || uw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                        r1.lock().unwrap().extend_from_slice(&buf[..n]);
+                    }
+                    let _ = uw.shutdown().await;
+                };
+                let b = async move {
+                    let mut buf = vec![0u8; 64 << 10];
+                    while let Ok(n) = ur.read(&mut buf).await {
+                        if n == 0 || cw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                        record.lock().unwrap().extend_from_slice(&buf[..n]);
+                    }
+                    let _ = cw.shutdown().await;
+                };
+                tokio::join!(a, b);
+            });
+        }
+    });
+    seen
+}
+
+/// What the man in the middle does to the exchanges it relays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    /// Relays faithfully (and records).
+    Pass,
+    /// Answers attestation requests with the first document it saw (an old nonce).
+    ReplayAttestation,
+    /// Replaces the attested public key inside the document with another enclave's.
+    SwapKey(Vec<u8>),
+    /// Flips one bit of the response body at this offset.
+    FlipResponse(usize),
+    /// Drops the last `n` bytes of the response body.
+    TruncateResponse(usize),
+    /// Flips one bit of the request body at this offset.
+    FlipRequest(usize),
+}
+
+/// A man-in-the-middle HTTP proxy in front of the relay.
+pub struct Mitm {
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    /// What it does now.
+    pub mode: Arc<Mutex<Mode>>,
+    /// Every request line, header block and body, and every response body, in order.
+    pub seen: Arc<Mutex<Vec<u8>>>,
+    /// Request lines (`METHOD path`) seen.
+    pub requests: Arc<Mutex<Vec<String>>>,
+}
+
+impl Mitm {
+    /// Starts one in front of `upstream`.
+    pub async fn start(upstream: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mode = Arc::new(Mutex::new(Mode::Pass));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let first_doc: Arc<Mutex<Option<Vec<u8>>>> = Arc::default();
+        let (m, s, r) = (mode.clone(), seen.clone(), requests.clone());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (m, s, r, d) = (m.clone(), s.clone(), r.clone(), first_doc.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let (m, s, r, d) = (m.clone(), s.clone(), r.clone(), d.clone());
+                        async move {
+                            Ok::<_, std::convert::Infallible>(
+                                mitm_one(upstream, req, m, s, r, d).await,
+                            )
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Self {
+            addr,
+            mode,
+            seen,
+            requests,
+        }
+    }
+
+    /// Sets what it does.
+    pub fn set(&self, mode: Mode) {
+        *self.mode.lock().unwrap() = mode;
+    }
+
+    /// Its URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+async fn mitm_one(
+    upstream: SocketAddr,
+    req: hyper::Request<Incoming>,
+    mode: Arc<Mutex<Mode>>,
+    seen: Arc<Mutex<Vec<u8>>>,
+    requests: Arc<Mutex<Vec<String>>>,
+    first_doc: Arc<Mutex<Option<Vec<u8>>>>,
+) -> hyper::Response<Full<Bytes>> {
+    let mode = mode.lock().unwrap().clone();
+    let (parts, body) = req.into_parts();
+    let mut body = body.collect().await.unwrap().to_bytes().to_vec();
+    let line = format!(
+        "{} {}",
+        parts.method,
+        parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("")
+    );
+    requests.lock().unwrap().push(line.clone());
+    {
+        let mut s = seen.lock().unwrap();
+        s.extend_from_slice(line.as_bytes());
+        s.extend_from_slice(format!("{:?}", parts.headers).as_bytes());
+        s.extend_from_slice(&body);
+    }
+    if let Mode::FlipRequest(at) = mode {
+        if let Some(b) = body.get_mut(at) {
+            *b ^= 1;
+        }
+    }
+    let is_doc = parts.uri.path() == "/v1/attestation";
+    if is_doc && mode == Mode::ReplayAttestation {
+        if let Some(doc) = first_doc.lock().unwrap().clone() {
+            return hyper::Response::new(Full::new(Bytes::from(doc)));
+        }
+    }
+    let tcp = tokio::net::TcpStream::connect(upstream).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut fwd = hyper::Request::builder()
+        .method(parts.method.clone())
+        .uri(parts.uri.clone());
+    for (k, v) in &parts.headers {
+        fwd = fwd.header(k, v);
+    }
+    let resp = sender
+        .send_request(fwd.body(Full::new(Bytes::from(body))).unwrap())
+        .await
+        .unwrap();
+    let (rparts, rbody) = resp.into_parts();
+    let mut rbody = match rbody.collect().await {
+        Ok(b) => b.to_bytes().to_vec(),
+        Err(_) => Vec::new(),
+    };
+    seen.lock().unwrap().extend_from_slice(&rbody);
+    if is_doc && rparts.status == 200 {
+        first_doc
+            .lock()
+            .unwrap()
+            .get_or_insert_with(|| rbody.clone());
+    }
+    match mode {
+        Mode::SwapKey(other) if is_doc => {
+            let own = attestation_verifier::UnverifiedDocument::parse(&rbody)
+                .unwrap()
+                .unverified()
+                .public_key
+                .clone()
+                .unwrap();
+            assert_eq!(own.len(), other.len());
+            let at = rbody
+                .windows(own.len())
+                .position(|w| w == own.as_slice())
+                .unwrap();
+            rbody[at..at + own.len()].copy_from_slice(&other);
+        }
+        Mode::FlipResponse(at) if !is_doc => {
+            if let Some(b) = rbody.get_mut(at) {
+                *b ^= 1;
+            }
+        }
+        Mode::TruncateResponse(n) if !is_doc => {
+            rbody.truncate(rbody.len().saturating_sub(n));
+        }
+        _ => {}
+    }
+    let mut out = hyper::Response::new(Full::new(Bytes::from(rbody)));
+    *out.status_mut() = rparts.status;
+    *out.headers_mut() = rparts.headers;
+    out.headers_mut().remove(hyper::header::CONTENT_LENGTH);
+    out.headers_mut().remove(hyper::header::TRANSFER_ENCODING);
+    out
+}
+
+/// mock-kms, the enclave and the relay, with a tap between the relay and the enclave.
+pub struct Stack {
+    /// The mock CA.
+    pub local: Local,
+    /// The relay.
+    pub relay: host::serve::Relay,
+    /// The enclave.
+    pub enclave: Option<RunningEnclave>,
+    /// Where the enclave listens.
+    pub enclave_endpoint: Endpoint,
+    /// Every byte between the relay and the enclave.
+    pub tap: Arc<Mutex<Vec<u8>>>,
+    /// The model's SHA-256.
+    pub model_sha256: [u8; 32],
+    /// The enclave's configuration.
+    pub cfg: Config,
+}
+
+impl Stack {
+    /// Starts everything and waits until the relay says ready.
+    pub async fn start() -> Self {
+        let local = Local::new();
+        let kms_url = start_kms(vec![local.root()]).await;
+        let (kms, sealed, model_sha256) = seal_for_image(&kms_url, IMAGE, &default_model()).await;
+        let dir = tempdir("stack");
+        let enclave_endpoint = Endpoint::Unix(dir.join("enclave.sock"));
+        let front = Endpoint::Unix(dir.join("tap.sock"));
+        let cfg = enclave_config();
+        let enclave = RunningEnclave::start(&local, &enclave_endpoint, cfg.clone());
+        let tap = unix_tap(&front, enclave_endpoint.clone());
+        let serve = host::serve::config::ServeConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            enclave: front.to_string(),
+            sealed: Some(sealed),
+            ping_interval_ms: 200,
+            max_backoff_ms: 300,
+            ..Default::default()
+        };
+        let relay = host::serve::start(serve, Some(kms)).await.unwrap();
+        crate::http::wait_ready(relay.local_addr, true, Duration::from_secs(120)).await;
+        Self {
+            local,
+            relay,
+            enclave: Some(enclave),
+            enclave_endpoint,
+            tap,
+            model_sha256,
+            cfg,
+        }
+    }
+
+    /// The relay's URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.relay.local_addr)
+    }
+
+    /// The policy file a client of this stack publishes: the mock image, the model, the
+    /// configuration, the mock CA's root.
+    pub fn policy_file(&self) -> ClientPolicyFile {
+        let m = ImageMeasurement::from_label(IMAGE);
+        ClientPolicyFile {
+            roots: vec![self.root_pem()],
+            allow_debug: false,
+            max_age_secs: Some(60),
+            max_clock_skew_secs: None,
+            model_sha256: hex::encode(self.model_sha256),
+            config_sha256: hex::encode(enclave::runtime::RuntimeConfig::of(&self.cfg).sha256()),
+            pcrs: [(0, m.pcr0), (1, m.pcr1), (2, m.pcr2)]
+                .iter()
+                .map(|(i, v)| (i.to_string(), hex::encode(v)))
+                .collect(),
+        }
+    }
+
+    /// The mock CA's root certificate file.
+    pub fn root_pem(&self) -> PathBuf {
+        self.local.ca_dir.join(common::mock_ca::ROOT_CERT_FILE)
+    }
+
+    /// [`Stack::policy_file`], loaded.
+    pub fn policy(&self) -> ClientPolicy {
+        self.policy_file().to_policy().unwrap()
+    }
+
+    /// A client of `url` with this stack's policy.
+    pub fn client(&self, url: &str) -> client::Client {
+        client::Client::new(client::ClientConfig::new(url, self.policy())).unwrap()
+    }
+
+    /// Restarts the enclave (a fresh NSM and key) and waits for the relay to provision it.
+    pub async fn restart_enclave(&mut self) {
+        if let Some(e) = self.enclave.take() {
+            e.stop();
+        }
+        crate::http::wait_ready(self.relay.local_addr, false, Duration::from_secs(30)).await;
+        self.enclave = Some(RunningEnclave::start(
+            &self.local,
+            &self.enclave_endpoint,
+            self.cfg.clone(),
+        ));
+        crate::http::wait_ready(self.relay.local_addr, true, Duration::from_secs(120)).await;
+    }
+
+    /// Stops everything.
+    pub async fn stop(mut self) {
+        self.relay.shutdown().await;
+        if let Some(e) = self.enclave.take() {
+            e.stop();
+        }
+    }
+}
+
+/// A chat-completions body for `model`.
+pub fn chat_body(model: &str, prompt: &str, stream: bool, max_tokens: u32) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "stream": stream,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }))
+    .unwrap()
+}

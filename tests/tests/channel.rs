@@ -1,0 +1,315 @@
+//! The attested end-to-end channel on the whole local stack (DESIGN.md §4.3-4.4): the client
+//! verifies the enclave before sending anything, and the relay (the untrusted side) carries
+//! only ciphertext. A man in the middle between the client and the relay replays documents,
+//! swaps keys and tampers with ciphertext; every attempt is refused, and nothing it sees, logs
+//! or exports contains the prompt or the answer.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use client::attest::AttestError;
+use client::ClientError;
+use common::bhttp::Request;
+use std::sync::{Arc, Mutex, OnceLock};
+use tests::stack::{chat_body, Mitm, Mode, Stack};
+
+/// Everything logged in this test binary (relay and enclave alike).
+fn logs() -> Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let writer = buf.clone();
+        let _ = tracing_subscriber::fmt()
+            .json()
+            .with_env_filter("debug")
+            .with_writer(move || Capture(writer.clone()))
+            .try_init();
+        buf
+    })
+    .clone()
+}
+
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn chat(model: &str, prompt: &str, stream: bool, max_tokens: u32) -> Request {
+    Request::new(
+        "POST",
+        "/v1/chat/completions",
+        chat_body(model, prompt, stream, max_tokens),
+    )
+    .with_header("content-type", "application/json")
+}
+
+/// The text of a streamed answer (SSE `chat.completion.chunk` events).
+fn sse_text(body: &[u8]) -> String {
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    let mut out = String::new();
+    for event in text.split("\n\n").filter(|e| !e.is_empty()) {
+        let data = event.strip_prefix("data: ").unwrap();
+        if data == "[DONE]" {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(data).unwrap();
+        assert_eq!(v["object"], "chat.completion.chunk");
+        if let Some(t) = v["choices"][0]["delta"]["content"].as_str() {
+            out.push_str(t);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_through_the_relay_and_nothing_readable_crosses_it() {
+    let logs = logs();
+    let stack = Stack::start().await;
+    let mitm = Mitm::start(stack.relay.local_addr).await;
+    let client = stack.client(&mitm.url());
+
+    // Verified first: the document names the model and the key.
+    let attested = client.attest().await.unwrap();
+    assert_eq!(attested.binding.model, "smollm2");
+    assert_eq!(attested.binding.model_sha256, stack.model_sha256);
+    let model = attested.binding.model.clone();
+
+    let canary = "CANARY-5d1e9b-prompt-never-leaves";
+    let prompt = format!("Repeat this code exactly: {canary}");
+    let mut streamed = client.send(&chat(&model, &prompt, true, 24)).await.unwrap();
+    assert_eq!(streamed.status, 200);
+    assert_eq!(
+        streamed.header("content-type"),
+        Some(&b"text/event-stream"[..])
+    );
+    let mut pieces = 0;
+    let mut body = Vec::new();
+    while let Some(c) = streamed.chunk().await {
+        body.extend(c.unwrap());
+        pieces += 1;
+    }
+    assert!(
+        pieces > 2,
+        "the answer came in {pieces} pieces: not streamed"
+    );
+    let answer = sse_text(&body);
+    assert!(answer.len() >= 10, "{answer:?}");
+
+    let whole = client
+        .send(&chat(&model, &prompt, false, 24))
+        .await
+        .unwrap();
+    assert_eq!(whole.status, 200);
+    let v: serde_json::Value = serde_json::from_slice(&whole.bytes().await.unwrap()).unwrap();
+    assert_eq!(v["object"], "chat.completion");
+    // Greedy decoding: the same answer both ways.
+    assert_eq!(v["choices"][0]["message"]["content"], answer.as_str());
+    assert_eq!(v["usage"]["completion_tokens"], 24);
+
+    let models = client
+        .send(&Request::new("GET", "/v1/models", vec![]))
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&models.bytes().await.unwrap()).unwrap();
+    assert_eq!(v["data"][0]["id"], "smollm2");
+
+    // Content errors travel inside the channel: the relay saw 200s only.
+    let unknown = client
+        .send(&chat("gpt-4", &prompt, false, 4))
+        .await
+        .unwrap();
+    assert_eq!(unknown.status, 404);
+    let v: serde_json::Value = serde_json::from_slice(&unknown.bytes().await.unwrap()).unwrap();
+    assert_eq!(v["error"]["code"], "model_not_found");
+    let bad = Request::new("POST", "/v1/chat/completions", b"{not json".to_vec());
+    assert_eq!(client.send(&bad).await.unwrap().status, 400);
+    assert_eq!(client.attestation_count(), 1, "the verified key is reused");
+
+    let metrics = tests::http::request(stack.relay.local_addr, "GET", "/metrics", None, b"").await;
+    let metrics = metrics.body;
+    let forwarded = mitm.seen.lock().unwrap().clone();
+    let to_enclave = stack.tap.lock().unwrap().clone();
+    let logged = logs.lock().unwrap().clone();
+    assert!(!forwarded.is_empty() && !to_enclave.is_empty() && !logged.is_empty());
+    for (what, bytes) in [
+        ("client↔relay", &forwarded),
+        ("relay↔enclave", &to_enclave),
+        ("logs", &logged),
+        ("metrics", &metrics),
+    ] {
+        assert!(
+            !contains(bytes, canary.as_bytes()),
+            "the prompt is readable in {what}"
+        );
+        assert!(
+            !contains(bytes, answer.as_bytes()),
+            "the answer is readable in {what}"
+        );
+    }
+    // The relay carried OHTTP, and only that.
+    let requests = mitm.requests.lock().unwrap().clone();
+    assert!(requests
+        .iter()
+        .all(|r| r.starts_with("GET /v1/attestation?nonce=") || r == "POST /v1/ohttp"));
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_policies_refuse_before_any_request_body() {
+    let stack = Stack::start().await;
+    let mitm = Mitm::start(stack.relay.local_addr).await;
+    let cases: Vec<(&str, Box<dyn Fn(&mut client::policy::ClientPolicyFile)>)> = vec![
+        (
+            "PCR0",
+            Box::new(|p| {
+                p.pcrs.insert("0".into(), "ab".repeat(48));
+            }),
+        ),
+        (
+            "PCR16 (model)",
+            Box::new(|p| p.model_sha256 = "cd".repeat(32)),
+        ),
+        (
+            "PCR17 (configuration)",
+            Box::new(|p| p.config_sha256 = "ef".repeat(32)),
+        ),
+        ("root", Box::new(|p| p.roots = vec![])),
+    ];
+    for (what, edit) in cases {
+        let mut file = stack.policy_file();
+        edit(&mut file);
+        let policy = file.to_policy().unwrap();
+        let client = client::Client::new(client::ClientConfig::new(mitm.url(), policy)).unwrap();
+        let err = client
+            .send(&chat("smollm2", "must not be sent", false, 4))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ClientError::Attestation(AttestError::Document(_))),
+            "{what}: {err}"
+        );
+    }
+    let requests = mitm.requests.lock().unwrap().clone();
+    assert_eq!(requests.len(), 4);
+    assert!(
+        requests
+            .iter()
+            .all(|r| r.starts_with("GET /v1/attestation")),
+        "{requests:?}"
+    );
+    assert!(!contains(&mitm.seen.lock().unwrap(), b"must not be sent"));
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_documents_and_swapped_keys_are_refused() {
+    let stack = Stack::start().await;
+    let mitm = Mitm::start(stack.relay.local_addr).await;
+    // A first client's exchange lets the relay keep a genuine document.
+    stack.client(&mitm.url()).attest().await.unwrap();
+
+    mitm.set(Mode::ReplayAttestation);
+    let err = stack.client(&mitm.url()).attest().await.unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Attestation(AttestError::Document(e)) if e.to_string().contains("nonce")),
+        "{err}"
+    );
+
+    // Another key in the genuine document: the signature no longer holds.
+    let other = common::channel::GatewayKey::generate().unwrap();
+    mitm.set(Mode::SwapKey(other.encoded_config().to_vec()));
+    let err = stack.client(&mitm.url()).attest().await.unwrap_err();
+    assert!(
+        matches!(err, ClientError::Attestation(AttestError::Document(_))),
+        "{err}"
+    );
+    let requests = mitm.requests.lock().unwrap().clone();
+    assert!(
+        requests
+            .iter()
+            .all(|r| r.starts_with("GET /v1/attestation")),
+        "{requests:?}"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_or_truncated_ciphertext_fails_without_showing_text() {
+    let stack = Stack::start().await;
+    let mitm = Mitm::start(stack.relay.local_addr).await;
+    let client = stack.client(&mitm.url());
+    let req = chat("smollm2", "Say hello.", false, 8);
+    let good = client.send(&req).await.unwrap().bytes().await.unwrap();
+    assert!(!good.is_empty());
+
+    // Any bit of the response: the stream fails; nothing decrypted from a bad chunk is shown.
+    for at in [0, 20, 40, 60] {
+        mitm.set(Mode::FlipResponse(at));
+        let result = match client.send(&req).await {
+            Ok(r) => r.bytes().await,
+            Err(e) => Err(e),
+        };
+        assert!(result.is_err(), "flip at {at} went unnoticed");
+    }
+    // The final chunk removed: truncation is an error, not a short answer.
+    mitm.set(Mode::TruncateResponse(17));
+    let truncated = match client.send(&req).await {
+        Ok(r) => r.bytes().await,
+        Err(e) => Err(e),
+    };
+    assert!(truncated.is_err());
+
+    // A tampered request does not decrypt in the enclave; the client re-attests once (the key
+    // is the same), and reports the refusal.
+    mitm.set(Mode::FlipRequest(50));
+    let err = client.send(&req).await.unwrap_err();
+    assert!(matches!(err, ClientError::KeyRefused(_)), "{err}");
+    mitm.set(Mode::Pass);
+    let again = client.send(&req).await.unwrap().bytes().await.unwrap();
+    let content = |b: &[u8]| {
+        serde_json::from_slice::<serde_json::Value>(b).unwrap()["choices"][0]["message"]["content"]
+            .clone()
+    };
+    assert_eq!(content(&again), content(&good));
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enclave_restart_between_requests_re_attests_and_succeeds() {
+    let mut stack = Stack::start().await;
+    let client = stack.client(&stack.url());
+    let req = chat("smollm2", "Say hello.", false, 8);
+    let before = client.attested().await.unwrap();
+    let first = client.send(&req).await.unwrap().bytes().await.unwrap();
+    stack.restart_enclave().await;
+    // The cached key is stale: the gateway refuses it, the client attests the new key, retries.
+    let second = client.send(&req).await.unwrap().bytes().await.unwrap();
+    let after = client.attested().await.unwrap();
+    assert_ne!(before.key_config, after.key_config);
+    assert_eq!(client.attestation_count(), 2);
+    let text = |b: &[u8]| {
+        let v: serde_json::Value = serde_json::from_slice(b).unwrap();
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(text(&first), text(&second));
+    stack.stop().await;
+}
