@@ -19,11 +19,15 @@ MODEL_SHA256 := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 build:
 	$(CARGO) build --workspace --all-targets --locked
 
-# Python packages the tests drive mock-kms with (boto3, as users will).
+# What the tests drive the stack with, as users will: boto3 (mock-kms), the official OpenAI
+# Python SDK and curl (client proxy), openssl (the relay's TLS test).
 test-deps:
 	$(PYTHON) -c "import boto3" 2>/dev/null || $(PYTHON) -m pip install --quiet --disable-pip-version-check boto3
-	command -v openssl >/dev/null || apt-get install -y -q openssl >/dev/null \
-		|| (apt-get update -q >/dev/null && apt-get install -y -q openssl >/dev/null)
+	$(PYTHON) -c "import openai" 2>/dev/null || $(PYTHON) -m pip install --quiet --disable-pip-version-check "openai>=1.50,<3"
+	for tool in openssl curl; do \
+		command -v $$tool >/dev/null || apt-get install -y -q $$tool >/dev/null \
+			|| (apt-get update -q >/dev/null && apt-get install -y -q $$tool >/dev/null) || exit 1; \
+	done
 
 # Every test in the workspace, the mock NSM included (its feature is test-only). The engine's
 # tests run the real default model.
