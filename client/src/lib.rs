@@ -249,13 +249,19 @@ impl Client {
 
 fn error_code(body: &[u8]) -> Option<String> {
     let v: serde_json::Value = serde_json::from_slice(body).ok()?;
-    v["error"]["code"].as_str().map(str::to_owned)
+    v.pointer("/error/code")
+        .and_then(|c| c.as_str())
+        .map(str::to_owned)
 }
 
 fn relay_error(status: u16, body: &[u8]) -> ClientError {
     let message = serde_json::from_slice::<serde_json::Value>(body)
         .ok()
-        .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+        .and_then(|v| {
+            v.pointer("/error/message")
+                .and_then(|c| c.as_str())
+                .map(str::to_owned)
+        })
         .unwrap_or_else(|| "no error message".into());
     ClientError::Relay {
         status,

@@ -172,13 +172,16 @@ async fn chat(args: ChatArgs) -> Result<(), String> {
     messages.push(serde_json::json!({"role": "user", "content": prompt}));
     let mut body = serde_json::json!({"model": model, "messages": messages, "stream": true});
     if let Some(n) = args.max_tokens {
-        body["max_tokens"] = n.into();
+        body.as_object_mut()
+            .map(|o| o.insert("max_tokens".into(), n.into()));
     }
     if let Some(t) = args.temperature {
-        body["temperature"] = t.into();
+        body.as_object_mut()
+            .map(|o| o.insert("temperature".into(), t.into()));
     }
     if let Some(s) = args.seed {
-        body["seed"] = s.into();
+        body.as_object_mut()
+            .map(|o| o.insert("seed".into(), s.into()));
     }
     let request = bhttp::Request::new(
         "POST",
@@ -191,7 +194,10 @@ async fn chat(args: ChatArgs) -> Result<(), String> {
     if status != 200 {
         let body = response.bytes().await.map_err(|e| e.to_string())?;
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-        let message = v["error"]["message"].as_str().unwrap_or("no message");
+        let message = v
+            .pointer("/error/message")
+            .and_then(|c| c.as_str())
+            .unwrap_or("no message");
         return Err(format!("the enclave answered {status}: {message}"));
     }
     let mut stdout = std::io::stdout().lock();
@@ -211,10 +217,16 @@ async fn chat(args: ChatArgs) -> Result<(), String> {
             let v: serde_json::Value = serde_json::from_slice(data)
                 .map_err(|e| format!("bad event from the enclave: {e}"))?;
             if let Some(e) = v.get("error") {
-                let message = e["message"].as_str().unwrap_or("no message");
+                let message = e
+                    .get("message")
+                    .and_then(|m| m.as_str())
+                    .unwrap_or("no message");
                 return Err(format!("the enclave failed mid-answer: {message}"));
             }
-            if let Some(text) = v["choices"][0]["delta"]["content"].as_str() {
+            if let Some(text) = v
+                .pointer("/choices/0/delta/content")
+                .and_then(|c| c.as_str())
+            {
                 let _ = stdout.write_all(text.as_bytes());
                 let _ = stdout.flush();
             }

@@ -174,7 +174,8 @@ async fn chat_through_the_relay_and_nothing_readable_crosses_it() {
 async fn wrong_policies_refuse_before_any_request_body() {
     let stack = Stack::start().await;
     let mitm = Mitm::start(stack.relay.local_addr).await;
-    let cases: Vec<(&str, Box<dyn Fn(&mut client::policy::ClientPolicyFile)>)> = vec![
+    type Edit = Box<dyn Fn(&mut client::policy::ClientPolicyFile)>;
+    let cases: Vec<(&str, Edit)> = vec![
         (
             "PCR0",
             Box::new(|p| {
