@@ -86,7 +86,7 @@ mock-ca:
 	$(CARGO) run -q -p common --features mock-nsm --bin mock-ca --locked -- init $(STATE)/mock-ca
 
 # Coverage-guided fuzzing (libFuzzer through cargo-fuzz) of the attestation verifier, the GGUF
-# reader and the host↔enclave frame decoder. cargo-fuzz needs nightly compiler flags; RUSTC_BOOTSTRAP lets the stable
+# reader, the host↔enclave frame decoder, and the channel's parsers (OHTTP, binary HTTP, key binding). cargo-fuzz needs nightly compiler flags; RUSTC_BOOTSTRAP lets the stable
 # toolchain accept them.
 fuzz: model
 	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
@@ -97,6 +97,7 @@ fuzz: model
 	$(PYTHON) engine/fuzz/seed_corpus.py $(MODEL) engine/fuzz/corpus/gguf
 	cd engine && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run gguf -- -max_total_time=$(FUZZ_SECONDS) -max_len=65536
 	cd common && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run frame -- -max_total_time=$(FUZZ_SECONDS) -max_len=4096
+	cd common && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run channel -- -max_total_time=$(FUZZ_SECONDS) -max_len=8192
 
 clean:
 	$(CARGO) clean
