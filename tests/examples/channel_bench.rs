@@ -1,0 +1,206 @@
+//! `make bench-channel`: what the attested channel costs, on the whole local stack with the
+//! default model (mock-kms, the enclave with its OHTTP gateway, `host serve`, `client proxy`,
+//! all in this process, loopback TCP and Unix sockets between them).
+//!
+//! 1. Decode tokens/s and time to first token of one streamed, greedy chat completion through
+//!    the proxy and the relay, against the same request to an engine loaded in-process, in
+//!    alternated rounds; the ratio and the TTFT the channel adds.
+//! 2. Attestation round trip for a new client: nonce, document from the enclave through the
+//!    relay, full verification.
+//!
+//! ```text
+//! channel_bench [--rounds 5] [--max-tokens 128] [--attestations 20]
+//! ```
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tests::stack::Stack;
+
+const PROMPT: &str = "Write a long story about a dragon who learns to bake bread.";
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map_or(default, |v| v.parse().unwrap())
+}
+
+/// One run's figures.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    ttft: Duration,
+    tokens: usize,
+    decode: Duration,
+}
+
+impl Run {
+    fn tps(&self) -> f64 {
+        (self.tokens.saturating_sub(1)) as f64 / self.decode.as_secs_f64()
+    }
+}
+
+async fn in_process(engine: &engine::Engine, max_tokens: usize) -> Run {
+    let params = engine::GenerationParams {
+        max_tokens: Some(max_tokens),
+        sampling: engine::SamplingParams::greedy(),
+        ..Default::default()
+    };
+    let start = Instant::now();
+    let mut g = engine
+        .chat(&[engine::Message::new("user", PROMPT)], params)
+        .unwrap();
+    let mut first = None;
+    loop {
+        match g.next().await.unwrap() {
+            engine::Event::Text(_) => {
+                first.get_or_insert_with(Instant::now);
+            }
+            engine::Event::Done { usage, .. } => {
+                let first = first.unwrap();
+                return Run {
+                    ttft: first - start,
+                    tokens: usage.completion_tokens,
+                    decode: first.elapsed(),
+                };
+            }
+            engine::Event::Failed(e) => panic!("{e}"),
+        }
+    }
+}
+
+async fn through_proxy(proxy: std::net::SocketAddr, max_tokens: usize) -> Run {
+    let body = serde_json::json!({
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": PROMPT}],
+        "stream": true,
+        "stream_options": {"include_usage": true},
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    })
+    .to_string();
+    let start = Instant::now();
+    let tcp = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::post("/v1/chat/completions")
+        .header("host", "localhost")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let mut resp = sender.send_request(req).await.unwrap().into_body();
+    let mut pending = Vec::new();
+    let (mut first, mut last, mut tokens) = (None, None, 0);
+    while let Some(frame) = resp.frame().await {
+        let Ok(data) = frame.unwrap().into_data() else {
+            continue;
+        };
+        pending.extend_from_slice(&data);
+        while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
+            let event: Vec<u8> = pending.drain(..end + 2).collect();
+            let data = &event[6..event.len() - 2];
+            if data == b"[DONE]" {
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_slice(data).unwrap();
+            if v["choices"][0]["delta"]["content"]
+                .as_str()
+                .is_some_and(|t| !t.is_empty())
+            {
+                first.get_or_insert_with(Instant::now);
+                last = Some(Instant::now());
+            }
+            if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+                tokens = n as usize;
+            }
+        }
+    }
+    let (first, last) = (first.unwrap(), last.unwrap());
+    Run {
+        ttft: first - start,
+        tokens,
+        decode: last - first,
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let rounds = arg("--rounds", 5);
+    let max_tokens = arg("--max-tokens", 128);
+    let attestations = arg("--attestations", 20);
+
+    eprintln!("starting the local stack…");
+    let stack = Stack::start_with(false).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = listener.local_addr().unwrap();
+    tokio::spawn(client::proxy::serve(
+        listener,
+        Arc::new(stack.client(&stack.url())),
+        client::proxy::DEFAULT_MAX_BODY,
+    ));
+    let weights = zeroize::Zeroizing::new(std::fs::read(tests::default_model()).unwrap());
+    let engine = engine::load(weights, stack.cfg.engine.clone()).unwrap();
+
+    // Warm-up: attestation cached, caches and branch predictors warm on both paths.
+    through_proxy(proxy, 8).await;
+    in_process(&engine, 8).await;
+
+    let (mut ours, mut local) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let a = through_proxy(proxy, max_tokens).await;
+        let b = in_process(&engine, max_tokens).await;
+        assert_eq!(
+            a.tokens, b.tokens,
+            "both paths generate the same greedy tokens"
+        );
+        eprintln!(
+            "round {round}: channel {:.1} tok/s, TTFT {:.1} ms | in-process {:.1} tok/s, TTFT {:.1} ms ({} tokens)",
+            a.tps(),
+            a.ttft.as_secs_f64() * 1e3,
+            b.tps(),
+            b.ttft.as_secs_f64() * 1e3,
+            a.tokens
+        );
+        ours.push(a);
+        local.push(b);
+    }
+    let tps = |v: &[Run]| median(v.iter().map(Run::tps).collect());
+    let ttft = |v: &[Run]| median(v.iter().map(|r| r.ttft.as_secs_f64() * 1e3).collect());
+
+    let mut rtts = Vec::new();
+    for _ in 0..attestations {
+        let client = stack.client(&stack.url());
+        let t = Instant::now();
+        client.attest().await.unwrap();
+        rtts.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    rtts.sort_by(|a, b| a.partial_cmp(b).unwrap());
+
+    let report = serde_json::json!({
+        "rounds": rounds,
+        "completion_tokens": ours[0].tokens,
+        "decode_tok_s": {"channel": tps(&ours), "in_process": tps(&local), "ratio": tps(&ours) / tps(&local)},
+        "ttft_ms": {"channel": ttft(&ours), "in_process": ttft(&local), "added": ttft(&ours) - ttft(&local)},
+        "attestation_rtt_ms": {"p50": rtts[rtts.len() / 2], "max": rtts[rtts.len() - 1], "n": rtts.len()},
+    });
+    println!("{}", serde_json::to_string_pretty(&report).unwrap());
+    stack.stop().await;
+}
