@@ -137,6 +137,13 @@ async fn chat_through_the_relay_and_nothing_readable_crosses_it() {
     assert_eq!(unknown.status, 404);
     let v: serde_json::Value = serde_json::from_slice(&unknown.bytes().await.unwrap()).unwrap();
     assert_eq!(v["error"]["code"], "model_not_found");
+    let too_long = client
+        .send(&chat(&model, &prompt, false, 1_000_000))
+        .await
+        .unwrap();
+    assert_eq!(too_long.status, 400);
+    let v: serde_json::Value = serde_json::from_slice(&too_long.bytes().await.unwrap()).unwrap();
+    assert_eq!(v["error"]["code"], "context_length_exceeded");
     let bad = Request::new("POST", "/v1/chat/completions", b"{not json".to_vec());
     assert_eq!(client.send(&bad).await.unwrap().status, 400);
     assert_eq!(client.attestation_count(), 1, "the verified key is reused");
