@@ -16,6 +16,7 @@ use common::bhttp::{self, ResponseHead};
 use common::binding::Binding;
 use common::channel::{ChannelError, GatewayKey, ResponseSealer};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::mpsc;
 use zeroize::Zeroize;
 
@@ -28,15 +29,18 @@ pub struct OhttpGateway {
     key: GatewayKey,
     config_sha256: [u8; 32],
     booted: u64,
+    flush: Duration,
 }
 
 impl OhttpGateway {
-    /// A gateway with a fresh key, bound to the runtime configuration `config_sha256`.
-    pub fn new(config_sha256: [u8; 32]) -> Result<Self, ChannelError> {
+    /// A gateway with a fresh key, bound to the runtime configuration `config_sha256`;
+    /// streamed tokens within `flush` of the last sealed chunk are sealed together.
+    pub fn new(config_sha256: [u8; 32], flush: Duration) -> Result<Self, ChannelError> {
         Ok(Self {
             key: GatewayKey::generate()?,
             config_sha256,
             booted: unix_now(),
+            flush,
         })
     }
 
@@ -75,6 +79,7 @@ impl Gateway for OhttpGateway {
             .map_err(|e| StreamFailure::new(e.status(), e.to_string()))?;
         let (tx, rx) = mpsc::channel(RESPONSE_BACKLOG);
         let booted = self.booted;
+        let flush = self.flush;
         tokio::spawn(async move {
             let mut out = Out {
                 sealer: Some(sealer),
@@ -85,7 +90,7 @@ impl Gateway for OhttpGateway {
             drop(plain);
             match request {
                 Ok(mut req) => {
-                    route(&served, &req, &mut out, booted).await;
+                    route(&served, &req, &mut out, booted, flush).await;
                     req.body.zeroize();
                 }
                 Err(e) => out.error(&ApiError::invalid(None, e.to_string())).await,
@@ -150,10 +155,10 @@ impl Out {
     }
 }
 
-async fn route(served: &Served, req: &bhttp::Request, out: &mut Out, booted: u64) {
+async fn route(served: &Served, req: &bhttp::Request, out: &mut Out, booted: u64, flush: Duration) {
     let path = req.path.split('?').next().unwrap_or_default();
     match (req.method.as_str(), path) {
-        ("POST", "/v1/chat/completions") => chat(served, &req.body, out).await,
+        ("POST", "/v1/chat/completions") => chat(served, &req.body, out, flush).await,
         ("GET", "/v1/models") => {
             let body = openai::models(&served.name, booted);
             out.whole(200, "application/json", &body).await;
@@ -169,7 +174,7 @@ async fn route(served: &Served, req: &bhttp::Request, out: &mut Out, booted: u64
     }
 }
 
-async fn chat(served: &Served, body: &[u8], out: &mut Out) {
+async fn chat(served: &Served, body: &[u8], out: &mut Out, flush: Duration) {
     let prepared = match openai::prepare(body, &served.name) {
         Ok(p) => p,
         Err(e) => return out.error(&e).await,
@@ -199,53 +204,65 @@ async fn chat(served: &Served, body: &[u8], out: &mut Out) {
             Err(e) => out.error(&e).await,
         };
     }
-    // Streaming: the head and the role event go out at once; then each batch of events that
-    // are ready together becomes one sealed chunk.
+    // Streaming: the head and the role event go out at once. Then events are sealed in
+    // batches: one that arrives after a quiet `flush` interval goes out at once (so the first
+    // token is never held), and the ones that follow within `flush` of the last chunk join
+    // the next one.
     out.head(200, "text/event-stream");
     out.data(&c.role_event());
     if !out.flush().await {
         return;
     }
-    let mut next = generation.next().await;
+    let mut last_flush = tokio::time::Instant::now();
     loop {
         let mut events = Vec::new();
-        let mut finished = false;
-        while let Some(ev) = next.take() {
-            let bytes = match ev {
-                engine::Event::Text(t) => c.text_event(&t),
-                engine::Event::Done {
+        let mut next = generation.next().await;
+        let finished = loop {
+            let done = match next {
+                Some(engine::Event::Text(t)) => {
+                    events.extend(c.text_event(&t));
+                    false
+                }
+                Some(engine::Event::Done {
                     finish_reason,
                     usage,
                     ..
-                } => {
-                    finished = true;
-                    c.done_events(finish_reason, &usage, prepared.include_usage)
+                }) => {
+                    events.extend(c.done_events(finish_reason, &usage, prepared.include_usage));
+                    true
                 }
-                engine::Event::Failed(e) => {
-                    finished = true;
-                    c.error_event(&ApiError::from_engine(&e))
+                Some(engine::Event::Failed(e)) => {
+                    events.extend(c.error_event(&ApiError::from_engine(&e)));
+                    true
+                }
+                None => {
+                    let stopped = ApiError::from_engine(&engine::Error::Stopped);
+                    events.extend(c.error_event(&stopped));
+                    true
                 }
             };
-            events.extend_from_slice(&bytes);
-            if !finished {
-                next = generation.try_next();
+            if done {
+                break true;
             }
-        }
-        if finished {
-            out.data(&events);
-            events.zeroize();
-            return out.end().await;
-        }
+            next = match generation.try_next() {
+                Some(ev) => Some(ev),
+                None => {
+                    match tokio::time::timeout_at(last_flush + flush, generation.next()).await {
+                        Ok(ev) => ev,
+                        Err(_) => break false, // the interval is over: send what there is
+                    }
+                }
+            };
+        };
         out.data(&events);
         events.zeroize();
+        if finished {
+            return out.end().await;
+        }
         // Dropping `generation` on return cancels the work when the client is gone.
         if !out.flush().await {
             return;
         }
-        next = generation.next().await;
-        if next.is_none() {
-            out.data(&c.error_event(&ApiError::from_engine(&engine::Error::Stopped)));
-            return out.end().await;
-        }
+        last_flush = tokio::time::Instant::now();
     }
 }

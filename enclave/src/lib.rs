@@ -34,8 +34,9 @@ pub fn boot(nsm: Arc<dyn Nsm>, cfg: server::Config) -> Result<Booted, String> {
     let config_sha256 = runtime::RuntimeConfig::of(&cfg).sha256();
     runtime::measure(nsm.as_ref(), &config_sha256)
         .map_err(|e| format!("measuring the runtime configuration into PCR17: {e}"))?;
+    let flush = std::time::Duration::from_millis(cfg.stream_flush_ms);
     let gateway =
-        gateway::OhttpGateway::new(config_sha256).map_err(|e| format!("OHTTP key: {e}"))?;
+        gateway::OhttpGateway::new(config_sha256, flush).map_err(|e| format!("OHTTP key: {e}"))?;
     let key_id = gateway.key_id();
     Ok(Booted {
         enclave: server::Enclave::new(nsm, cfg, Arc::new(gateway)),

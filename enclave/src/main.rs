@@ -40,6 +40,9 @@ struct Args {
     /// Largest model accepted, in bytes (the enclave's memory minus the KV caches).
     #[arg(long, env = "ENCLAVE_MAX_MODEL_BYTES", default_value_t = Config::default().max_model_bytes)]
     max_model_bytes: u64,
+    /// Streamed tokens within this many ms of the last sealed chunk go out together.
+    #[arg(long, env = "ENCLAVE_STREAM_FLUSH_MS", default_value_t = Config::default().stream_flush_ms)]
+    stream_flush_ms: u64,
     /// Inference worker threads (default: the enclave's vCPUs).
     #[arg(long, env = "ENCLAVE_THREADS")]
     threads: Option<usize>,
@@ -83,6 +86,7 @@ fn config(args: &Args) -> Config {
         max_model_bytes: args.max_model_bytes,
         max_streams: args.max_streams,
         max_request_bytes: args.max_request_bytes,
+        stream_flush_ms: args.stream_flush_ms,
         ..Config::default()
     };
     cfg.engine.kv_budget_bytes = args.kv_mib << 20;

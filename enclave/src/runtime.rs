@@ -40,6 +40,8 @@ pub struct ChannelConfig {
     pub kem: &'static str,
     /// KDF/AEAD pairs offered.
     pub suites: Vec<&'static str>,
+    /// Streamed tokens are sealed together at most this often (ms).
+    pub stream_flush_ms: u64,
 }
 
 /// Request limits.
@@ -77,6 +79,7 @@ impl RuntimeConfig {
                 protocol: "chunked-ohttp (draft-ietf-ohai-chunked-ohttp), binary HTTP (RFC 9292)",
                 kem: "DHKEM(X25519, HKDF-SHA256)",
                 suites: vec!["HKDF-SHA256/AES-128-GCM", "HKDF-SHA256/ChaCha20Poly1305"],
+                stream_flush_ms: cfg.stream_flush_ms,
             },
             limits: Limits {
                 max_request_bytes: cfg.max_request_bytes,

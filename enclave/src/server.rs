@@ -83,6 +83,10 @@ pub struct Config {
     pub max_request_bytes: usize,
     /// Events kept while no host is connected to take them.
     pub event_backlog: usize,
+    /// Streamed tokens that arrive within this many milliseconds of the last sealed chunk
+    /// wait and go out together: fewer, larger chunks (less per-token timing and size for
+    /// the host to see, less work per token). The first token is never held.
+    pub stream_flush_ms: u64,
 }
 
 impl Default for Config {
@@ -93,6 +97,7 @@ impl Default for Config {
             max_streams: 4096,
             max_request_bytes: 1 << 20,
             event_backlog: 4096,
+            stream_flush_ms: 20,
         }
     }
 }
