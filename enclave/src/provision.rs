@@ -13,10 +13,8 @@
 //! 5. it reports `Ready`, or `Failed` with a content-free reason, and refuses to serve.
 
 use common::cms::{CmsError, Envelope, RecipientKey};
-use common::nsm::{AttestationRequest, Nsm, NsmError};
-use common::sealed::{
-    allocate, model_pcr16, DataKey, SealError, SealedHeader, Unsealer, MODEL_PCR,
-};
+use common::nsm::{measure_once, AttestationRequest, MeasureError, Nsm, NsmError};
+use common::sealed::{allocate, DataKey, SealError, SealedHeader, Unsealer, MODEL_PCR};
 use common::wire::io::{handshake, read_frame, write_frame, ConnError};
 use common::wire::{Message, DEFAULT_MAX_PAYLOAD};
 use std::sync::Arc;
@@ -84,18 +82,10 @@ pub enum ProvisionError {
 /// policy fixed after `AccessDeniedException`) finds PCR16 already locked: that is fine for
 /// the same model, and refused for any other, since PCR16 can never change again.
 fn measure_model(nsm: &dyn Nsm, sha256: &[u8; 32]) -> Result<(), ProvisionError> {
-    let state = nsm.describe_pcr(MODEL_PCR)?;
-    let expected = model_pcr16(sha256);
-    if state.locked || state.value.iter().any(|&b| b != 0) {
-        return if state.locked && state.value == expected {
-            Ok(())
-        } else {
-            Err(ProvisionError::ModelAlreadyMeasured)
-        };
-    }
-    nsm.extend_pcr(MODEL_PCR, sha256)?;
-    nsm.lock_pcr(MODEL_PCR)?;
-    Ok(())
+    measure_once(nsm, MODEL_PCR, sha256).map_err(|e| match e {
+        MeasureError::Nsm(e) => ProvisionError::Nsm(e),
+        MeasureError::AlreadyMeasured(_) => ProvisionError::ModelAlreadyMeasured,
+    })
 }
 
 async fn blocking<T: Send + 'static>(

@@ -9,7 +9,7 @@
 //! instance size.
 
 use common::binding::{config_pcr17, CONFIG_PCR};
-use common::nsm::{Nsm, NsmError};
+use common::nsm::{measure_once, MeasureError, Nsm};
 use common::sealed::sha256;
 use serde::Serialize;
 
@@ -114,32 +114,10 @@ impl RuntimeConfig {
     }
 }
 
-/// Why the configuration could not be measured.
-#[derive(Debug, thiserror::Error)]
-pub enum MeasureError {
-    /// The NSM refused.
-    #[error("NSM: {0}")]
-    Nsm(#[from] NsmError),
-    /// PCR17 already holds another configuration.
-    #[error("PCR17 already measures another configuration")]
-    AlreadyMeasured,
-}
-
 /// Extends PCR17 with the configuration's SHA-256 and locks it. Run once at boot, before the
 /// first attestation document is made.
 pub fn measure(nsm: &dyn Nsm, config_sha256: &[u8; 32]) -> Result<(), MeasureError> {
-    let state = nsm.describe_pcr(CONFIG_PCR)?;
-    let expected = config_pcr17(config_sha256);
-    if state.locked || state.value.iter().any(|&b| b != 0) {
-        return if state.locked && state.value == expected {
-            Ok(())
-        } else {
-            Err(MeasureError::AlreadyMeasured)
-        };
-    }
-    nsm.extend_pcr(CONFIG_PCR, config_sha256)?;
-    nsm.lock_pcr(CONFIG_PCR)?;
-    Ok(())
+    measure_once(nsm, CONFIG_PCR, config_sha256)
 }
 
 #[cfg(test)]

@@ -242,6 +242,35 @@ pub fn seal_with_own_key(plain: &[u8], data_key: &[u8; 32]) -> Vec<u8> {
 /// declared bodies, vanishing mid-stream).
 pub mod stack;
 
+/// Everything logged through `tracing` in this test process (JSON lines, debug level and up),
+/// captured once per test binary, for tests that search the logs for content.
+pub fn captured_logs() -> Arc<std::sync::Mutex<Vec<u8>>> {
+    static LOGS: std::sync::OnceLock<Arc<std::sync::Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let writer = buf.clone();
+        let _ = tracing_subscriber::fmt()
+            .json()
+            .with_env_filter("debug")
+            .with_writer(move || LogCapture(writer.clone()))
+            .try_init();
+        buf
+    })
+    .clone()
+}
+
+struct LogCapture(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogCapture {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 pub mod http {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;

@@ -14,35 +14,11 @@
 use client::attest::AttestError;
 use client::ClientError;
 use common::bhttp::Request;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use tests::stack::{chat_body, Mitm, Mode, Stack};
 
-/// Everything logged in this test binary (relay and enclave alike).
 fn logs() -> Arc<Mutex<Vec<u8>>> {
-    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let buf = Arc::new(Mutex::new(Vec::new()));
-        let writer = buf.clone();
-        let _ = tracing_subscriber::fmt()
-            .json()
-            .with_env_filter("debug")
-            .with_writer(move || Capture(writer.clone()))
-            .try_init();
-        buf
-    })
-    .clone()
-}
-
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Capture {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
+    tests::captured_logs()
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -320,4 +296,22 @@ async fn an_enclave_restart_between_requests_re_attests_and_succeeds() {
     };
     assert_eq!(text(&first), text(&second));
     stack.stop().await;
+}
+
+#[test]
+fn boot_measures_and_locks_pcr17_before_any_document() {
+    use common::nsm::Nsm;
+    let local = tests::Local::new();
+    let nsm = local.nsm(tests::IMAGE, |_| {});
+    let cfg = tests::stack::enclave_config();
+    let booted = enclave::boot(nsm.clone(), cfg.clone()).unwrap();
+    let want = enclave::runtime::RuntimeConfig::of(&cfg).sha256();
+    assert_eq!(booted.config_sha256, want);
+    let pcr17 = nsm.describe_pcr(17).unwrap();
+    assert!(pcr17.locked);
+    assert_eq!(pcr17.value, common::binding::config_pcr17(&want));
+    // The same enclave cannot later claim another configuration.
+    let mut other = cfg;
+    other.max_request_bytes += 1;
+    assert!(enclave::boot(nsm, other).unwrap_err().contains("PCR17"));
 }

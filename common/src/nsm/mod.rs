@@ -218,6 +218,34 @@ pub trait Nsm: Send + Sync {
     }
 }
 
+/// Why [`measure_once`] refused.
+#[derive(Debug, thiserror::Error)]
+pub enum MeasureError {
+    /// The NSM refused a request.
+    #[error(transparent)]
+    Nsm(#[from] NsmError),
+    /// The PCR already holds another measurement (it can never change again).
+    #[error("PCR{0} already measures something else")]
+    AlreadyMeasured(u16),
+}
+
+/// Extends the zero-initialised PCR `index` once with the 32-byte `digest` and locks it, so it
+/// reads SHA-384(0^48 ‖ digest) for the enclave's lifetime. A PCR already locked to that very
+/// value is fine (a retried provisioning); any other state is refused.
+pub fn measure_once(nsm: &dyn Nsm, index: u16, digest: &[u8; 32]) -> Result<(), MeasureError> {
+    let state = nsm.describe_pcr(index)?;
+    if state.locked || state.value.iter().any(|&b| b != 0) {
+        return if state.locked && state.value == crate::sealed::model_pcr16(digest) {
+            Ok(())
+        } else {
+            Err(MeasureError::AlreadyMeasured(index))
+        };
+    }
+    nsm.extend_pcr(index, digest)?;
+    nsm.lock_pcr(index)?;
+    Ok(())
+}
+
 fn unexpected(request: &'static str, response: &Response) -> NsmError {
     match response {
         Response::Error(code) => NsmError::Refused {
