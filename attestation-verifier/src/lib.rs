@@ -29,8 +29,8 @@ pub use document::{
 };
 pub use error::{CertPosition, VerifyError};
 pub use policy::{
-    parse_hex, parse_measurements, parse_pcr_index, parse_pcr_value, Policy, PolicyError,
-    PolicyFile, DEFAULT_MAX_CLOCK_SKEW,
+    load_file, parse_hex, parse_measurements, parse_pcr_index, parse_pcr_value, resolve_against,
+    Policy, PolicyError, PolicyFile, DEFAULT_MAX_CLOCK_SKEW,
 };
 
 use std::collections::BTreeMap;

@@ -229,28 +229,39 @@ pub fn parse_measurements(json_text: &str) -> Result<BTreeMap<u8, Pcr>, PolicyEr
     Ok(out)
 }
 
+/// Reads a configuration file: JSON when its name ends in `.json`, TOML otherwise (the
+/// format of policy files, here and in the client).
+pub fn load_file<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, PolicyError> {
+    let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let syntax = |reason: String| PolicyError::Syntax {
+        path: path.to_owned(),
+        reason,
+    };
+    if path.extension().is_some_and(|e| e == "json") {
+        serde_json::from_str(&text).map_err(|e| syntax(e.to_string()))
+    } else {
+        toml::from_str(&text).map_err(|e| syntax(e.to_string()))
+    }
+}
+
+/// Makes relative `paths` named in the file `file` relative to that file's directory.
+pub fn resolve_against(file: &Path, paths: &mut [PathBuf]) {
+    let base = file.parent().unwrap_or(Path::new("."));
+    for p in paths {
+        if p.is_relative() {
+            *p = base.join(&*p);
+        }
+    }
+}
+
 impl PolicyFile {
     /// Reads a policy file; `roots` come back resolved against the file's directory.
     pub fn load(path: &Path) -> Result<Self, PolicyError> {
-        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
-        let syntax = |reason: String| PolicyError::Syntax {
-            path: path.to_owned(),
-            reason,
-        };
-        let mut file: Self = if path.extension().is_some_and(|e| e == "json") {
-            serde_json::from_str(&text).map_err(|e| syntax(e.to_string()))?
-        } else {
-            toml::from_str(&text).map_err(|e| syntax(e.to_string()))?
-        };
-        let base = path.parent().unwrap_or(Path::new("."));
-        for root in &mut file.roots {
-            if root.is_relative() {
-                *root = base.join(&*root);
-            }
-        }
+        let mut file: Self = load_file(path)?;
+        resolve_against(path, &mut file.roots);
         Ok(file)
     }
 

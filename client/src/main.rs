@@ -281,8 +281,15 @@ fn policy(args: PolicyArgs) -> Result<(), String> {
         }
         (None, None) => return Err("--model-sha256 or --sealed is required".into()),
     };
+    // Roots are written as absolute paths: the file resolves relative ones against its own
+    // directory, which need not be the directory this command ran in.
+    let roots = args
+        .roots
+        .iter()
+        .map(|r| std::fs::canonicalize(r).map_err(|e| format!("{}: {e}", r.display())))
+        .collect::<Result<Vec<_>, _>>()?;
     let file = ClientPolicyFile {
-        roots: args.roots,
+        roots,
         allow_debug: args.allow_debug,
         max_age_secs: Some(args.max_age_secs),
         max_clock_skew_secs: None,

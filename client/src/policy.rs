@@ -19,7 +19,8 @@
 //! `client policy` writes one from a measurements file and the two digests.
 
 use attestation_verifier::{
-    parse_pcr_index, parse_pcr_value, Pcr, Policy, PolicyFile, TrustAnchor,
+    load_file, parse_pcr_index, parse_pcr_value, resolve_against, Pcr, Policy, PolicyFile,
+    TrustAnchor,
 };
 use common::binding::config_pcr17;
 use common::sealed::model_pcr16;
@@ -95,22 +96,11 @@ fn digest(field: &str, s: &str) -> Result<[u8; 32], PolicyError> {
 impl ClientPolicyFile {
     /// Reads a policy file; relative `roots` are resolved against its directory.
     pub fn load(path: &Path) -> Result<Self, PolicyError> {
-        let err = |reason: String| PolicyError::File {
+        let mut file: Self = load_file(path).map_err(|e| PolicyError::File {
             path: path.to_owned(),
-            reason,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-        let mut file: Self = if path.extension().is_some_and(|e| e == "json") {
-            serde_json::from_str(&text).map_err(|e| err(e.to_string()))?
-        } else {
-            toml::from_str(&text).map_err(|e| err(e.to_string()))?
-        };
-        let base = path.parent().unwrap_or(Path::new("."));
-        for root in &mut file.roots {
-            if root.is_relative() {
-                *root = base.join(&*root);
-            }
-        }
+            reason: e.to_string(),
+        })?;
+        resolve_against(path, &mut file.roots);
         Ok(file)
     }
 
