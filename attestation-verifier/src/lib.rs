@@ -18,6 +18,7 @@
 mod cbor;
 mod chain;
 mod document;
+pub mod eif;
 mod error;
 mod policy;
 

@@ -1,4 +1,5 @@
-//! `attestation-verifier`: verify or inspect an AWS Nitro Enclaves attestation document.
+//! `attestation-verifier`: verify or inspect an AWS Nitro Enclaves attestation document, or
+//! compute an enclave image's PCRs (`measure --eif FILE`).
 //!
 //! Exit status: 0 the document is valid under the policy; 1 it was rejected (the reason on
 //! stderr, and in the JSON with `--json`); 2 a usage or I/O error.
@@ -38,6 +39,12 @@ enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// Compute an enclave image's PCR0, PCR1, PCR2 (and PCR8 if signed) as nitro-cli does.
+    Measure {
+        /// The enclave image file.
+        #[arg(long)]
+        eif: PathBuf,
     },
 }
 
@@ -113,6 +120,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Verify(args) => run_verify(args),
         Command::Inspect { doc, json } => run_inspect(&doc, json),
+        Command::Measure { eif } => run_measure(&eif),
     };
     flush_out();
     match result {
@@ -122,6 +130,23 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// `measure --eif FILE`: nitro-cli's `describe-eif` measurements JSON on stdout.
+fn run_measure(eif: &Path) -> Result<ExitCode, UsageError> {
+    let m = attestation_verifier::eif::measure_file(eif)
+        .map_err(|e| UsageError(format!("{}: {e}", eif.display())))?;
+    if !m.crc_ok {
+        return Err(UsageError(format!(
+            "{}: the CRC-32 in the header does not match the file (corrupted?)",
+            eif.display()
+        )));
+    }
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&m.to_json()).unwrap_or_default()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn read_doc(path: &Path) -> Result<Vec<u8>, UsageError> {

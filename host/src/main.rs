@@ -3,6 +3,7 @@
 //! ```text
 //! host seal --kms-key-id ID --in MODEL --out SEALED [--name NAME] [--region R] [--endpoint-url URL]
 //! host kms-policy --measurements FILE [--sealed SEALED | --model-sha256 HEX] [--include-pcr N]...
+//! host kms-create-key --policy FILE [--description TEXT] [--region R] [--endpoint-url URL]
 //! host provision --enclave unix:PATH|vsock:CID:PORT --sealed SEALED [--region R] [--endpoint-url URL]
 //! host serve [--config FILE] [--listen ADDR] [--enclave ADDR] [--sealed SEALED] [limits…]
 //! ```
@@ -63,6 +64,17 @@ enum Command {
         /// Plaintext bytes per chunk.
         #[arg(long, default_value_t = DEFAULT_CHUNK_SIZE)]
         chunk_size: u32,
+        #[command(flatten)]
+        kms: KmsArgs,
+    },
+    /// Create a symmetric KMS key with a key policy (the one `kms-policy` prints); prints its id.
+    KmsCreateKey {
+        /// The key policy (JSON).
+        #[arg(long)]
+        policy: PathBuf,
+        /// The key's description.
+        #[arg(long, default_value = "confidential inference: model data keys")]
+        description: String,
         #[command(flatten)]
         kms: KmsArgs,
     },
@@ -283,6 +295,30 @@ async fn run(cli: Cli) -> Result<(), String> {
                 output.display(),
                 summary.sealed_size
             );
+            Ok(())
+        }
+        Command::KmsCreateKey {
+            policy,
+            description,
+            kms,
+        } => {
+            let text = std::fs::read_to_string(&policy)
+                .map_err(|e| format!("{}: {e}", policy.display()))?;
+            serde_json::from_str::<serde_json::Value>(&text)
+                .map_err(|e| format!("{}: not JSON: {e}", policy.display()))?;
+            let client = host::kms::client(&kms.options()).await;
+            let out = client
+                .create_key()
+                .policy(text)
+                .description(description)
+                .send()
+                .await
+                .map_err(|e| format!("CreateKey: {}", host::kms::KmsFailure::from_sdk(&e)))?;
+            let id = out
+                .key_metadata
+                .map(|m| m.key_id)
+                .ok_or("CreateKey returned no key metadata")?;
+            println!("{id}");
             Ok(())
         }
         Command::KmsPolicy {

