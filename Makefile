@@ -62,8 +62,12 @@ test-deps:
 	done
 
 # Every test in the workspace, the mock NSM included (its feature is test-only). The engine's
-# tests run the real default model.
+# tests run the real default model. Every target is built first, binaries included, with the
+# tests' features (so `cargo test` rebuilds nothing): `cargo test` builds a package's binaries
+# only for that package's own integration tests, and the whole-stack tests run `client` as
+# users do.
 test: test-deps model
+	$(CARGO) build --workspace --all-targets --all-features --locked
 	$(CARGO) test --workspace --all-features --locked
 
 lint:

@@ -13,14 +13,15 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use tests::stack::Stack;
 
-/// `target/<profile>/client`, built by `cargo test --workspace` with the client package.
+/// `target/<profile>/client`. `cargo test` does not build other packages' binaries, so
+/// `make test` builds them first.
 fn client_bin() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap();
     let bin = dir.join("client");
     assert!(
         bin.exists(),
-        "{} is missing: build it with `cargo build -p client` (cargo test --workspace does)",
+        "{} is missing: build it with `cargo build -p client` (`make test` does)",
         bin.display()
     );
     bin
