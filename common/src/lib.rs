@@ -7,6 +7,7 @@
 //! the socket side (`wire::io` framing and the vsock/Unix [`transport`]) for the binaries
 //! (DESIGN.md §2).
 
+pub mod apikeys;
 pub mod bhttp;
 pub mod binding;
 pub mod cbor;

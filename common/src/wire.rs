@@ -71,6 +71,10 @@ pub enum MessageType {
     StreamError = 0x16,
     /// host → enclave: the client went away; stop the work.
     Cancel = 0x17,
+    /// host → enclave: a signed API key list (`common::apikeys`), on the control connection.
+    ApiKeys = 0x18,
+    /// enclave → host: the list was verified and is in force; its serial.
+    ApiKeysLoaded = 0x19,
     /// enclave → host: a content-free log or audit record.
     Event = 0x20,
 }
@@ -87,7 +91,7 @@ enum Layout {
 }
 
 impl MessageType {
-    const ALL: [Self; 20] = [
+    const ALL: [Self; 22] = [
         Self::SealedHeader,
         Self::KeyReleaseRequest,
         Self::KeyReleaseResponse,
@@ -107,6 +111,8 @@ impl MessageType {
         Self::ResponseEnd,
         Self::StreamError,
         Self::Cancel,
+        Self::ApiKeys,
+        Self::ApiKeysLoaded,
         Self::Event,
     ];
 
@@ -122,7 +128,8 @@ impl MessageType {
             | Self::Chunk
             | Self::AttestationResponse
             | Self::RequestData
-            | Self::ResponseData => Layout::Raw,
+            | Self::ResponseData
+            | Self::ApiKeys => Layout::Raw,
             Self::StatusRequest | Self::RequestEnd | Self::ResponseEnd | Self::Cancel => {
                 Layout::Empty
             }
@@ -134,6 +141,7 @@ impl MessageType {
             | Self::Pong
             | Self::AttestationRequest
             | Self::StreamError
+            | Self::ApiKeysLoaded
             | Self::Event => Layout::Fields,
         }
     }
@@ -159,6 +167,8 @@ impl MessageType {
             Self::ResponseEnd => "ResponseEnd",
             Self::StreamError => "StreamError",
             Self::Cancel => "Cancel",
+            Self::ApiKeys => "ApiKeys",
+            Self::ApiKeysLoaded => "ApiKeysLoaded",
             Self::Event => "Event",
         }
     }
@@ -257,6 +267,10 @@ pub enum Message {
     },
     /// Stop the work for this connection's request.
     Cancel,
+    /// A signed API key list.
+    ApiKeys(Vec<u8>),
+    /// The API key list with this serial is in force.
+    ApiKeysLoaded(u64),
     /// A log or audit record: a JSON object of at most [`MAX_EVENT`] bytes, content-free by
     /// construction in the enclave.
     Event {
@@ -276,7 +290,7 @@ impl fmt::Debug for Message {
             Self::Ready { model_name, .. } => write!(f, "{name}({model_name:?})"),
             Self::Failed { reason } => write!(f, "{name}({reason:?})"),
             Self::Status(s) => write!(f, "{name}({s:?})"),
-            Self::Ping(n) | Self::Pong(n) => write!(f, "{name}({n})"),
+            Self::Ping(n) | Self::Pong(n) | Self::ApiKeysLoaded(n) => write!(f, "{name}({n})"),
             Self::AttestationRequest { nonce } => write!(f, "{name}({} byte nonce)", nonce.len()),
             Self::StreamError { status, reason } => write!(f, "{name}({status}, {reason:?})"),
             Self::Event { kind, record } => write!(f, "{name}({kind:?}, {} bytes)", record.len()),
@@ -428,6 +442,8 @@ impl Message {
             Self::ResponseEnd => MessageType::ResponseEnd,
             Self::StreamError { .. } => MessageType::StreamError,
             Self::Cancel => MessageType::Cancel,
+            Self::ApiKeys(_) => MessageType::ApiKeys,
+            Self::ApiKeysLoaded(_) => MessageType::ApiKeysLoaded,
             Self::Event { .. } => MessageType::Event,
         }
     }
@@ -439,7 +455,8 @@ impl Message {
             | Self::Chunk(b)
             | Self::AttestationResponse(b)
             | Self::RequestData(b)
-            | Self::ResponseData(b) => Some(b),
+            | Self::ResponseData(b)
+            | Self::ApiKeys(b) => Some(b),
             Self::KeyReleaseRequest { attestation } => Some(attestation),
             Self::KeyReleaseResponse {
                 ciphertext_for_recipient,
@@ -473,7 +490,9 @@ impl Message {
                     put(&mut p, truncate(model_name, MAX_REASON));
                 }
             },
-            Self::Ping(n) | Self::Pong(n) => put(&mut p, &n.to_be_bytes()),
+            Self::Ping(n) | Self::Pong(n) | Self::ApiKeysLoaded(n) => {
+                put(&mut p, &n.to_be_bytes())
+            }
             Self::AttestationRequest { nonce } => {
                 put(&mut p, nonce.get(..MAX_NONCE).unwrap_or(nonce))
             }
@@ -526,6 +545,7 @@ impl Message {
             MessageType::AttestationResponse => Self::AttestationResponse(payload),
             MessageType::RequestData => Self::RequestData(payload),
             MessageType::ResponseData => Self::ResponseData(payload),
+            MessageType::ApiKeys => Self::ApiKeys(payload),
             _ => Self::decode(ty, &payload)?,
         })
     }
@@ -569,6 +589,9 @@ impl Message {
             }),
             MessageType::Ping => Self::Ping(u64::from_be_bytes(f.array("not 8 bytes")?)),
             MessageType::Pong => Self::Pong(u64::from_be_bytes(f.array("not 8 bytes")?)),
+            MessageType::ApiKeysLoaded => {
+                Self::ApiKeysLoaded(u64::from_be_bytes(f.array("not 8 bytes")?))
+            }
             MessageType::AttestationRequest => {
                 let nonce = f.bytes()?;
                 if nonce.len() > MAX_NONCE {
@@ -760,6 +783,8 @@ mod tests {
             )),
             any::<u64>().prop_map(Message::Ping),
             any::<u64>().prop_map(Message::Pong),
+            bytes.clone().prop_map(Message::ApiKeys),
+            any::<u64>().prop_map(Message::ApiKeysLoaded),
             proptest::collection::vec(any::<u8>(), 0..=MAX_NONCE)
                 .prop_map(|nonce| Message::AttestationRequest { nonce }),
             bytes.clone().prop_map(Message::AttestationResponse),

@@ -10,13 +10,17 @@
 //! shape; the host sees only transport failures (a request that does not decrypt: 400, or one
 //! for another key: 422, RFC 9458 §5.3).
 
+use crate::auth::{Authorizer, Grant};
 use crate::openai::{self, ApiError, Completion};
-use crate::server::{Gateway, ResponseStream, Served, StreamFailure};
+use crate::server::{Events, Gateway, ResponseStream, Served, StreamFailure};
 use common::bhttp::{self, ResponseHead};
 use common::binding::Binding;
 use common::channel::{ChannelError, GatewayKey, ResponseSealer};
+use common::wire::EventKind;
+use guardrails::{Guardrails, Hit};
+use serde::Serialize;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use zeroize::Zeroize;
 
@@ -30,17 +34,33 @@ pub struct OhttpGateway {
     config_sha256: [u8; 32],
     booted: u64,
     flush: Duration,
+    policy: Policy,
+}
+
+/// What the gateway enforces on every request: the guardrail policy and, when API keys are
+/// required, the authorizer. Both are part of the measured configuration.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    /// The guardrails, if any.
+    pub guardrails: Option<Arc<Guardrails>>,
+    /// API key checks, if required.
+    pub auth: Option<Arc<Authorizer>>,
 }
 
 impl OhttpGateway {
     /// A gateway with a fresh key, bound to the runtime configuration `config_sha256`;
     /// streamed tokens within `flush` of the last sealed chunk are sealed together.
-    pub fn new(config_sha256: [u8; 32], flush: Duration) -> Result<Self, ChannelError> {
+    pub fn new(
+        config_sha256: [u8; 32],
+        flush: Duration,
+        policy: Policy,
+    ) -> Result<Self, ChannelError> {
         Ok(Self {
             key: GatewayKey::generate()?,
             config_sha256,
             booted: unix_now(),
             flush,
+            policy,
         })
     }
 
@@ -72,31 +92,115 @@ impl Gateway for OhttpGateway {
         Some(binding.encode())
     }
 
-    fn open(&self, served: Arc<Served>, request: Vec<u8>) -> Result<ResponseStream, StreamFailure> {
+    fn open(
+        &self,
+        served: Arc<Served>,
+        request: Vec<u8>,
+        events: Events,
+    ) -> Result<ResponseStream, StreamFailure> {
         let (plain, sealer) = self
             .key
             .decapsulate(&request)
             .map_err(|e| StreamFailure::new(e.status(), e.to_string()))?;
         let (tx, rx) = mpsc::channel(RESPONSE_BACKLOG);
-        let booted = self.booted;
-        let flush = self.flush;
+        let ctx = Ctx {
+            served,
+            policy: self.policy.clone(),
+            booted: self.booted,
+            flush: self.flush,
+        };
         tokio::spawn(async move {
+            let started = Instant::now();
             let mut out = Out {
                 sealer: Some(sealer),
                 tx,
                 pending: Vec::new(),
             };
+            let mut audit = Audit::new(&ctx.served.name);
             let request = bhttp::Request::decode(&plain, plain.len());
             drop(plain);
             match request {
                 Ok(mut req) => {
-                    route(&served, &req, &mut out, booted, flush).await;
+                    route(&ctx, &req, &mut out, &mut audit).await;
                     req.body.zeroize();
                 }
-                Err(e) => out.error(&ApiError::invalid(None, e.to_string())).await,
+                Err(e) => {
+                    let e = ApiError::invalid(None, e.to_string());
+                    audit.status = e.status;
+                    out.error(&e).await;
+                }
             }
+            audit.latency_ms = started.elapsed().as_millis() as u64;
+            events.emit(EventKind::Audit, audit.record());
         });
         Ok(rx)
+    }
+}
+
+/// One request's context.
+struct Ctx {
+    served: Arc<Served>,
+    policy: Policy,
+    booted: u64,
+    flush: Duration,
+}
+
+/// One request's audit record (issue 8 §3): ids, counts, rule ids and actions, status and
+/// latency. Never content, never a key: the key appears only as its hashed id.
+#[derive(Debug, Serialize)]
+struct Audit {
+    v: u32,
+    request_id: String,
+    route: &'static str,
+    status: u16,
+    key: Option<String>,
+    model: String,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    finish_reason: &'static str,
+    guardrails: Vec<AuditHit>,
+    latency_ms: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct AuditHit {
+    rule: String,
+    action: &'static str,
+    direction: &'static str,
+}
+
+impl Audit {
+    fn new(model: &str) -> Self {
+        let mut id = [0u8; 12];
+        // An id needs no secrecy; a failed RNG leaves zeros.
+        let _ = aws_lc_rs::rand::fill(&mut id);
+        Self {
+            v: 1,
+            request_id: format!("req-{}", hex::encode(id)),
+            route: "other",
+            status: 0,
+            key: None,
+            model: model.to_string(),
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            finish_reason: "none",
+            guardrails: Vec::new(),
+            latency_ms: 0,
+        }
+    }
+
+    fn hits(&mut self, hits: &[Hit]) {
+        for h in hits {
+            self.guardrails.push(AuditHit {
+                rule: h.rule.to_string(),
+                action: h.action.name(),
+                direction: h.direction.name(),
+            });
+        }
+    }
+
+    fn record(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
     }
 }
 
@@ -155,55 +259,227 @@ impl Out {
     }
 }
 
-async fn route(served: &Served, req: &bhttp::Request, out: &mut Out, booted: u64, flush: Duration) {
+async fn route(ctx: &Ctx, req: &bhttp::Request, out: &mut Out, audit: &mut Audit) {
     let path = req.path.split('?').next().unwrap_or_default();
-    match (req.method.as_str(), path) {
-        ("POST", "/v1/chat/completions") => chat(served, &req.body, out, flush).await,
+    let status = match (req.method.as_str(), path) {
+        ("POST", "/v1/chat/completions") => {
+            audit.route = "chat.completions";
+            chat(ctx, req, out, audit).await
+        }
         ("GET", "/v1/models") => {
-            let body = openai::models(&served.name, booted);
-            out.whole(200, "application/json", &body).await;
+            audit.route = "models";
+            match authorize(ctx, req, audit) {
+                Ok(_) => {
+                    let body = openai::models(&ctx.served.name, ctx.booted);
+                    out.whole(200, "application/json", &body).await;
+                    200
+                }
+                Err(e) => out.reply_error(&e).await,
+            }
         }
         (_, "/v1/chat/completions" | "/v1/models") => {
             let e = ApiError::new(405, "invalid_request_error", None, "method not allowed");
-            out.error(&e).await;
+            out.reply_error(&e).await
         }
         _ => {
             let e = ApiError::new(404, "invalid_request_error", None, "unknown path");
-            out.error(&e).await;
+            out.reply_error(&e).await
+        }
+    };
+    audit.status = status;
+}
+
+/// The API key check, when keys are required.
+fn authorize(ctx: &Ctx, req: &bhttp::Request, audit: &mut Audit) -> Result<Option<Grant>, ApiError> {
+    let Some(auth) = &ctx.policy.auth else {
+        return Ok(None);
+    };
+    let grant = auth.authorize(req.header("authorization"), &ctx.served.name)?;
+    audit.key = Some(grant.audit_id.clone());
+    Ok(Some(grant))
+}
+
+impl Out {
+    async fn reply_error(&mut self, e: &ApiError) -> u16 {
+        self.error(e).await;
+        e.status
+    }
+}
+
+/// How an answer ended, for the audit record.
+fn finish_of(r: engine::FinishReason) -> &'static str {
+    openai::finish_name(r)
+}
+
+async fn chat(ctx: &Ctx, req: &bhttp::Request, out: &mut Out, audit: &mut Audit) -> u16 {
+    let served = &ctx.served;
+    let grant = match authorize(ctx, req, audit) {
+        Ok(g) => g,
+        Err(e) => return out.reply_error(&e).await,
+    };
+    let mut prepared = match openai::prepare(&req.body, &served.name) {
+        Ok(p) => p,
+        Err(e) => return out.reply_error(&e).await,
+    };
+    if let Some(g) = &ctx.policy.guardrails {
+        let tokenizer = served.engine.tokenizer();
+        let count = |s: &str| tokenizer.encode(s).map_or(s.len(), |t| t.len());
+        let mut messages: Vec<(&str, &mut String)> = prepared
+            .messages
+            .iter_mut()
+            .map(|m| {
+                let engine::Message { role, content } = m;
+                (role.as_str(), content)
+            })
+            .collect();
+        let verdict = g.check_input(&mut messages, &count);
+        audit.hits(&verdict.hits);
+        if let Some(b) = verdict.blocked {
+            audit.finish_reason = "content_filter";
+            for m in prepared.messages.iter_mut() {
+                m.content.zeroize();
+            }
+            return out.reply_error(&ApiError::content_filter(&b.message)).await;
+        }
+    }
+    let (want_stream, include_usage) = (prepared.stream, prepared.include_usage);
+    let generation = served.engine.chat(&prepared.messages, prepared.params);
+    for m in prepared.messages.iter_mut() {
+        m.content.zeroize();
+    }
+    let mut generation = match generation {
+        Ok(g) => g,
+        Err(e) => return out.reply_error(&ApiError::from_engine(&e)).await,
+    };
+    audit.prompt_tokens = generation.prompt_tokens();
+    let mut filter = ctx.policy.guardrails.as_ref().map(|g| g.output_filter());
+    let c = Completion::new(&served.name);
+    audit.request_id = c.id.clone();
+    let status = if want_stream {
+        stream(ctx.flush, &mut generation, include_usage, &c, filter.as_mut(), out, audit).await
+    } else {
+        whole(&mut generation, &c, filter.as_mut(), out, audit).await
+    };
+    if let Some(f) = &filter {
+        // Output hits (input hits were recorded before generation).
+        let outputs: Vec<Hit> = f.hits().to_vec();
+        audit.hits(&outputs);
+    }
+    if let Some(g) = &grant {
+        g.charge(audit.prompt_tokens + audit.completion_tokens);
+    }
+    status
+}
+
+/// A piece of generated text through the output filter: what may go out, and whether a rule
+/// blocked the rest (with its message).
+fn filtered(filter: Option<&mut guardrails::OutputFilter>, text: String) -> (String, Option<String>) {
+    match filter {
+        Some(f) => {
+            let mut text = text;
+            let o = f.push(&text);
+            text.zeroize();
+            (o.text, o.blocked.map(|b| b.message))
+        }
+        None => (text, None),
+    }
+}
+
+fn filter_end(filter: Option<&mut guardrails::OutputFilter>) -> (String, Option<String>) {
+    match filter {
+        Some(f) => {
+            let o = f.finish();
+            (o.text, o.blocked.map(|b| b.message))
+        }
+        None => (String::new(), None),
+    }
+}
+
+async fn whole(
+    generation: &mut engine::Generation,
+    c: &Completion,
+    mut filter: Option<&mut guardrails::OutputFilter>,
+    out: &mut Out,
+    audit: &mut Audit,
+) -> u16 {
+    let mut text = String::new();
+    let mut refusal = None;
+    let answer = loop {
+        // Nothing is sent until the end: watch for the client going away meanwhile, so
+        // that dropping `generation` cancels the work.
+        let next = tokio::select! {
+            next = generation.next() => next,
+            _ = out.tx.closed() => {
+                text.zeroize();
+                audit.finish_reason = "cancelled";
+                return 499;
+            }
+        };
+        match next {
+            Some(engine::Event::Text(t)) => {
+                audit.completion_tokens += 1;
+                let (piece, blocked) = filtered(filter.as_deref_mut(), t);
+                text.push_str(&piece);
+                if let Some(m) = blocked {
+                    refusal = Some(m);
+                    audit.finish_reason = "content_filter";
+                    let usage = usage_so_far(audit);
+                    break Ok(c.whole(&text, "content_filter", refusal.as_deref(), &usage));
+                }
+            }
+            Some(engine::Event::Done {
+                finish_reason,
+                usage,
+                ..
+            }) => {
+                audit.completion_tokens = usage.completion_tokens;
+                let (rest, blocked) = filter_end(filter.as_deref_mut());
+                text.push_str(&rest);
+                let reason = match blocked {
+                    Some(m) => {
+                        refusal = Some(m);
+                        "content_filter"
+                    }
+                    None => finish_of(finish_reason),
+                };
+                audit.finish_reason = reason;
+                break Ok(c.whole(&text, reason, refusal.as_deref(), &usage));
+            }
+            Some(engine::Event::Failed(e)) => break Err(ApiError::from_engine(&e)),
+            None => break Err(ApiError::from_engine(&engine::Error::Stopped)),
+        }
+    };
+    text.zeroize();
+    match answer {
+        Ok(mut body) => {
+            out.whole(200, "application/json", &body).await;
+            body.zeroize();
+            200
+        }
+        Err(e) => {
+            audit.finish_reason = "error";
+            out.reply_error(&e).await
         }
     }
 }
 
-async fn chat(served: &Served, body: &[u8], out: &mut Out, flush: Duration) {
-    let prepared = match openai::prepare(body, &served.name) {
-        Ok(p) => p,
-        Err(e) => return out.error(&e).await,
-    };
-    let mut generation = match served.engine.chat(&prepared.messages, prepared.params) {
-        Ok(g) => g,
-        Err(e) => return out.error(&ApiError::from_engine(&e)).await,
-    };
-    let c = Completion::new(&served.name);
-    if !prepared.stream {
-        let mut text = String::new();
-        let answer = loop {
-            match generation.next().await {
-                Some(engine::Event::Text(t)) => text.push_str(&t),
-                Some(engine::Event::Done {
-                    finish_reason,
-                    usage,
-                    ..
-                }) => break Ok(c.whole(&text, finish_reason, &usage)),
-                Some(engine::Event::Failed(e)) => break Err(ApiError::from_engine(&e)),
-                None => break Err(ApiError::from_engine(&engine::Error::Stopped)),
-            }
-        };
-        text.zeroize();
-        return match answer {
-            Ok(body) => out.whole(200, "application/json", &body).await,
-            Err(e) => out.error(&e).await,
-        };
+fn usage_so_far(audit: &Audit) -> engine::Usage {
+    engine::Usage {
+        prompt_tokens: audit.prompt_tokens,
+        completion_tokens: audit.completion_tokens,
+        total_tokens: audit.prompt_tokens + audit.completion_tokens,
     }
+}
+
+async fn stream(
+    flush: Duration,
+    generation: &mut engine::Generation,
+    include_usage: bool,
+    c: &Completion,
+    mut filter: Option<&mut guardrails::OutputFilter>,
+    out: &mut Out,
+    audit: &mut Audit,
+) -> u16 {
     // Streaming: the head and the role event go out at once. Then events are sealed in
     // batches: one that arrives after a quiet `flush` interval goes out at once (so the first
     // token is never held), and the ones that follow within `flush` of the last chunk join
@@ -211,7 +487,8 @@ async fn chat(served: &Served, body: &[u8], out: &mut Out, flush: Duration) {
     out.head(200, "text/event-stream");
     out.data(&c.role_event());
     if !out.flush().await {
-        return;
+        audit.finish_reason = "cancelled";
+        return 200;
     }
     let mut last_flush = tokio::time::Instant::now();
     loop {
@@ -220,22 +497,54 @@ async fn chat(served: &Served, body: &[u8], out: &mut Out, flush: Duration) {
         let finished = loop {
             let done = match next {
                 Some(engine::Event::Text(t)) => {
-                    events.extend(c.text_event(&t));
-                    false
+                    audit.completion_tokens += 1;
+                    let (piece, blocked) = filtered(filter.as_deref_mut(), t);
+                    if !piece.is_empty() {
+                        events.extend(c.text_event(&piece));
+                    }
+                    match blocked {
+                        Some(m) => {
+                            events.extend(c.refusal_event(&m));
+                            audit.finish_reason = "content_filter";
+                            let usage = usage_so_far(audit);
+                            events.extend(c.done_events(
+                                "content_filter",
+                                &usage,
+                                include_usage,
+                            ));
+                            true
+                        }
+                        None => false,
+                    }
                 }
                 Some(engine::Event::Done {
                     finish_reason,
                     usage,
                     ..
                 }) => {
-                    events.extend(c.done_events(finish_reason, &usage, prepared.include_usage));
+                    audit.completion_tokens = usage.completion_tokens;
+                    let (rest, blocked) = filter_end(filter.as_deref_mut());
+                    if !rest.is_empty() {
+                        events.extend(c.text_event(&rest));
+                    }
+                    let reason = match blocked {
+                        Some(m) => {
+                            events.extend(c.refusal_event(&m));
+                            "content_filter"
+                        }
+                        None => finish_of(finish_reason),
+                    };
+                    audit.finish_reason = reason;
+                    events.extend(c.done_events(reason, &usage, include_usage));
                     true
                 }
                 Some(engine::Event::Failed(e)) => {
+                    audit.finish_reason = "error";
                     events.extend(c.error_event(&ApiError::from_engine(&e)));
                     true
                 }
                 None => {
+                    audit.finish_reason = "error";
                     let stopped = ApiError::from_engine(&engine::Error::Stopped);
                     events.extend(c.error_event(&stopped));
                     true
@@ -257,11 +566,13 @@ async fn chat(served: &Served, body: &[u8], out: &mut Out, flush: Duration) {
         out.data(&events);
         events.zeroize();
         if finished {
-            return out.end().await;
+            out.end().await;
+            return 200;
         }
         // Dropping `generation` on return cancels the work when the client is gone.
         if !out.flush().await {
-            return;
+            audit.finish_reason = "cancelled";
+            return 200;
         }
         last_flush = tokio::time::Instant::now();
     }

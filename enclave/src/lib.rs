@@ -8,6 +8,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod gateway;
 pub mod openai;
 pub mod provision;
@@ -35,11 +36,18 @@ pub fn boot(nsm: Arc<dyn Nsm>, cfg: server::Config) -> Result<Booted, String> {
     runtime::measure(nsm.as_ref(), &config_sha256)
         .map_err(|e| format!("measuring the runtime configuration into PCR17: {e}"))?;
     let flush = std::time::Duration::from_millis(cfg.stream_flush_ms);
-    let gateway =
-        gateway::OhttpGateway::new(config_sha256, flush).map_err(|e| format!("OHTTP key: {e}"))?;
+    let auth = cfg
+        .api_key_signer
+        .map(|signer| Arc::new(auth::Authorizer::new(signer)));
+    let policy = gateway::Policy {
+        guardrails: cfg.guardrails.clone(),
+        auth: auth.clone(),
+    };
+    let gateway = gateway::OhttpGateway::new(config_sha256, flush, policy)
+        .map_err(|e| format!("OHTTP key: {e}"))?;
     let key_id = gateway.key_id();
     Ok(Booted {
-        enclave: server::Enclave::new(nsm, cfg, Arc::new(gateway)),
+        enclave: server::Enclave::new(nsm, cfg, Arc::new(gateway), auth),
         config_sha256,
         key_id,
     })

@@ -17,7 +17,6 @@ use common::nsm::Nsm;
 use common::transport::Endpoint;
 use enclave::runtime::RuntimeConfig;
 use enclave::server::Config;
-#[cfg(feature = "mock-nsm")]
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -49,6 +48,17 @@ struct Args {
     /// KV-cache memory shared by all running sequences, in MiB.
     #[arg(long, env = "ENCLAVE_KV_MIB", default_value_t = 80)]
     kv_mib: usize,
+    /// The guardrail policy file (TOML; docs/guardrails.md). Without it the built-in default
+    /// policy applies. Measured into PCR17. In an image, the file is part of the image.
+    #[arg(long, env = "ENCLAVE_GUARDRAILS", conflicts_with = "no_guardrails")]
+    guardrails: Option<PathBuf>,
+    /// Run without guardrails (measured: clients see `"guardrails": null`).
+    #[arg(long)]
+    no_guardrails: bool,
+    /// Require API keys from lists signed by this Ed25519 public key (64 hex digits; `host
+    /// api-keys init-signer` makes one). Measured into PCR17.
+    #[arg(long, env = "ENCLAVE_API_KEY_SIGNER")]
+    api_key_signer: Option<String>,
     /// Use the mock NSM with the CA in this directory (local mode only).
     #[cfg(feature = "mock-nsm")]
     #[arg(long)]
@@ -81,7 +91,7 @@ fn open_nsm(args: &Args) -> Result<Arc<dyn Nsm>, String> {
     ))
 }
 
-fn config(args: &Args) -> Config {
+fn config(args: &Args) -> Result<Config, String> {
     let mut cfg = Config {
         max_model_bytes: args.max_model_bytes,
         max_streams: args.max_streams,
@@ -93,12 +103,44 @@ fn config(args: &Args) -> Config {
     if let Some(t) = args.threads {
         cfg.engine.threads = t;
     }
-    cfg
+    if args.no_guardrails {
+        cfg.guardrails = None;
+    } else if let Some(path) = &args.guardrails {
+        let bytes = read_bounded(path, guardrails::policy::MAX_POLICY_BYTES)
+            .map_err(|e| format!("--guardrails {}: {e}", path.display()))?;
+        let g = guardrails::Guardrails::from_toml(&bytes)
+            .map_err(|e| format!("--guardrails {}: {e}", path.display()))?;
+        cfg.guardrails = Some(Arc::new(g));
+    } else if cfg.guardrails.is_none() {
+        return Err("the built-in guardrail policy does not load".into());
+    }
+    if let Some(hex_key) = &args.api_key_signer {
+        let key = hex::decode(hex_key.trim())
+            .ok()
+            .and_then(|k| <[u8; 32]>::try_from(k).ok())
+            .ok_or("--api-key-signer: expected 64 hex digits (an Ed25519 public key)")?;
+        cfg.api_key_signer = Some(key);
+    }
+    Ok(cfg)
+}
+
+/// Reads at most `max` bytes of a file, refusing larger ones.
+fn read_bounded(path: &std::path::Path, max: usize) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut bytes = Vec::new();
+    f.take(max as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    if bytes.len() > max {
+        return Err(format!("larger than {max} bytes"));
+    }
+    Ok(bytes)
 }
 
 async fn run(args: Args) -> Result<(), String> {
     let nsm = open_nsm(&args)?;
-    let booted = enclave::boot(nsm, config(&args))?;
+    let booted = enclave::boot(nsm, config(&args)?)?;
     let listen = args.listen.as_deref().unwrap_or_default();
     let endpoint: Endpoint = listen.parse().map_err(|e| format!("--listen: {e}"))?;
     let listener = endpoint
@@ -119,7 +161,14 @@ async fn run(args: Args) -> Result<(), String> {
 
 /// `--print-config`: what an operator publishes for clients' policies.
 fn print_config(args: &Args) -> ExitCode {
-    let runtime = RuntimeConfig::of(&config(args));
+    let cfg = match config(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("enclave: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = RuntimeConfig::of(&cfg);
     let json = String::from_utf8_lossy(&runtime.canonical()).into_owned();
     println!("{json}");
     println!("config_sha256 = \"{}\"", hex::encode(runtime.sha256()));

@@ -167,6 +167,18 @@ impl ApiError {
         .unwrap_or_default()
     }
 
+    /// A request an input guardrail blocked: 400 with OpenAI's `content_filter` code and the
+    /// policy's message.
+    pub fn content_filter(message: &str) -> Self {
+        Self {
+            status: 400,
+            kind: "invalid_request_error",
+            code: Some("content_filter"),
+            param: Some("messages"),
+            message: message.to_string(),
+        }
+    }
+
     /// From an engine error (whose messages never contain prompt or output text).
     pub fn from_engine(e: &engine::Error) -> Self {
         match e {
@@ -352,7 +364,8 @@ fn usage(u: &engine::Usage) -> UsageJson {
     }
 }
 
-fn finish(r: engine::FinishReason) -> &'static str {
+/// OpenAI's name for an engine finish reason.
+pub fn finish_name(r: engine::FinishReason) -> &'static str {
     match r {
         engine::FinishReason::Stop => "stop",
         engine::FinishReason::Length => "length",
@@ -375,8 +388,16 @@ impl Completion {
         }
     }
 
-    /// The non-streaming answer: one `chat.completion`.
-    pub fn whole(&self, text: &str, reason: engine::FinishReason, u: &engine::Usage) -> Vec<u8> {
+    /// The non-streaming answer: one `chat.completion`. `reason` is OpenAI's finish reason
+    /// (`stop`, `length`, `content_filter`); `refusal` the guardrail's message when an output
+    /// rule stopped the answer.
+    pub fn whole(
+        &self,
+        text: &str,
+        reason: &str,
+        refusal: Option<&str>,
+        u: &engine::Usage,
+    ) -> Vec<u8> {
         serde_json::to_vec(&json!({
             "id": self.id,
             "object": "chat.completion",
@@ -384,9 +405,9 @@ impl Completion {
             "model": self.model,
             "choices": [{
                 "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": null},
+                "message": {"role": "assistant", "content": text, "refusal": refusal},
                 "logprobs": null,
-                "finish_reason": finish(reason),
+                "finish_reason": reason,
             }],
             "usage": usage(u),
         }))
@@ -426,14 +447,14 @@ impl Completion {
         self.chunk(json!({"content": text}), None)
     }
 
+    /// A streaming event with the guardrail's refusal message (an output rule blocked).
+    pub fn refusal_event(&self, message: &str) -> Vec<u8> {
+        self.chunk(json!({"refusal": message}), None)
+    }
+
     /// The last events: the finish reason, the usage if asked for, and `[DONE]`.
-    pub fn done_events(
-        &self,
-        reason: engine::FinishReason,
-        u: &engine::Usage,
-        include_usage: bool,
-    ) -> Vec<u8> {
-        let mut out = self.chunk(json!({}), Some(finish(reason)));
+    pub fn done_events(&self, reason: &str, u: &engine::Usage, include_usage: bool) -> Vec<u8> {
+        let mut out = self.chunk(json!({}), Some(reason));
         if include_usage {
             out.extend(self.event(&json!({
                 "id": self.id,
@@ -530,12 +551,12 @@ mod tests {
             total_tokens: 5,
         };
         let done =
-            String::from_utf8(c.done_events(engine::FinishReason::Length, &u, true)).unwrap();
+            String::from_utf8(c.done_events("length", &u, true)).unwrap();
         assert!(done.ends_with("data: [DONE]\n\n"));
         assert!(done.contains(r#""finish_reason":"length""#));
         assert!(done.contains(r#""total_tokens":5"#));
         let whole: serde_json::Value =
-            serde_json::from_slice(&c.whole("hi", engine::FinishReason::Stop, &u)).unwrap();
+            serde_json::from_slice(&c.whole("hi", "stop", None, &u)).unwrap();
         assert_eq!(whole["choices"][0]["message"]["content"], "hi");
         assert_eq!(whole["usage"]["prompt_tokens"], 3);
     }

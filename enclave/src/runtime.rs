@@ -27,8 +27,11 @@ pub struct RuntimeConfig {
     pub limits: Limits,
     /// The engine's bounds.
     pub engine: EngineBounds,
-    /// The guardrail policy's SHA-256 (hex), when one is loaded.
+    /// The guardrail policy's SHA-256 (hex, of the policy file's bytes), when one is loaded.
     pub guardrails: Option<String>,
+    /// Client authorization: the Ed25519 public key (hex) that signs API key lists, when keys
+    /// are required.
+    pub api_key_signer: Option<String>,
 }
 
 /// The channel's algorithms (RFC 9458 §3, RFC 9180 §7).
@@ -93,7 +96,8 @@ impl RuntimeConfig {
                 max_context: cfg.engine.max_context,
                 default_max_tokens: cfg.engine.default_max_tokens,
             },
-            guardrails: None,
+            guardrails: cfg.guardrails.as_ref().map(|g| hex::encode(g.sha256())),
+            api_key_signer: cfg.api_key_signer.map(hex::encode),
         }
     }
 
@@ -133,7 +137,18 @@ mod tests {
             json.starts_with(r#"{"v":1,"channel":{"protocol":"#),
             "{json}"
         );
-        assert!(json.ends_with(r#""guardrails":null}"#), "{json}");
+        let policy = hex::encode(guardrails::Guardrails::default_policy().unwrap().sha256());
+        assert!(
+            json.ends_with(&format!(r#""guardrails":"{policy}","api_key_signer":null}}"#)),
+            "{json}"
+        );
+        // A changed policy, or requiring keys, changes the digest.
+        let mut cfg = Config::default();
+        cfg.guardrails = None;
+        assert_ne!(RuntimeConfig::of(&cfg).sha256(), base.sha256());
+        let mut cfg = Config::default();
+        cfg.api_key_signer = Some([7; 32]);
+        assert_ne!(RuntimeConfig::of(&cfg).sha256(), base.sha256());
         let mut cfg = Config::default();
         cfg.engine.max_context += 1;
         assert_ne!(RuntimeConfig::of(&cfg).sha256(), base.sha256());

@@ -60,14 +60,34 @@ impl StreamFailure {
 /// The response to one request, as it is produced. Dropping the receiver cancels the work.
 pub type ResponseStream = mpsc::Receiver<Result<Vec<u8>, StreamFailure>>;
 
+/// Where content-free events (audit records, log lines) for the host go: the control
+/// connection takes them in order. When its backlog is full an event is dropped and counted
+/// locally rather than blocking serving.
+#[derive(Debug, Clone)]
+pub struct Events(mpsc::Sender<(EventKind, String)>);
+
+impl Events {
+    /// Queues one event.
+    pub fn emit(&self, kind: EventKind, record: String) {
+        if self.0.try_send((kind, record)).is_err() {
+            tracing::warn!("event backlog full; an event was dropped");
+        }
+    }
+}
+
 /// What answers opaque client requests: the attested OHTTP gateway.
 pub trait Gateway: Send + Sync + 'static {
     /// The public key that attestation documents for clients carry (`public_key`).
     fn public_key(&self) -> Option<Vec<u8>>;
     /// The `user_data` that binds the key to the model and configuration.
     fn user_data(&self, served: &Served) -> Option<Vec<u8>>;
-    /// Starts answering one request.
-    fn open(&self, served: Arc<Served>, request: Vec<u8>) -> Result<ResponseStream, StreamFailure>;
+    /// Starts answering one request; its audit record goes to `events`.
+    fn open(
+        &self,
+        served: Arc<Served>,
+        request: Vec<u8>,
+        events: Events,
+    ) -> Result<ResponseStream, StreamFailure>;
 }
 
 /// The listener's limits.
@@ -87,6 +107,11 @@ pub struct Config {
     /// wait and go out together: fewer, larger chunks (less per-token timing and size for
     /// the host to see, less work per token). The first token is never held.
     pub stream_flush_ms: u64,
+    /// The guardrail policy (measured); `None` runs without guardrails.
+    pub guardrails: Option<Arc<guardrails::Guardrails>>,
+    /// When set, every request needs an API key from a list signed by this Ed25519 key
+    /// (measured; `common::apikeys`).
+    pub api_key_signer: Option<[u8; 32]>,
 }
 
 impl Default for Config {
@@ -98,6 +123,10 @@ impl Default for Config {
             max_request_bytes: 1 << 20,
             event_backlog: 4096,
             stream_flush_ms: 20,
+            // The built-in policy is checked by the guardrails crate's tests, so this is
+            // `Some` in practice.
+            guardrails: guardrails::Guardrails::default_policy().ok().map(Arc::new),
+            api_key_signer: None,
         }
     }
 }
@@ -115,7 +144,8 @@ pub struct Enclave {
     gateway: Arc<dyn Gateway>,
     phase: Mutex<Phase>,
     streams: Arc<Semaphore>,
-    events_tx: mpsc::Sender<(EventKind, String)>,
+    auth: Option<Arc<crate::auth::Authorizer>>,
+    events_tx: Events,
     events_rx: tokio::sync::Mutex<mpsc::Receiver<(EventKind, String)>>,
 }
 
@@ -126,11 +156,18 @@ impl std::fmt::Debug for Enclave {
 }
 
 impl Enclave {
-    /// An enclave waiting for its model.
-    pub fn new(nsm: Arc<dyn Nsm>, cfg: Config, gateway: Arc<dyn Gateway>) -> Arc<Self> {
+    /// An enclave waiting for its model; `auth` takes the API key lists the host delivers.
+    pub fn new(
+        nsm: Arc<dyn Nsm>,
+        cfg: Config,
+        gateway: Arc<dyn Gateway>,
+        auth: Option<Arc<crate::auth::Authorizer>>,
+    ) -> Arc<Self> {
         let (events_tx, events_rx) = mpsc::channel(cfg.event_backlog.max(1));
+        let events_tx = Events(events_tx);
         Arc::new(Self {
             nsm,
+            auth,
             streams: Arc::new(Semaphore::new(cfg.max_streams)),
             cfg,
             gateway,
@@ -162,8 +199,28 @@ impl Enclave {
     /// Queues a content-free event for the host. When the backlog is full the event is
     /// dropped (and logged locally) rather than blocking serving.
     pub fn emit(&self, kind: EventKind, record: String) {
-        if self.events_tx.try_send((kind, record)).is_err() {
-            tracing::warn!("event backlog full; an event was dropped");
+        self.events_tx.emit(kind, record);
+    }
+
+    /// A signed API key list from the host: verified, then in force. The answer says which
+    /// serial is in force, or why the list was refused (the previous one stays).
+    fn api_keys(&self, signed: &[u8]) -> Message {
+        let Some(auth) = &self.auth else {
+            return Message::Failed {
+                reason: "this enclave does not take API keys (no signer is configured)".into(),
+            };
+        };
+        match auth.load(signed) {
+            Ok(serial) => {
+                tracing::info!(serial, "API key list in force");
+                Message::ApiKeysLoaded(serial)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "API key list refused");
+                Message::Failed {
+                    reason: format!("API key list refused: {e}"),
+                }
+            }
         }
     }
 
@@ -300,6 +357,7 @@ impl Enclave {
                 }
                 Message::Ping(n) => write_frame(&mut conn, &Message::Pong(n)).await?,
                 Message::SealedHeader(header) => self.provision(&mut conn, header).await,
+                Message::ApiKeys(signed) => write_frame(&mut conn, &self.api_keys(&signed)).await?,
                 got => return refuse(&mut conn, got).await,
             }
         }
@@ -325,6 +383,9 @@ impl Enclave {
                         write_frame(&mut wr, &Message::Status(self.state())).await?;
                     }
                     Some(Ok(Message::Ping(n))) => write_frame(&mut wr, &Message::Pong(n)).await?,
+                    Some(Ok(Message::ApiKeys(signed))) => {
+                        write_frame(&mut wr, &self.api_keys(&signed)).await?;
+                    }
                     Some(Ok(got)) => break refuse(&mut wr, got).await,
                     Some(Err(e)) => break Err(e),
                     None => break Ok(()),
@@ -393,7 +454,7 @@ impl Enclave {
             write_frame(conn, &fail(503, "model not ready")).await?;
             return Ok(true);
         };
-        let mut response = match self.gateway.open(served, body) {
+        let mut response = match self.gateway.open(served, body, self.events_tx.clone()) {
             Ok(r) => r,
             Err(f) => {
                 write_frame(conn, &fail(f.status, f.reason)).await?;

@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod apikeys;
 pub mod kms;
 pub mod policy;
 pub mod provision;

@@ -5,7 +5,8 @@
 //! host kms-policy --measurements FILE [--sealed SEALED | --model-sha256 HEX] [--include-pcr N]...
 //! host kms-create-key --policy FILE [--description TEXT] [--region R] [--endpoint-url URL]
 //! host provision --enclave unix:PATH|vsock:CID:PORT --sealed SEALED [--region R] [--endpoint-url URL]
-//! host serve [--config FILE] [--listen ADDR] [--enclave ADDR] [--sealed SEALED] [limits…]
+//! host serve [--config FILE] [--listen ADDR] [--enclave ADDR] [--sealed SEALED] [--api-keys F] [limits…]
+//! host api-keys init-signer|issue|revoke|sign …      (host::apikeys)
 //! ```
 
 use clap::{Parser, Subcommand};
@@ -104,6 +105,9 @@ enum Command {
     },
     /// Run the relay: the client HTTP API, kept in front of a provisioned enclave.
     Serve(Box<ServeArgs>),
+    /// Administer client API keys: the signer, the key list, the signed list for the relay.
+    #[command(subcommand)]
+    ApiKeys(ApiKeysCommand),
     /// Provision a running enclave with a sealed model (key release through KMS).
     Provision {
         /// Enclave address: vsock:CID:PORT, or unix:PATH in local mode.
@@ -115,6 +119,108 @@ enum Command {
         #[command(flatten)]
         kms: KmsArgs,
     },
+}
+
+/// `host api-keys` subcommands (offline, on the administrator's machine).
+#[derive(Subcommand)]
+enum ApiKeysCommand {
+    /// Create the Ed25519 signer (PKCS#8, mode 0600); prints the public key for the
+    /// enclave's --api-key-signer.
+    InitSigner {
+        /// Where to write the private key.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print a signer's public key.
+    Public {
+        /// The signer's private key file.
+        #[arg(long)]
+        signer: PathBuf,
+    },
+    /// Add a key to the (unsigned) list and print it, once.
+    Issue {
+        /// The key list (JSON; created if missing).
+        #[arg(long)]
+        list: PathBuf,
+        /// The key's id (A-Z a-z 0-9 -, up to 64).
+        #[arg(long)]
+        id: String,
+        /// A model the key may use (repeat; default: all).
+        #[arg(long = "model")]
+        models: Vec<String>,
+        /// Requests per minute (0: no limit).
+        #[arg(long, default_value_t = 0)]
+        rpm: u32,
+        /// Prompt + completion tokens per minute (0: no limit).
+        #[arg(long, default_value_t = 0)]
+        tpm: u32,
+    },
+    /// Remove a key from the list (sign and deliver the list to take effect).
+    Revoke {
+        /// The key list.
+        #[arg(long)]
+        list: PathBuf,
+        /// The key's id.
+        #[arg(long)]
+        id: String,
+    },
+    /// Sign the list with the next serial, for the relay's --api-keys.
+    Sign {
+        /// The key list.
+        #[arg(long)]
+        list: PathBuf,
+        /// The signer's private key file.
+        #[arg(long)]
+        signer: PathBuf,
+        /// Days until the signed list expires.
+        #[arg(long, default_value_t = 30)]
+        valid_days: u64,
+        /// The signed file to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn api_keys(cmd: ApiKeysCommand) -> Result<(), String> {
+    use host::apikeys as a;
+    match cmd {
+        ApiKeysCommand::InitSigner { out } => {
+            let public = a::init_signer(&out).map_err(|e| e.to_string())?;
+            println!("{}", hex::encode(public));
+        }
+        ApiKeysCommand::Public { signer } => {
+            let public = a::signer_public(&signer).map_err(|e| e.to_string())?;
+            println!("{}", hex::encode(public));
+        }
+        ApiKeysCommand::Issue {
+            list,
+            id,
+            models,
+            rpm,
+            tpm,
+        } => {
+            let key = a::issue_key(&list, &id, models, rpm, tpm).map_err(|e| e.to_string())?;
+            println!("{}", key.expose());
+        }
+        ApiKeysCommand::Revoke { list, id } => {
+            a::revoke_key(&list, &id).map_err(|e| e.to_string())?;
+            eprintln!("revoked {id}: sign the list and deliver it for this to take effect");
+        }
+        ApiKeysCommand::Sign {
+            list,
+            signer,
+            valid_days,
+            out,
+        } => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let serial = a::sign_list(&list, &signer, &out, now, valid_days.saturating_mul(86_400))
+                .map_err(|e| e.to_string())?;
+            eprintln!("signed serial {serial} into {}", out.display());
+        }
+    }
+    Ok(())
 }
 
 /// `host serve` flags. Each overrides the configuration file's value; defaults live in
@@ -172,6 +278,9 @@ struct ServeArgs {
     /// Audit records as JSON lines to this file [default: the log].
     #[arg(long, env = "HOST_AUDIT_LOG")]
     audit_log: Option<PathBuf>,
+    /// Signed API key list to deliver to the enclave (and again whenever it changes).
+    #[arg(long, env = "HOST_API_KEYS")]
+    api_keys: Option<PathBuf>,
     /// Log format: text or json.
     #[arg(long, env = "LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -206,7 +315,7 @@ impl ServeArgs {
             enclave_timeout_ms,
             shutdown_grace_ms
         );
-        set_opt!(sealed, tls_cert, tls_key, audit_log);
+        set_opt!(sealed, tls_cert, tls_key, audit_log, api_keys);
         if self.kms.region.is_some() {
             c.region = self.kms.region.clone();
         }
@@ -261,6 +370,7 @@ fn read_sealed_header(path: &PathBuf) -> Result<SealedHeader, String> {
 async fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::Serve(args) => serve(args.config()?).await,
+        Command::ApiKeys(cmd) => api_keys(cmd),
         Command::Seal {
             kms_key_id,
             input,

@@ -50,6 +50,9 @@ pub struct ServeConfig {
     pub ping_interval_ms: u64,
     /// Where the enclave's audit records go as JSON lines (default: the log).
     pub audit_log: Option<PathBuf>,
+    /// A signed API key list (`host api-keys sign`) to deliver to the enclave after every
+    /// provisioning, and again whenever the file changes (checked at each ping).
+    pub api_keys: Option<PathBuf>,
     /// Relay worker threads, one single-threaded runtime each (0: one per CPU).
     pub workers: usize,
 }
@@ -76,6 +79,7 @@ impl Default for ServeConfig {
             max_backoff_ms: 10_000,
             ping_interval_ms: 5_000,
             audit_log: None,
+            api_keys: None,
             workers: 0,
         }
     }

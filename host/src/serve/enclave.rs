@@ -405,6 +405,13 @@ async fn control(
             }
         }
     }
+    let mut keys = KeysFile::new(cfg.api_keys.clone());
+    if let Some(signed) = keys.changed() {
+        write_frame(&mut conn, &Message::ApiKeys(signed)).await?;
+        let answer = timed(limit, async { Ok(read_control(&mut conn, metrics, audit).await?) })
+            .await?;
+        keys_answer(answer, metrics)?;
+    }
     link.set_ready(true, metrics);
     // Reads and pings run side by side on the two halves; the reader is one long-lived
     // future, never cancelled mid-frame.
@@ -414,7 +421,7 @@ async fn control(
         loop {
             match read_control(&mut rd, metrics, audit).await? {
                 Message::Pong(k) => pong.store(k, Ordering::Relaxed),
-                other => return Err::<(), _>(ControlError::Unexpected(other)),
+                other => keys_answer(other, metrics)?,
             }
         }
     };
@@ -435,8 +442,63 @@ async fn control(
                 n = n.wrapping_add(1);
                 sent = Instant::now();
                 write_frame(&mut wr, &Message::Ping(n)).await?;
+                if let Some(signed) = keys.changed() {
+                    write_frame(&mut wr, &Message::ApiKeys(signed)).await?;
+                }
             }
         }
+    }
+}
+
+/// The signed API key list file, re-read when its size or modification time changes.
+struct KeysFile {
+    path: Option<std::path::PathBuf>,
+    seen: Option<(u64, std::time::SystemTime)>,
+}
+
+impl KeysFile {
+    fn new(path: Option<std::path::PathBuf>) -> Self {
+        Self { path, seen: None }
+    }
+
+    /// The file's bytes when it is new or changed since the last call (and readable).
+    fn changed(&mut self) -> Option<Vec<u8>> {
+        let path = self.path.as_ref()?;
+        let meta = std::fs::metadata(path)
+            .map_err(|e| tracing::error!(path = %path.display(), error = %e, "API key list unreadable"))
+            .ok()?;
+        let stamp = (meta.len(), meta.modified().ok()?);
+        if self.seen == Some(stamp) {
+            return None;
+        }
+        if meta.len() > common::apikeys::MAX_SIGNED_BYTES as u64 {
+            tracing::error!(path = %path.display(), "API key list too large; not sent");
+            self.seen = Some(stamp);
+            return None;
+        }
+        let bytes = std::fs::read(path)
+            .map_err(|e| tracing::error!(path = %path.display(), error = %e, "API key list unreadable"))
+            .ok()?;
+        self.seen = Some(stamp);
+        Some(bytes)
+    }
+}
+
+/// The enclave's answer to an API key list: in force, or refused (the enclave keeps the list
+/// it had; the relay keeps serving and says why).
+fn keys_answer(m: Message, metrics: &Metrics) -> Result<(), ControlError> {
+    match m {
+        Message::ApiKeysLoaded(serial) => {
+            metrics.api_keys_serial.store(serial, Ordering::Relaxed);
+            tracing::info!(serial, "enclave took the API key list");
+            Ok(())
+        }
+        Message::Failed { reason } => {
+            metrics.api_keys_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(%reason, "enclave refused the API key list");
+            Ok(())
+        }
+        other => Err(ControlError::Unexpected(other)),
     }
 }
 
@@ -453,6 +515,7 @@ async fn read_control<S: tokio::io::AsyncRead + Unpin>(
                 record,
             } => {
                 metrics.audit_events.fetch_add(1, Ordering::Relaxed);
+                metrics.audit.record(&record);
                 audit.write(&record);
             }
             Message::Event {

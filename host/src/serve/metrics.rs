@@ -98,6 +98,102 @@ pub struct Metrics {
     pub audit_events: AtomicU64,
     /// Streams cut because the enclave failed or went away mid-response.
     pub upstream_failures: AtomicU64,
+    /// Serial of the API key list the enclave last took (0: none).
+    pub api_keys_serial: AtomicU64,
+    /// API key lists the enclave refused.
+    pub api_keys_refused: AtomicU64,
+    /// Counters read off the enclave's audit records.
+    pub audit: AuditCounters,
+}
+
+/// Most distinct guardrail rule labels exported (the policy has at most 256 rules).
+const MAX_RULE_LABELS: usize = 256;
+
+/// Counters from the enclave's audit records: answers by status and finish reason, tokens,
+/// and guardrail rules by id, action and direction. Labels are checked against fixed sets
+/// (rule ids against their charset) so a record cannot blow up the exposition.
+#[derive(Default)]
+pub struct AuditCounters(std::sync::Mutex<AuditState>);
+
+#[derive(Default)]
+struct AuditState {
+    statuses: std::collections::BTreeMap<String, u64>,
+    finishes: std::collections::BTreeMap<&'static str, u64>,
+    rules: std::collections::BTreeMap<(String, &'static str, &'static str), u64>,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+}
+
+#[derive(serde::Deserialize)]
+struct AuditRecord {
+    status: u16,
+    finish_reason: String,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    guardrails: Vec<AuditHit>,
+}
+
+#[derive(serde::Deserialize)]
+struct AuditHit {
+    rule: String,
+    action: String,
+    direction: String,
+}
+
+fn pick(value: &str, allowed: &[&'static str]) -> &'static str {
+    allowed.iter().find(|a| **a == value).copied().unwrap_or("other")
+}
+
+impl AuditCounters {
+    /// Counts one audit record (a JSON object from the enclave); malformed ones are skipped.
+    pub fn record(&self, json: &str) {
+        let Ok(r) = serde_json::from_str::<AuditRecord>(json) else {
+            return;
+        };
+        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        *s.statuses.entry(status_label(status_slot(r.status))).or_default() += 1;
+        let finish = pick(
+            &r.finish_reason,
+            &["stop", "length", "content_filter", "error", "cancelled", "none"],
+        );
+        *s.finishes.entry(finish).or_default() += 1;
+        s.prompt_tokens += r.prompt_tokens.min(1 << 32);
+        s.completion_tokens += r.completion_tokens.min(1 << 32);
+        for h in r.guardrails {
+            let id_ok = (1..=64).contains(&h.rule.len())
+                && h.rule
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+            let rule = if id_ok { h.rule } else { "other".into() };
+            let key = (
+                rule,
+                pick(&h.action, &["block", "redact", "flag"]),
+                pick(&h.direction, &["input", "output"]),
+            );
+            if s.rules.len() < MAX_RULE_LABELS || s.rules.contains_key(&key) {
+                *s.rules.entry(key).or_default() += 1;
+            }
+        }
+    }
+
+    fn render(&self, out: &mut String) {
+        let s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = writeln!(out, "# HELP enclave_responses_total Answers inside the channel by status (from audit records).\n# TYPE enclave_responses_total counter");
+        for (status, n) in &s.statuses {
+            let _ = writeln!(out, "enclave_responses_total{{status=\"{status}\"}} {n}");
+        }
+        let _ = writeln!(out, "# HELP enclave_finish_reasons_total Answers by finish reason.\n# TYPE enclave_finish_reasons_total counter");
+        for (reason, n) in &s.finishes {
+            let _ = writeln!(out, "enclave_finish_reasons_total{{reason=\"{reason}\"}} {n}");
+        }
+        let _ = writeln!(out, "# HELP enclave_tokens_total Prompt and completion tokens.\n# TYPE enclave_tokens_total counter");
+        let _ = writeln!(out, "enclave_tokens_total{{kind=\"prompt\"}} {}", s.prompt_tokens);
+        let _ = writeln!(out, "enclave_tokens_total{{kind=\"completion\"}} {}", s.completion_tokens);
+        let _ = writeln!(out, "# HELP enclave_guardrail_hits_total Requests on which a guardrail rule fired.\n# TYPE enclave_guardrail_hits_total counter");
+        for ((rule, action, direction), n) in &s.rules {
+            let _ = writeln!(out, "enclave_guardrail_hits_total{{rule=\"{rule}\",action=\"{action}\",direction=\"{direction}\"}} {n}");
+        }
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -294,6 +390,11 @@ impl Metrics {
                 "Streams cut by an enclave failure.",
                 &self.upstream_failures,
             ),
+            (
+                "relay_api_keys_refused_total",
+                "API key lists the enclave refused.",
+                &self.api_keys_refused,
+            ),
         ];
         for (name, help, v) in counters {
             let _ = writeln!(
@@ -312,6 +413,12 @@ impl Metrics {
             self.provisioned_ok.load(Ordering::Relaxed),
             self.provisioned_failed.load(Ordering::Relaxed)
         );
+        let _ = writeln!(
+            out,
+            "# HELP relay_api_keys_serial Serial of the API key list in force in the enclave.\n# TYPE relay_api_keys_serial gauge\nrelay_api_keys_serial {}",
+            self.api_keys_serial.load(Ordering::Relaxed)
+        );
+        self.audit.render(&mut out);
         out
     }
 }
@@ -336,5 +443,23 @@ mod tests {
             .contains("relay_request_duration_seconds_bucket{route=\"/v1/ohttp\",le=\"0.5\"} 2"));
         assert!(text.contains("relay_request_duration_seconds_count{route=\"/v1/ohttp\"} 2"));
         assert!(text.contains("relay_requests_total{route=\"/readyz\",status=\"2xx\"} 1"));
+    }
+
+    #[test]
+    fn audit_records_become_bounded_counters() {
+        let m = Metrics::default();
+        let rec = r#"{"v":1,"request_id":"x","route":"chat.completions","status":200,"key":null,"model":"m","prompt_tokens":7,"completion_tokens":5,"finish_reason":"content_filter","guardrails":[{"rule":"secrets","action":"redact","direction":"output"},{"rule":"bad label\"","action":"x","direction":"y"}],"latency_ms":3}"#;
+        m.audit.record(rec);
+        m.audit.record("not json");
+        let text = m.render();
+        assert!(text.contains("enclave_responses_total{status=\"200\"} 1"), "{text}");
+        assert!(text.contains("enclave_finish_reasons_total{reason=\"content_filter\"} 1"));
+        assert!(text.contains("enclave_tokens_total{kind=\"prompt\"} 7"));
+        assert!(text.contains(
+            "enclave_guardrail_hits_total{rule=\"secrets\",action=\"redact\",direction=\"output\"} 1"
+        ));
+        assert!(text.contains(
+            "enclave_guardrail_hits_total{rule=\"other\",action=\"other\",direction=\"other\"} 1"
+        ));
     }
 }

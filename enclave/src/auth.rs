@@ -1,0 +1,297 @@
+//! Client authorization inside the enclave: API keys (carried inside the encrypted request, so
+//! the host never sees them) checked against the signed key list (`common::apikeys`), their
+//! scopes (the models a key may use) and quotas (requests and tokens per minute), all enforced
+//! here. Failures are answered inside the channel with OpenAI's 401, 403 and 429 shapes.
+//!
+//! Quotas are token buckets (capacity one minute's allowance, refilled continuously): a
+//! request is admitted when its key has a request left and a positive token balance; its
+//! prompt and completion tokens are charged as they are known, so one long answer can take the
+//! balance below zero and hold the next requests until it refills.
+
+use crate::openai::ApiError;
+use common::apikeys::{parse_key, ApiKeysError, KeyEntry, KeyList};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+/// The keys in force and their quota state.
+#[derive(Debug)]
+pub struct Authorizer {
+    signer: [u8; 32],
+    current: RwLock<Option<Arc<Keys>>>,
+}
+
+#[derive(Debug)]
+struct Keys {
+    serial: u64,
+    payload: KeyList,
+    by_id: HashMap<String, Arc<Account>>,
+}
+
+/// One key's entry and buckets.
+#[derive(Debug)]
+pub struct Account {
+    entry: KeyEntry,
+    buckets: Mutex<Buckets>,
+}
+
+#[derive(Debug)]
+struct Buckets {
+    requests: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+/// An admitted request's key: charge its tokens through it.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    account: Arc<Account>,
+    /// The key's id, hashed for audit events.
+    pub audit_id: String,
+}
+
+impl Grant {
+    /// Charges `tokens` to the key's token quota.
+    pub fn charge(&self, tokens: usize) {
+        if self.account.entry.tokens_per_minute == 0 {
+            return;
+        }
+        let mut b = self
+            .account
+            .buckets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        b.tokens -= tokens as f64;
+    }
+}
+
+/// The audit form of a key id: the first 16 hex digits of SHA-256("api-key-id\n" ‖ id), so
+/// audit records can be grouped by key without naming it.
+pub fn audit_id(id: &str) -> String {
+    let mut msg = b"api-key-id\n".to_vec();
+    msg.extend_from_slice(id.as_bytes());
+    let d = common::sealed::sha256(&msg);
+    hex::encode(d.get(..8).unwrap_or_default())
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Authorizer {
+    /// An authorizer that trusts lists signed by `signer` and holds none yet.
+    pub fn new(signer: [u8; 32]) -> Self {
+        Self {
+            signer,
+            current: RwLock::new(None),
+        }
+    }
+
+    /// The serial in force, if any.
+    pub fn serial(&self) -> Option<u64> {
+        self.read().map(|k| k.serial)
+    }
+
+    fn read(&self) -> Option<Arc<Keys>> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Verifies and installs a signed list. Keys that stay keep their quota state.
+    pub fn load(&self, signed: &[u8]) -> Result<u64, ApiKeysError> {
+        let list = KeyList::verify(signed, &self.signer, now_unix())?;
+        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(k) = current.as_ref() {
+            if list.serial < k.serial || (list.serial == k.serial && list != k.payload) {
+                return Err(ApiKeysError::Rollback {
+                    got: list.serial,
+                    current: k.serial,
+                });
+            }
+            if list.serial == k.serial {
+                return Ok(k.serial);
+            }
+        }
+        let old = current.as_ref().map(|k| k.by_id.clone()).unwrap_or_default();
+        let by_id = list
+            .keys
+            .iter()
+            .map(|e| {
+                let account = match old.get(&e.id) {
+                    Some(a) if a.entry == *e => a.clone(),
+                    _ => Arc::new(Account {
+                        entry: e.clone(),
+                        buckets: Mutex::new(Buckets {
+                            requests: f64::from(e.requests_per_minute),
+                            tokens: f64::from(e.tokens_per_minute),
+                            at: Instant::now(),
+                        }),
+                    }),
+                };
+                (e.id.clone(), account)
+            })
+            .collect();
+        let serial = list.serial;
+        *current = Some(Arc::new(Keys {
+            serial,
+            payload: list,
+            by_id,
+        }));
+        Ok(serial)
+    }
+
+    /// Checks the `authorization` header (`Bearer <key>`) for `model`, and takes one request
+    /// from the key's quota.
+    pub fn authorize(&self, authorization: Option<&[u8]>, model: &str) -> Result<Grant, ApiError> {
+        let unauthorized = |code: &'static str, message: &str| {
+            ApiError::new(401, "invalid_request_error", Some(code), message)
+        };
+        let Some(keys) = self.read() else {
+            return Err(unauthorized(
+                "invalid_api_key",
+                "this enclave has no API keys loaded yet",
+            ));
+        };
+        let Some(header) = authorization else {
+            return Err(unauthorized(
+                "missing_api_key",
+                "you didn't provide an API key: send `Authorization: Bearer <key>`",
+            ));
+        };
+        let presented = std::str::from_utf8(header)
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+            .map(str::trim);
+        let wrong = || unauthorized("invalid_api_key", "incorrect API key provided");
+        let (id, secret) = presented.and_then(parse_key).ok_or_else(wrong)?;
+        let account = keys.by_id.get(id).ok_or_else(wrong)?;
+        if !account.entry.matches(&secret) {
+            return Err(wrong());
+        }
+        if !account.entry.allows(model) {
+            return Err(ApiError::new(
+                403,
+                "invalid_request_error",
+                Some("model_not_allowed"),
+                format!("this API key may not use the model `{model}`"),
+            ));
+        }
+        let e = &account.entry;
+        let mut b = account.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let minutes = now.duration_since(b.at).as_secs_f64() / 60.0;
+        b.at = now;
+        let rpm = f64::from(e.requests_per_minute);
+        let tpm = f64::from(e.tokens_per_minute);
+        b.requests = (b.requests + minutes * rpm).min(rpm);
+        b.tokens = (b.tokens + minutes * tpm).min(tpm);
+        if e.requests_per_minute > 0 && b.requests < 1.0 {
+            return Err(rate_limited("requests", e.requests_per_minute));
+        }
+        if e.tokens_per_minute > 0 && b.tokens <= 0.0 {
+            return Err(rate_limited("tokens", e.tokens_per_minute));
+        }
+        if e.requests_per_minute > 0 {
+            b.requests -= 1.0;
+        }
+        drop(b);
+        Ok(Grant {
+            account: account.clone(),
+            audit_id: audit_id(id),
+        })
+    }
+}
+
+fn rate_limited(what: &str, per_minute: u32) -> ApiError {
+    ApiError::new(
+        429,
+        "rate_limit_error",
+        Some("rate_limit_exceeded"),
+        format!("rate limit reached for this API key: {per_minute} {what} per minute"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::apikeys::{issue, new_signer};
+
+    fn setup(rpm: u32, tpm: u32) -> (Authorizer, String, aws_lc_rs::signature::Ed25519KeyPair) {
+        let (doc, public) = new_signer().unwrap();
+        let pair = aws_lc_rs::signature::Ed25519KeyPair::from_pkcs8(&doc).unwrap();
+        let (key, entry) = issue("team-a", vec!["smollm2".into()], rpm, tpm).unwrap();
+        let list = KeyList {
+            v: 1,
+            serial: 1,
+            not_after: u64::MAX,
+            keys: vec![entry],
+        };
+        let auth = Authorizer::new(public);
+        assert_eq!(auth.load(&list.sign(&pair).unwrap()).unwrap(), 1);
+        (auth, format!("Bearer {}", key.expose()), pair)
+    }
+
+    #[test]
+    fn missing_wrong_scope_and_good_keys() {
+        let (auth, header, _) = setup(0, 0);
+        let code = |r: Result<Grant, ApiError>| r.map(|_| 200).unwrap_or_else(|e| e.status);
+        assert_eq!(code(auth.authorize(None, "smollm2")), 401);
+        assert_eq!(code(auth.authorize(Some(b"Bearer cik_team-a_xxx"), "smollm2")), 401);
+        let (other, _) = issue("team-a", vec!["*".into()], 0, 0).unwrap();
+        let wrong = format!("Bearer {}", other.expose());
+        assert_eq!(code(auth.authorize(Some(wrong.as_bytes()), "smollm2")), 401);
+        assert_eq!(code(auth.authorize(Some(header.as_bytes()), "other")), 403);
+        let grant = auth.authorize(Some(header.as_bytes()), "smollm2").unwrap();
+        assert_eq!(grant.audit_id, audit_id("team-a"));
+        assert_eq!(grant.audit_id.len(), 16);
+    }
+
+    #[test]
+    fn quotas_run_out() {
+        let (auth, header, _) = setup(2, 0);
+        assert!(auth.authorize(Some(header.as_bytes()), "smollm2").is_ok());
+        assert!(auth.authorize(Some(header.as_bytes()), "smollm2").is_ok());
+        let e = auth.authorize(Some(header.as_bytes()), "smollm2").unwrap_err();
+        assert_eq!((e.status, e.code), (429, Some("rate_limit_exceeded")));
+
+        let (auth, header, _) = setup(0, 100);
+        let g = auth.authorize(Some(header.as_bytes()), "smollm2").unwrap();
+        g.charge(150);
+        let e = auth.authorize(Some(header.as_bytes()), "smollm2").unwrap_err();
+        assert_eq!(e.status, 429);
+    }
+
+    #[test]
+    fn revocation_replaces_the_list_and_rollback_is_refused() {
+        let (auth, header, pair) = setup(0, 0);
+        let (_, keep) = issue("team-b", vec!["*".into()], 0, 0).unwrap();
+        let revoked = KeyList {
+            v: 1,
+            serial: 2,
+            not_after: u64::MAX,
+            keys: vec![keep],
+        };
+        assert_eq!(auth.load(&revoked.sign(&pair).unwrap()).unwrap(), 2);
+        assert_eq!(
+            auth.authorize(Some(header.as_bytes()), "smollm2")
+                .unwrap_err()
+                .status,
+            401
+        );
+        let (_, again) = issue("team-a", vec!["*".into()], 0, 0).unwrap();
+        let old = KeyList {
+            v: 1,
+            serial: 1,
+            not_after: u64::MAX,
+            keys: vec![again],
+        };
+        assert!(matches!(
+            auth.load(&old.sign(&pair).unwrap()),
+            Err(ApiKeysError::Rollback { got: 1, current: 2 })
+        ));
+    }
+}
