@@ -184,7 +184,10 @@ impl KeyList {
     }
 
     /// The signed file.
-    pub fn sign(&self, signer: &aws_lc_rs::signature::Ed25519KeyPair) -> Result<Vec<u8>, ApiKeysError> {
+    pub fn sign(
+        &self,
+        signer: &aws_lc_rs::signature::Ed25519KeyPair,
+    ) -> Result<Vec<u8>, ApiKeysError> {
         self.check()?;
         let payload = serde_json::to_vec(self).map_err(|e| ApiKeysError::Parse(e.to_string()))?;
         let mut msg = CONTEXT.to_vec();
@@ -195,7 +198,8 @@ impl KeyList {
             payload: b64.encode(&payload),
             signature: b64.encode(sig.as_ref()),
         };
-        let mut out = serde_json::to_vec_pretty(&env).map_err(|e| ApiKeysError::Parse(e.to_string()))?;
+        let mut out =
+            serde_json::to_vec_pretty(&env).map_err(|e| ApiKeysError::Parse(e.to_string()))?;
         out.push(b'\n');
         Ok(out)
     }
@@ -245,7 +249,12 @@ pub fn new_signer() -> Result<(Zeroizing<Vec<u8>>, [u8; 32]), ApiKeysError> {
 }
 
 /// A fresh API key for `id`: the key to hand to its owner once, and the list entry.
-pub fn issue(id: &str, models: Vec<String>, rpm: u32, tpm: u32) -> Result<(ApiKey, KeyEntry), ApiKeysError> {
+pub fn issue(
+    id: &str,
+    models: Vec<String>,
+    rpm: u32,
+    tpm: u32,
+) -> Result<(ApiKey, KeyEntry), ApiKeysError> {
     if !valid_id(id) {
         return Err(ApiKeysError::Entry {
             id: id.chars().take(MAX_ID).collect(),
@@ -311,7 +320,10 @@ mod tests {
 
     fn signer() -> (aws_lc_rs::signature::Ed25519KeyPair, [u8; 32]) {
         let (doc, public) = new_signer().unwrap();
-        (aws_lc_rs::signature::Ed25519KeyPair::from_pkcs8(&doc).unwrap(), public)
+        (
+            aws_lc_rs::signature::Ed25519KeyPair::from_pkcs8(&doc).unwrap(),
+            public,
+        )
     }
 
     #[test]
@@ -342,7 +354,10 @@ mod tests {
         let signed = list.sign(&pair).unwrap();
         assert_eq!(KeyList::verify(&signed, &public, 1_000).unwrap(), list);
         let (_, other) = signer();
-        assert_eq!(KeyList::verify(&signed, &other, 1_000), Err(ApiKeysError::Signature));
+        assert_eq!(
+            KeyList::verify(&signed, &other, 1_000),
+            Err(ApiKeysError::Signature)
+        );
         assert!(matches!(
             KeyList::verify(&signed, &public, 2_001),
             Err(ApiKeysError::Expired { .. })
@@ -355,7 +370,10 @@ mod tests {
         payload[at] = b'9';
         env["payload"] = b64.encode(&payload).into();
         let tampered = serde_json::to_vec(&env).unwrap();
-        assert_eq!(KeyList::verify(&tampered, &public, 1_000), Err(ApiKeysError::Signature));
+        assert_eq!(
+            KeyList::verify(&tampered, &public, 1_000),
+            Err(ApiKeysError::Signature)
+        );
         assert!(matches!(
             KeyList::verify(b"{", &public, 0),
             Err(ApiKeysError::Parse(_))

@@ -490,9 +490,7 @@ impl Message {
                     put(&mut p, truncate(model_name, MAX_REASON));
                 }
             },
-            Self::Ping(n) | Self::Pong(n) | Self::ApiKeysLoaded(n) => {
-                put(&mut p, &n.to_be_bytes())
-            }
+            Self::Ping(n) | Self::Pong(n) | Self::ApiKeysLoaded(n) => put(&mut p, &n.to_be_bytes()),
             Self::AttestationRequest { nonce } => {
                 put(&mut p, nonce.get(..MAX_NONCE).unwrap_or(nonce))
             }

@@ -116,7 +116,10 @@ impl Authorizer {
                 return Ok(k.serial);
             }
         }
-        let old = current.as_ref().map(|k| k.by_id.clone()).unwrap_or_default();
+        let old = current
+            .as_ref()
+            .map(|k| k.by_id.clone())
+            .unwrap_or_default();
         let by_id = list
             .keys
             .iter()
@@ -164,7 +167,10 @@ impl Authorizer {
         };
         let presented = std::str::from_utf8(header)
             .ok()
-            .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+            .and_then(|h| {
+                h.strip_prefix("Bearer ")
+                    .or_else(|| h.strip_prefix("bearer "))
+            })
             .map(str::trim);
         let wrong = || unauthorized("invalid_api_key", "incorrect API key provided");
         let (id, secret) = presented.and_then(parse_key).ok_or_else(wrong)?;
@@ -240,7 +246,10 @@ mod tests {
         let (auth, header, _) = setup(0, 0);
         let code = |r: Result<Grant, ApiError>| r.map(|_| 200).unwrap_or_else(|e| e.status);
         assert_eq!(code(auth.authorize(None, "smollm2")), 401);
-        assert_eq!(code(auth.authorize(Some(b"Bearer cik_team-a_xxx"), "smollm2")), 401);
+        assert_eq!(
+            code(auth.authorize(Some(b"Bearer cik_team-a_xxx"), "smollm2")),
+            401
+        );
         let (other, _) = issue("team-a", vec!["*".into()], 0, 0).unwrap();
         let wrong = format!("Bearer {}", other.expose());
         assert_eq!(code(auth.authorize(Some(wrong.as_bytes()), "smollm2")), 401);
@@ -255,13 +264,17 @@ mod tests {
         let (auth, header, _) = setup(2, 0);
         assert!(auth.authorize(Some(header.as_bytes()), "smollm2").is_ok());
         assert!(auth.authorize(Some(header.as_bytes()), "smollm2").is_ok());
-        let e = auth.authorize(Some(header.as_bytes()), "smollm2").unwrap_err();
+        let e = auth
+            .authorize(Some(header.as_bytes()), "smollm2")
+            .unwrap_err();
         assert_eq!((e.status, e.code), (429, Some("rate_limit_exceeded")));
 
         let (auth, header, _) = setup(0, 100);
         let g = auth.authorize(Some(header.as_bytes()), "smollm2").unwrap();
         g.charge(150);
-        let e = auth.authorize(Some(header.as_bytes()), "smollm2").unwrap_err();
+        let e = auth
+            .authorize(Some(header.as_bytes()), "smollm2")
+            .unwrap_err();
         assert_eq!(e.status, 429);
     }
 

@@ -290,7 +290,11 @@ async fn route(ctx: &Ctx, req: &bhttp::Request, out: &mut Out, audit: &mut Audit
 }
 
 /// The API key check, when keys are required.
-fn authorize(ctx: &Ctx, req: &bhttp::Request, audit: &mut Audit) -> Result<Option<Grant>, ApiError> {
+fn authorize(
+    ctx: &Ctx,
+    req: &bhttp::Request,
+    audit: &mut Audit,
+) -> Result<Option<Grant>, ApiError> {
     let Some(auth) = &ctx.policy.auth else {
         return Ok(None);
     };
@@ -356,7 +360,16 @@ async fn chat(ctx: &Ctx, req: &bhttp::Request, out: &mut Out, audit: &mut Audit)
     let c = Completion::new(&served.name);
     audit.request_id = c.id.clone();
     let status = if want_stream {
-        stream(ctx.flush, &mut generation, include_usage, &c, filter.as_mut(), out, audit).await
+        stream(
+            ctx.flush,
+            &mut generation,
+            include_usage,
+            &c,
+            filter.as_mut(),
+            out,
+            audit,
+        )
+        .await
     } else {
         whole(&mut generation, &c, filter.as_mut(), out, audit).await
     };
@@ -373,7 +386,10 @@ async fn chat(ctx: &Ctx, req: &bhttp::Request, out: &mut Out, audit: &mut Audit)
 
 /// A piece of generated text through the output filter: what may go out, and whether a rule
 /// blocked the rest (with its message).
-fn filtered(filter: Option<&mut guardrails::OutputFilter>, text: String) -> (String, Option<String>) {
+fn filtered(
+    filter: Option<&mut guardrails::OutputFilter>,
+    text: String,
+) -> (String, Option<String>) {
     match filter {
         Some(f) => {
             let mut text = text;
@@ -507,11 +523,7 @@ async fn stream(
                             events.extend(c.refusal_event(&m));
                             audit.finish_reason = "content_filter";
                             let usage = usage_so_far(audit);
-                            events.extend(c.done_events(
-                                "content_filter",
-                                &usage,
-                                include_usage,
-                            ));
+                            events.extend(c.done_events("content_filter", &usage, include_usage));
                             true
                         }
                         None => false,

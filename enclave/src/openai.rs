@@ -550,8 +550,7 @@ mod tests {
             completion_tokens: 2,
             total_tokens: 5,
         };
-        let done =
-            String::from_utf8(c.done_events("length", &u, true)).unwrap();
+        let done = String::from_utf8(c.done_events("length", &u, true)).unwrap();
         assert!(done.ends_with("data: [DONE]\n\n"));
         assert!(done.contains(r#""finish_reason":"length""#));
         assert!(done.contains(r#""total_tokens":5"#));

@@ -139,15 +139,21 @@ mod tests {
         );
         let policy = hex::encode(guardrails::Guardrails::default_policy().unwrap().sha256());
         assert!(
-            json.ends_with(&format!(r#""guardrails":"{policy}","api_key_signer":null}}"#)),
+            json.ends_with(&format!(
+                r#""guardrails":"{policy}","api_key_signer":null}}"#
+            )),
             "{json}"
         );
         // A changed policy, or requiring keys, changes the digest.
-        let mut cfg = Config::default();
-        cfg.guardrails = None;
+        let cfg = Config {
+            guardrails: None,
+            ..Config::default()
+        };
         assert_ne!(RuntimeConfig::of(&cfg).sha256(), base.sha256());
-        let mut cfg = Config::default();
-        cfg.api_key_signer = Some([7; 32]);
+        let cfg = Config {
+            api_key_signer: Some([7; 32]),
+            ..Config::default()
+        };
         assert_ne!(RuntimeConfig::of(&cfg).sha256(), base.sha256());
         let mut cfg = Config::default();
         cfg.engine.max_context += 1;

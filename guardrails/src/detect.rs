@@ -270,7 +270,7 @@ pub fn luhn(digits: &[u8]) -> bool {
             }
         })
         .sum();
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 /// IBAN lengths by country (the SWIFT IBAN Registry); other countries: 15 to 34.
@@ -433,7 +433,10 @@ mod tests {
             ["+44 20 7946 0958", "(415) 555-2671"]
         );
         assert_eq!(
-            found(Kind::Card, "card 4111 1111 1111 1111, not 4111 1111 1111 1112"),
+            found(
+                Kind::Card,
+                "card 4111 1111 1111 1111, not 4111 1111 1111 1112"
+            ),
             ["4111 1111 1111 1111"]
         );
         assert_eq!(
@@ -449,7 +452,10 @@ mod tests {
             ["192.168.0.1"]
         );
         assert_eq!(
-            found(Kind::Ipv6, "at 2001:db8::8a2e:370:7334 and fe80::1, std::io 10:30"),
+            found(
+                Kind::Ipv6,
+                "at 2001:db8::8a2e:370:7334 and fe80::1, std::io 10:30"
+            ),
             ["2001:db8::8a2e:370:7334", "fe80::1"]
         );
         assert_eq!(

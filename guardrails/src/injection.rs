@@ -87,8 +87,11 @@ pub const DEFAULT_SIGNALS: &[(&str, &str, f64)] = &[
     ),
 ];
 
+/// A signal that matched, and where it first did.
+pub type Match<'a> = (&'a Signal, (usize, usize));
+
 /// The score of `folded` and the signals that matched (each once).
-pub fn score<'a>(signals: &'a [Signal], folded: &str) -> (f64, Vec<(&'a Signal, (usize, usize))>) {
+pub fn score<'a>(signals: &'a [Signal], folded: &str) -> (f64, Vec<Match<'a>>) {
     let mut total = 0.0;
     let mut hits = Vec::new();
     for s in signals {

@@ -140,7 +140,8 @@ impl Guardrails {
             return Err(PolicyError::TooLarge(bytes.len()));
         }
         let text = std::str::from_utf8(bytes).map_err(|e| PolicyError::Parse(e.to_string()))?;
-        let file: PolicyFile = toml::from_str(text).map_err(|e| PolicyError::Parse(e.to_string()))?;
+        let file: PolicyFile =
+            toml::from_str(text).map_err(|e| PolicyError::Parse(e.to_string()))?;
         if file.version != POLICY_VERSION {
             return Err(PolicyError::Version(file.version));
         }
@@ -273,7 +274,11 @@ impl Guardrails {
             let decoded = base64_runs(content);
             let mut redactions: Vec<Span> = Vec::new();
             for r in self.rules.iter().filter(|r| r.rule.input) {
-                if r.rule.roles.as_ref().is_some_and(|rs| !rs.iter().any(|x| x == role)) {
+                if r.rule
+                    .roles
+                    .as_ref()
+                    .is_some_and(|rs| !rs.iter().any(|x| x == role))
+                {
                     continue;
                 }
                 let mut spans = rule_spans(&r.rule, content, &views);
@@ -334,7 +339,10 @@ impl Guardrails {
 }
 
 pub(crate) fn push_hit(hits: &mut Vec<Hit>, rule: &Arc<str>, action: Action, direction: Direction) {
-    if !hits.iter().any(|h| Arc::ptr_eq(&h.rule, rule) && h.direction == direction) {
+    if !hits
+        .iter()
+        .any(|h| Arc::ptr_eq(&h.rule, rule) && h.direction == direction)
+    {
         hits.push(Hit {
             rule: rule.clone(),
             action,
@@ -347,9 +355,8 @@ pub(crate) fn push_hit(hits: &mut Vec<Hit>, rule: &Arc<str>, action: Action, dir
 pub(crate) fn rule_spans(rule: &Rule, text: &str, views: &Views) -> Vec<Span> {
     let mut out = Vec::new();
     let fixed = rule.placeholder.as_deref().map(Arc::<str>::from);
-    let placeholder = |default: &'static str| -> Arc<str> {
-        fixed.clone().unwrap_or_else(|| Arc::from(default))
-    };
+    let placeholder =
+        |default: &'static str| -> Arc<str> { fixed.clone().unwrap_or_else(|| Arc::from(default)) };
     match &rule.matcher {
         Matcher::Pii(kinds) => {
             let mut found = Vec::new();
@@ -480,7 +487,9 @@ mod tests {
 
     fn check(g: &Guardrails, role: &str, text: &str) -> (InputVerdict, String) {
         let mut content = text.to_string();
-        let v = g.check_input(&mut [(role, &mut content)], &|s: &str| s.split_whitespace().count());
+        let v = g.check_input(&mut [(role, &mut content)], &|s: &str| {
+            s.split_whitespace().count()
+        });
         (v, content)
     }
 
@@ -521,7 +530,9 @@ mod tests {
             ),
         ];
         for (toml, want) in bad {
-            let e = Guardrails::from_toml(toml.as_bytes()).unwrap_err().to_string();
+            let e = Guardrails::from_toml(toml.as_bytes())
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(want), "{toml:?}: {e}");
         }
     }
@@ -553,7 +564,11 @@ action = "flag"
 detectors = ["ipv4"]
 "#,
         );
-        let (v, text) = check(&g, "user", "mail a@b.example card 4111111111111111 from 10.0.0.1");
+        let (v, text) = check(
+            &g,
+            "user",
+            "mail a@b.example card 4111111111111111 from 10.0.0.1",
+        );
         assert_eq!(text, "mail [EMAIL] card [CARD] from 10.0.0.1");
         assert!(v.blocked.is_none());
         let fired: Vec<_> = v.hits.iter().map(|h| (&*h.rule, h.action)).collect();

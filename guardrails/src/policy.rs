@@ -271,7 +271,9 @@ fn bounded(list: &[String], what: &str) -> Result<(), String> {
     }
     if let Some(long) = list.iter().find(|t| t.chars().count() > MAX_ITEM_CHARS) {
         let n = long.chars().count();
-        return Err(format!("one of {what} has {n} characters; at most {MAX_ITEM_CHARS}"));
+        return Err(format!(
+            "one of {what} has {n} characters; at most {MAX_ITEM_CHARS}"
+        ));
     }
     Ok(())
 }
@@ -291,8 +293,16 @@ impl RuleFile {
                 Ok(())
             }
         };
-        only("detectors", self.detectors.is_some() && self.kind != RuleKind::Pii, "pii")?;
-        only("terms", self.terms.is_some() && self.kind != RuleKind::Terms, "terms")?;
+        only(
+            "detectors",
+            self.detectors.is_some() && self.kind != RuleKind::Pii,
+            "pii",
+        )?;
+        only(
+            "terms",
+            self.terms.is_some() && self.kind != RuleKind::Terms,
+            "terms",
+        )?;
         only(
             "patterns",
             self.patterns.is_some() && self.kind != RuleKind::Regex,
@@ -332,7 +342,10 @@ impl RuleFile {
                 for n in &names {
                     let k = Kind::from_name(n).ok_or_else(|| {
                         let known: Vec<_> = crate::detect::ALL.iter().map(|k| k.name()).collect();
-                        err(format!("unknown detector {n:?} (known: {})", known.join(", ")))
+                        err(format!(
+                            "unknown detector {n:?} (known: {})",
+                            known.join(", ")
+                        ))
                     })?;
                     if !kinds.contains(&k) {
                         kinds.push(k);
@@ -375,9 +388,7 @@ impl RuleFile {
                         ))
                     }
                     (_, Some(n)) if n == 0 || n > MAX_HOLD_CHARS => {
-                        return Err(err(format!(
-                            "max_match_chars must be 1..={MAX_HOLD_CHARS}"
-                        )))
+                        return Err(err(format!("max_match_chars must be 1..={MAX_HOLD_CHARS}")))
                     }
                     (_, n) => n.unwrap_or(0),
                 };
@@ -426,9 +437,16 @@ impl RuleFile {
                 return Err(err("roles is empty".into()));
             }
         }
-        for (field, v) in [("placeholder", &self.placeholder), ("message", &self.message)] {
-            if v.as_ref().is_some_and(|s| s.chars().count() > MAX_ITEM_CHARS) {
-                return Err(err(format!("{field} is longer than {MAX_ITEM_CHARS} characters")));
+        for (field, v) in [
+            ("placeholder", &self.placeholder),
+            ("message", &self.message),
+        ] {
+            if v.as_ref()
+                .is_some_and(|s| s.chars().count() > MAX_ITEM_CHARS)
+            {
+                return Err(err(format!(
+                    "{field} is longer than {MAX_ITEM_CHARS} characters"
+                )));
             }
         }
         Ok(Rule {

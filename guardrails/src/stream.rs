@@ -14,7 +14,9 @@
 
 use crate::detect::Kind;
 use crate::policy::{Action, Matcher, Rule};
-use crate::{apply_redactions, push_hit, rule_spans, Blocked, Direction, Guardrails, Hit, Span, Views};
+use crate::{
+    apply_redactions, push_hit, rule_spans, Blocked, Direction, Guardrails, Hit, Span, Views,
+};
 use std::sync::Arc;
 
 /// Most text held back, in bytes.
@@ -105,7 +107,11 @@ impl OutputFilter {
         let mut limit = len;
         let mut keep = len;
         for (id, rule) in g.output_rules() {
-            let hold = if last { len } else { hold_start(rule, &self.buf, &views) };
+            let hold = if last {
+                len
+            } else {
+                hold_start(rule, &self.buf, &views)
+            };
             let spans = rule_spans(rule, &self.buf, &views);
             match rule.action {
                 Action::Flag => {
@@ -131,7 +137,7 @@ impl OutputFilter {
             loop {
                 let before = limit;
                 for (s, _, _) in &holding {
-                    if (s.end >= len || (s.start < limit && s.end > limit)) && s.start < limit {
+                    if s.start < limit && (s.end >= len || s.end > limit) {
                         limit = s.start;
                     }
                 }
@@ -250,7 +256,13 @@ fn hold_start(rule: &Rule, text: &str, views: &Views) -> usize {
             for t in terms {
                 // The longest proper prefix of the term that the text ends with, starting at
                 // a word boundary.
-                for (k, _) in t.char_indices().skip(1).collect::<Vec<_>>().into_iter().rev() {
+                for (k, _) in t
+                    .char_indices()
+                    .skip(1)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                {
                     let Some(prefix) = t.get(..k) else { continue };
                     if folded.ends_with(prefix) {
                         let at = folded.len() - prefix.len();
@@ -340,7 +352,12 @@ terms = ["project falcon"]
         assert_eq!(hits.len(), 1);
         let (out, _, _) = run(&g, &["pay 4111 ", "1111 1111", " 1111 now"]);
         assert_eq!(out.concat(), "pay [CARD] now");
-        let pem = ["x -----BEG", "IN PRIVATE KEY-----\nMIIE", "vQIBADANBg\n-----END PRIVATE KEY-----", " done"];
+        let pem = [
+            "x -----BEG",
+            "IN PRIVATE KEY-----\nMIIE",
+            "vQIBADANBg\n-----END PRIVATE KEY-----",
+            " done",
+        ];
         let (out, _, _) = run(&g, &pem);
         assert_eq!(out.concat(), "x [PRIVATE_KEY] done");
         // A key that never ends is redacted to the end of the answer.

@@ -182,7 +182,11 @@ mod tests {
     fn issue_sign_revoke_and_verify() {
         let dir = std::env::temp_dir().join(format!("apikeys-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let (signer, list, out) = (dir.join("s.p8"), dir.join("keys.json"), dir.join("k.signed"));
+        let (signer, list, out) = (
+            dir.join("s.p8"),
+            dir.join("keys.json"),
+            dir.join("k.signed"),
+        );
         let _ = std::fs::remove_file(&signer);
         let _ = std::fs::remove_file(&list);
         let public = init_signer(&signer).unwrap();

@@ -299,20 +299,29 @@ impl Stack {
     /// Starts everything and waits until the relay says ready; `tap` puts the recording tap
     /// between the relay and the enclave (benchmarks leave it out: it is one more hop).
     pub async fn start_with(tap: bool) -> Self {
+        Self::start_custom(tap, enclave_config(), |_| {}).await
+    }
+
+    /// Starts everything with the enclave configuration `cfg`, and `serve` edited by `edit`
+    /// (audit log, API keys, …), and waits until the relay says ready.
+    pub async fn start_custom(
+        tap: bool,
+        cfg: Config,
+        edit: impl FnOnce(&mut host::serve::config::ServeConfig),
+    ) -> Self {
         let local = Local::new();
         let kms_url = start_kms(vec![local.root()]).await;
         let (kms, sealed, model_sha256) = seal_for_image(&kms_url, IMAGE, &default_model()).await;
         let dir = tempdir("stack");
         let enclave_endpoint = Endpoint::Unix(dir.join("enclave.sock"));
         let front = Endpoint::Unix(dir.join("tap.sock"));
-        let cfg = enclave_config();
         let enclave = RunningEnclave::start(&local, &enclave_endpoint, cfg.clone());
         let (relay_to, tap) = if tap {
             (front.clone(), unix_tap(&front, enclave_endpoint.clone()))
         } else {
             (enclave_endpoint.clone(), Arc::default())
         };
-        let serve = host::serve::config::ServeConfig {
+        let mut serve = host::serve::config::ServeConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             enclave: relay_to.to_string(),
             sealed: Some(sealed),
@@ -320,6 +329,7 @@ impl Stack {
             max_backoff_ms: 300,
             ..Default::default()
         };
+        edit(&mut serve);
         let relay = host::serve::start(serve, Some(kms)).await.unwrap();
         crate::http::wait_ready(relay.local_addr, true, Duration::from_secs(120)).await;
         Self {

@@ -408,8 +408,10 @@ async fn control(
     let mut keys = KeysFile::new(cfg.api_keys.clone());
     if let Some(signed) = keys.changed() {
         write_frame(&mut conn, &Message::ApiKeys(signed)).await?;
-        let answer = timed(limit, async { Ok(read_control(&mut conn, metrics, audit).await?) })
-            .await?;
+        let answer = timed(limit, async {
+            Ok(read_control(&mut conn, metrics, audit).await?)
+        })
+        .await?;
         keys_answer(answer, metrics)?;
     }
     link.set_ready(true, metrics);
@@ -465,7 +467,9 @@ impl KeysFile {
     fn changed(&mut self) -> Option<Vec<u8>> {
         let path = self.path.as_ref()?;
         let meta = std::fs::metadata(path)
-            .map_err(|e| tracing::error!(path = %path.display(), error = %e, "API key list unreadable"))
+            .map_err(
+                |e| tracing::error!(path = %path.display(), error = %e, "API key list unreadable"),
+            )
             .ok()?;
         let stamp = (meta.len(), meta.modified().ok()?);
         if self.seen == Some(stamp) {
@@ -477,7 +481,9 @@ impl KeysFile {
             return None;
         }
         let bytes = std::fs::read(path)
-            .map_err(|e| tracing::error!(path = %path.display(), error = %e, "API key list unreadable"))
+            .map_err(
+                |e| tracing::error!(path = %path.display(), error = %e, "API key list unreadable"),
+            )
             .ok()?;
         self.seen = Some(stamp);
         Some(bytes)

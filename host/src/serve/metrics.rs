@@ -141,7 +141,11 @@ struct AuditHit {
 }
 
 fn pick(value: &str, allowed: &[&'static str]) -> &'static str {
-    allowed.iter().find(|a| **a == value).copied().unwrap_or("other")
+    allowed
+        .iter()
+        .find(|a| **a == value)
+        .copied()
+        .unwrap_or("other")
 }
 
 impl AuditCounters {
@@ -151,10 +155,19 @@ impl AuditCounters {
             return;
         };
         let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        *s.statuses.entry(status_label(status_slot(r.status))).or_default() += 1;
+        *s.statuses
+            .entry(status_label(status_slot(r.status)))
+            .or_default() += 1;
         let finish = pick(
             &r.finish_reason,
-            &["stop", "length", "content_filter", "error", "cancelled", "none"],
+            &[
+                "stop",
+                "length",
+                "content_filter",
+                "error",
+                "cancelled",
+                "none",
+            ],
         );
         *s.finishes.entry(finish).or_default() += 1;
         s.prompt_tokens += r.prompt_tokens.min(1 << 32);
@@ -184,11 +197,22 @@ impl AuditCounters {
         }
         let _ = writeln!(out, "# HELP enclave_finish_reasons_total Answers by finish reason.\n# TYPE enclave_finish_reasons_total counter");
         for (reason, n) in &s.finishes {
-            let _ = writeln!(out, "enclave_finish_reasons_total{{reason=\"{reason}\"}} {n}");
+            let _ = writeln!(
+                out,
+                "enclave_finish_reasons_total{{reason=\"{reason}\"}} {n}"
+            );
         }
         let _ = writeln!(out, "# HELP enclave_tokens_total Prompt and completion tokens.\n# TYPE enclave_tokens_total counter");
-        let _ = writeln!(out, "enclave_tokens_total{{kind=\"prompt\"}} {}", s.prompt_tokens);
-        let _ = writeln!(out, "enclave_tokens_total{{kind=\"completion\"}} {}", s.completion_tokens);
+        let _ = writeln!(
+            out,
+            "enclave_tokens_total{{kind=\"prompt\"}} {}",
+            s.prompt_tokens
+        );
+        let _ = writeln!(
+            out,
+            "enclave_tokens_total{{kind=\"completion\"}} {}",
+            s.completion_tokens
+        );
         let _ = writeln!(out, "# HELP enclave_guardrail_hits_total Requests on which a guardrail rule fired.\n# TYPE enclave_guardrail_hits_total counter");
         for ((rule, action, direction), n) in &s.rules {
             let _ = writeln!(out, "enclave_guardrail_hits_total{{rule=\"{rule}\",action=\"{action}\",direction=\"{direction}\"}} {n}");
@@ -452,7 +476,10 @@ mod tests {
         m.audit.record(rec);
         m.audit.record("not json");
         let text = m.render();
-        assert!(text.contains("enclave_responses_total{status=\"200\"} 1"), "{text}");
+        assert!(
+            text.contains("enclave_responses_total{status=\"200\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("enclave_finish_reasons_total{reason=\"content_filter\"} 1"));
         assert!(text.contains("enclave_tokens_total{kind=\"prompt\"} 7"));
         assert!(text.contains(
