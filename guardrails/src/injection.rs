@@ -79,6 +79,11 @@ pub const DEFAULT_SIGNALS: &[(&str, &str, f64)] = &[
         r"\b(?:repeat|print|output|copy)\b[^.\n]{0,20}\b(?:text|words|everything|content)\b[^.\n]{0,10}\babove\b",
         0.8,
     ),
+    (
+        "echo-from-you-are",
+        r#"\b(?:start|begin)(?:ning|ing)?\s+(?:with|from|at)\s*["'\u{201C}]?you are\b"#,
+        0.5,
+    ),
     // Chat-template control tokens in user text (ChatML, Llama 2/3, Mistral, Gemma, Phi).
     (
         "template-control-token",
