@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! enclave --listen unix:PATH|vsock:any:PORT [--max-model-bytes N] [--max-streams N] …
+//!         [--guardrails FILE | --no-guardrails] [--api-key-signer HEX]
 //!         [--mock-ca DIR --mock-image LABEL [--mock-debug]]   (builds with the mock-nsm feature)
 //! enclave --print-config [same limits]
 //! ```

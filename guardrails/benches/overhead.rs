@@ -47,10 +47,7 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             let mut system = SYSTEM.to_string();
             let mut user = USER.to_string();
-            let v = g.check_input(
-                &mut [("system", &mut system), ("user", &mut user)],
-                &count,
-            );
+            let v = g.check_input(&mut [("system", &mut system), ("user", &mut user)], &count);
             black_box(v);
         })
     });

@@ -194,7 +194,9 @@ fn a_secret_split_at_every_point_of_a_stream_is_still_redacted() {
     for line in lines("positives.tsv") {
         let cols: Vec<&str> = line.split('\t').collect();
         let (text, want) = (unescape(cols[1]), unescape(cols[2]));
-        let cuts: Vec<usize> = (1..text.len()).filter(|i| text.is_char_boundary(*i)).collect();
+        let cuts: Vec<usize> = (1..text.len())
+            .filter(|i| text.is_char_boundary(*i))
+            .collect();
         for &cut in cuts.iter().step_by(3) {
             let mut f = g.output_filter();
             let mut out = f.push(&text[..cut]).text;
@@ -212,7 +214,10 @@ fn a_secret_split_at_every_point_of_a_stream_is_still_redacted() {
             out.push_str(&f.push(&c.to_string()).text);
         }
         out.push_str(&f.finish().text);
-        assert!(!out.contains(&want), "{want:?} leaked char by char: {out:?}");
+        assert!(
+            !out.contains(&want),
+            "{want:?} leaked char by char: {out:?}"
+        );
     }
     // Ordinary text streams through unchanged, whatever the cuts.
     for text in lines("ordinary.txt") {
