@@ -93,6 +93,9 @@ struct ChatArgs {
     /// Seed for reproducible sampling.
     #[arg(long)]
     seed: Option<u64>,
+    /// The API key, when the enclave requires one; sent inside the encrypted request.
+    #[arg(long, env = "CLIENT_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
 }
 
 #[derive(ClapArgs)]
@@ -183,12 +186,15 @@ async fn chat(args: ChatArgs) -> Result<(), String> {
         body.as_object_mut()
             .map(|o| o.insert("seed".into(), s.into()));
     }
-    let request = bhttp::Request::new(
+    let mut request = bhttp::Request::new(
         "POST",
         "/v1/chat/completions",
         serde_json::to_vec(&body).map_err(|e| e.to_string())?,
     )
     .with_header("content-type", "application/json");
+    if let Some(key) = &args.api_key {
+        request = request.with_header("authorization", format!("Bearer {key}").into_bytes());
+    }
     let mut response = client.send(&request).await.map_err(|e| e.to_string())?;
     let status = response.status;
     if status != 200 {
