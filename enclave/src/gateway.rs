@@ -257,6 +257,12 @@ impl Out {
     async fn error(&mut self, e: &ApiError) {
         self.whole(e.status, "application/json", &e.body()).await;
     }
+
+    /// [`Out::error`], returning the status for the audit record.
+    async fn reply_error(&mut self, e: &ApiError) -> u16 {
+        self.error(e).await;
+        e.status
+    }
 }
 
 async fn route(ctx: &Ctx, req: &bhttp::Request, out: &mut Out, audit: &mut Audit) {
@@ -301,18 +307,6 @@ fn authorize(
     let grant = auth.authorize(req.header("authorization"), &ctx.served.name)?;
     audit.key = Some(grant.audit_id.clone());
     Ok(Some(grant))
-}
-
-impl Out {
-    async fn reply_error(&mut self, e: &ApiError) -> u16 {
-        self.error(e).await;
-        e.status
-    }
-}
-
-/// How an answer ended, for the audit record.
-fn finish_of(r: engine::FinishReason) -> &'static str {
-    openai::finish_name(r)
 }
 
 async fn chat(ctx: &Ctx, req: &bhttp::Request, out: &mut Out, audit: &mut Audit) -> u16 {
@@ -375,8 +369,7 @@ async fn chat(ctx: &Ctx, req: &bhttp::Request, out: &mut Out, audit: &mut Audit)
     };
     if let Some(f) = &filter {
         // Output hits (input hits were recorded before generation).
-        let outputs: Vec<Hit> = f.hits().to_vec();
-        audit.hits(&outputs);
+        audit.hits(f.hits());
     }
     if let Some(g) = &grant {
         g.charge(audit.prompt_tokens + audit.completion_tokens);
@@ -456,7 +449,7 @@ async fn whole(
                         refusal = Some(m);
                         "content_filter"
                     }
-                    None => finish_of(finish_reason),
+                    None => openai::finish_name(finish_reason),
                 };
                 audit.finish_reason = reason;
                 break Ok(c.whole(&text, reason, refusal.as_deref(), &usage));
@@ -544,7 +537,7 @@ async fn stream(
                             events.extend(c.refusal_event(&m));
                             "content_filter"
                         }
-                        None => finish_of(finish_reason),
+                        None => openai::finish_name(finish_reason),
                     };
                     audit.finish_reason = reason;
                     events.extend(c.done_events(reason, &usage, include_usage));
