@@ -70,9 +70,14 @@ test: test-deps model
 	$(CARGO) build --workspace --all-targets --all-features --locked
 	$(CARGO) test --workspace --all-features --locked
 
+# Formatting, clippy, and cargo-deny's licence, ban and source checks (deny.toml), which run
+# offline; its advisory check needs the RustSec database from GitHub and runs where that is
+# reachable (`cargo deny check advisories`).
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --all-features --locked -- -D warnings
+	command -v cargo-deny >/dev/null || $(CARGO) install cargo-deny --version 0.20.2 --locked
+	$(CARGO) deny --offline check licenses bans sources
 
 model: $(MODEL)
 
