@@ -591,6 +591,18 @@ detectors = ["ipv4"]
             &|_| 1,
         );
         assert_eq!(&*v.blocked.unwrap().rule, "input.max_messages");
+
+        // Characters and tokens over all messages.
+        let g = policy("version = 1\n[input]\nmax_chars = 10\nmax_tokens = 3");
+        let (v, _) = check(&g, "user", "ten chars!");
+        assert!(v.blocked.is_none());
+        let (v, _) = check(&g, "user", "eleven char");
+        assert_eq!(&*v.blocked.unwrap().rule, "input.max_chars");
+        // `check` counts a token per word.
+        let (v, _) = check(&g, "user", "a b c d");
+        assert_eq!(&*v.blocked.unwrap().rule, "input.max_tokens");
+        let (v, _) = check(&g, "user", "a b c");
+        assert!(v.blocked.is_none() && v.hits.is_empty());
     }
 
     #[test]
