@@ -18,13 +18,20 @@
 
 use unicode_normalization::char::{decompose_compatible, is_combining_mark};
 
-/// A folded copy of a text, and where each of its bytes came from.
-#[derive(Debug, Clone, Default)]
+/// A folded copy of a text, and where each of its bytes came from. Its `Debug` shows sizes
+/// only: the text is a prompt or an answer.
+#[derive(Clone, Default)]
 pub struct Folded {
     /// The folded text.
     pub text: String,
     start: Vec<u32>,
     end: Vec<u32>,
+}
+
+impl std::fmt::Debug for Folded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Folded({} bytes)", self.text.len())
+    }
 }
 
 impl Folded {

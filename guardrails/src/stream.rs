@@ -34,7 +34,7 @@ pub struct FilterOut {
 }
 
 /// Filters one answer. Push text as it is generated; call [`OutputFilter::finish`] at the end.
-#[derive(Debug)]
+/// Its `Debug` shows sizes and hits only, never the held text.
 pub struct OutputFilter {
     g: Arc<Guardrails>,
     /// Text kept for matching: `buf[..emitted]` has gone out, the rest is held.
@@ -44,6 +44,16 @@ pub struct OutputFilter {
     done: bool,
     /// A match outgrew [`MAX_PENDING`]: the rest of the answer is redacted.
     suppressed: bool,
+}
+
+impl std::fmt::Debug for OutputFilter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutputFilter")
+            .field("held_bytes", &(self.buf.len() - self.emitted))
+            .field("hits", &self.hits)
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
 }
 
 impl OutputFilter {
@@ -384,6 +394,21 @@ terms = ["project falcon"]
         assert_eq!(out.concat(), "write to jane.doe@example.com today");
         assert_eq!(hits.len(), 1);
         assert_eq!(&*hits[0].rule, "emails");
+    }
+
+    #[test]
+    fn debug_output_shows_no_text() {
+        let g = policy(SECRETS);
+        let mut f = g.output_filter();
+        f.push("secret words AKIA");
+        let shown = format!(
+            "{f:?} {:?}",
+            crate::normalize::Folded::new("secret words", true)
+        );
+        assert!(
+            !shown.contains("secret") && !shown.contains("AKIA"),
+            "{shown}"
+        );
     }
 
     #[test]
