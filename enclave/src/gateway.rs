@@ -394,14 +394,29 @@ fn filtered(
     }
 }
 
-fn filter_end(filter: Option<&mut guardrails::OutputFilter>) -> (String, Option<String>) {
-    match filter {
+/// The end of an answer: the text the filter still held, the finish reason for the client and
+/// the audit record (`content_filter` when an output rule blocked at the very end), and the
+/// refusal message if one did. Records the completion token count.
+fn filter_end(
+    filter: Option<&mut guardrails::OutputFilter>,
+    finish_reason: engine::FinishReason,
+    usage: &engine::Usage,
+    audit: &mut Audit,
+) -> (String, &'static str, Option<String>) {
+    audit.completion_tokens = usage.completion_tokens;
+    let (rest, refusal) = match filter {
         Some(f) => {
             let o = f.finish();
             (o.text, o.blocked.map(|b| b.message))
         }
         None => (String::new(), None),
-    }
+    };
+    let reason = match refusal {
+        Some(_) => "content_filter",
+        None => openai::finish_name(finish_reason),
+    };
+    audit.finish_reason = reason;
+    (rest, reason, refusal)
 }
 
 async fn whole(
@@ -412,7 +427,6 @@ async fn whole(
     audit: &mut Audit,
 ) -> u16 {
     let mut text = String::new();
-    let mut refusal = None;
     let answer = loop {
         // Nothing is sent until the end: watch for the client going away meanwhile, so
         // that dropping `generation` cancels the work.
@@ -430,10 +444,9 @@ async fn whole(
                 let (piece, blocked) = filtered(filter.as_deref_mut(), t);
                 text.push_str(&piece);
                 if let Some(m) = blocked {
-                    refusal = Some(m);
                     audit.finish_reason = "content_filter";
                     let usage = usage_so_far(audit);
-                    break Ok(c.whole(&text, "content_filter", refusal.as_deref(), &usage));
+                    break Ok(c.whole(&text, "content_filter", Some(&m), &usage));
                 }
             }
             Some(engine::Event::Done {
@@ -441,18 +454,10 @@ async fn whole(
                 usage,
                 ..
             }) => {
-                audit.completion_tokens = usage.completion_tokens;
-                let (rest, blocked) = filter_end(filter.as_deref_mut());
+                let (rest, reason, blocked) =
+                    filter_end(filter.as_deref_mut(), finish_reason, &usage, audit);
                 text.push_str(&rest);
-                let reason = match blocked {
-                    Some(m) => {
-                        refusal = Some(m);
-                        "content_filter"
-                    }
-                    None => openai::finish_name(finish_reason),
-                };
-                audit.finish_reason = reason;
-                break Ok(c.whole(&text, reason, refusal.as_deref(), &usage));
+                break Ok(c.whole(&text, reason, blocked.as_deref(), &usage));
             }
             Some(engine::Event::Failed(e)) => break Err(ApiError::from_engine(&e)),
             None => break Err(ApiError::from_engine(&engine::Error::Stopped)),
@@ -527,19 +532,14 @@ async fn stream(
                     usage,
                     ..
                 }) => {
-                    audit.completion_tokens = usage.completion_tokens;
-                    let (rest, blocked) = filter_end(filter.as_deref_mut());
+                    let (rest, reason, refusal) =
+                        filter_end(filter.as_deref_mut(), finish_reason, &usage, audit);
                     if !rest.is_empty() {
                         events.extend(c.text_event(&rest));
                     }
-                    let reason = match blocked {
-                        Some(m) => {
-                            events.extend(c.refusal_event(&m));
-                            "content_filter"
-                        }
-                        None => openai::finish_name(finish_reason),
-                    };
-                    audit.finish_reason = reason;
+                    if let Some(m) = refusal {
+                        events.extend(c.refusal_event(&m));
+                    }
                     events.extend(c.done_events(reason, &usage, include_usage));
                     true
                 }
