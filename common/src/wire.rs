@@ -358,6 +358,30 @@ pub fn decode_header(
     Ok((ty, len))
 }
 
+/// Appends a frame of a raw-payload type (`RequestData`, `ResponseData`, …) to `out`, straight
+/// from `payload`: a sender that batches frames into one write copies each byte once.
+pub fn encode_raw_into(
+    out: &mut Vec<u8>,
+    ty: MessageType,
+    payload: &[u8],
+) -> Result<(), WireError> {
+    if ty.layout() != Layout::Raw {
+        return Err(WireError::Invalid {
+            what: "encode_raw_into",
+            reason: "message type has structured fields",
+        });
+    }
+    let len = u32::try_from(payload.len()).map_err(|_| WireError::TooLarge {
+        len: payload.len(),
+        max: u32::MAX as usize,
+    })?;
+    let l = len.to_be_bytes();
+    out.reserve(HEADER_LEN + payload.len());
+    out.extend_from_slice(&[ty as u8, l[0], l[1], l[2], l[3]]);
+    out.extend_from_slice(payload);
+    Ok(())
+}
+
 /// Checks a peer's preface.
 pub fn check_preface(preface: &[u8; 8]) -> Result<(), WireError> {
     if *preface == PREFACE {
@@ -736,6 +760,18 @@ pub mod io {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn encode_raw_into_matches_encode_and_refuses_structured_types() {
+        let mut out = Vec::new();
+        encode_raw_into(&mut out, MessageType::RequestData, b"abc").unwrap();
+        encode_raw_into(&mut out, MessageType::ResponseData, b"").unwrap();
+        let mut want = Message::RequestData(b"abc".to_vec()).encode();
+        want.extend(Message::ResponseData(Vec::new()).encode());
+        assert_eq!(out, want);
+        assert!(encode_raw_into(&mut out, MessageType::Ping, b"x").is_err());
+        assert_eq!(out, want, "a refused frame leaves the buffer alone");
+    }
 
     fn decode_frame(frame: &[u8], max: usize) -> Result<Message, WireError> {
         let header: [u8; HEADER_LEN] = frame

@@ -8,7 +8,7 @@ use super::enclave::{self, Link, UpstreamError};
 use super::limit::RateLimiter;
 use super::metrics::{route_of, Metrics};
 use bytes::Bytes;
-use common::wire::{Message, DEFAULT_MAX_PAYLOAD, MAX_NONCE};
+use common::wire::{Message, MessageType, DEFAULT_MAX_PAYLOAD, HEADER_LEN, MAX_NONCE};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
@@ -219,9 +219,7 @@ pub async fn handle(
     for (k, v) in answer.headers {
         headers.append(k, v);
     }
-    if let Ok(v) = HeaderValue::from_str(&id.to_string()) {
-        headers.insert("x-request-id", v);
-    }
+    headers.insert("x-request-id", HeaderValue::from(id));
     Ok(response)
 }
 
@@ -456,14 +454,14 @@ async fn ohttp(app: &Arc<App>, req: Request<Incoming>) -> Answer {
             }
             // Frames stay under the enclave's limit whatever size the client's chunks are.
             for piece in data.chunks(DEFAULT_MAX_PAYLOAD / 2) {
-                out.extend_from_slice(&Message::RequestData(piece.to_vec()).encode());
+                push_raw(&mut out, MessageType::RequestData, piece);
             }
         }
         if end {
             if received == 0 {
-                out.extend_from_slice(&Message::RequestData(Vec::new()).encode());
+                push_raw(&mut out, MessageType::RequestData, &[]);
             }
-            out.extend_from_slice(&Message::RequestEnd.encode());
+            out.extend_from_slice(&REQUEST_END);
         }
         if !out.is_empty() {
             let conn = match &mut up {
@@ -505,19 +503,21 @@ async fn ohttp(app: &Arc<App>, req: Request<Incoming>) -> Answer {
     match first {
         Message::ResponseData(b) => {
             let b = Bytes::from(b);
-            let (tx, rx) = mpsc::channel(8);
-            answer.body = RelayBody::Stream(rx);
             // The common small case: the whole response is already here.
             let next = if up.has_buffered_frame() {
                 Some(up.next().await)
             } else {
                 None
             };
+            if let Some(Ok(Message::ResponseEnd)) = next {
+                app.link.recycle(up);
+                answer.body = RelayBody::Full(Full::new(b));
+                return answer;
+            }
+            // Anything else streams (an error included, after the data that came first).
+            let (tx, rx) = mpsc::channel(8);
+            answer.body = RelayBody::Stream(rx);
             match next {
-                Some(Ok(Message::ResponseEnd)) => {
-                    app.link.recycle(up);
-                    answer.body = RelayBody::Full(Full::new(b));
-                }
                 None => {
                     let _ = tx.try_send(Ok(b));
                     tokio::spawn(pump(up, tx, app.clone()));
@@ -558,6 +558,14 @@ async fn ohttp(app: &Arc<App>, req: Request<Incoming>) -> Answer {
         }
     }
     answer
+}
+
+/// `RequestEnd`, encoded once.
+const REQUEST_END: [u8; HEADER_LEN] = [MessageType::RequestEnd as u8, 0, 0, 0, 0];
+
+/// Appends a raw frame; `piece` is bounded by the frame limit, so this cannot fail.
+fn push_raw(out: &mut Vec<u8>, ty: MessageType, piece: &[u8]) {
+    let _ = common::wire::encode_raw_into(out, ty, piece);
 }
 
 fn with_bytes(mut a: Answer, bytes_in: u64) -> Answer {
