@@ -199,7 +199,11 @@ where
 
 /// Writes `v` in decimal, zero-padded to `width` digits, without `core::fmt` (a tenth of
 /// the instructions, and the relay writes several integers per request).
-fn put_padded(w: &mut impl std::fmt::Write, mut v: u64, width: usize) -> std::fmt::Result {
+fn put_padded(
+    w: &mut (impl std::fmt::Write + ?Sized),
+    mut v: u64,
+    width: usize,
+) -> std::fmt::Result {
     let mut buf = [b'0'; 20];
     let mut start = buf.len();
     while v > 0 || start == buf.len() {
@@ -254,23 +258,61 @@ struct Fields<'a> {
 }
 
 impl Fields<'_> {
-    /// Writes ` key=` (nothing for the message), then the value with `value`.
+    /// Writes ` key=` (nothing for the message), then the value with `value`: composed on
+    /// the stack and written in one call when it is short (most are), as the writer's every
+    /// call is a dynamic one.
     fn put(
         &mut self,
         field: &tracing::field::Field,
-        value: impl FnOnce(&mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result,
+        value: impl Fn(&mut dyn std::fmt::Write) -> std::fmt::Result,
     ) {
         if self.result.is_err() {
             return;
         }
-        self.result = (|| {
-            self.w.write_char(' ')?;
+        let compose = |w: &mut dyn std::fmt::Write| {
+            w.write_char(' ')?;
             if field.name() != "message" {
-                self.w.write_str(field.name())?;
-                self.w.write_char('=')?;
+                w.write_str(field.name())?;
+                w.write_char('=')?;
             }
-            value(&mut self.w)
-        })();
+            value(w)
+        };
+        let mut small = Small::default();
+        self.result = match compose(&mut small) {
+            Ok(()) => self.w.write_str(small.as_str()),
+            Err(_) => compose(&mut self.w),
+        };
+    }
+}
+
+/// A short piece of a line, composed on the stack; writing more than fits is an error.
+struct Small {
+    buf: [u8; 96],
+    len: usize,
+}
+
+impl Default for Small {
+    fn default() -> Self {
+        Self {
+            buf: [0; 96],
+            len: 0,
+        }
+    }
+}
+
+impl Small {
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(self.buf.get(..self.len).unwrap_or_default()).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Write for Small {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        let slot = self.buf.get_mut(self.len..end).ok_or(std::fmt::Error)?;
+        slot.copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
     }
 }
 

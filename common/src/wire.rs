@@ -713,12 +713,11 @@ pub mod io {
         let mut h = [0u8; HEADER_LEN];
         s.read_exact(&mut h).await?;
         let (ty, len) = decode_header(&h, max)?;
-        // Filled by the read itself, not zeroed first: `len` is bounded by `max` above.
-        let mut payload = Vec::with_capacity(len);
-        let got = (&mut *s).take(len as u64).read_to_end(&mut payload).await?;
-        if got != len {
-            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
-        }
+        // `len` is bounded by `max` above. Zeroed, then filled in place: `read_to_end` into
+        // exact capacity grows the vector (a reallocation and a copy of the whole payload) to
+        // probe for more once it is full, and zeroing costs less than that copy.
+        let mut payload = vec![0u8; len];
+        s.read_exact(&mut payload).await?;
         Ok(Message::decode_owned(ty, payload)?)
     }
 

@@ -289,6 +289,50 @@ async fn slow_clients_are_cut_off() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickling_head_is_cut_and_a_long_stream_is_not() {
+    let ep = socket("relay-trickle");
+    let _fake = fake_enclave::start(&ep, echo(4, 250), vec![]);
+    // Only the header limit is short: bytes that keep moving do not save a head that never
+    // ends, and a response that streams for longer than the limit is not cut.
+    let r = relay(&ep, |c| {
+        c.header_timeout_ms = 300;
+        c.idle_timeout_ms = 60_000;
+    })
+    .await;
+    wait_ready(r.local_addr, true).await;
+
+    let mut s = TcpStream::connect(r.local_addr).await.unwrap();
+    let t0 = std::time::Instant::now();
+    let mut cut = false;
+    for b in b"POST /v1/ohttp HTTP/1.1\r\nhost: t\r\nx-slow: "
+        .iter()
+        .cycle()
+        .take(200)
+    {
+        if s.write_all(&[*b]).await.is_err() {
+            cut = true;
+            break;
+        }
+        let mut byte = [0u8; 1];
+        match tokio::time::timeout(Duration::from_millis(50), s.read(&mut byte)).await {
+            Ok(Ok(0) | Err(_)) => {
+                cut = true;
+                break;
+            }
+            Ok(Ok(_)) => panic!("the relay answered a head that never ended"),
+            Err(_) => {}
+        }
+    }
+    assert!(cut, "a head trickling for {:?} was kept", t0.elapsed());
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+
+    // 4 pieces 250 ms apart: 750 ms of streaming against a 300 ms header limit.
+    let body: Vec<u8> = (0..64u8).collect();
+    let resp = post(r.local_addr, &body).await;
+    assert!(resp.complete && resp.body == body, "{:?}", resp.headers);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_concurrent_streams_complete_in_bounded_memory() {
     let ep = socket("relay-1000");
     let _fake = fake_enclave::start(&ep, echo(4, 10), vec![]);

@@ -37,7 +37,37 @@ pub struct Link {
     generation: AtomicU64,
     /// Idle connections by the thread (and so the runtime, whose reactor they are
     /// registered with) that made them: each relay worker reuses its own.
-    idle: Mutex<HashMap<std::thread::ThreadId, Vec<Upstream>>>,
+    idle: Mutex<HashMap<std::thread::ThreadId, Vec<Upstream>, ByThread>>,
+}
+
+/// Hashes a `ThreadId` as the number it is: the table has one entry per worker, and SipHash
+/// on every request's lookup bought nothing.
+#[derive(Debug, Default, Clone, Copy)]
+struct ByThread;
+
+impl std::hash::BuildHasher for ByThread {
+    type Hasher = ThreadHasher;
+    fn build_hasher(&self) -> ThreadHasher {
+        ThreadHasher(0)
+    }
+}
+
+/// See [`ByThread`].
+struct ThreadHasher(u64);
+
+impl std::hash::Hasher for ThreadHasher {
+    fn finish(&self) -> u64 {
+        // Spread the small sequential ids over the table's high bits too.
+        self.0.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 ^= v;
+    }
 }
 
 impl Link {
@@ -47,7 +77,7 @@ impl Link {
             endpoint,
             ready: AtomicBool::new(false),
             generation: AtomicU64::new(0),
-            idle: Mutex::new(HashMap::new()),
+            idle: Mutex::new(HashMap::with_hasher(ByThread)),
         }
     }
 

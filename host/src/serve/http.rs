@@ -13,6 +13,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Method, Request, Response, StatusCode};
+use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -216,6 +217,7 @@ pub async fn handle(
     });
     *response.status_mut() = answer.status;
     let headers = response.headers_mut();
+    headers.reserve(answer.headers.len() + 1);
     for (k, v) in answer.headers {
         headers.append(k, v);
     }
@@ -421,12 +423,22 @@ async fn ohttp(app: &Arc<App>, req: Request<Incoming>) -> Answer {
     let deadline = tokio::time::Instant::now() + ms(app.cfg.body_timeout_ms);
     let mut up: Option<enclave::Upstream> = None;
     let mut received = 0u64;
-    let mut out = Vec::new();
+    // Room for a small body's frames and `RequestEnd`, so it is encoded without growing.
+    let hint = declared.unwrap_or(0).min(64 << 10) as usize;
+    let mut out = Vec::with_capacity(hint + 3 * HEADER_LEN);
     loop {
         let frame = if body.is_end_stream() {
             None
         } else {
-            match tokio::time::timeout_at(deadline, body.frame()).await {
+            // A body already in hyper's buffer (the common small request) is taken without
+            // arming a timer; the deadline runs from the request's start either way.
+            let mut next = body.frame();
+            let ready = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut next).poll(cx))).await;
+            let got = match ready {
+                Poll::Ready(f) => Ok(f),
+                Poll::Pending => tokio::time::timeout_at(deadline, next).await,
+            };
+            match got {
                 Err(_) => {
                     return Answer::error(
                         StatusCode::REQUEST_TIMEOUT,

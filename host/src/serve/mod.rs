@@ -9,7 +9,7 @@ pub mod limit;
 pub mod metrics;
 
 use config::{ms, ServeConfig};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -227,8 +227,8 @@ async fn accept_loop(
         let tls = tls.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let activity = Arc::new(Activity::new(ms(app.cfg.idle_timeout_ms)));
             let header_timeout = ms(app.cfg.header_timeout_ms);
+            let activity = Arc::new(Activity::new(ms(app.cfg.idle_timeout_ms), header_timeout));
             let io: Pin<Box<dyn common::transport::Conn>> = match tls {
                 Some(acceptor) => {
                     match tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await {
@@ -244,15 +244,13 @@ async fn accept_loop(
             });
             let svc_activity = activity.clone();
             let svc = hyper::service::service_fn(move |req| {
-                svc_activity.busy.fetch_add(1, Ordering::Relaxed);
-                svc_activity.touch();
+                svc_activity.started();
                 http::handle(app.clone(), peer.ip(), req, svc_activity.clone())
             });
+            // No hyper timer: the header timeout is the watchdog's (`Activity::expired`), one
+            // timer per connection instead of a new one armed for every request head.
             let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout)
-                .keep_alive(true);
+            builder.keep_alive(true);
             let conn = watcher.watch(builder.serve_connection(io, svc));
             let idle = activity.clone();
             tokio::select! {
@@ -261,7 +259,7 @@ async fn accept_loop(
                         tracing::debug!(error = %e, "client connection ended");
                     }
                 }
-                _ = idle.expired() => tracing::debug!("idle client connection closed"),
+                why = idle.expired() => tracing::debug!(why, "client connection closed"),
             }
         });
     }
@@ -288,30 +286,44 @@ pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     }
 }
 
-/// Whether a connection moves bytes, and how many of its requests are in flight.
+/// Whether a connection moves bytes, and how many of its requests are in flight: what its
+/// watchdog needs to enforce the idle and header timeouts.
 ///
-/// Reads and writes only bump a counter: the clock is read by the idle check, a few times per
-/// idle period, not on every read and write of every request (a measurable share of the
-/// relay's per-request CPU).
+/// Reads, writes and requests only bump counters. The clock is read by the watchdog, a few
+/// times per timeout period, not on every read and write of every request; and a connection
+/// has one timer, not one armed for every request head (a measurable share of the relay's
+/// per-request CPU).
 #[derive(Debug)]
 pub struct Activity {
     moves: AtomicU64,
+    requests: AtomicU64,
     busy: AtomicUsize,
     idle: Duration,
+    header: Duration,
 }
 
 impl Activity {
-    /// A connection that closes after `idle` without requests or bytes.
-    pub fn new(idle: Duration) -> Self {
+    /// A connection closed after `idle` without requests or bytes, or after `header` without
+    /// a request (between requests, or while a request's head trickles in).
+    pub fn new(idle: Duration, header: Duration) -> Self {
         Self {
             moves: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
             busy: AtomicUsize::new(0),
             idle,
+            header,
         }
     }
 
     fn touch(&self) {
         self.moves.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request's head has arrived.
+    fn started(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.busy.fetch_add(1, Ordering::Relaxed);
+        self.touch();
     }
 
     /// A request of this connection has finished.
@@ -320,22 +332,32 @@ impl Activity {
         self.touch();
     }
 
-    /// Resolves once the connection has had no request in flight and no bytes moving for
-    /// the idle limit (noticed within a quarter of it: between 1 and 1.25 times the limit
-    /// after the last movement).
-    async fn expired(&self) {
-        let step = (self.idle / 4).max(Duration::from_millis(1));
-        let mut seen = self.moves.load(Ordering::Relaxed);
-        let mut quiet_since = Instant::now();
+    /// Resolves, saying which, once the connection has had no request in flight and no
+    /// bytes moving for the idle limit, or no request in flight and none started for the
+    /// header limit. Each is noticed within a quarter of the shorter one: a connection goes
+    /// between 1 and 1.25 times a limit after it was last active.
+    async fn expired(&self) -> &'static str {
+        let step = (self.idle.min(self.header) / 4).max(Duration::from_millis(1));
+        let mut moves_seen = self.moves.load(Ordering::Relaxed);
+        let mut requests_seen = self.requests.load(Ordering::Relaxed);
+        let (mut quiet_since, mut waiting_since) = (Instant::now(), Instant::now());
         loop {
-            let due = quiet_since + self.idle;
-            tokio::time::sleep_until(due.min(Instant::now() + step).into()).await;
+            tokio::time::sleep(step).await;
+            let now = Instant::now();
+            let busy = self.busy.load(Ordering::Relaxed) > 0;
             let moves = self.moves.load(Ordering::Relaxed);
-            if moves != seen || self.busy.load(Ordering::Relaxed) > 0 {
-                seen = moves;
-                quiet_since = Instant::now();
-            } else if Instant::now() >= due {
-                return;
+            let requests = self.requests.load(Ordering::Relaxed);
+            if busy || moves != moves_seen {
+                (moves_seen, quiet_since) = (moves, now);
+            }
+            if busy || requests != requests_seen {
+                (requests_seen, waiting_since) = (requests, now);
+            }
+            if now.duration_since(quiet_since) >= self.idle {
+                return "idle";
+            }
+            if now.duration_since(waiting_since) >= self.header {
+                return "no request head in time";
             }
         }
     }
