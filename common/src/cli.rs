@@ -258,61 +258,23 @@ struct Fields<'a> {
 }
 
 impl Fields<'_> {
-    /// Writes ` key=` (nothing for the message), then the value with `value`: composed on
-    /// the stack and written in one call when it is short (most are), as the writer's every
-    /// call is a dynamic one.
+    /// Writes ` key=` (nothing for the message), then the value with `value`.
     fn put(
         &mut self,
         field: &tracing::field::Field,
-        value: impl Fn(&mut dyn std::fmt::Write) -> std::fmt::Result,
+        value: impl FnOnce(&mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result,
     ) {
         if self.result.is_err() {
             return;
         }
-        let compose = |w: &mut dyn std::fmt::Write| {
-            w.write_char(' ')?;
+        self.result = (|| {
+            self.w.write_char(' ')?;
             if field.name() != "message" {
-                w.write_str(field.name())?;
-                w.write_char('=')?;
+                self.w.write_str(field.name())?;
+                self.w.write_char('=')?;
             }
-            value(w)
-        };
-        let mut small = Small::default();
-        self.result = match compose(&mut small) {
-            Ok(()) => self.w.write_str(small.as_str()),
-            Err(_) => compose(&mut self.w),
-        };
-    }
-}
-
-/// A short piece of a line, composed on the stack; writing more than fits is an error.
-struct Small {
-    buf: [u8; 96],
-    len: usize,
-}
-
-impl Default for Small {
-    fn default() -> Self {
-        Self {
-            buf: [0; 96],
-            len: 0,
-        }
-    }
-}
-
-impl Small {
-    fn as_str(&self) -> &str {
-        std::str::from_utf8(self.buf.get(..self.len).unwrap_or_default()).unwrap_or_default()
-    }
-}
-
-impl std::fmt::Write for Small {
-    fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        let end = self.len + s.len();
-        let slot = self.buf.get_mut(self.len..end).ok_or(std::fmt::Error)?;
-        slot.copy_from_slice(s.as_bytes());
-        self.len = end;
-        Ok(())
+            value(&mut self.w)
+        })();
     }
 }
 
