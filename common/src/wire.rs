@@ -358,26 +358,34 @@ pub fn decode_header(
     Ok((ty, len))
 }
 
-/// Appends a frame of a raw-payload type (`RequestData`, `ResponseData`, …) to `out`, straight
-/// from `payload`: a sender that batches frames into one write copies each byte once.
+/// The header of a frame of a raw-payload type (`SealedHeader`, `Chunk`, `RequestData`, …)
+/// whose payload is `len` bytes; structured types and lengths over `u32` are refused.
+pub fn raw_header(ty: MessageType, len: usize) -> Result<[u8; HEADER_LEN], WireError> {
+    if ty.layout() != Layout::Raw {
+        return Err(WireError::Invalid {
+            what: "raw frame",
+            reason: "message type has structured fields",
+        });
+    }
+    let l = u32::try_from(len)
+        .map_err(|_| WireError::TooLarge {
+            len,
+            max: u32::MAX as usize,
+        })?
+        .to_be_bytes();
+    Ok([ty as u8, l[0], l[1], l[2], l[3]])
+}
+
+/// Appends a frame of a raw-payload type to `out`, straight from `payload`: a sender that
+/// batches frames into one write copies each byte once.
 pub fn encode_raw_into(
     out: &mut Vec<u8>,
     ty: MessageType,
     payload: &[u8],
 ) -> Result<(), WireError> {
-    if ty.layout() != Layout::Raw {
-        return Err(WireError::Invalid {
-            what: "encode_raw_into",
-            reason: "message type has structured fields",
-        });
-    }
-    let len = u32::try_from(payload.len()).map_err(|_| WireError::TooLarge {
-        len: payload.len(),
-        max: u32::MAX as usize,
-    })?;
-    let l = len.to_be_bytes();
+    let header = raw_header(ty, payload.len())?;
     out.reserve(HEADER_LEN + payload.len());
-    out.extend_from_slice(&[ty as u8, l[0], l[1], l[2], l[3]]);
+    out.extend_from_slice(&header);
     out.extend_from_slice(payload);
     Ok(())
 }
@@ -728,15 +736,7 @@ pub mod io {
         ty: MessageType,
         payload: &[u8],
     ) -> Result<(), ConnError> {
-        if ty.layout() != Layout::Raw {
-            return Err(WireError::Invalid {
-                what: "write_raw",
-                reason: "message type has structured fields",
-            }
-            .into());
-        }
-        let l = (payload.len() as u32).to_be_bytes();
-        s.write_all(&[ty as u8, l[0], l[1], l[2], l[3]]).await?;
+        s.write_all(&raw_header(ty, payload.len())?).await?;
         s.write_all(payload).await?;
         Ok(())
     }
