@@ -753,6 +753,47 @@ pub mod io {
         s.flush().await?;
         Ok(())
     }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[tokio::test]
+        async fn frames_are_read_whole_and_short_or_oversized_ones_are_errors() {
+            let mut bytes = Message::RequestData(b"hello".to_vec()).encode();
+            bytes.extend(Message::Ping(9).encode());
+            bytes.extend(Message::ResponseData(Vec::new()).encode());
+            let mut r = bytes.as_slice();
+            let max = DEFAULT_MAX_PAYLOAD;
+            assert_eq!(
+                read_frame(&mut r, max).await.unwrap(),
+                Message::RequestData(b"hello".to_vec())
+            );
+            assert_eq!(read_frame(&mut r, max).await.unwrap(), Message::Ping(9));
+            assert_eq!(
+                read_frame(&mut r, max).await.unwrap(),
+                Message::ResponseData(Vec::new())
+            );
+            assert!(matches!(
+                read_frame(&mut r, max).await,
+                Err(ConnError::Io(_))
+            ));
+
+            // A payload cut short is an error, not a shorter message.
+            let frame = Message::RequestData(vec![7; 100]).encode();
+            let mut short = frame.get(..frame.len() - 1).unwrap();
+            match read_frame(&mut short, max).await {
+                Err(ConnError::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof),
+                other => panic!("{other:?}"),
+            }
+            // A length over the maximum is refused from the header alone.
+            let mut big = frame.as_slice();
+            assert!(matches!(
+                read_frame(&mut big, 99).await,
+                Err(ConnError::Wire(WireError::TooLarge { len: 100, max: 99 }))
+            ));
+        }
+    }
 }
 
 #[cfg(test)]
