@@ -199,11 +199,7 @@ where
 
 /// Writes `v` in decimal, zero-padded to `width` digits, without `core::fmt` (a tenth of
 /// the instructions, and the relay writes several integers per request).
-fn put_padded(
-    w: &mut (impl std::fmt::Write + ?Sized),
-    mut v: u64,
-    width: usize,
-) -> std::fmt::Result {
+fn put_padded(w: &mut impl std::fmt::Write, mut v: u64, width: usize) -> std::fmt::Result {
     let mut buf = [b'0'; 20];
     let mut start = buf.len();
     while v > 0 || start == buf.len() {

@@ -358,6 +358,9 @@ pub fn decode_header(
     Ok((ty, len))
 }
 
+/// The whole `RequestEnd` frame (it has no payload), for senders that batch frames.
+pub const REQUEST_END_FRAME: [u8; HEADER_LEN] = [MessageType::RequestEnd as u8, 0, 0, 0, 0];
+
 /// The header of a frame of a raw-payload type (`SealedHeader`, `Chunk`, `RequestData`, …)
 /// whose payload is `len` bytes; structured types and lengths over `u32` are refused.
 pub fn raw_header(ty: MessageType, len: usize) -> Result<[u8; HEADER_LEN], WireError> {
@@ -810,6 +813,7 @@ mod tests {
         want.extend(Message::ResponseData(Vec::new()).encode());
         assert_eq!(out, want);
         assert!(encode_raw_into(&mut out, MessageType::Ping, b"x").is_err());
+        assert_eq!(REQUEST_END_FRAME.to_vec(), Message::RequestEnd.encode());
         assert_eq!(out, want, "a refused frame leaves the buffer alone");
     }
 

@@ -8,7 +8,9 @@ use super::enclave::{self, Link, UpstreamError};
 use super::limit::RateLimiter;
 use super::metrics::{route_of, Metrics};
 use bytes::Bytes;
-use common::wire::{Message, MessageType, DEFAULT_MAX_PAYLOAD, HEADER_LEN, MAX_NONCE};
+use common::wire::{
+    Message, MessageType, DEFAULT_MAX_PAYLOAD, HEADER_LEN, MAX_NONCE, REQUEST_END_FRAME,
+};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
@@ -473,7 +475,7 @@ async fn ohttp(app: &Arc<App>, req: Request<Incoming>) -> Answer {
             if received == 0 {
                 push_raw(&mut out, MessageType::RequestData, &[]);
             }
-            out.extend_from_slice(&REQUEST_END);
+            out.extend_from_slice(&REQUEST_END_FRAME);
         }
         if !out.is_empty() {
             let conn = match &mut up {
@@ -571,9 +573,6 @@ async fn ohttp(app: &Arc<App>, req: Request<Incoming>) -> Answer {
     }
     answer
 }
-
-/// `RequestEnd`, encoded once.
-const REQUEST_END: [u8; HEADER_LEN] = [MessageType::RequestEnd as u8, 0, 0, 0, 0];
 
 /// Appends a raw frame; `piece` is bounded by the frame limit, so this cannot fail.
 fn push_raw(out: &mut Vec<u8>, ty: MessageType, piece: &[u8]) {
