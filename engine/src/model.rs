@@ -1,16 +1,19 @@
-//! The llama-family transformer: weights referenced in place in the decrypted GGUF buffer, one
-//! KV cache per sequence, and a forward pass over a batch that mixes prompt chunks and decode
-//! steps of different sequences (continuous batching).
+//! The transformer of the llama family and its relatives (Qwen2, Qwen3): weights referenced in
+//! place in the decrypted GGUF buffer, one KV cache per sequence, and a forward pass over a
+//! batch that mixes prompt chunks and decode steps of different sequences (continuous
+//! batching).
 //!
-//! The graph is candle-transformers' `quantized_llama` (RMSNorm, interleaved RoPE as GGML's
-//! `rope` mode 0, grouped-query attention, SwiGLU), written as fused loops over buffers kept
-//! between steps. Quantized weights stay in GGML's block layout and are multiplied by the
-//! kernels in [`crate::kernels`]; tensor types without a native kernel are dequantized by candle
-//! at load time.
+//! The graph is candle-transformers' `quantized_llama` (RMSNorm, RoPE, grouped-query attention,
+//! SwiGLU) with what `quantized_qwen2` and `quantized_qwen3` add (q/k/v biases, NeoX RoPE,
+//! per-head QK-norm), written as fused loops over buffers kept between steps. Quantized
+//! weights stay in GGML's block layout and are multiplied by the kernels in
+//! [`crate::kernels`], as are F16 and BF16 ones; only tensor types without a native kernel
+//! (Q2_K, Q3_K) are dequantized by candle at load time.
 
 use crate::gguf::{Gguf, TensorRef};
 use crate::kernels::{
-    dequantize_packed_row, dequantize_row, repack, BlockQ8, Kernels, QuantKind, PACK, QK,
+    dequantize_half_row, dequantize_packed_row, dequantize_row, repack, BlockQ8, HalfKind, Kernels,
+    QuantKind, PACK, QK,
 };
 use crate::{Error, Result};
 use candle_core::quantized::GgmlDType;
@@ -19,9 +22,50 @@ use rayon::prelude::*;
 use std::io::Cursor;
 use zeroize::Zeroizing;
 
+/// The model families on the fast path, by `general.architecture`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    /// Llama 2 and 3.x, Mistral, SmolLM: RMSNorm, GGML's interleaved RoPE, SwiGLU.
+    Llama,
+    /// Qwen2 and Qwen2.5: llama's graph with q/k/v biases and NeoX RoPE.
+    Qwen2,
+    /// Qwen3 (dense): Qwen2 without biases, with RMSNorm on each query and key head.
+    Qwen3,
+}
+
+impl Arch {
+    fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "llama" => Some(Arch::Llama),
+            "qwen2" => Some(Arch::Qwen2),
+            "qwen3" => Some(Arch::Qwen3),
+            _ => None,
+        }
+    }
+
+    /// The `general.architecture` value, which also prefixes the family's metadata keys.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
+        }
+    }
+
+    /// Whether RoPE rotates the two halves of a head (GPT-NeoX, `LLAMA_ROPE_TYPE_NEOX` in
+    /// llama.cpp) rather than adjacent pairs.
+    fn neox(self) -> bool {
+        !matches!(self, Arch::Llama)
+    }
+}
+
+/// The families this engine's fast path runs, for error messages.
+pub const ARCHITECTURES: &str = "llama, qwen2, qwen3";
+
 /// Model dimensions, from the GGUF metadata.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
+    pub arch: Arch,
     pub n_layer: usize,
     pub n_embd: usize,
     pub n_ff: usize,
@@ -32,6 +76,8 @@ pub struct Config {
     /// The context length the model was trained with.
     pub n_ctx_train: usize,
     pub rope_base: f32,
+    /// Positions are multiplied by this before rotation (`rope.scaling.type = linear`).
+    pub rope_scale: f32,
     pub rms_eps: f32,
 }
 
@@ -41,55 +87,89 @@ impl Config {
         self.n_head_kv * self.head_dim
     }
 
+    /// Floats of Q (and of the attention output) per token.
+    pub fn q_dim(&self) -> usize {
+        self.n_head * self.head_dim
+    }
+
     /// Bytes of KV cache one token takes across all layers.
     pub fn kv_bytes_per_token(&self) -> usize {
         2 * self.n_layer * self.kv_dim() * std::mem::size_of::<f32>()
     }
 
-    fn from_gguf(g: &Gguf) -> Result<Self> {
-        let arch = g.str("general.architecture")?;
-        if arch != "llama" {
-            return Err(Error::Unsupported(format!(
-                "model architecture `{arch}` (this engine runs the `llama` family)"
-            )));
-        }
-        if let Some(experts) = g.opt_u64("llama.expert_count")? {
+    pub fn from_gguf(g: &Gguf) -> Result<Self> {
+        let name = g.str("general.architecture")?;
+        let arch = Arch::from_name(name).ok_or_else(|| {
+            Error::Unsupported(format!(
+                "model architecture `{name}` (this engine runs {ARCHITECTURES})"
+            ))
+        })?;
+        let key = |k: &str| format!("{name}.{k}");
+        if let Some(experts) = g.opt_u64(&key("expert_count"))? {
             if experts > 0 {
                 return Err(Error::Unsupported(format!(
-                    "mixture-of-experts llama ({experts} experts)"
+                    "mixture-of-experts {name} ({experts} experts)"
                 )));
             }
         }
-        if let Some(kind) = g.opt_str("llama.rope.scaling.type") {
-            if kind != "none" {
-                return Err(Error::Unsupported(format!("RoPE scaling `{kind}`")));
+        let rope_scale = match g.opt_str(&key("rope.scaling.type")) {
+            None | Some("none") => 1.0,
+            Some("linear") => {
+                let factor = g.opt_f32(&key("rope.scaling.factor"))?.unwrap_or(1.0);
+                if !(factor.is_finite() && factor >= 1.0) {
+                    return Err(Error::Format(format!(
+                        "RoPE scaling factor {factor} is out of range"
+                    )));
+                }
+                1.0 / factor
             }
-        }
-        let dim = |key: &str, max: u64| -> Result<usize> {
-            let v = g.u64(key)?;
+            Some(kind) => return Err(Error::Unsupported(format!("RoPE scaling `{kind}`"))),
+        };
+        let dim = |k: &str, max: u64| -> Result<usize> {
+            let k = key(k);
+            let v = g.u64(&k)?;
             if v == 0 || v > max {
                 return Err(Error::Format(format!(
-                    "GGUF `{key}` = {v} is out of range 1..={max}"
+                    "GGUF `{k}` = {v} is out of range 1..={max}"
                 )));
             }
-            usize::try_from(v).map_err(|_| Error::Format(format!("GGUF `{key}` is too large")))
+            usize::try_from(v).map_err(|_| Error::Format(format!("GGUF `{k}` is too large")))
         };
-        let n_embd = dim("llama.embedding_length", 1 << 16)?;
-        let n_head = dim("llama.attention.head_count", 1 << 10)?;
-        let n_head_kv = match g.opt_u64("llama.attention.head_count_kv")? {
-            Some(_) => dim("llama.attention.head_count_kv", 1 << 10)?,
-            None => n_head,
+        let opt_dim = |k: &str, max: u64| -> Result<Option<usize>> {
+            match g.opt_u64(&key(k))? {
+                Some(_) => dim(k, max).map(Some),
+                None => Ok(None),
+            }
         };
-        if n_embd % n_head != 0 || n_head % n_head_kv != 0 {
+        let n_embd = dim("embedding_length", 1 << 16)?;
+        let n_head = dim("attention.head_count", 1 << 10)?;
+        let n_head_kv = opt_dim("attention.head_count_kv", 1 << 10)?.unwrap_or(n_head);
+        if n_head % n_head_kv != 0 {
             return Err(Error::Format(format!(
-                "{n_embd} embedding dims, {n_head} heads and {n_head_kv} KV heads do not divide"
+                "{n_head} heads are not a multiple of {n_head_kv} KV heads"
             )));
         }
-        let head_dim = n_embd / n_head;
+        // Qwen3 and Gemma give the head size explicitly; it need not be n_embd / n_head.
+        let head_dim = match opt_dim("attention.key_length", 1 << 12)? {
+            Some(k) => k,
+            None if n_embd % n_head == 0 => n_embd / n_head,
+            None => {
+                return Err(Error::Format(format!(
+                    "{n_embd} embedding dims do not divide into {n_head} heads"
+                )))
+            }
+        };
+        if let Some(v) = opt_dim("attention.value_length", 1 << 12)? {
+            if v != head_dim {
+                return Err(Error::Unsupported(format!(
+                    "value heads of {v} dims with key heads of {head_dim}"
+                )));
+            }
+        }
         if head_dim % 2 != 0 {
             return Err(Error::Format(format!("head dimension {head_dim} is odd")));
         }
-        if let Some(rot) = g.opt_u64("llama.rope.dimension_count")? {
+        if let Some(rot) = g.opt_u64(&key("rope.dimension_count"))? {
             if rot != head_dim as u64 {
                 return Err(Error::Unsupported(format!(
                     "partial RoPE ({rot} of {head_dim} dims)"
@@ -98,17 +178,19 @@ impl Config {
         }
         let n_vocab = g.array("tokenizer.ggml.tokens")?.len();
         let cfg = Config {
-            n_layer: dim("llama.block_count", 1 << 10)?,
+            arch,
+            n_layer: dim("block_count", 1 << 10)?,
             n_embd,
-            n_ff: dim("llama.feed_forward_length", 1 << 18)?,
+            n_ff: dim("feed_forward_length", 1 << 18)?,
             n_head,
             n_head_kv,
             head_dim,
             n_vocab,
-            n_ctx_train: dim("llama.context_length", 1 << 24)?,
-            rope_base: g.opt_f32("llama.rope.freq_base")?.unwrap_or(10_000.0),
+            n_ctx_train: dim("context_length", 1 << 24)?,
+            rope_base: g.opt_f32(&key("rope.freq_base"))?.unwrap_or(10_000.0),
+            rope_scale,
             rms_eps: g
-                .opt_f32("llama.attention.layer_norm_rms_epsilon")?
+                .opt_f32(&key("attention.layer_norm_rms_epsilon"))?
                 .unwrap_or(1e-5),
         };
         let positive = |x: f32| x.is_finite() && x > 0.0;
@@ -132,6 +214,13 @@ enum Matrix {
         offset: usize,
         packed: bool,
     },
+    /// F16 or BF16 rows in place, multiplied against f32 activations.
+    Half {
+        kind: HalfKind,
+        rows: usize,
+        cols: usize,
+        offset: usize,
+    },
     F32 {
         rows: usize,
         cols: usize,
@@ -142,7 +231,18 @@ enum Matrix {
 impl Matrix {
     fn rows(&self) -> usize {
         match self {
-            Matrix::Quant { rows, .. } | Matrix::F32 { rows, .. } => *rows,
+            Matrix::Quant { rows, .. } | Matrix::Half { rows, .. } | Matrix::F32 { rows, .. } => {
+                *rows
+            }
+        }
+    }
+
+    /// The tensor type, for [`Model::describe`].
+    fn type_name(&self) -> String {
+        match self {
+            Matrix::Quant { kind, .. } => format!("{kind:?}"),
+            Matrix::Half { kind, .. } => format!("{kind:?}"),
+            Matrix::F32 { .. } => "F32".into(),
         }
     }
 }
@@ -154,6 +254,13 @@ struct Layer {
     wk: Matrix,
     wv: Matrix,
     wo: Matrix,
+    /// Qwen2's attention biases, added after the projections.
+    bq: Option<Vec<f32>>,
+    bk: Option<Vec<f32>>,
+    bv: Option<Vec<f32>>,
+    /// Qwen3's RMSNorm over each query and key head (`head_dim` weights).
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
     ffn_norm: Vec<f32>,
     gate: Matrix,
     up: Matrix,
@@ -187,24 +294,44 @@ impl Model {
     /// Builds the model over `bytes`, a GGUF file already parsed as `g`.
     pub fn load(mut bytes: Zeroizing<Vec<u8>>, g: &Gguf, kernels: Kernels) -> Result<Self> {
         let cfg = Config::from_gguf(g)?;
-        let (d, kv) = (cfg.n_embd, cfg.kv_dim());
+        let (d, kv, qd, hd) = (cfg.n_embd, cfg.kv_dim(), cfg.q_dim(), cfg.head_dim);
         let load = |name: &str, rows: usize, cols: usize| -> Result<Matrix> {
             matrix(&bytes, g, &g.tensor(name)?, rows, cols)
         };
-        let vector = |name: &str| -> Result<Vec<f32>> { vector(&bytes, g, &g.tensor(name)?, d) };
+        let vector =
+            |name: &str, n: usize| -> Result<Vec<f32>> { vector(&bytes, g, &g.tensor(name)?, n) };
+        let optional = |name: &str, n: usize| -> Result<Option<Vec<f32>>> {
+            if g.has_tensor(name) {
+                vector(name, n).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
         let mut layers = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
             let n = |w: &str| format!("blk.{i}.{w}.weight");
+            let b = |w: &str| format!("blk.{i}.{w}.bias");
             if g.has_tensor(&n("ffn_gate_inp")) {
                 return Err(Error::Unsupported("mixture-of-experts layers".into()));
             }
+            if g.has_tensor(&b("attn_output")) || g.has_tensor(&b("ffn_down")) {
+                return Err(Error::Unsupported(format!(
+                    "biases on the {} output or feed-forward projections",
+                    cfg.arch.name()
+                )));
+            }
             layers.push(Layer {
-                attn_norm: vector(&n("attn_norm"))?,
-                wq: load(&n("attn_q"), d, d)?,
+                attn_norm: vector(&n("attn_norm"), d)?,
+                wq: load(&n("attn_q"), qd, d)?,
                 wk: load(&n("attn_k"), kv, d)?,
                 wv: load(&n("attn_v"), kv, d)?,
-                wo: load(&n("attn_output"), d, d)?,
-                ffn_norm: vector(&n("ffn_norm"))?,
+                wo: load(&n("attn_output"), d, qd)?,
+                bq: optional(&b("attn_q"), qd)?,
+                bk: optional(&b("attn_k"), kv)?,
+                bv: optional(&b("attn_v"), kv)?,
+                q_norm: optional(&n("attn_q_norm"), hd)?,
+                k_norm: optional(&n("attn_k_norm"), hd)?,
+                ffn_norm: vector(&n("ffn_norm"), d)?,
                 gate: load(&n("ffn_gate"), cfg.n_ff, d)?,
                 up: load(&n("ffn_up"), cfg.n_ff, d)?,
                 down: load(&n("ffn_down"), d, cfg.n_ff)?,
@@ -216,7 +343,9 @@ impl Model {
         } else {
             None
         };
-        let output_norm = vector("output_norm.weight")?;
+        let output_norm = vector("output_norm.weight", d)?;
+        // Llama 3.1's long-context RoPE: per-frequency divisors (llama.cpp's `rope_freqs`).
+        let freq_factors = optional("rope_freqs.weight", cfg.head_dim / 2)?;
         // Re-lay out the quantized matrices in place, the embedding included (its rows are
         // looked up through the packed layout).
         let mut tmp = Vec::new();
@@ -244,7 +373,7 @@ impl Model {
                 packed,
             } = m
             {
-                if *rows % PACK == 0 {
+                if kind.packable() && *rows % PACK == 0 {
                     let group = PACK * kind.row_bytes(*cols);
                     for g0 in (0..*rows / PACK).map(|g| *offset + g * group) {
                         if let Some(region) = bytes.get_mut(g0..g0 + group) {
@@ -260,7 +389,13 @@ impl Model {
         drop(Zeroizing::new(tmp));
         let half = cfg.head_dim / 2;
         let inv_freq = (0..half)
-            .map(|i| 1.0 / cfg.rope_base.powf(2.0 * i as f32 / cfg.head_dim as f32))
+            .map(|i| {
+                let f = cfg.rope_scale / cfg.rope_base.powf(2.0 * i as f32 / cfg.head_dim as f32);
+                match freq_factors.as_ref().and_then(|v| v.get(i)) {
+                    Some(div) if *div > 0.0 => f / div,
+                    _ => f,
+                }
+            })
             .collect();
         Ok(Model {
             bytes,
@@ -276,6 +411,32 @@ impl Model {
 
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// The family and how many matrices of each type the weights hold, for the load log:
+    /// `qwen2, 24 layers: Q5_0 ×133, Q4K ×12, ...`. `F32` counts matrices dequantized at load.
+    pub fn describe(&self) -> String {
+        let mut counts: Vec<(String, usize)> = Vec::new();
+        let mats = self
+            .layers
+            .iter()
+            .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down])
+            .chain(self.output.as_ref())
+            .chain([&self.embed]);
+        for m in mats {
+            let name = m.type_name();
+            match counts.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, c)) => *c += 1,
+                None => counts.push((name, 1)),
+            }
+        }
+        let types: Vec<String> = counts.iter().map(|(n, c)| format!("{n} ×{c}")).collect();
+        format!(
+            "{}, {} layers: {}",
+            self.cfg.arch.name(),
+            self.cfg.n_layer,
+            types.join(", ")
+        )
     }
 
     pub fn kernels(&self) -> Kernels {
@@ -342,8 +503,24 @@ impl Model {
                 t,
                 &mut s.tmp,
             );
-            rope(&mut s.q, hd, &s.cos, &s.sin);
-            rope(&mut s.k, hd, &s.cos, &s.sin);
+            for (x, bias) in [
+                (&mut s.q, &layer.bq),
+                (&mut s.k, &layer.bk),
+                (&mut s.v, &layer.bv),
+            ] {
+                if let Some(bias) = bias {
+                    add_rows(x, bias);
+                }
+            }
+            if let Some(w) = &layer.q_norm {
+                rms_norm_in_place(&mut s.q, w, cfg.rms_eps, hd);
+            }
+            if let Some(w) = &layer.k_norm {
+                rms_norm_in_place(&mut s.k, w, cfg.rms_eps, hd);
+            }
+            let neox = cfg.arch.neox();
+            rope(&mut s.q, hd, &s.cos, &s.sin, neox);
+            rope(&mut s.k, hd, &s.cos, &s.sin, neox);
             // Append this step's keys and values to each sequence's cache.
             let mut at = 0;
             for c in batch.iter_mut() {
@@ -364,7 +541,7 @@ impl Model {
                 at += n;
             }
             self.attention(li, batch, s);
-            quantize_rows(self.kernels, &s.att, d, &mut s.xq);
+            quantize_rows(self.kernels, &s.att, cfg.q_dim(), &mut s.xq);
             self.matmul(&mut [(&layer.wo, &mut s.xb)], &s.att, &s.xq, t, &mut s.tmp);
             add(&mut s.x, &s.xb);
 
@@ -450,6 +627,14 @@ impl Model {
                     row,
                 );
             }
+            Matrix::Half { kind, offset, .. } => {
+                let start = offset + tok as usize * 2 * d;
+                dequantize_half_row(
+                    *kind,
+                    self.bytes.get(start..start + 2 * d).unwrap_or_default(),
+                    row,
+                );
+            }
             Matrix::F32 { data, .. } => match data.get(tok as usize * d..(tok as usize + 1) * d) {
                 Some(src) => row.copy_from_slice(src),
                 None => row.fill(0.0),
@@ -531,6 +716,15 @@ impl Model {
                     kernels.quant_row(*kind, w, xq, nb, o);
                 }
             }
+            Matrix::Half {
+                kind, cols, offset, ..
+            } => {
+                for (r, o) in out.chunks_exact_mut(t).enumerate() {
+                    let start = offset + (row0 + r) * 2 * cols;
+                    let w = bytes.get(start..start + 2 * cols).unwrap_or_default();
+                    kernels.half_row(*kind, w, xf, o);
+                }
+            }
             Matrix::F32 { cols, data, .. } => {
                 for (r, o) in out.chunks_exact_mut(t).enumerate() {
                     let w = data
@@ -578,7 +772,8 @@ impl Model {
         let group = nh / cfg.n_head_kv;
         let scale = 1.0 / (hd as f32).sqrt();
         let kernels = self.kernels;
-        resize(&mut s.att, s.rows.len() * cfg.n_embd);
+        let qd = cfg.q_dim();
+        resize(&mut s.att, s.rows.len() * qd);
         let (rows, q) = (&s.rows, &s.q);
         s.att
             .par_chunks_mut(hd)
@@ -594,7 +789,7 @@ impl Model {
                     return;
                 };
                 let qh = q
-                    .get(row * cfg.n_embd + h * hd..row * cfg.n_embd + (h + 1) * hd)
+                    .get(row * qd + h * hd..row * qd + (h + 1) * hd)
                     .unwrap_or_default();
                 let mut scores = Vec::with_capacity(pos + 1);
                 kernels.attend(
@@ -693,8 +888,10 @@ fn quantize_rows(k: Kernels, x: &[f32], cols: usize, out: &mut Vec<BlockQ8>) {
     }
 }
 
-/// Rotates consecutive pairs `(x[2i], x[2i+1])` of every head by position-dependent angles.
-fn rope(x: &mut [f32], hd: usize, cos: &[f32], sin: &[f32]) {
+/// Rotates every head by position-dependent angles: consecutive pairs `(x[2i], x[2i+1])` as
+/// GGML's `rope` mode 0 does, or with `neox` the pairs `(x[i], x[i + hd/2])` (GGML's NeoX
+/// mode, which Qwen and most families after Llama use).
+fn rope(x: &mut [f32], hd: usize, cos: &[f32], sin: &[f32], neox: bool) {
     let half = hd / 2;
     let rows = cos.len() / half.max(1);
     if rows == 0 {
@@ -707,13 +904,40 @@ fn rope(x: &mut [f32], hd: usize, cos: &[f32], sin: &[f32]) {
         .zip(sin.chunks_exact(half))
     {
         for head in row.chunks_exact_mut(hd) {
-            for ((pair, c), s) in head.chunks_exact_mut(2).zip(c).zip(s) {
-                if let [a, b] = pair {
+            if neox {
+                let (a, b) = head.split_at_mut(half);
+                for (((a, b), c), s) in a.iter_mut().zip(b.iter_mut()).zip(c).zip(s) {
                     let (x0, x1) = (*a, *b);
                     *a = x0 * c - x1 * s;
                     *b = x0 * s + x1 * c;
                 }
+            } else {
+                for ((pair, c), s) in head.chunks_exact_mut(2).zip(c).zip(s) {
+                    if let [a, b] = pair {
+                        let (x0, x1) = (*a, *b);
+                        *a = x0 * c - x1 * s;
+                        *b = x0 * s + x1 * c;
+                    }
+                }
             }
+        }
+    }
+}
+
+/// Adds `bias` to every `bias.len()`-long row of `x`.
+fn add_rows(x: &mut [f32], bias: &[f32]) {
+    for row in x.chunks_exact_mut(bias.len().max(1)) {
+        add(row, bias);
+    }
+}
+
+/// RMSNorm of every `d`-long piece of `x` (each head, for Qwen3's QK-norm), in place.
+fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32, d: usize) {
+    for xs in x.chunks_exact_mut(d.max(1)) {
+        let ss: f32 = xs.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let r = 1.0 / (ss + eps).sqrt();
+        for (v, w) in xs.iter_mut().zip(w) {
+            *v *= r * w;
         }
     }
 }
@@ -750,18 +974,41 @@ fn matrix(bytes: &[u8], g: &Gguf, t: &TensorRef, rows: usize, cols: usize) -> Re
     let kind = match t.dtype {
         GgmlDType::Q4_0 => Some(QuantKind::Q4_0),
         GgmlDType::Q4_1 => Some(QuantKind::Q4_1),
+        GgmlDType::Q5_0 => Some(QuantKind::Q5_0),
+        GgmlDType::Q5_1 => Some(QuantKind::Q5_1),
         GgmlDType::Q8_0 => Some(QuantKind::Q8_0),
+        GgmlDType::Q4K => Some(QuantKind::Q4K),
+        GgmlDType::Q5K => Some(QuantKind::Q5K),
+        GgmlDType::Q6K => Some(QuantKind::Q6K),
         _ => None,
     };
-    match kind {
-        Some(kind) => Ok(Matrix::Quant {
+    // Activations are quantized in blocks of QK, so every quantized matrix needs whole blocks
+    // of them (and the GGUF reader already checked that rows hold whole weight blocks).
+    let fits = |kind: QuantKind| cols % kind.block_elems() == 0 && cols % QK == 0;
+    let half = match t.dtype {
+        GgmlDType::F16 => Some(HalfKind::F16),
+        GgmlDType::BF16 => Some(HalfKind::Bf16),
+        _ => None,
+    };
+    match (kind, half) {
+        (Some(kind), _) if fits(kind) => Ok(Matrix::Quant {
             kind,
             rows,
             cols,
             offset: t.range.start,
             packed: false,
         }),
-        None => Ok(Matrix::F32 {
+        (_, Some(kind)) => Ok(Matrix::Half {
+            kind,
+            rows,
+            cols,
+            offset: t.range.start,
+        }),
+        (Some(kind), _) => Err(Error::Format(format!(
+            "tensor `{}` of type {kind:?} has rows of {cols} weights, not whole blocks",
+            t.name
+        ))),
+        (None, None) => Ok(Matrix::F32 {
             rows,
             cols,
             data: dequantize(bytes, g, t)?,

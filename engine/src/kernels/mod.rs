@@ -1,5 +1,6 @@
-//! Matrix-vector kernels for the forward pass: quantized weight rows (GGML Q4_0, Q4_1, Q8_0)
-//! against activations quantized to 8 bits, and f32 dot products.
+//! Matrix-vector kernels for the forward pass: quantized weight rows (GGML Q4_0, Q4_1, Q5_0,
+//! Q5_1, Q8_0 and the K-quants Q4_K, Q5_K, Q6_K) against activations quantized to 8 bits,
+//! half-precision rows (F16, BF16) against f32 activations, and f32 dot products.
 //!
 //! Every kernel has a portable scalar version, which is the reference, and an AVX2/FMA/F16C
 //! version chosen at run time ([`Kernels::detect`]) so that the binary stays built for the
@@ -8,8 +9,13 @@
 //! lives in [`x86`]; tests compare it with the scalar reference.
 //!
 //! The block formats are GGML's (ggml-common.h): 32 weights per block, an f16 scale `d`, for
-//! Q4_1 an f16 minimum `m`, and the quants. Q4 quants are nibbles: byte `j` holds weight `j` in
-//! its low nibble and weight `j + 16` in its high nibble.
+//! Q4_1 and Q5_1 an f16 minimum `m`, for Q5 a 32-bit word of fifth bits, and the quants. Q4
+//! quants are nibbles: byte `j` holds weight `j` in its low nibble and weight `j + 16` in its
+//! high nibble. The K-quants hold 256 weights per super-block in sub-blocks with 6-bit (Q4_K,
+//! Q5_K) or 8-bit (Q6_K) scales; every kernel sees a block as 32-weight chunks, each with one
+//! activation block, where weight `e` is `q[e] · d[e / 16] + m` ([`decode_chunk`]): the
+//! arithmetic of ggml-quants.c's `dequantize_row_*`, so the results equal candle's and
+//! llama.cpp's dequantization exactly.
 //!
 //! Matrices are re-laid out at load time, in place, into groups of 8 rows ([`repack`]): per
 //! block, the 8 rows' scales, then their quants interleaved 4 bytes at a time. One 32-byte
@@ -37,34 +43,92 @@ pub struct BlockQ8 {
     pub q: [i8; QK],
 }
 
+/// Weights per K-quant super-block (GGML's `QK_K`).
+pub const QK_K: usize = 256;
+
 /// The GGML block types with a native kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum QuantKind {
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q5_1,
     Q8_0,
+    Q4K,
+    Q5K,
+    Q6K,
 }
 
 impl QuantKind {
-    /// Bytes per block of 32 weights.
+    /// Every kind, for tests and benchmarks.
+    pub const ALL: [QuantKind; 8] = [
+        QuantKind::Q4_0,
+        QuantKind::Q4_1,
+        QuantKind::Q5_0,
+        QuantKind::Q5_1,
+        QuantKind::Q8_0,
+        QuantKind::Q4K,
+        QuantKind::Q5K,
+        QuantKind::Q6K,
+    ];
+
+    /// Weights per block: [`QK`], or [`QK_K`] for the K-quants.
+    pub const fn block_elems(self) -> usize {
+        match self {
+            QuantKind::Q4K | QuantKind::Q5K | QuantKind::Q6K => QK_K,
+            _ => QK,
+        }
+    }
+
+    /// Bytes per block (ggml-common.h's `block_*` structs).
     pub const fn block_bytes(self) -> usize {
         match self {
             QuantKind::Q4_0 => 18,
             QuantKind::Q4_1 => 20,
+            QuantKind::Q5_0 => 22,
+            QuantKind::Q5_1 => 24,
             QuantKind::Q8_0 => 34,
+            QuantKind::Q4K => 144,
+            QuantKind::Q5K => 176,
+            QuantKind::Q6K => 210,
         }
     }
 
-    /// Bytes in one row of `cols` weights (`cols` a multiple of [`QK`]).
+    /// Bytes in one row of `cols` weights (`cols` a multiple of [`Self::block_elems`]).
     pub const fn row_bytes(self, cols: usize) -> usize {
-        cols / QK * self.block_bytes()
+        cols / self.block_elems() * self.block_bytes()
     }
 
-    /// Bytes of quants per block: the block minus its f16 scales.
+    /// Whether [`repack`] and the grouped kernels handle this kind.
+    pub const fn packable(self) -> bool {
+        matches!(self, QuantKind::Q4_0 | QuantKind::Q4_1 | QuantKind::Q8_0)
+    }
+
+    /// Bytes of quants per block of a [packable](Self::packable) kind: the block minus its f16
+    /// scales.
     pub const fn quant_bytes(self) -> usize {
         match self {
             QuantKind::Q4_0 | QuantKind::Q4_1 => QK / 2,
-            QuantKind::Q8_0 => QK,
+            _ => QK,
+        }
+    }
+}
+
+/// Half-precision weight types, multiplied against f32 activations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HalfKind {
+    F16,
+    Bf16,
+}
+
+impl HalfKind {
+    /// The weight at `bytes[2 * i..2 * i + 2]` (0 if out of range).
+    #[inline]
+    pub fn at(self, bytes: &[u8], i: usize) -> f32 {
+        match (self, bytes.get(2 * i..2 * i + 2)) {
+            (HalfKind::F16, Some(&[lo, hi])) => f16::from_le_bytes([lo, hi]).to_f32(),
+            (HalfKind::Bf16, Some(&[lo, hi])) => half::bf16::from_le_bytes([lo, hi]).to_f32(),
+            _ => 0.0,
         }
     }
 }
@@ -126,7 +190,12 @@ impl Kernels {
         out: &mut [f32],
     ) {
         let n = out.len();
-        if nb == 0 || w.len() != nb * kind.block_bytes() || acts.len() != n * nb {
+        let cols = nb * QK;
+        if nb == 0
+            || !cols.is_multiple_of(kind.block_elems())
+            || w.len() != kind.row_bytes(cols)
+            || acts.len() != n * nb
+        {
             out.fill(0.0);
             return;
         }
@@ -148,7 +217,11 @@ impl Kernels {
         out: &mut [f32],
     ) {
         let n = out.len() / PACK;
-        if nb == 0 || group.len() != nb * PACK * kind.block_bytes() || acts.len() != n * nb {
+        if nb == 0
+            || !kind.packable()
+            || group.len() != nb * PACK * kind.block_bytes()
+            || acts.len() != n * nb
+        {
             out.fill(0.0);
             return;
         }
@@ -156,6 +229,26 @@ impl Kernels {
             Imp::Scalar => scalar_quant_group(kind, group, acts, nb, out),
             #[cfg(target_arch = "x86_64")]
             Imp::Avx2 => x86::quant_group(kind, group, acts, nb, out),
+        }
+    }
+
+    /// Dot products of one half-precision weight row (`xs.len() / n` weights, `n = out.len()`)
+    /// with `n` f32 activation rows: `out[j] = w · xs[j]`. Mismatched lengths leave `out`
+    /// zeroed.
+    pub fn half_row(self, kind: HalfKind, w: &[u8], xs: &[f32], out: &mut [f32]) {
+        let cols = w.len() / 2;
+        if cols == 0 || w.len() % 2 != 0 || xs.len() != cols * out.len() {
+            out.fill(0.0);
+            return;
+        }
+        match self.0 {
+            Imp::Scalar => {
+                for (o, x) in out.iter_mut().zip(xs.chunks_exact(cols)) {
+                    *o = scalar_half_dot(kind, w, x);
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Imp::Avx2 => x86::half_row(kind, w, xs, out),
         }
     }
 
@@ -282,70 +375,155 @@ pub fn f16_at(bytes: &[u8], at: usize) -> f32 {
     }
 }
 
-/// Dequantizes one row of `kind` weights into `out` (`out.len()` weights).
-pub fn dequantize_row(kind: QuantKind, w: &[u8], out: &mut [f32]) {
-    for (blk, ys) in w
-        .chunks_exact(kind.block_bytes())
-        .zip(out.chunks_exact_mut(QK))
-    {
-        let d = f16_at(blk, 0);
-        match kind {
-            QuantKind::Q4_0 | QuantKind::Q4_1 => {
-                let (m, qs) = match kind {
-                    QuantKind::Q4_1 => (f16_at(blk, 2), blk.get(4..).unwrap_or_default()),
-                    _ => (-8.0 * d, blk.get(2..).unwrap_or_default()),
-                };
-                let (lo, hi) = ys.split_at_mut(QK / 2);
-                for ((q, l), h) in qs.iter().zip(lo).zip(hi) {
-                    *l = f32::from(q & 0x0F) * d + m;
-                    *h = f32::from(q >> 4) * d + m;
+/// The byte at `i`, or 0: block slices are sized by the callers, so this only keeps a
+/// malformed slice from panicking.
+#[inline]
+fn byte(b: &[u8], i: usize) -> u8 {
+    b.get(i).copied().unwrap_or(0)
+}
+
+/// The 6-bit scale and minimum of sub-block `j` of a Q4_K or Q5_K super-block (GGML's
+/// `get_scale_min_k4`).
+#[inline]
+pub fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (byte(q, j) & 63, byte(q, j + 4) & 63)
+    } else {
+        (
+            (byte(q, j + 4) & 0xF) | ((byte(q, j - 4) >> 6) << 4),
+            (byte(q, j + 4) >> 4) | ((byte(q, j) >> 6) << 4),
+        )
+    }
+}
+
+/// Chunk `c` (32 weights; `c < kind.block_elems() / 32`) of one block: integer quants `q`,
+/// the scales of its two halves `d`, and the offset `m`, so that weight `e` is
+/// `q[e] · d[e / 16] + m`. This is the scalar reference every kernel is tested against.
+pub fn decode_chunk(kind: QuantKind, blk: &[u8], c: usize) -> ([i32; QK], [f32; 2], f32) {
+    let mut q = [0i32; QK];
+    let nibble = |qs: usize, e: usize| -> i32 {
+        // Q4_0/Q4_1/Q5 layout: weight e < 16 in the low nibble of byte e, e ≥ 16 in the high
+        // nibble of byte e - 16.
+        let b = byte(blk, qs + e % 16);
+        i32::from(if e < 16 { b & 0x0F } else { b >> 4 })
+    };
+    let word = |at: usize| u32::from_le_bytes([0, 1, 2, 3].map(|i| byte(blk, at + i)));
+    match kind {
+        QuantKind::Q4_0 | QuantKind::Q4_1 => {
+            let d = f16_at(blk, 0);
+            let (m, qs) = match kind {
+                QuantKind::Q4_1 => (f16_at(blk, 2), 4),
+                _ => (-8.0 * d, 2),
+            };
+            for (e, q) in q.iter_mut().enumerate() {
+                *q = nibble(qs, e);
+            }
+            (q, [d; 2], m)
+        }
+        QuantKind::Q5_0 | QuantKind::Q5_1 => {
+            let d = f16_at(blk, 0);
+            let (m, qh, qs) = match kind {
+                QuantKind::Q5_1 => (f16_at(blk, 2), word(4), 8),
+                _ => (-16.0 * d, word(2), 6),
+            };
+            for (e, q) in q.iter_mut().enumerate() {
+                *q = nibble(qs, e) | (((qh >> e) & 1) << 4) as i32;
+            }
+            (q, [d; 2], m)
+        }
+        QuantKind::Q8_0 => {
+            for (e, q) in q.iter_mut().enumerate() {
+                *q = i32::from(byte(blk, 2 + e) as i8);
+            }
+            (q, [f16_at(blk, 0); 2], 0.0)
+        }
+        QuantKind::Q4K | QuantKind::Q5K => {
+            // d, dmin, 12 bytes of scales, [Q5_K: 32 bytes of fifth bits], 128 bytes of
+            // nibbles: chunk c is the low (c even) or high nibbles of bytes 32·(c/2)...
+            let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
+            let (sc, mn) = scale_min_k4(c, blk.get(4..16).unwrap_or_default());
+            let qs = if kind == QuantKind::Q5K { 48 } else { 16 };
+            for (e, q) in q.iter_mut().enumerate() {
+                let b = byte(blk, qs + 32 * (c / 2) + e);
+                *q = i32::from((b >> (4 * (c % 2))) & 0x0F);
+                if kind == QuantKind::Q5K {
+                    *q |= i32::from((byte(blk, 16 + e) >> c) & 1) << 4;
                 }
             }
-            QuantKind::Q8_0 => {
-                let qs = blk.get(2..).unwrap_or_default();
-                for (q, y) in qs.iter().zip(ys.iter_mut()) {
-                    *y = f32::from(*q as i8) * d;
-                }
+            (q, [d * f32::from(sc); 2], -(dmin * f32::from(mn)))
+        }
+        QuantKind::Q6K => {
+            // 128 bytes of low nibbles, 64 of high bit pairs, 16 signed scales, d. Each half of
+            // the super-block (n) is four chunks k: low/high nibbles of two 32-byte runs.
+            let d = f16_at(blk, 208);
+            let (n, k) = (c / 4, c % 4);
+            for (e, q) in q.iter_mut().enumerate() {
+                let lo = (byte(blk, 64 * n + 32 * (k % 2) + e) >> (4 * (k / 2))) & 0x0F;
+                let hi = (byte(blk, 128 + 32 * n + e) >> (2 * k)) & 3;
+                *q = i32::from(lo | (hi << 4)) - 32;
+            }
+            let sc = |i: usize| f32::from(byte(blk, 192 + 8 * n + 2 * k + i) as i8);
+            (q, [d * sc(0), d * sc(1)], 0.0)
+        }
+    }
+}
+
+/// Dequantizes one row of `kind` weights into `out` (`out.len()` weights).
+pub fn dequantize_row(kind: QuantKind, w: &[u8], out: &mut [f32]) {
+    let chunks = kind.block_elems() / QK;
+    for (blk, ys) in w
+        .chunks_exact(kind.block_bytes())
+        .zip(out.chunks_exact_mut(kind.block_elems()))
+    {
+        for (c, ys) in ys.chunks_exact_mut(QK).enumerate().take(chunks) {
+            let (q, d, m) = decode_chunk(kind, blk, c);
+            for (e, (y, q)) in ys.iter_mut().zip(q).enumerate() {
+                *y = q as f32 * if e < 16 { d[0] } else { d[1] } + m;
             }
         }
     }
 }
 
+/// Dequantizes one half-precision row into `out` (`out.len()` weights).
+pub fn dequantize_half_row(kind: HalfKind, w: &[u8], out: &mut [f32]) {
+    for (i, y) in out.iter_mut().enumerate() {
+        *y = kind.at(w, i);
+    }
+}
+
 fn scalar_quant_row(kind: QuantKind, w: &[u8], acts: &[BlockQ8], nb: usize, out: &mut [f32]) {
-    let bb = kind.block_bytes();
+    let chunks = kind.block_elems() / QK;
     for (o, arow) in out.iter_mut().zip(acts.chunks_exact(nb)) {
         let mut acc = 0.0f32;
-        for (blk, a) in w.chunks_exact(bb).zip(arow) {
-            let d = f16_at(blk, 0);
-            acc += match kind {
-                QuantKind::Q4_0 | QuantKind::Q4_1 => {
-                    let qs = blk.get(bb - QK / 2..).unwrap_or_default();
-                    let (alo, ahi) = a.q.split_at(QK / 2);
-                    let mut isum = 0i32;
-                    for ((q, l), h) in qs.iter().zip(alo).zip(ahi) {
-                        isum += i32::from(q & 0x0F) * i32::from(*l);
-                        isum += i32::from(q >> 4) * i32::from(*h);
-                    }
-                    let m = if kind == QuantKind::Q4_1 {
-                        f16_at(blk, 2)
+        for (b, blk) in w.chunks_exact(kind.block_bytes()).enumerate() {
+            for c in 0..chunks {
+                let Some(a) = arow.get(b * chunks + c) else {
+                    continue;
+                };
+                let (q, d, m) = decode_chunk(kind, blk, c);
+                let (mut lo, mut hi) = (0i32, 0i32);
+                for (e, (q, x)) in q.iter().zip(&a.q).enumerate() {
+                    if e < 16 {
+                        lo += q * i32::from(*x);
                     } else {
-                        -8.0 * d
-                    };
-                    d * a.d * isum as f32 + m * a.s
+                        hi += q * i32::from(*x);
+                    }
                 }
-                QuantKind::Q8_0 => {
-                    let qs = blk.get(2..).unwrap_or_default();
-                    let isum: i32 = qs
-                        .iter()
-                        .zip(&a.q)
-                        .map(|(q, x)| i32::from(*q as i8) * i32::from(*x))
-                        .sum();
-                    d * a.d * isum as f32
-                }
-            };
+                acc += a.d * (d[0] * lo as f32 + d[1] * hi as f32) + m * a.s;
+            }
         }
         *o = acc;
     }
+}
+
+fn scalar_half_dot(kind: HalfKind, w: &[u8], x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    for (i, x) in x.iter().enumerate() {
+        if let Some(a) = acc.get_mut(i % 8) {
+            *a += kind.at(w, i) * x;
+        }
+    }
+    acc.iter().sum()
 }
 
 /// Re-lays out [`PACK`] consecutive rows of `kind` blocks (`rows`, `nb` blocks each) into
@@ -388,7 +566,7 @@ fn packed_block_row(kind: QuantKind, blk: &[u8], r: usize) -> ([i32; QK], f32, f
     let m = match kind {
         QuantKind::Q4_1 => f16_at(blk, 2 * PACK + 2 * r),
         QuantKind::Q4_0 => -8.0 * d,
-        QuantKind::Q8_0 => 0.0,
+        _ => 0.0,
     };
     let mut q = [0i32; QK];
     for k in 0..kind.quant_bytes() / 4 {
@@ -468,23 +646,37 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// Builds `rows` random rows of `kind` blocks from a seed, with sane f16 scales.
+    /// One random row of `nb * QK` weights of `kind` from a seed, with sane f16 scales.
     fn random_weights(kind: QuantKind, nb: usize, seed: u64) -> Vec<u8> {
         let mut rng = crate::sampling::Rng::new(seed);
+        let blocks = nb * QK / kind.block_elems();
+        let halves: &[usize] = match kind {
+            QuantKind::Q4_1 | QuantKind::Q5_1 | QuantKind::Q4K | QuantKind::Q5K => &[0, 2],
+            QuantKind::Q6K => &[208],
+            _ => &[0],
+        };
         let mut w = Vec::new();
-        for _ in 0..nb {
-            let d = f16::from_f32((rng.next_f32() + 0.01) * 0.05).to_le_bytes();
-            w.extend_from_slice(&d);
-            if kind == QuantKind::Q4_1 {
-                let m = f16::from_f32((rng.next_f32() - 0.5) * 0.5).to_le_bytes();
-                w.extend_from_slice(&m);
+        for _ in 0..blocks {
+            let mut blk: Vec<u8> = (0..kind.block_bytes())
+                .map(|_| (rng.next_u64() & 0xFF) as u8)
+                .collect();
+            for (i, at) in halves.iter().enumerate() {
+                let v = if i == 0 {
+                    (rng.next_f32() + 0.01) * 0.05
+                } else {
+                    (rng.next_f32() - 0.5) * 0.5
+                };
+                blk[*at..*at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
             }
-            let nq = if kind == QuantKind::Q8_0 { 32 } else { 16 };
-            for _ in 0..nq {
-                w.push((rng.next_u64() & 0xFF) as u8);
-            }
+            w.extend_from_slice(&blk);
         }
         w
+    }
+
+    /// Activation-block counts that fit `kind`'s blocks: `nb` 32-value blocks, or `nb`
+    /// super-blocks for the K-quants.
+    fn blocks(kind: QuantKind, nb: usize) -> usize {
+        nb * kind.block_elems() / QK
     }
 
     fn random_acts(len: usize, seed: u64) -> Vec<f32> {
@@ -534,9 +726,44 @@ mod tests {
 
     #[test]
     fn quant_kernels_match_the_scalar_reference() {
-        for kind in [QuantKind::Q4_0, QuantKind::Q4_1, QuantKind::Q8_0] {
+        for kind in QuantKind::ALL {
             for (nb, n) in [(1, 1), (18, 1), (18, 3), (48, 4), (48, 7), (5, 9)] {
-                check_kind(kind, nb, n, (nb * 31 + n) as u64);
+                check_kind(kind, blocks(kind, nb), n, (nb * 31 + n) as u64);
+            }
+        }
+    }
+
+    #[test]
+    fn half_kernels_match_the_scalar_reference() {
+        for kind in [HalfKind::F16, HalfKind::Bf16] {
+            for (cols, n) in [(8, 1), (64, 3), (100, 5), (896, 4)] {
+                let x = random_acts(n * cols, cols as u64);
+                let wf = random_acts(cols, 7);
+                let w: Vec<u8> = wf
+                    .iter()
+                    .flat_map(|v| match kind {
+                        HalfKind::F16 => f16::from_f32(*v).to_le_bytes(),
+                        HalfKind::Bf16 => half::bf16::from_f32(*v).to_le_bytes(),
+                    })
+                    .collect();
+                let mut deq = vec![0.0; cols];
+                dequantize_half_row(kind, &w, &mut deq);
+                let (mut want, mut got) = (vec![0.0; n], vec![0.0; n]);
+                Kernels::Scalar.half_row(kind, &w, &x, &mut want);
+                Kernels::detect().half_row(kind, &w, &x, &mut got);
+                for j in 0..n {
+                    let exact: f32 = deq.iter().zip(&x[j * cols..]).map(|(a, b)| a * b).sum();
+                    assert!(
+                        (want[j] - exact).abs() < 1e-3,
+                        "{kind:?}: {} vs {exact}",
+                        want[j]
+                    );
+                    assert!(
+                        (got[j] - exact).abs() < 1e-3,
+                        "{kind:?}: {} vs {exact}",
+                        got[j]
+                    );
+                }
             }
         }
     }
@@ -665,12 +892,33 @@ mod tests {
         for (kind, dtype) in [
             (QuantKind::Q4_0, GgmlDType::Q4_0),
             (QuantKind::Q4_1, GgmlDType::Q4_1),
+            (QuantKind::Q5_0, GgmlDType::Q5_0),
+            (QuantKind::Q5_1, GgmlDType::Q5_1),
             (QuantKind::Q8_0, GgmlDType::Q8_0),
+            (QuantKind::Q4K, GgmlDType::Q4K),
+            (QuantKind::Q5K, GgmlDType::Q5K),
+            (QuantKind::Q6K, GgmlDType::Q6K),
         ] {
-            let w = random_weights(kind, 4, 9);
-            let mut ours = vec![0.0; 4 * QK];
+            let nb = blocks(kind, 4);
+            let w = random_weights(kind, nb, 9);
+            let mut ours = vec![0.0; nb * QK];
             dequantize_row(kind, &w, &mut ours);
-            let theirs = qtensor_from_ggml(dtype, &w, vec![4 * QK], &Device::Cpu)
+            let theirs = qtensor_from_ggml(dtype, &w, vec![nb * QK], &Device::Cpu)
+                .unwrap()
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert_eq!(ours, theirs, "{kind:?}");
+        }
+        for (kind, dtype) in [
+            (HalfKind::F16, GgmlDType::F16),
+            (HalfKind::Bf16, GgmlDType::BF16),
+        ] {
+            let w: Vec<u8> = (0..64u8).map(|i| i.wrapping_mul(37) & 0x3F).collect();
+            let mut ours = vec![0.0; 32];
+            dequantize_half_row(kind, &w, &mut ours);
+            let theirs = qtensor_from_ggml(dtype, &w, vec![32], &Device::Cpu)
                 .unwrap()
                 .dequantize(&Device::Cpu)
                 .unwrap()

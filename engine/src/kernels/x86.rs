@@ -5,13 +5,15 @@
 //! and F16C; that is what makes calling the `#[target_feature]` functions sound. (2) Every
 //! memory access goes through a fixed-size array reference (`&[u8; 16]`, `&[i8; 32]`,
 //! `&[f32; 8]`) taken with safe slicing, so the unaligned loads and stores below never read or
-//! write outside a Rust object. The algorithms follow GGML's `ggml_vec_dot_q4_1_q8_1` and
-//! `ggml_vec_dot_q8_0_q8_0` (ggml-cpu/arch/x86/quants.c), batched over several activation rows
-//! so each weight block is unpacked once per group.
+//! write outside a Rust object. The algorithms follow GGML's `ggml_vec_dot_q4_1_q8_1`,
+//! `ggml_vec_dot_q5_0_q8_0`, `ggml_vec_dot_q8_0_q8_0` and the K-quant dot products
+//! (ggml-cpu/arch/x86/quants.c), batched over several activation rows so each weight block is
+//! unpacked once per group; the K-quants are taken 32 weights at a time against this crate's
+//! 32-value activation blocks (see the parent module).
 
 #![allow(unsafe_code)]
 
-use super::{BlockQ8, QuantKind, PACK, QK};
+use super::{scale_min_k4, BlockQ8, HalfKind, QuantKind, PACK, QK};
 use std::arch::x86_64::*;
 
 /// Whether this CPU has everything the kernels below use.
@@ -38,6 +40,11 @@ pub(super) fn quant_group(
 ) {
     // SAFETY: as in `quant_row`.
     unsafe { quant_group_avx2(kind, group, acts, nb, out) }
+}
+
+pub(super) fn half_row(kind: HalfKind, w: &[u8], xs: &[f32], out: &mut [f32]) {
+    // SAFETY: as in `quant_row`.
+    unsafe { half_row_avx2(kind, w, xs, out) }
 }
 
 pub(super) fn weighted_sum(
@@ -98,6 +105,26 @@ fn quant_row_avx2(kind: QuantKind, w: &[u8], acts: &[BlockQ8], nb: usize, out: &
             (QuantKind::Q4_0, 3) => q4_group::<3, false>(w, rows, nb, dst),
             (QuantKind::Q4_0, 2) => q4_group::<2, false>(w, rows, nb, dst),
             (QuantKind::Q4_0, _) => q4_group::<1, false>(w, rows, nb, dst),
+            (QuantKind::Q5_0, 4) => q5_group::<4, false>(w, rows, nb, dst),
+            (QuantKind::Q5_0, 3) => q5_group::<3, false>(w, rows, nb, dst),
+            (QuantKind::Q5_0, 2) => q5_group::<2, false>(w, rows, nb, dst),
+            (QuantKind::Q5_0, _) => q5_group::<1, false>(w, rows, nb, dst),
+            (QuantKind::Q5_1, 4) => q5_group::<4, true>(w, rows, nb, dst),
+            (QuantKind::Q5_1, 3) => q5_group::<3, true>(w, rows, nb, dst),
+            (QuantKind::Q5_1, 2) => q5_group::<2, true>(w, rows, nb, dst),
+            (QuantKind::Q5_1, _) => q5_group::<1, true>(w, rows, nb, dst),
+            (QuantKind::Q4K, 4) => qk45_group::<4, false>(w, rows, nb, dst),
+            (QuantKind::Q4K, 3) => qk45_group::<3, false>(w, rows, nb, dst),
+            (QuantKind::Q4K, 2) => qk45_group::<2, false>(w, rows, nb, dst),
+            (QuantKind::Q4K, _) => qk45_group::<1, false>(w, rows, nb, dst),
+            (QuantKind::Q5K, 4) => qk45_group::<4, true>(w, rows, nb, dst),
+            (QuantKind::Q5K, 3) => qk45_group::<3, true>(w, rows, nb, dst),
+            (QuantKind::Q5K, 2) => qk45_group::<2, true>(w, rows, nb, dst),
+            (QuantKind::Q5K, _) => qk45_group::<1, true>(w, rows, nb, dst),
+            (QuantKind::Q6K, 4) => q6k_group::<4>(w, rows, nb, dst),
+            (QuantKind::Q6K, 3) => q6k_group::<3>(w, rows, nb, dst),
+            (QuantKind::Q6K, 2) => q6k_group::<2>(w, rows, nb, dst),
+            (QuantKind::Q6K, _) => q6k_group::<1>(w, rows, nb, dst),
         }
         j0 += g;
     }
@@ -234,6 +261,239 @@ fn q8_group<const G: usize>(w: &[u8], acts: &[BlockQ8], nb: usize, out: &mut [f3
     }
 }
 
+/// One 32-weight chunk against the same chunk of `G` activation rows: `acc[j] += scale ·
+/// a.d · (wq · a.q)` lane by lane (lanes 0–3 cover weights 0–15, lanes 4–7 weights 16–31, so
+/// a chunk with two half scales passes them as one vector) and `accm[j] += m · a.s`. Unsigned
+/// quants go straight into `maddubs`; signed ones use GGML's sign trick (`|w| · sign(w)·a`).
+/// Each `maddubs` pair stays within i16: at most 2 · 63 · 128 unsigned, 2 · 128 · 127 signed.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn accumulate<const G: usize, const SIGNED: bool>(
+    wq: __m256i,
+    scale: __m256,
+    m: f32,
+    a: &[&BlockQ8; G],
+    acc: &mut [__m256; G],
+    accm: &mut [f32; G],
+) {
+    let ones = _mm256_set1_epi16(1);
+    let wabs = if SIGNED { _mm256_sign_epi8(wq, wq) } else { wq };
+    for ((acc, accm), a) in acc.iter_mut().zip(accm.iter_mut()).zip(a) {
+        let x = load_i8x32(&a.q);
+        let x = if SIGNED { _mm256_sign_epi8(x, wq) } else { x };
+        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, x), ones);
+        let s = _mm256_mul_ps(scale, _mm256_set1_ps(a.d));
+        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, *acc);
+        *accm += m * a.s;
+    }
+}
+
+/// 32 bytes, byte `e` 0xFF where bit `e` of `x` is set (GGML's `bytes_from_bits_32`).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn bytes_from_bits_32(x: u32) -> __m256i {
+    let shuf = _mm256_set_epi64x(
+        0x0303_0303_0303_0303,
+        0x0202_0202_0202_0202,
+        0x0101_0101_0101_0101,
+        0,
+    );
+    let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(x as i32), shuf);
+    let bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe));
+    _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1))
+}
+
+/// Writes the `G` sums.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn finish<const G: usize>(acc: [__m256; G], accm: [f32; G], out: &mut [f32]) {
+    for ((o, a), m) in out.iter_mut().zip(acc).zip(accm) {
+        *o = hsum(a) + m;
+    }
+}
+
+/// Q5_0 / Q5_1 weight row against `G` activation rows: nibbles as in Q4, the fifth bit from
+/// the block's 32-bit word; Q5_0's offset of 16 becomes `m = -16 d`.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q5_group<const G: usize, const Q5_1: bool>(
+    w: &[u8],
+    acts: &[BlockQ8],
+    nb: usize,
+    out: &mut [f32],
+) {
+    let kind = if Q5_1 {
+        QuantKind::Q5_1
+    } else {
+        QuantKind::Q5_0
+    };
+    let low = _mm_set1_epi8(0x0F);
+    let bit4 = _mm256_set1_epi8(0x10);
+    let mut acc = [_mm256_setzero_ps(); G];
+    let mut accm = [0.0f32; G];
+    for (b, blk) in w.chunks_exact(kind.block_bytes()).enumerate().take(nb) {
+        let (d, m, qh, qs) = match blk {
+            [d0, d1, m0, m1, h0, h1, h2, h3, qs @ ..] if Q5_1 => (
+                f16_to_f32(*d0, *d1),
+                f16_to_f32(*m0, *m1),
+                [*h0, *h1, *h2, *h3],
+                qs,
+            ),
+            [d0, d1, h0, h1, h2, h3, qs @ ..] => {
+                let d = f16_to_f32(*d0, *d1);
+                (d, -16.0 * d, [*h0, *h1, *h2, *h3], qs)
+            }
+            _ => continue,
+        };
+        let (Ok(qs), Some(a)) = (<&[u8; 16]>::try_from(qs), gather::<G>(acts, nb, b)) else {
+            continue;
+        };
+        let packed = load_u8x16(qs);
+        let lo = _mm_and_si128(packed, low);
+        let hi = _mm_and_si128(_mm_srli_epi16::<4>(packed), low);
+        let high = _mm256_and_si256(bytes_from_bits_32(u32::from_le_bytes(qh)), bit4);
+        let wq = _mm256_or_si256(_mm256_set_m128i(hi, lo), high);
+        accumulate::<G, false>(wq, _mm256_set1_ps(d), m, &a, &mut acc, &mut accm);
+    }
+    finish(acc, accm, out);
+}
+
+/// Q4_K / Q5_K weight row against `G` activation rows: per super-block, the eight 6-bit
+/// scales and minimums once, then the eight 32-weight chunks (GGML's `ggml_vec_dot_q4_K_q8_K`
+/// takes the same chunks, 64 weights per pass).
+#[target_feature(enable = "avx2,fma,f16c")]
+fn qk45_group<const G: usize, const Q5: bool>(
+    w: &[u8],
+    acts: &[BlockQ8],
+    nb: usize,
+    out: &mut [f32],
+) {
+    let kind = if Q5 { QuantKind::Q5K } else { QuantKind::Q4K };
+    let low = _mm256_set1_epi8(0x0F);
+    let bit4 = _mm256_set1_epi8(0x10);
+    let mut acc = [_mm256_setzero_ps(); G];
+    let mut accm = [0.0f32; G];
+    for (sb, blk) in w.chunks_exact(kind.block_bytes()).enumerate() {
+        let [d0, d1, m0, m1, rest @ ..] = blk else {
+            continue;
+        };
+        let (d, dmin) = (f16_to_f32(*d0, *d1), f16_to_f32(*m0, *m1));
+        let (scales, rest) = rest.split_at(12.min(rest.len()));
+        let (qh, qs) = rest.split_at(if Q5 { 32.min(rest.len()) } else { 0 });
+        let qh = match <&[u8; 32]>::try_from(qh) {
+            Ok(qh) => Some(load_u8x32(qh)),
+            Err(_) => None,
+        };
+        let Ok(qs) = <&[u8; 128]>::try_from(qs) else {
+            continue;
+        };
+        for (p, run) in qs.as_chunks::<32>().0.iter().enumerate() {
+            let bytes = load_u8x32(run);
+            let nibbles = [
+                _mm256_and_si256(bytes, low),
+                _mm256_and_si256(_mm256_srli_epi16::<4>(bytes), low),
+            ];
+            for (h, mut wq) in nibbles.into_iter().enumerate() {
+                let c = 2 * p + h;
+                let Some(a) = gather::<G>(acts, nb, sb * 8 + c) else {
+                    continue;
+                };
+                if let Some(qh) = qh {
+                    let bit = _mm256_set1_epi8((1u8 << c) as i8);
+                    let set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit);
+                    wq = _mm256_or_si256(wq, _mm256_and_si256(set, bit4));
+                }
+                let (sc, mn) = scale_min_k4(c, scales);
+                let scale = _mm256_set1_ps(d * f32::from(sc));
+                let m = -(dmin * f32::from(mn));
+                accumulate::<G, false>(wq, scale, m, &a, &mut acc, &mut accm);
+            }
+        }
+    }
+    finish(acc, accm, out);
+}
+
+/// Q6_K weight row against `G` activation rows: per half super-block, two 32-byte runs of low
+/// nibbles and one of high bit pairs make four chunks of signed quants `q - 32`, each with two
+/// 8-bit scales (one per 16 weights).
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q6k_group<const G: usize>(w: &[u8], acts: &[BlockQ8], nb: usize, out: &mut [f32]) {
+    let low = _mm256_set1_epi8(0x0F);
+    let three = _mm256_set1_epi8(3);
+    let offset = _mm256_set1_epi8(32);
+    let mut acc = [_mm256_setzero_ps(); G];
+    let mut accm = [0.0f32; G];
+    for (sb, blk) in w.chunks_exact(QuantKind::Q6K.block_bytes()).enumerate() {
+        let (Some(Ok(ql)), Some(Ok(qh)), Some(Ok(sc)), Some(&[d0, d1])) = (
+            blk.get(..128).map(<&[u8; 128]>::try_from),
+            blk.get(128..192).map(<&[u8; 64]>::try_from),
+            blk.get(192..208).map(<&[u8; 16]>::try_from),
+            blk.get(208..210),
+        ) else {
+            continue;
+        };
+        let d = f16_to_f32(d0, d1);
+        let (ql, qh) = (ql.as_chunks::<32>().0, qh.as_chunks::<32>().0);
+        for n in 0..2 {
+            let (Some(l0), Some(l1), Some(h)) = (ql.get(2 * n), ql.get(2 * n + 1), qh.get(n))
+            else {
+                continue;
+            };
+            let (l0, l1, h) = (load_u8x32(l0), load_u8x32(l1), load_u8x32(h));
+            let chunks = [
+                (_mm256_and_si256(l0, low), h),
+                (_mm256_and_si256(l1, low), _mm256_srli_epi16::<2>(h)),
+                (
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(l0), low),
+                    _mm256_srli_epi16::<4>(h),
+                ),
+                (
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(l1), low),
+                    _mm256_srli_epi16::<6>(h),
+                ),
+            ];
+            for (k, (lo, hi)) in chunks.into_iter().enumerate() {
+                let c = 4 * n + k;
+                let Some(a) = gather::<G>(acts, nb, sb * 8 + c) else {
+                    continue;
+                };
+                let hi = _mm256_slli_epi16::<4>(_mm256_and_si256(hi, three));
+                let wq = _mm256_sub_epi8(_mm256_or_si256(lo, hi), offset);
+                let s =
+                    |i: usize| d * f32::from(sc.get(8 * n + 2 * k + i).copied().unwrap_or(0) as i8);
+                let scale = _mm256_set_m128(_mm_set1_ps(s(1)), _mm_set1_ps(s(0)));
+                accumulate::<G, true>(wq, scale, 0.0, &a, &mut acc, &mut accm);
+            }
+        }
+    }
+    finish(acc, accm, out);
+}
+
+/// One half-precision row against several f32 activation rows, 8 weights per step.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn half_row_avx2(kind: HalfKind, w: &[u8], xs: &[f32], out: &mut [f32]) {
+    let cols = w.len() / 2;
+    let body = cols - cols % 8;
+    for (o, x) in out.iter_mut().zip(xs.chunks_exact(cols)) {
+        let mut acc = _mm256_setzero_ps();
+        for (wc, xc) in w.chunks_exact(16).zip(x.chunks_exact(8)) {
+            let (Ok(wc), Ok(xc)) = (<&[u8; 16]>::try_from(wc), <&[f32; 8]>::try_from(xc)) else {
+                continue;
+            };
+            let wf = match kind {
+                HalfKind::F16 => load_u8x16_f16(wc),
+                HalfKind::Bf16 => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(
+                    _mm256_cvtepu16_epi32(load_u8x16(wc)),
+                )),
+            };
+            acc = _mm256_fmadd_ps(wf, load_f32x8(xc), acc);
+        }
+        let tail: f32 = (body..cols)
+            .map(|i| kind.at(w, i) * x.get(i).copied().unwrap_or(0.0))
+            .sum();
+        *o = hsum(acc) + tail;
+    }
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = _mm256_setzero_ps();
@@ -289,6 +549,8 @@ fn quant_group_avx2(kind: QuantKind, group: &[u8], acts: &[BlockQ8], nb: usize, 
             (QuantKind::Q8_0, 3) => packed_q8_group::<3>(group, rows, nb, dst),
             (QuantKind::Q8_0, 2) => packed_q8_group::<2>(group, rows, nb, dst),
             (QuantKind::Q8_0, _) => packed_q8_group::<1>(group, rows, nb, dst),
+            // `Kernels::quant_group` admits packable kinds only.
+            _ => dst.fill(0.0),
         }
         j0 += g;
     }
