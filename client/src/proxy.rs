@@ -1,7 +1,8 @@
 //! `client proxy`: the OpenAI API on localhost, so that unmodified OpenAI SDKs and curl talk to
 //! the enclave through the attested channel (DESIGN.md §4.4).
 //!
-//! - `POST /v1/chat/completions` (streaming and not) and `GET /v1/models` are carried inside
+//! - `POST /v1/chat/completions` and `POST /v1/completions` (streaming and not) and
+//!   `GET /v1/models` are carried inside
 //!   the encrypted channel, with the `authorization` header, and the enclave's status, content
 //!   type and body come back as they are produced;
 //! - `GET /v1/attestation` shows what was verified (`?fresh=1` attests again).
@@ -136,7 +137,9 @@ pub async fn serve(
 async fn handle(client: &Client, req: Request<Incoming>, max_body: usize) -> Response<ProxyBody> {
     let path = req.uri().path().trim_end_matches('/').to_owned();
     match (req.method().clone(), path.as_str()) {
-        (Method::POST, "/v1/chat/completions") => forward(client, req, max_body).await,
+        (Method::POST, "/v1/chat/completions" | "/v1/completions") => {
+            forward(client, req, max_body).await
+        }
         (Method::GET, "/v1/models") => forward(client, req, max_body).await,
         (Method::GET, "/v1/attestation") => {
             let fresh = req
@@ -156,7 +159,7 @@ async fn handle(client: &Client, req: Request<Incoming>, max_body: usize) -> Res
                 Err(e) => client_error(&e),
             }
         }
-        (_, "/v1/chat/completions" | "/v1/models" | "/v1/attestation") => error(
+        (_, "/v1/chat/completions" | "/v1/completions" | "/v1/models" | "/v1/attestation") => error(
             StatusCode::METHOD_NOT_ALLOWED,
             "invalid_request_error",
             "method_not_allowed",
@@ -166,7 +169,7 @@ async fn handle(client: &Client, req: Request<Incoming>, max_body: usize) -> Res
             StatusCode::NOT_FOUND,
             "invalid_request_error",
             "unknown_url",
-            "unknown path; this proxy serves /v1/chat/completions, /v1/models and /v1/attestation",
+            "unknown path; this proxy serves /v1/chat/completions, /v1/completions, /v1/models and /v1/attestation",
         ),
     }
 }

@@ -3,7 +3,8 @@
 //! bound to the model and the runtime configuration (`common::binding`).
 //!
 //! A request is a chunked-OHTTP message to that key; inside is a binary HTTP request
-//! (RFC 9292) for the OpenAI API: `POST /v1/chat/completions` or `GET /v1/models`. The answer
+//! (RFC 9292) for the OpenAI API: `POST /v1/chat/completions`, `POST /v1/completions` (legacy,
+//! for base models) or `GET /v1/models`. The answer
 //! is a binary HTTP response sealed chunk by chunk as tokens are produced: the head and the
 //! first server-sent event at once, then one chunk per batch of tokens. Content errors (bad
 //! JSON, unknown model, context too long) are answered inside the channel with OpenAI's error
@@ -270,7 +271,11 @@ async fn route(ctx: &Ctx, req: &bhttp::Request, out: &mut Out, audit: &mut Audit
     let status = match (req.method.as_str(), path) {
         ("POST", "/v1/chat/completions") => {
             audit.route = "chat.completions";
-            chat(ctx, req, out, audit).await
+            generate(ctx, req, Api::Chat, out, audit).await
+        }
+        ("POST", "/v1/completions") => {
+            audit.route = "completions";
+            generate(ctx, req, Api::Text, out, audit).await
         }
         ("GET", "/v1/models") => {
             audit.route = "models";
@@ -283,7 +288,7 @@ async fn route(ctx: &Ctx, req: &bhttp::Request, out: &mut Out, audit: &mut Audit
                 Err(e) => out.reply_error(&e).await,
             }
         }
-        (_, "/v1/chat/completions" | "/v1/models") => {
+        (_, "/v1/chat/completions" | "/v1/completions" | "/v1/models") => {
             let e = ApiError::new(405, "invalid_request_error", None, "method not allowed");
             out.reply_error(&e).await
         }
@@ -309,49 +314,63 @@ fn authorize(
     Ok(Some(grant))
 }
 
-async fn chat(ctx: &Ctx, req: &bhttp::Request, out: &mut Out, audit: &mut Audit) -> u16 {
+/// Which generation API a request came through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Api {
+    /// `/v1/chat/completions`: messages through the model's chat template.
+    Chat,
+    /// `/v1/completions`: a raw prompt.
+    Text,
+}
+
+async fn generate(
+    ctx: &Ctx,
+    req: &bhttp::Request,
+    api: Api,
+    out: &mut Out,
+    audit: &mut Audit,
+) -> u16 {
     let served = &ctx.served;
     let grant = match authorize(ctx, req, audit) {
         Ok(g) => g,
         Err(e) => return out.reply_error(&e).await,
     };
-    let mut prepared = match openai::prepare(&req.body, &served.name) {
+    let prepared = match api {
+        Api::Chat => openai::prepare(&req.body, &served.name),
+        Api::Text => openai::prepare_text(&req.body, &served.name),
+    };
+    let mut prepared = match prepared {
         Ok(p) => p,
         Err(e) => return out.reply_error(&e).await,
     };
     if let Some(g) = &ctx.policy.guardrails {
         let tokenizer = served.engine.tokenizer();
         let count = |s: &str| tokenizer.encode(s).map_or(s.len(), |t| t.len());
-        let mut messages: Vec<(&str, &mut String)> = prepared
-            .messages
-            .iter_mut()
-            .map(|m| {
-                let engine::Message { role, content } = m;
-                (role.as_str(), content)
-            })
-            .collect();
-        let verdict = g.check_input(&mut messages, &count);
+        let mut texts = prepared.input.texts();
+        let verdict = g.check_input(&mut texts, &count);
         audit.hits(&verdict.hits);
         if let Some(b) = verdict.blocked {
             audit.finish_reason = "content_filter";
-            for m in prepared.messages.iter_mut() {
-                m.content.zeroize();
-            }
+            prepared.input.zeroize();
             return out.reply_error(&ApiError::content_filter(&b.message)).await;
         }
     }
     let (want_stream, include_usage) = (prepared.stream, prepared.include_usage);
-    let generation = served.engine.chat(&prepared.messages, prepared.params);
-    for m in prepared.messages.iter_mut() {
-        m.content.zeroize();
-    }
+    let generation = match &prepared.input {
+        openai::Input::Chat(messages) => served.engine.chat(messages, prepared.params),
+        openai::Input::Text(prompt) => served.engine.complete(prompt, prepared.params),
+    };
+    prepared.input.zeroize();
     let mut generation = match generation {
         Ok(g) => g,
         Err(e) => return out.reply_error(&ApiError::from_engine(&e)).await,
     };
     audit.prompt_tokens = generation.prompt_tokens();
     let mut filter = ctx.policy.guardrails.as_ref().map(|g| g.output_filter());
-    let c = Completion::new(&served.name);
+    let c = match api {
+        Api::Chat => Completion::new(&served.name),
+        Api::Text => Completion::new_text(&served.name),
+    };
     audit.request_id = c.id.clone();
     let status = if want_stream {
         stream(
@@ -499,7 +518,10 @@ async fn stream(
     // token is never held), and the ones that follow within `flush` of the last chunk join
     // the next one.
     out.head(200, "text/event-stream");
-    out.data(&c.role_event());
+    let role = c.role_event();
+    if !role.is_empty() {
+        out.data(&role);
+    }
     if !out.flush().await {
         audit.finish_reason = "cancelled";
         return 200;

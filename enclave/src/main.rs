@@ -5,13 +5,16 @@
 //!         [--guardrails FILE | --no-guardrails] [--api-key-signer HEX]
 //!         [--mock-ca DIR --mock-image LABEL [--mock-debug]]   (builds with the mock-nsm feature)
 //! enclave --print-config [same limits]
+//! enclave --check-model MODEL.gguf [same limits]
 //! ```
 //! At boot it measures its runtime configuration into PCR17 and locks it, and generates its
 //! OHTTP key. It waits for the host to provision it with a sealed model, unseals it in memory,
 //! loads it into the inference engine (then reports `Ready`), and serves the host's control
 //! connection, client attestation documents, and encrypted client requests
 //! (`enclave::server`, `enclave::gateway`). `--print-config` prints the measured configuration,
-//! its SHA-256 and PCR17, for the client policy, and exits.
+//! its SHA-256 and PCR17, for the client policy, and exits. `--check-model` loads a plaintext
+//! GGUF file as provisioning would, under the same limits, and says whether this enclave can
+//! serve it and, if not, why: model owners and `make run` use it before sealing a model.
 
 use clap::Parser;
 use common::nsm::Nsm;
@@ -26,11 +29,15 @@ use std::sync::Arc;
 #[command(name = "enclave", version, about = "Confidential inference enclave")]
 struct Args {
     /// Where the host connects: vsock:any:PORT on Nitro, unix:PATH in local mode.
-    #[arg(long, env = "ENCLAVE_LISTEN", required_unless_present = "print_config")]
+    #[arg(long, env = "ENCLAVE_LISTEN", required_unless_present_any = ["print_config", "check_model"])]
     listen: Option<String>,
     /// Print the measured runtime configuration (JSON), its SHA-256 and PCR17, and exit.
     #[arg(long)]
     print_config: bool,
+    /// Load this plaintext GGUF model as provisioning would, under the same limits, print
+    /// what was loaded or why it cannot be served, and exit (2 if it cannot).
+    #[arg(long, value_name = "MODEL.gguf", conflicts_with = "print_config")]
+    check_model: Option<PathBuf>,
     /// Client request streams served at once; more get 503.
     #[arg(long, env = "ENCLAVE_MAX_STREAMS", default_value_t = Config::default().max_streams)]
     max_streams: usize,
@@ -177,10 +184,47 @@ fn print_config(args: &Args) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// `--check-model`: the checks provisioning makes after unsealing (size, format, family,
+/// tensor types, tokenizer, chat template, KV budget), on a plaintext file.
+fn check_model(args: &Args, path: &std::path::Path) -> ExitCode {
+    let fail = |e: String| {
+        eprintln!("enclave: {}: {e}", path.display());
+        ExitCode::from(2)
+    };
+    let cfg = match config(args) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let limit = usize::try_from(cfg.max_model_bytes).unwrap_or(usize::MAX);
+    let bytes = match read_bounded(path, limit) {
+        Ok(b) => zeroize::Zeroizing::new(b),
+        Err(e) => return fail(format!("{e} (--max-model-bytes)")),
+    };
+    let size = bytes.len();
+    match engine::load(bytes, cfg.engine.clone()) {
+        Ok(engine) => {
+            println!(
+                "{}: {} ({} MiB); context {} tokens in a {} MiB KV budget ({} KiB per token)",
+                path.display(),
+                engine.describe(),
+                size >> 20,
+                engine.context_length(),
+                cfg.engine.kv_budget_bytes >> 20,
+                engine.kv_bytes_per_token() >> 10
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e.to_string()),
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     if args.print_config {
         return print_config(&args);
+    }
+    if let Some(path) = &args.check_model {
+        return check_model(&args, path);
     }
     common::cli::run_main("enclave", run(args))
 }

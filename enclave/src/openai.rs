@@ -1,6 +1,8 @@
-//! The OpenAI chat-completions API as the enclave serves it inside the encrypted channel:
-//! request parsing and validation, and the `chat.completion` / `chat.completion.chunk` objects,
-//! server-sent events and error bodies that go back (platform.openai.com/docs/api-reference/chat).
+//! The OpenAI chat-completions API, and the legacy completions API for base models without a
+//! chat template, as the enclave serves them inside the encrypted channel: request parsing and
+//! validation, and the `chat.completion` / `chat.completion.chunk` / `text_completion` objects,
+//! server-sent events and error bodies that go back (platform.openai.com/docs/api-reference/chat,
+//! platform.openai.com/docs/api-reference/completions).
 //!
 //! Errors carry OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, and never
 //! echo the request's content.
@@ -59,6 +61,69 @@ pub struct StreamOptions {
     /// Send a last chunk with the token usage.
     #[serde(default)]
     pub include_usage: bool,
+}
+
+/// A legacy completions request (`POST /v1/completions`): a raw prompt, no chat template.
+/// As with chat, what would change the answer and is not implemented is refused (`n`,
+/// `best_of` > 1, `echo`, `suffix`, `logprobs`).
+#[derive(Debug, Deserialize)]
+pub struct TextRequest {
+    /// Which model.
+    pub model: String,
+    /// The prompt: a string, or an array holding one string.
+    pub prompt: Option<Prompt>,
+    /// Stream `text_completion` events.
+    #[serde(default)]
+    pub stream: bool,
+    /// Streaming options.
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    /// Tokens to generate at most; OpenAI's default is 16.
+    pub max_tokens: Option<u32>,
+    /// 0..=2.
+    pub temperature: Option<f32>,
+    /// (0, 1].
+    pub top_p: Option<f32>,
+    /// Seed for reproducible sampling.
+    pub seed: Option<i64>,
+    /// Up to 4 stop sequences.
+    pub stop: Option<Stop>,
+    /// -2..=2.
+    pub frequency_penalty: Option<f32>,
+    /// -2..=2.
+    pub presence_penalty: Option<f32>,
+    /// Choices to generate: only 1.
+    pub n: Option<u32>,
+    /// Candidates to pick from: only 1.
+    pub best_of: Option<u32>,
+    /// Log probabilities of this many tokens: not supported.
+    pub logprobs: Option<u32>,
+    /// Echo the prompt back: not supported.
+    #[serde(default)]
+    pub echo: bool,
+    /// Text after the completion: not supported.
+    pub suffix: Option<String>,
+}
+
+/// OpenAI's default `max_tokens` for legacy completions.
+pub const TEXT_DEFAULT_MAX_TOKENS: usize = 16;
+
+/// `prompt`: one string, or a batch of which only one element is accepted. Token-id prompts
+/// are refused: they would bypass the input guardrails' view of the text.
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    /// One prompt.
+    One(String),
+    /// A batch.
+    Many(Vec<String>),
+}
+
+// The prompt is user data: never in Debug output.
+impl std::fmt::Debug for Prompt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Prompt")
+    }
 }
 
 /// `stop`: one string or several.
@@ -199,11 +264,44 @@ impl ApiError {
     }
 }
 
+/// What a request asks the model to continue.
+#[derive(Debug)]
+pub enum Input {
+    /// A conversation, rendered with the model's chat template.
+    Chat(Vec<engine::Message>),
+    /// A raw prompt (legacy completions).
+    Text(String),
+}
+
+impl Input {
+    /// The texts the input guardrails check, with the role each is checked as.
+    pub fn texts(&mut self) -> Vec<(&str, &mut String)> {
+        match self {
+            Input::Chat(messages) => messages
+                .iter_mut()
+                .map(|m| {
+                    let engine::Message { role, content } = m;
+                    (role.as_str(), content)
+                })
+                .collect(),
+            Input::Text(prompt) => vec![("user", prompt)],
+        }
+    }
+
+    /// Wipes the request's text.
+    pub fn zeroize(&mut self) {
+        use zeroize::Zeroize;
+        for (_, t) in self.texts() {
+            t.zeroize();
+        }
+    }
+}
+
 /// A validated request, ready for the engine.
 #[derive(Debug)]
 pub struct Prepared {
-    /// The conversation.
-    pub messages: Vec<engine::Message>,
+    /// The conversation or the prompt.
+    pub input: Input,
     /// Generation parameters.
     pub params: engine::GenerationParams,
     /// Stream the answer.
@@ -212,11 +310,11 @@ pub struct Prepared {
     pub include_usage: bool,
 }
 
-/// Parses and validates a request body for the model `served`.
-pub fn prepare(body: &[u8], served: &str) -> Result<Prepared, ApiError> {
-    let req: ChatRequest = serde_json::from_slice(body).map_err(|e| {
-        // serde's own messages can quote input values; the category and position cannot.
-        let what = match e.classify() {
+/// The body parsed as `T`, or an error that says where it is wrong without quoting it
+/// (serde's own messages can quote input values; the category and position cannot).
+fn parse<'a, T: Deserialize<'a>>(body: &'a [u8], what: &str) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        let why = match e.classify() {
             serde_json::error::Category::Eof => "truncated JSON",
             serde_json::error::Category::Syntax => "malformed JSON",
             serde_json::error::Category::Data => "a missing field or a value of the wrong type",
@@ -225,21 +323,137 @@ pub fn prepare(body: &[u8], served: &str) -> Result<Prepared, ApiError> {
         ApiError::invalid(
             None,
             format!(
-                "the request body is not a valid chat request: {what} at line {} column {}",
+                "the request body is not a valid {what}: {why} at line {} column {}",
                 e.line(),
                 e.column()
             ),
         )
-    })?;
-    if req.model != served {
-        return Err(ApiError {
-            status: 404,
-            kind: "invalid_request_error",
-            code: Some("model_not_found"),
-            param: Some("model"),
-            message: format!("this enclave serves only the model `{served}`"),
-        });
+    })
+}
+
+fn check_model(model: &str, served: &str) -> Result<(), ApiError> {
+    if model == served {
+        return Ok(());
     }
+    Err(ApiError {
+        status: 404,
+        kind: "invalid_request_error",
+        code: Some("model_not_found"),
+        param: Some("model"),
+        message: format!("this enclave serves only the model `{served}`"),
+    })
+}
+
+/// The sampling and length parameters both APIs share.
+struct Common {
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    seed: Option<i64>,
+    stop: Option<Stop>,
+    frequency_penalty: Option<f32>,
+    presence_penalty: Option<f32>,
+    max_tokens: Option<u32>,
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+}
+
+fn finish_prepare(input: Input, c: Common) -> Result<Prepared, ApiError> {
+    let stop = match c.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(v)) => v,
+    };
+    if stop.len() > MAX_STOP {
+        return Err(ApiError::invalid(
+            Some("stop"),
+            format!("at most {MAX_STOP} stop sequences are accepted"),
+        ));
+    }
+    let defaults = engine::SamplingParams::default();
+    let sampling = engine::SamplingParams {
+        temperature: c.temperature.unwrap_or(defaults.temperature),
+        top_p: c.top_p.unwrap_or(defaults.top_p),
+        seed: c.seed.map(|s| s as u64),
+        frequency_penalty: c.frequency_penalty.unwrap_or(0.0),
+        presence_penalty: c.presence_penalty.unwrap_or(0.0),
+        ..defaults
+    };
+    sampling.validate().map_err(|e| ApiError::from_engine(&e))?;
+    if c.max_tokens == Some(0) {
+        return Err(ApiError::invalid(
+            Some("max_tokens"),
+            "max_tokens must be at least 1",
+        ));
+    }
+    Ok(Prepared {
+        input,
+        params: engine::GenerationParams {
+            max_tokens: c.max_tokens.map(|n| n as usize),
+            stop,
+            sampling,
+            ignore_eos: false,
+        },
+        stream: c.stream,
+        include_usage: c.stream_options.is_some_and(|o| o.include_usage),
+    })
+}
+
+/// Parses and validates a legacy completions body for the model `served`.
+pub fn prepare_text(body: &[u8], served: &str) -> Result<Prepared, ApiError> {
+    let req: TextRequest = parse(body, "completions request")?;
+    check_model(&req.model, served)?;
+    let prompt = match req.prompt {
+        None => String::new(),
+        Some(Prompt::One(p)) => p,
+        Some(Prompt::Many(mut v)) if v.len() == 1 => v.pop().unwrap_or_default(),
+        Some(Prompt::Many(_)) => {
+            return Err(ApiError::invalid(
+                Some("prompt"),
+                "only one prompt per request is supported",
+            ))
+        }
+    };
+    if req.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::invalid(Some("n"), "only n = 1 is supported"));
+    }
+    if req.best_of.is_some_and(|n| n != 1) {
+        return Err(ApiError::invalid(
+            Some("best_of"),
+            "only best_of = 1 is supported",
+        ));
+    }
+    if req.logprobs.is_some_and(|n| n > 0) {
+        return Err(ApiError::invalid(
+            Some("logprobs"),
+            "logprobs are not supported",
+        ));
+    }
+    if req.echo {
+        return Err(ApiError::invalid(Some("echo"), "echo is not supported"));
+    }
+    if req.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::invalid(Some("suffix"), "suffix is not supported"));
+    }
+    finish_prepare(
+        Input::Text(prompt),
+        Common {
+            temperature: req.temperature,
+            top_p: req.top_p,
+            seed: req.seed,
+            stop: req.stop,
+            frequency_penalty: req.frequency_penalty,
+            presence_penalty: req.presence_penalty,
+            max_tokens: Some(req.max_tokens.unwrap_or(TEXT_DEFAULT_MAX_TOKENS as u32)),
+            stream: req.stream,
+            stream_options: req.stream_options,
+        },
+    )
+}
+
+/// Parses and validates a chat-completions body for the model `served`.
+pub fn prepare(body: &[u8], served: &str) -> Result<Prepared, ApiError> {
+    let req: ChatRequest = parse(body, "chat request")?;
+    check_model(&req.model, served)?;
     if req.messages.is_empty() {
         return Err(ApiError::invalid(
             Some("messages"),
@@ -297,56 +511,33 @@ pub fn prepare(body: &[u8], served: &str) -> Result<Prepared, ApiError> {
         };
         messages.push(engine::Message::new(role, content));
     }
-    let stop = match req.stop {
-        None => Vec::new(),
-        Some(Stop::One(s)) => vec![s],
-        Some(Stop::Many(v)) => v,
-    };
-    if stop.len() > MAX_STOP {
-        return Err(ApiError::invalid(
-            Some("stop"),
-            format!("at most {MAX_STOP} stop sequences are accepted"),
-        ));
-    }
-    let defaults = engine::SamplingParams::default();
-    let sampling = engine::SamplingParams {
-        temperature: req.temperature.unwrap_or(defaults.temperature),
-        top_p: req.top_p.unwrap_or(defaults.top_p),
-        seed: req.seed.map(|s| s as u64),
-        frequency_penalty: req.frequency_penalty.unwrap_or(0.0),
-        presence_penalty: req.presence_penalty.unwrap_or(0.0),
-        ..defaults
-    };
-    sampling.validate().map_err(|e| ApiError::from_engine(&e))?;
-    let max_tokens = req.max_completion_tokens.or(req.max_tokens);
-    if max_tokens == Some(0) {
-        return Err(ApiError::invalid(
-            Some("max_tokens"),
-            "max_tokens must be at least 1",
-        ));
-    }
-    Ok(Prepared {
-        messages,
-        params: engine::GenerationParams {
-            max_tokens: max_tokens.map(|n| n as usize),
-            stop,
-            sampling,
-            ignore_eos: false,
+    finish_prepare(
+        Input::Chat(messages),
+        Common {
+            temperature: req.temperature,
+            top_p: req.top_p,
+            seed: req.seed,
+            stop: req.stop,
+            frequency_penalty: req.frequency_penalty,
+            presence_penalty: req.presence_penalty,
+            max_tokens: req.max_completion_tokens.or(req.max_tokens),
+            stream: req.stream,
+            stream_options: req.stream_options,
         },
-        stream: req.stream,
-        include_usage: req.stream_options.is_some_and(|o| o.include_usage),
-    })
+    )
 }
 
 /// What every object of one completion shares.
 #[derive(Debug, Clone)]
 pub struct Completion {
-    /// `chatcmpl-…`.
+    /// `chatcmpl-…`, or `cmpl-…` for a legacy completion.
     pub id: String,
     /// Unix seconds.
     pub created: u64,
     /// The model's name.
     pub model: String,
+    /// A legacy `text_completion` rather than a chat completion.
+    text: bool,
 }
 
 #[derive(Serialize)]
@@ -373,8 +564,17 @@ pub fn finish_name(r: engine::FinishReason) -> &'static str {
 }
 
 impl Completion {
-    /// A new completion's identity.
+    /// A new chat completion's identity.
     pub fn new(model: &str) -> Self {
+        Self::with_prefix(model, "chatcmpl", false)
+    }
+
+    /// A new legacy (`text_completion`) completion's identity.
+    pub fn new_text(model: &str) -> Self {
+        Self::with_prefix(model, "cmpl", true)
+    }
+
+    fn with_prefix(model: &str, prefix: &str, text: bool) -> Self {
         let mut id = [0u8; 12];
         // An id needs no secrecy; a failed RNG leaves zeros, still a valid id.
         let _ = aws_lc_rs::rand::fill(&mut id);
@@ -382,15 +582,25 @@ impl Completion {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         Self {
-            id: format!("chatcmpl-{}", hex::encode(id)),
+            id: format!("{prefix}-{}", hex::encode(id)),
             created,
             model: model.to_owned(),
+            text,
         }
     }
 
-    /// The non-streaming answer: one `chat.completion`. `reason` is OpenAI's finish reason
-    /// (`stop`, `length`, `content_filter`); `refusal` the guardrail's message when an output
-    /// rule stopped the answer.
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.text, chunk) {
+            (true, _) => "text_completion",
+            (false, false) => "chat.completion",
+            (false, true) => "chat.completion.chunk",
+        }
+    }
+
+    /// The non-streaming answer: one `chat.completion` or `text_completion`. `reason` is
+    /// OpenAI's finish reason (`stop`, `length`, `content_filter`); `refusal` the guardrail's
+    /// message when an output rule stopped the answer (legacy completions have no field for
+    /// it in OpenAI's schema; it goes in a `refusal` field of the choice).
     pub fn whole(
         &self,
         text: &str,
@@ -398,34 +608,61 @@ impl Completion {
         refusal: Option<&str>,
         u: &engine::Usage,
     ) -> Vec<u8> {
-        serde_json::to_vec(&json!({
-            "id": self.id,
-            "object": "chat.completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{
+        let choice = if self.text {
+            json!({
+                "index": 0,
+                "text": text,
+                "refusal": refusal,
+                "logprobs": null,
+                "finish_reason": reason,
+            })
+        } else {
+            json!({
                 "index": 0,
                 "message": {"role": "assistant", "content": text, "refusal": refusal},
                 "logprobs": null,
                 "finish_reason": reason,
-            }],
+            })
+        };
+        serde_json::to_vec(&json!({
+            "id": self.id,
+            "object": self.object(false),
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
             "usage": usage(u),
         }))
         .unwrap_or_default()
     }
 
+    /// One streaming event. `delta` is the chat delta; a legacy completion takes its `content`
+    /// as `text` and its `refusal` as is.
     fn chunk(&self, delta: serde_json::Value, reason: Option<&str>) -> Vec<u8> {
-        self.event(&json!({
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{
+        let choice = if self.text {
+            let mut c = json!({
+                "index": 0,
+                "text": delta.get("content").cloned().unwrap_or_else(|| json!("")),
+                "logprobs": null,
+                "finish_reason": reason,
+            });
+            if let (Some(r), Some(obj)) = (delta.get("refusal"), c.as_object_mut()) {
+                obj.insert("refusal".into(), r.clone());
+            }
+            c
+        } else {
+            json!({
                 "index": 0,
                 "delta": delta,
                 "logprobs": null,
                 "finish_reason": reason,
-            }],
+            })
+        };
+        self.event(&json!({
+            "id": self.id,
+            "object": self.object(true),
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
         }))
     }
 
@@ -437,8 +674,12 @@ impl Completion {
         out
     }
 
-    /// The first streaming event: the assistant's role.
+    /// The first streaming event: the assistant's role (chat only; empty for a legacy
+    /// completion, which has no roles).
     pub fn role_event(&self) -> Vec<u8> {
+        if self.text {
+            return Vec::new();
+        }
         self.chunk(json!({"role": "assistant", "content": ""}), None)
     }
 
@@ -458,7 +699,7 @@ impl Completion {
         if include_usage {
             out.extend(self.event(&json!({
                 "id": self.id,
-                "object": "chat.completion.chunk",
+                "object": self.object(true),
                 "created": self.created,
                 "model": self.model,
                 "choices": [],
@@ -498,8 +739,11 @@ mod tests {
             "stream":true,"stream_options":{"include_usage":true},"max_tokens":5,"temperature":0,
             "top_p":0.5,"seed":3,"stop":"x","user":"ignored","n":1}"#;
         let p = prepare(body, "m").unwrap();
-        assert_eq!(p.messages[0].role, "system");
-        assert_eq!(p.messages[1].content, "hi there");
+        let Input::Chat(messages) = &p.input else {
+            panic!("a chat request gives a conversation")
+        };
+        assert_eq!(messages[0].role, "system");
+        assert_eq!(messages[1].content, "hi there");
         assert!(p.stream && p.include_usage);
         assert_eq!(p.params.max_tokens, Some(5));
         assert_eq!(p.params.stop, vec!["x".to_string()]);
@@ -534,6 +778,81 @@ mod tests {
         assert_eq!(e.param, Some("stop"));
         let body: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
         assert_eq!(body["error"]["type"], "invalid_request_error");
+    }
+
+    #[test]
+    fn a_legacy_completions_request_is_prepared() {
+        let body = br#"{"model":"m","prompt":["Once upon"],"max_tokens":7,"temperature":0,
+            "top_p":0.9,"seed":1,"stop":["\n"],"stream":true,"logprobs":0,"echo":false,"n":1,"user":"u"}"#;
+        let p = prepare_text(body, "m").unwrap();
+        let Input::Text(prompt) = &p.input else {
+            panic!("a completions request gives a prompt")
+        };
+        assert_eq!(prompt, "Once upon");
+        assert_eq!(p.params.max_tokens, Some(7));
+        assert_eq!(p.params.stop, vec!["\n".to_string()]);
+        assert!(p.stream);
+        // OpenAI's default length for legacy completions.
+        let p = prepare_text(br#"{"model":"m","prompt":"x"}"#, "m").unwrap();
+        assert_eq!(p.params.max_tokens, Some(TEXT_DEFAULT_MAX_TOKENS));
+
+        let err = |body: &str| prepare_text(body.as_bytes(), "m").unwrap_err();
+        assert_eq!(
+            err(r#"{"model":"m","prompt":["a","b"]}"#).param,
+            Some("prompt")
+        );
+        assert_eq!(
+            err(r#"{"model":"m","prompt":"a","echo":true}"#).param,
+            Some("echo")
+        );
+        assert_eq!(
+            err(r#"{"model":"m","prompt":"a","best_of":2}"#).param,
+            Some("best_of")
+        );
+        assert_eq!(
+            err(r#"{"model":"m","prompt":"a","logprobs":2}"#).param,
+            Some("logprobs")
+        );
+        assert_eq!(
+            err(r#"{"model":"m","prompt":"a","suffix":"z"}"#).param,
+            Some("suffix")
+        );
+        assert_eq!(
+            err(r#"{"model":"m","prompt":"a","max_tokens":0}"#).param,
+            Some("max_tokens")
+        );
+        let e = err(r#"{"model":"other","prompt":"SECRET"}"#);
+        assert_eq!((e.status, e.code), (404, Some("model_not_found")));
+        // Token-id prompts are refused, without quoting them.
+        let e = err(r#"{"model":"m","prompt":[1,2,3]}"#);
+        assert_eq!(e.status, 400);
+    }
+
+    #[test]
+    fn legacy_completion_objects_have_openai_shape() {
+        let c = Completion::new_text("m");
+        assert!(c.id.starts_with("cmpl-"));
+        assert!(c.role_event().is_empty());
+        let ev = String::from_utf8(c.text_event("Hi")).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(ev.trim_start_matches("data: ").trim()).unwrap();
+        assert_eq!(v["object"], "text_completion");
+        assert_eq!(v["choices"][0]["text"], "Hi");
+        assert!(v["choices"][0]["finish_reason"].is_null());
+        let u = engine::Usage {
+            prompt_tokens: 2,
+            completion_tokens: 1,
+            total_tokens: 3,
+        };
+        let done = String::from_utf8(c.done_events("stop", &u, true)).unwrap();
+        assert!(done.contains(r#""finish_reason":"stop""#) && done.contains(r#""total_tokens":3"#));
+        assert!(done.ends_with("data: [DONE]\n\n"));
+        let whole: serde_json::Value =
+            serde_json::from_slice(&c.whole("Hi", "length", None, &u)).unwrap();
+        assert_eq!(whole["object"], "text_completion");
+        assert_eq!(whole["choices"][0]["text"], "Hi");
+        assert_eq!(whole["choices"][0]["finish_reason"], "length");
+        assert_eq!(whole["usage"]["completion_tokens"], 1);
     }
 
     #[test]

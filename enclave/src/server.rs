@@ -333,6 +333,7 @@ impl Enclave {
                     model = %served.name,
                     sha256 = %hex::encode(served.sha256),
                     context = served.engine.context_length(),
+                    weights = served.engine.describe(),
                     kernels = engine::kernels::Kernels::detect().name(),
                     "ready"
                 );

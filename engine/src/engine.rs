@@ -187,6 +187,7 @@ pub struct Engine {
     default_max_tokens: usize,
     kv_bytes_per_token: usize,
     model_name: String,
+    description: String,
 }
 
 impl std::fmt::Debug for Engine {
@@ -251,6 +252,7 @@ impl Engine {
             ));
         }
         let per_token = model.config().kv_bytes_per_token();
+        let description = model.describe();
         let context = cfg
             .max_context
             .min(model.config().n_ctx_train)
@@ -297,6 +299,7 @@ impl Engine {
             default_max_tokens: cfg.default_max_tokens,
             kv_bytes_per_token: per_token,
             model_name,
+            description,
         })
     }
 
@@ -307,6 +310,11 @@ impl Engine {
 
     pub fn model_name(&self) -> &str {
         &self.model_name
+    }
+
+    /// The model's family and weight types ([`Model::describe`]), for logs.
+    pub fn describe(&self) -> &str {
+        &self.description
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {

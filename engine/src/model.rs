@@ -240,9 +240,16 @@ impl Matrix {
     /// The tensor type, for [`Model::describe`].
     fn type_name(&self) -> String {
         match self {
-            Matrix::Quant { kind, .. } => format!("{kind:?}"),
-            Matrix::Half { kind, .. } => format!("{kind:?}"),
-            Matrix::F32 { .. } => "F32".into(),
+            Matrix::Quant { kind, .. } => kind.name().into(),
+            Matrix::Half {
+                kind: HalfKind::F16,
+                ..
+            } => "F16".into(),
+            Matrix::Half {
+                kind: HalfKind::Bf16,
+                ..
+            } => "BF16".into(),
+            Matrix::F32 { .. } => "F32 (dequantized)".into(),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! `client proxy` with unmodified OpenAI clients: the official Python SDK (`pip install
 //! openai`, installed by `make test-deps`) and curl, on the whole local stack with the default
-//! model. Streaming and non-streaming completions, `models.list()`, errors in OpenAI's shape.
+//! model. Streaming and non-streaming chat completions and legacy completions, `models.list()`,
+//! errors in OpenAI's shape.
 
 #![allow(
     clippy::unwrap_used,
@@ -52,6 +53,7 @@ async fn the_openai_python_sdk_and_curl_work_through_the_proxy() {
     let seen: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(seen["models"][0], "smollm2");
     assert!(!seen["text"].as_str().unwrap().is_empty());
+    assert!(!seen["legacy"].as_str().unwrap().is_empty());
 
     // curl, streaming: server-sent events as they come.
     let body = r#"{"model":"smollm2","messages":[{"role":"user","content":"Hi"}],"stream":true,"max_tokens":8}"#;
@@ -68,6 +70,23 @@ async fn the_openai_python_sdk_and_curl_work_through_the_proxy() {
     .await;
     assert!(ok, "curl failed: {err}");
     assert!(out.starts_with("data: {"), "{out}");
+    assert!(out.ends_with("data: [DONE]\n\n"), "{out}");
+
+    // curl on the legacy completions API, streaming: text_completion events.
+    let body = r#"{"model":"smollm2","prompt":"Once upon a time","stream":true,"max_tokens":6}"#;
+    let (ok, out, err) = run(Command::new("curl").args([
+        "-sS",
+        "-N",
+        "-f",
+        &format!("{base}/completions"),
+        "-H",
+        "content-type: application/json",
+        "-d",
+        body,
+    ]))
+    .await;
+    assert!(ok, "curl failed: {err}");
+    assert!(out.contains(r#""object":"text_completion""#), "{out}");
     assert!(out.ends_with("data: [DONE]\n\n"), "{out}");
 
     // The verified facts, and errors in OpenAI's shape.

@@ -72,6 +72,20 @@ impl QuantKind {
         QuantKind::Q6K,
     ];
 
+    /// GGML's name for the type.
+    pub const fn name(self) -> &'static str {
+        match self {
+            QuantKind::Q4_0 => "Q4_0",
+            QuantKind::Q4_1 => "Q4_1",
+            QuantKind::Q5_0 => "Q5_0",
+            QuantKind::Q5_1 => "Q5_1",
+            QuantKind::Q8_0 => "Q8_0",
+            QuantKind::Q4K => "Q4_K",
+            QuantKind::Q5K => "Q5_K",
+            QuantKind::Q6K => "Q6_K",
+        }
+    }
+
     /// Weights per block: [`QK`], or [`QK_K`] for the K-quants.
     pub const fn block_elems(self) -> usize {
         match self {
