@@ -115,16 +115,31 @@ impl QuantKind {
 
     /// Whether [`repack`] and the grouped kernels handle this kind.
     pub const fn packable(self) -> bool {
-        matches!(self, QuantKind::Q4_0 | QuantKind::Q4_1 | QuantKind::Q8_0)
+        matches!(
+            self,
+            QuantKind::Q4_0 | QuantKind::Q4_1 | QuantKind::Q5_0 | QuantKind::Q5_1 | QuantKind::Q8_0
+        )
     }
 
-    /// Bytes of quants per block of a [packable](Self::packable) kind: the block minus its f16
-    /// scales.
+    /// Bytes of nibbles or bytes of quants per block of a [packable](Self::packable) kind.
     pub const fn quant_bytes(self) -> usize {
         match self {
-            QuantKind::Q4_0 | QuantKind::Q4_1 => QK / 2,
+            QuantKind::Q4_0 | QuantKind::Q4_1 | QuantKind::Q5_0 | QuantKind::Q5_1 => QK / 2,
             _ => QK,
         }
+    }
+
+    /// f16 fields per block of a packable kind: `d`, and `m` for Q4_1 and Q5_1.
+    const fn halves(self) -> usize {
+        match self {
+            QuantKind::Q4_1 | QuantKind::Q5_1 => 2,
+            _ => 1,
+        }
+    }
+
+    /// Whether the kind has a 32-bit word of fifth bits per block.
+    const fn has_qh(self) -> bool {
+        matches!(self, QuantKind::Q5_0 | QuantKind::Q5_1)
     }
 }
 
@@ -541,20 +556,25 @@ fn scalar_half_dot(kind: HalfKind, w: &[u8], x: &[f32]) -> f32 {
 }
 
 /// Re-lays out [`PACK`] consecutive rows of `kind` blocks (`rows`, `nb` blocks each) into
-/// `out`, which has the same size. Per block: the 8 `d` (f16), for Q4_1 the 8 `m`, then
-/// chunks of 32 bytes, chunk `k` holding quant bytes `4k..4k+4` of each of the 8 rows.
+/// `out`, which has the same size. Per block: the 8 `d` (f16), for Q4_1 and Q5_1 the 8 `m`, for
+/// Q5 eight 32-bit words of fifth bits, then chunks of 32 bytes, chunk `k` holding quant bytes
+/// `4k..4k+4` of each of the 8 rows. Fifth-bit word `j` belongs to chunk `j % 4`'s low
+/// (`j < 4`) or high nibbles: its bit `4r + i` is the fifth bit of that nibble of byte `i` of
+/// row `r`, so that one `bytes_from_bits_32` expands it in the chunk's own byte order.
 pub fn repack(kind: QuantKind, rows: &[u8], nb: usize, out: &mut [u8]) {
     let bb = kind.block_bytes();
+    let halves = 2 * kind.halves();
     let head = bb - kind.quant_bytes();
     for b in 0..nb {
         let dst = out
             .get_mut(b * PACK * bb..(b + 1) * PACK * bb)
             .unwrap_or_default();
+        let mut words = [0u32; PACK];
         for r in 0..PACK {
             let Some(src) = rows.get((r * nb + b) * bb..(r * nb + b + 1) * bb) else {
                 continue;
             };
-            let (scales, qs) = src.split_at(head);
+            let (scales, rest) = src.split_at(halves);
             for (i, pair) in scales.chunks_exact(2).enumerate() {
                 // d of the 8 rows first, then m of the 8 rows.
                 let at = i * 2 * PACK + r * 2;
@@ -562,6 +582,16 @@ pub fn repack(kind: QuantKind, rows: &[u8], nb: usize, out: &mut [u8]) {
                     d.copy_from_slice(pair);
                 }
             }
+            let qs = if kind.has_qh() {
+                let qh = u32::from_le_bytes([0, 1, 2, 3].map(|i| byte(rest, i)));
+                for (j, w) in words.iter_mut().enumerate() {
+                    let first = 16 * (j / 4) + 4 * (j % 4);
+                    *w |= ((qh >> first) & 0xF) << (4 * r);
+                }
+                rest.get(4..).unwrap_or_default()
+            } else {
+                rest
+            };
             for (k, four) in qs.chunks_exact(4).enumerate() {
                 let at = head * PACK + k * 4 * PACK + r * 4;
                 if let Some(d) = dst.get_mut(at..at + 4) {
@@ -569,18 +599,38 @@ pub fn repack(kind: QuantKind, rows: &[u8], nb: usize, out: &mut [u8]) {
                 }
             }
         }
+        if kind.has_qh() {
+            for (j, w) in words.iter().enumerate() {
+                let at = halves * PACK + 4 * j;
+                if let Some(d) = dst.get_mut(at..at + 4) {
+                    d.copy_from_slice(&w.to_le_bytes());
+                }
+            }
+        }
     }
 }
 
-/// The integer quants of row `r` in one repacked block (Q4: 0..=15, Q8_0: signed), and the
-/// row's scale `d` and minimum `m` (so that weight `e` is `q[e] * d + m`).
+/// The integer quants of row `r` in one repacked block (Q4: 0..=15, Q5: 0..=31, Q8_0:
+/// signed), and the row's scale `d` and minimum `m` (so that weight `e` is `q[e] * d + m`).
 fn packed_block_row(kind: QuantKind, blk: &[u8], r: usize) -> ([i32; QK], f32, f32) {
     let head = kind.block_bytes() - kind.quant_bytes();
     let d = f16_at(blk, 2 * r);
     let m = match kind {
-        QuantKind::Q4_1 => f16_at(blk, 2 * PACK + 2 * r),
+        QuantKind::Q4_1 | QuantKind::Q5_1 => f16_at(blk, 2 * PACK + 2 * r),
         QuantKind::Q4_0 => -8.0 * d,
+        QuantKind::Q5_0 => -16.0 * d,
         _ => 0.0,
+    };
+    let word = |j: usize| {
+        let at = 2 * kind.halves() * PACK + 4 * j;
+        u32::from_le_bytes([0, 1, 2, 3].map(|i| byte(blk, at + i)))
+    };
+    let fifth = |j: usize, i: usize| -> i32 {
+        if kind.has_qh() {
+            (((word(j) >> (4 * r + i)) & 1) << 4) as i32
+        } else {
+            0
+        }
     };
     let mut q = [0i32; QK];
     for k in 0..kind.quant_bytes() / 4 {
@@ -593,10 +643,10 @@ fn packed_block_row(kind: QuantKind, blk: &[u8], r: usize) -> ([i32; QK], f32, f
                 }
             } else {
                 if let Some(x) = q.get_mut(e) {
-                    *x = i32::from(byte & 0x0F);
+                    *x = i32::from(byte & 0x0F) | fifth(k, i);
                 }
                 if let Some(x) = q.get_mut(e + QK / 2) {
-                    *x = i32::from(byte >> 4);
+                    *x = i32::from(byte >> 4) | fifth(4 + k, i);
                 }
             }
         }
@@ -784,7 +834,7 @@ mod tests {
 
     #[test]
     fn repacked_groups_match_the_row_kernel() {
-        for kind in [QuantKind::Q4_0, QuantKind::Q4_1, QuantKind::Q8_0] {
+        for kind in QuantKind::ALL.into_iter().filter(|k| k.packable()) {
             for (nb, n) in [(1, 1), (18, 1), (18, 4), (48, 5), (3, 9)] {
                 let rows: Vec<Vec<u8>> = (0..PACK)
                     .map(|r| random_weights(kind, nb, (r * 7 + nb) as u64))

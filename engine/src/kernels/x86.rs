@@ -545,6 +545,14 @@ fn quant_group_avx2(kind: QuantKind, group: &[u8], acts: &[BlockQ8], nb: usize, 
             (QuantKind::Q4_0, 3) => packed_group::<3, false>(group, rows, nb, dst),
             (QuantKind::Q4_0, 2) => packed_group::<2, false>(group, rows, nb, dst),
             (QuantKind::Q4_0, _) => packed_group::<1, false>(group, rows, nb, dst),
+            (QuantKind::Q5_1, 4) => packed_q5_group::<4, true>(group, rows, nb, dst),
+            (QuantKind::Q5_1, 3) => packed_q5_group::<3, true>(group, rows, nb, dst),
+            (QuantKind::Q5_1, 2) => packed_q5_group::<2, true>(group, rows, nb, dst),
+            (QuantKind::Q5_1, _) => packed_q5_group::<1, true>(group, rows, nb, dst),
+            (QuantKind::Q5_0, 4) => packed_q5_group::<4, false>(group, rows, nb, dst),
+            (QuantKind::Q5_0, 3) => packed_q5_group::<3, false>(group, rows, nb, dst),
+            (QuantKind::Q5_0, 2) => packed_q5_group::<2, false>(group, rows, nb, dst),
+            (QuantKind::Q5_0, _) => packed_q5_group::<1, false>(group, rows, nb, dst),
             (QuantKind::Q8_0, 4) => packed_q8_group::<4>(group, rows, nb, dst),
             (QuantKind::Q8_0, 3) => packed_q8_group::<3>(group, rows, nb, dst),
             (QuantKind::Q8_0, 2) => packed_q8_group::<2>(group, rows, nb, dst),
@@ -633,6 +641,84 @@ fn packed_group<const G: usize, const Q4_1: bool>(
         };
         for ((acc, isum), a) in acc.iter_mut().zip(isum).zip(&a) {
             let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(isum, ones));
+            *acc = _mm256_fmadd_ps(p, _mm256_mul_ps(d, _mm256_set1_ps(a.d)), *acc);
+            *acc = _mm256_fmadd_ps(m, _mm256_set1_ps(a.s), *acc);
+        }
+    }
+    for (o, a) in out.chunks_exact_mut(PACK).zip(acc) {
+        if let Ok(o) = <&mut [f32; 8]>::try_from(o) {
+            store_f32x8(o, a);
+        }
+    }
+}
+
+/// 8 repacked Q5_0 / Q5_1 rows against `G` activation rows: the Q4 kernel above with each
+/// chunk's fifth bits (one 32-bit word per nibble half, laid out by `repack` in the chunk's
+/// byte order) or-ed in. A row pair's `maddubs` products reach 2 · 31 · 128 = 7,936, so two of
+/// them still fit in 16 bits, and each chunk is widened to 32 bits.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn packed_q5_group<const G: usize, const Q5_1: bool>(
+    group: &[u8],
+    acts: &[BlockQ8],
+    nb: usize,
+    out: &mut [f32],
+) {
+    let kind = if Q5_1 {
+        QuantKind::Q5_1
+    } else {
+        QuantKind::Q5_0
+    };
+    let bb = kind.block_bytes();
+    let halves = if Q5_1 { 32 } else { 16 };
+    let low = _mm256_set1_epi8(0x0F);
+    let bit4 = _mm256_set1_epi8(0x10);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); G];
+    for (b, blk) in group.chunks_exact(PACK * bb).enumerate().take(nb) {
+        let (head, quants) = blk.split_at(halves + 32);
+        let (scales, words) = head.split_at(halves);
+        let (Some(a), Ok(quants), Ok(words)) = (
+            gather::<G>(acts, nb, b),
+            <&[u8; PACK * QK / 2]>::try_from(quants),
+            <&[u8; 32]>::try_from(words),
+        ) else {
+            continue;
+        };
+        let words = words.as_chunks::<4>().0;
+        let fifth = |j: usize| {
+            let w = words.get(j).copied().unwrap_or([0; 4]);
+            _mm256_and_si256(bytes_from_bits_32(u32::from_le_bytes(w)), bit4)
+        };
+        let mut isum = [_mm256_setzero_si256(); G];
+        for (k, chunk) in quants.as_chunks::<32>().0.iter().enumerate() {
+            let w = load_u8x32(chunk);
+            let lo = _mm256_or_si256(_mm256_and_si256(w, low), fifth(k));
+            let hi = _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16::<4>(w), low),
+                fifth(4 + k),
+            );
+            for (isum, a) in isum.iter_mut().zip(&a) {
+                let p = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(lo, broadcast_i8x4(quad(&a.q, k))),
+                    _mm256_maddubs_epi16(hi, broadcast_i8x4(quad(&a.q, 4 + k))),
+                );
+                *isum = _mm256_add_epi32(*isum, _mm256_madd_epi16(p, ones));
+            }
+        }
+        let Some(Ok(d)) = scales.get(..16).map(<&[u8; 16]>::try_from) else {
+            continue;
+        };
+        let d = load_u8x16_f16(d);
+        let m = if Q5_1 {
+            match scales.get(16..32).map(<&[u8; 16]>::try_from) {
+                Some(Ok(m)) => load_u8x16_f16(m),
+                _ => _mm256_setzero_ps(),
+            }
+        } else {
+            _mm256_mul_ps(d, _mm256_set1_ps(-16.0))
+        };
+        for ((acc, isum), a) in acc.iter_mut().zip(isum).zip(&a) {
+            let p = _mm256_cvtepi32_ps(isum);
             *acc = _mm256_fmadd_ps(p, _mm256_mul_ps(d, _mm256_set1_ps(a.d)), *acc);
             *acc = _mm256_fmadd_ps(m, _mm256_set1_ps(a.s), *acc);
         }
