@@ -26,7 +26,7 @@ PROXY=${PROXY:-127.0.0.1:8080}
 RELAY=${RELAY:-127.0.0.1:8000}
 KMS=${KMS:-127.0.0.1:4566}
 CARGO=${CARGO:-cargo}
-BIN=target/release
+BIN=${BIN:-target/release}
 
 # mock-kms accepts any signed request; the SDK only needs credentials to sign with.
 export AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-local} AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-local}
