@@ -35,7 +35,7 @@ fn main() {
             let group = PACK * row_bytes;
             for g in w.chunks_exact_mut(group) {
                 let src = g.to_vec();
-                repack(kind, &src, nb, g);
+                repack(kind, &src, cols / kind.block_elems(), g);
             }
         }
         for n in [1usize, 4, 16] {

@@ -386,7 +386,7 @@ impl Model {
                         if let Some(region) = bytes.get_mut(g0..g0 + group) {
                             tmp.clear();
                             tmp.extend_from_slice(region);
-                            repack(*kind, &tmp, *cols / QK, region);
+                            repack(*kind, &tmp, *cols / kind.block_elems(), region);
                         }
                     }
                     *packed = true;

@@ -115,10 +115,7 @@ impl QuantKind {
 
     /// Whether [`repack`] and the grouped kernels handle this kind.
     pub const fn packable(self) -> bool {
-        matches!(
-            self,
-            QuantKind::Q4_0 | QuantKind::Q4_1 | QuantKind::Q5_0 | QuantKind::Q5_1 | QuantKind::Q8_0
-        )
+        true
     }
 
     /// Bytes of nibbles or bytes of quants per block of a [packable](Self::packable) kind.
@@ -127,19 +124,6 @@ impl QuantKind {
             QuantKind::Q4_0 | QuantKind::Q4_1 | QuantKind::Q5_0 | QuantKind::Q5_1 => QK / 2,
             _ => QK,
         }
-    }
-
-    /// f16 fields per block of a packable kind: `d`, and `m` for Q4_1 and Q5_1.
-    const fn halves(self) -> usize {
-        match self {
-            QuantKind::Q4_1 | QuantKind::Q5_1 => 2,
-            _ => 1,
-        }
-    }
-
-    /// Whether the kind has a 32-bit word of fifth bits per block.
-    const fn has_qh(self) -> bool {
-        matches!(self, QuantKind::Q5_0 | QuantKind::Q5_1)
     }
 }
 
@@ -246,9 +230,11 @@ impl Kernels {
         out: &mut [f32],
     ) {
         let n = out.len() / PACK;
+        let cols = nb * QK;
         if nb == 0
             || !kind.packable()
-            || group.len() != nb * PACK * kind.block_bytes()
+            || !cols.is_multiple_of(kind.block_elems())
+            || group.len() != PACK * kind.row_bytes(cols)
             || acts.len() != n * nb
         {
             out.fill(0.0);
@@ -555,54 +541,91 @@ fn scalar_half_dot(kind: HalfKind, w: &[u8], x: &[f32]) -> f32 {
     acc.iter().sum()
 }
 
-/// Re-lays out [`PACK`] consecutive rows of `kind` blocks (`rows`, `nb` blocks each) into
-/// `out`, which has the same size. Per block: the 8 `d` (f16), for Q4_1 and Q5_1 the 8 `m`, for
-/// Q5 eight 32-bit words of fifth bits, then chunks of 32 bytes, chunk `k` holding quant bytes
-/// `4k..4k+4` of each of the 8 rows. Fifth-bit word `j` belongs to chunk `j % 4`'s low
-/// (`j < 4`) or high nibbles: its bit `4r + i` is the fifth bit of that nibble of byte `i` of
-/// row `r`, so that one `bytes_from_bits_32` expands it in the chunk's own byte order.
-pub fn repack(kind: QuantKind, rows: &[u8], nb: usize, out: &mut [u8]) {
+/// Where each field of a block goes in a repacked group of [`PACK`] rows: `(start, len,
+/// packed, unit)` moves bytes `start..start + len` of row `r`'s block so that byte `j` lands
+/// at `packed + (j / unit) · unit · PACK + unit · r + j % unit`: f16 fields (`unit` 2) become
+/// the 8 rows' values side by side, quants and scales (`unit` 4) runs of 4 bytes of each of
+/// the 8 rows, 32 bytes at a time.
+const fn regions(kind: QuantKind) -> &'static [(usize, usize, usize, usize)] {
+    match kind {
+        QuantKind::Q4_0 => &[(0, 2, 0, 2), (2, 16, 16, 4)],
+        QuantKind::Q4_1 => &[(0, 2, 0, 2), (2, 2, 16, 2), (4, 16, 32, 4)],
+        QuantKind::Q5_0 => &[(0, 2, 0, 2), (6, 16, 48, 4)],
+        QuantKind::Q5_1 => &[(0, 2, 0, 2), (2, 2, 16, 2), (8, 16, 64, 4)],
+        QuantKind::Q8_0 => &[(0, 2, 0, 2), (2, 32, 16, 4)],
+        QuantKind::Q4K => &[
+            (0, 2, 0, 2),
+            (2, 2, 16, 2),
+            (4, 12, 32, 4),
+            (16, 128, 128, 4),
+        ],
+        QuantKind::Q5K => &[
+            (0, 2, 0, 2),
+            (2, 2, 16, 2),
+            (4, 12, 32, 4),
+            (16, 32, 128, 4),
+            (48, 128, 384, 4),
+        ],
+        QuantKind::Q6K => &[
+            (0, 128, 0, 4),
+            (128, 64, 1024, 4),
+            (192, 16, 1536, 4),
+            (208, 2, 1664, 2),
+        ],
+    }
+}
+
+/// Q5_0 / Q5_1: where the block's 32-bit word of fifth bits is, and where the group's eight
+/// rearranged words go.
+const fn fifth_bits(kind: QuantKind) -> Option<(usize, usize)> {
+    match kind {
+        QuantKind::Q5_0 => Some((2, 16)),
+        QuantKind::Q5_1 => Some((4, 32)),
+        _ => None,
+    }
+}
+
+#[inline]
+const fn packed_at(packed: usize, unit: usize, r: usize, j: usize) -> usize {
+    packed + (j / unit) * unit * PACK + unit * r + j % unit
+}
+
+/// Re-lays out [`PACK`] consecutive rows of `kind` blocks (`rows`, `blocks` blocks each) into
+/// `out`, which has the same size, block by block as [`regions`] says. Q5's fifth bits are
+/// rearranged bit by bit: word `j` of a group belongs to 4-byte chunk `j % 4`'s low (`j < 4`)
+/// or high nibbles, and its bit `4r + i` is the fifth bit of that nibble of byte `i` of row
+/// `r`, so that one `bytes_from_bits_32` expands it in the chunk's own byte order. The layout
+/// is that of llama.cpp's `block_q4_0x8` (ggml-cpu/repack.cpp) for every kind, so that one
+/// 32-byte load holds 4 quants of each of 8 rows.
+pub fn repack(kind: QuantKind, rows: &[u8], blocks: usize, out: &mut [u8]) {
     let bb = kind.block_bytes();
-    let halves = 2 * kind.halves();
-    let head = bb - kind.quant_bytes();
-    for b in 0..nb {
+    for b in 0..blocks {
         let dst = out
             .get_mut(b * PACK * bb..(b + 1) * PACK * bb)
             .unwrap_or_default();
         let mut words = [0u32; PACK];
         for r in 0..PACK {
-            let Some(src) = rows.get((r * nb + b) * bb..(r * nb + b + 1) * bb) else {
+            let Some(src) = rows.get((r * blocks + b) * bb..(r * blocks + b + 1) * bb) else {
                 continue;
             };
-            let (scales, rest) = src.split_at(halves);
-            for (i, pair) in scales.chunks_exact(2).enumerate() {
-                // d of the 8 rows first, then m of the 8 rows.
-                let at = i * 2 * PACK + r * 2;
-                if let Some(d) = dst.get_mut(at..at + 2) {
-                    d.copy_from_slice(pair);
+            for &(start, len, packed, unit) in regions(kind) {
+                for j in 0..len {
+                    if let Some(d) = dst.get_mut(packed_at(packed, unit, r, j)) {
+                        *d = byte(src, start + j);
+                    }
                 }
             }
-            let qs = if kind.has_qh() {
-                let qh = u32::from_le_bytes([0, 1, 2, 3].map(|i| byte(rest, i)));
+            if let Some((at, _)) = fifth_bits(kind) {
+                let qh = u32::from_le_bytes([0, 1, 2, 3].map(|i| byte(src, at + i)));
                 for (j, w) in words.iter_mut().enumerate() {
                     let first = 16 * (j / 4) + 4 * (j % 4);
                     *w |= ((qh >> first) & 0xF) << (4 * r);
                 }
-                rest.get(4..).unwrap_or_default()
-            } else {
-                rest
-            };
-            for (k, four) in qs.chunks_exact(4).enumerate() {
-                let at = head * PACK + k * 4 * PACK + r * 4;
-                if let Some(d) = dst.get_mut(at..at + 4) {
-                    d.copy_from_slice(four);
-                }
             }
         }
-        if kind.has_qh() {
+        if let Some((_, packed)) = fifth_bits(kind) {
             for (j, w) in words.iter().enumerate() {
-                let at = halves * PACK + 4 * j;
-                if let Some(d) = dst.get_mut(at..at + 4) {
+                if let Some(d) = dst.get_mut(packed + 4 * j..packed + 4 * j + 4) {
                     d.copy_from_slice(&w.to_le_bytes());
                 }
             }
@@ -610,71 +633,59 @@ pub fn repack(kind: QuantKind, rows: &[u8], nb: usize, out: &mut [u8]) {
     }
 }
 
-/// The integer quants of row `r` in one repacked block (Q4: 0..=15, Q5: 0..=31, Q8_0:
-/// signed), and the row's scale `d` and minimum `m` (so that weight `e` is `q[e] * d + m`).
-fn packed_block_row(kind: QuantKind, blk: &[u8], r: usize) -> ([i32; QK], f32, f32) {
-    let head = kind.block_bytes() - kind.quant_bytes();
-    let d = f16_at(blk, 2 * r);
-    let m = match kind {
-        QuantKind::Q4_1 | QuantKind::Q5_1 => f16_at(blk, 2 * PACK + 2 * r),
-        QuantKind::Q4_0 => -8.0 * d,
-        QuantKind::Q5_0 => -16.0 * d,
-        _ => 0.0,
-    };
-    let word = |j: usize| {
-        let at = 2 * kind.halves() * PACK + 4 * j;
-        u32::from_le_bytes([0, 1, 2, 3].map(|i| byte(blk, at + i)))
-    };
-    let fifth = |j: usize, i: usize| -> i32 {
-        if kind.has_qh() {
-            (((word(j) >> (4 * r + i)) & 1) << 4) as i32
-        } else {
-            0
-        }
-    };
-    let mut q = [0i32; QK];
-    for k in 0..kind.quant_bytes() / 4 {
-        let at = head * PACK + k * 4 * PACK + r * 4;
-        for (i, byte) in blk.get(at..at + 4).unwrap_or_default().iter().enumerate() {
-            let e = 4 * k + i;
-            if kind == QuantKind::Q8_0 {
-                if let Some(x) = q.get_mut(e) {
-                    *x = i32::from(*byte as i8);
-                }
-            } else {
-                if let Some(x) = q.get_mut(e) {
-                    *x = i32::from(byte & 0x0F) | fifth(k, i);
-                }
-                if let Some(x) = q.get_mut(e + QK / 2) {
-                    *x = i32::from(byte >> 4) | fifth(4 + k, i);
-                }
+/// Largest block of any kind, in bytes (Q6_K).
+const MAX_BLOCK: usize = 210;
+
+/// Row `r`'s block back out of one repacked block of [`PACK`] rows: the inverse of [`repack`].
+fn unpack_block(kind: QuantKind, packed_block: &[u8], r: usize) -> [u8; MAX_BLOCK] {
+    let mut out = [0u8; MAX_BLOCK];
+    for &(start, len, packed, unit) in regions(kind) {
+        for j in 0..len {
+            if let Some(o) = out.get_mut(start + j) {
+                *o = byte(packed_block, packed_at(packed, unit, r, j));
             }
         }
     }
-    (q, d, m)
+    if let Some((at, packed)) = fifth_bits(kind) {
+        let mut qh = 0u32;
+        for j in 0..PACK {
+            let w =
+                u32::from_le_bytes([0, 1, 2, 3].map(|i| byte(packed_block, packed + 4 * j + i)));
+            let first = 16 * (j / 4) + 4 * (j % 4);
+            qh |= ((w >> (4 * r)) & 0xF) << first;
+        }
+        if let Some(o) = out.get_mut(at..at + 4) {
+            o.copy_from_slice(&qh.to_le_bytes());
+        }
+    }
+    out
 }
 
-/// Row `r` of a repacked group, dequantized into `out` (`nb * QK` values).
+/// Row `r` of a repacked group, dequantized into `out` (`out.len()` weights).
 pub fn dequantize_packed_row(kind: QuantKind, group: &[u8], r: usize, out: &mut [f32]) {
     for (blk, ys) in group
         .chunks_exact(PACK * kind.block_bytes())
-        .zip(out.chunks_exact_mut(QK))
+        .zip(out.chunks_exact_mut(kind.block_elems()))
     {
-        let (q, d, m) = packed_block_row(kind, blk, r);
-        for (y, q) in ys.iter_mut().zip(q) {
-            *y = q as f32 * d + m;
-        }
+        let row = unpack_block(kind, blk, r);
+        dequantize_row(kind, row.get(..kind.block_bytes()).unwrap_or_default(), ys);
     }
 }
 
 fn scalar_quant_group(kind: QuantKind, group: &[u8], acts: &[BlockQ8], nb: usize, out: &mut [f32]) {
-    for (arow, o) in acts.chunks_exact(nb).zip(out.chunks_exact_mut(PACK)) {
-        o.fill(0.0);
-        for (blk, a) in group.chunks_exact(PACK * kind.block_bytes()).zip(arow) {
-            for (r, o) in o.iter_mut().enumerate() {
-                let (q, d, m) = packed_block_row(kind, blk, r);
-                let isum: i32 = q.iter().zip(&a.q).map(|(w, x)| w * i32::from(*x)).sum();
-                *o += d * a.d * isum as f32 + m * a.s;
+    let bb = kind.block_bytes();
+    let blocks_per_row = nb * QK / kind.block_elems();
+    for r in 0..PACK {
+        // Row r, unpacked, through the row kernel: the reference is the row reference.
+        let mut row = Vec::with_capacity(blocks_per_row * bb);
+        for blk in group.chunks_exact(PACK * bb) {
+            row.extend_from_slice(unpack_block(kind, blk, r).get(..bb).unwrap_or_default());
+        }
+        let mut col = vec![0.0f32; out.len() / PACK];
+        scalar_quant_row(kind, &row, acts, nb, &mut col);
+        for (j, v) in col.into_iter().enumerate() {
+            if let Some(o) = out.get_mut(j * PACK + r) {
+                *o = v;
             }
         }
     }
@@ -836,12 +847,23 @@ mod tests {
     fn repacked_groups_match_the_row_kernel() {
         for kind in QuantKind::ALL.into_iter().filter(|k| k.packable()) {
             for (nb, n) in [(1, 1), (18, 1), (18, 4), (48, 5), (3, 9)] {
+                let nb = blocks(kind, nb);
                 let rows: Vec<Vec<u8>> = (0..PACK)
                     .map(|r| random_weights(kind, nb, (r * 7 + nb) as u64))
                     .collect();
                 let flat: Vec<u8> = rows.concat();
                 let mut packed = vec![0u8; flat.len()];
-                repack(kind, &flat, nb, &mut packed);
+                repack(kind, &flat, nb * QK / kind.block_elems(), &mut packed);
+                for (r, row) in rows.iter().enumerate() {
+                    let bb = kind.block_bytes();
+                    for (b, blk) in packed.chunks_exact(PACK * bb).enumerate() {
+                        assert_eq!(
+                            &unpack_block(kind, blk, r)[..bb],
+                            &row[b * bb..(b + 1) * bb],
+                            "{kind:?}: unpacking undoes repacking"
+                        );
+                    }
+                }
                 let x = random_acts(n * nb * QK, nb as u64);
                 let mut acts = vec![BlockQ8::default(); n * nb];
                 quantize_row(&x, &mut acts);
@@ -857,10 +879,19 @@ mod tests {
                     for (r, row) in rows.iter().enumerate() {
                         let mut want = vec![0.0; n];
                         Kernels::Scalar.quant_row(kind, row, &acts, nb, &mut want);
+                        let mut wf = vec![0.0; nb * QK];
+                        dequantize_row(kind, row, &mut wf);
                         for j in 0..n {
                             let g = got[j * PACK + r];
+                            // The integer sums are exact; only the float sums of the
+                            // blocks' products may round differently: bound by their size.
+                            let mag: f32 = wf
+                                .iter()
+                                .zip(&x[j * nb * QK..])
+                                .map(|(a, b)| (a * b).abs())
+                                .sum();
                             assert!(
-                                close(g, want[j], want[j].abs()),
+                                (g - want[j]).abs() <= 1e-5 * mag + 1e-5,
                                 "{kind:?} {} nb={nb} j={j} r={r}: {g} vs {}",
                                 k.name(),
                                 want[j]

@@ -557,8 +557,18 @@ fn quant_group_avx2(kind: QuantKind, group: &[u8], acts: &[BlockQ8], nb: usize, 
             (QuantKind::Q8_0, 3) => packed_q8_group::<3>(group, rows, nb, dst),
             (QuantKind::Q8_0, 2) => packed_q8_group::<2>(group, rows, nb, dst),
             (QuantKind::Q8_0, _) => packed_q8_group::<1>(group, rows, nb, dst),
-            // `Kernels::quant_group` admits packable kinds only.
-            _ => dst.fill(0.0),
+            (QuantKind::Q4K, 4) => packed_qk45_group::<4, false>(group, rows, nb, dst),
+            (QuantKind::Q4K, 3) => packed_qk45_group::<3, false>(group, rows, nb, dst),
+            (QuantKind::Q4K, 2) => packed_qk45_group::<2, false>(group, rows, nb, dst),
+            (QuantKind::Q4K, _) => packed_qk45_group::<1, false>(group, rows, nb, dst),
+            (QuantKind::Q5K, 4) => packed_qk45_group::<4, true>(group, rows, nb, dst),
+            (QuantKind::Q5K, 3) => packed_qk45_group::<3, true>(group, rows, nb, dst),
+            (QuantKind::Q5K, 2) => packed_qk45_group::<2, true>(group, rows, nb, dst),
+            (QuantKind::Q5K, _) => packed_qk45_group::<1, true>(group, rows, nb, dst),
+            (QuantKind::Q6K, 4) => packed_q6k_group::<4>(group, rows, nb, dst),
+            (QuantKind::Q6K, 3) => packed_q6k_group::<3>(group, rows, nb, dst),
+            (QuantKind::Q6K, 2) => packed_q6k_group::<2>(group, rows, nb, dst),
+            (QuantKind::Q6K, _) => packed_q6k_group::<1>(group, rows, nb, dst),
         }
         j0 += g;
     }
@@ -721,6 +731,186 @@ fn packed_q5_group<const G: usize, const Q5_1: bool>(
             let p = _mm256_cvtepi32_ps(isum);
             *acc = _mm256_fmadd_ps(p, _mm256_mul_ps(d, _mm256_set1_ps(a.d)), *acc);
             *acc = _mm256_fmadd_ps(m, _mm256_set1_ps(a.s), *acc);
+        }
+    }
+    for (o, a) in out.chunks_exact_mut(PACK).zip(acc) {
+        if let Ok(o) = <&mut [f32; 8]>::try_from(o) {
+            store_f32x8(o, a);
+        }
+    }
+}
+
+/// The 32 bytes at `b[at..at + 32]`, or zeros if out of range (callers size groups exactly).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn load_at(b: &[u8], at: usize) -> __m256i {
+    match b.get(at..at + 32).map(<&[u8; 32]>::try_from) {
+        Some(Ok(v)) => load_u8x32(v),
+        _ => _mm256_setzero_si256(),
+    }
+}
+
+/// The 8 f16 values at `b[at..at + 16]` as f32 (zeros if out of range).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn f16x8_at(b: &[u8], at: usize) -> __m256 {
+    match b.get(at..at + 16).map(<&[u8; 16]>::try_from) {
+        Some(Ok(v)) => load_u8x16_f16(v),
+        _ => _mm256_setzero_ps(),
+    }
+}
+
+/// Byte `j` of each 32-bit lane, zero-extended.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn lane_byte(v: __m256i, j: usize) -> __m256i {
+    let shift = _mm_cvtsi32_si128(8 * j as i32);
+    _mm256_and_si256(_mm256_srl_epi32(v, shift), _mm256_set1_epi32(0xFF))
+}
+
+/// 8 repacked Q4_K / Q5_K rows against `G` activation rows. Per super-block, the 8 rows'
+/// 6-bit scales and minimums come out of the three 32-byte scale words with GGML's byte-wise
+/// masks (`kmask1..3` in `ggml_vec_dot_q4_K_q8_K`), which `repack` made lane-parallel: byte
+/// `4r + j` of each word is byte `4w + j` of row `r`'s scales. Sub-block `c` is the low (`c`
+/// even) or high nibbles of chunks `8 (c/2)..8 (c/2) + 8`, each 4 weights of the 8 rows, with
+/// Q5_K's fifth bit `c` of the matching fifth-bit chunk. A sub-block's `maddubs` sums stay
+/// within i16 for Q4_K (8 · 2 · 15 · 127 = 30,480); Q5_K's are widened chunk by chunk.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn packed_qk45_group<const G: usize, const Q5: bool>(
+    group: &[u8],
+    acts: &[BlockQ8],
+    nb: usize,
+    out: &mut [f32],
+) {
+    let kind = if Q5 { QuantKind::Q5K } else { QuantKind::Q4K };
+    let bb = kind.block_bytes();
+    let qs_at = if Q5 { 384 } else { 128 };
+    let low = _mm256_set1_epi8(0x0F);
+    let six = _mm256_set1_epi8(0x3F);
+    let two = _mm256_set1_epi8(0x03);
+    let one = _mm256_set1_epi8(0x01);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); G];
+    for (sb, blk) in group.chunks_exact(PACK * bb).enumerate() {
+        let (d, dmin) = (f16x8_at(blk, 0), f16x8_at(blk, 16));
+        let (u0, u1, u2) = (load_at(blk, 32), load_at(blk, 64), load_at(blk, 96));
+        let sc03 = _mm256_and_si256(u0, six);
+        let mn03 = _mm256_and_si256(u1, six);
+        let sc47 = _mm256_or_si256(
+            _mm256_and_si256(u2, low),
+            _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<6>(u0), two)),
+        );
+        let mn47 = _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16::<4>(u2), low),
+            _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<6>(u1), two)),
+        );
+        for c in 0..8 {
+            let Some(a) = gather::<G>(acts, nb, sb * 8 + c) else {
+                continue;
+            };
+            let (scv, mnv) = if c < 4 { (sc03, mn03) } else { (sc47, mn47) };
+            let scale = _mm256_mul_ps(_mm256_cvtepi32_ps(lane_byte(scv, c % 4)), d);
+            let min = _mm256_mul_ps(_mm256_cvtepi32_ps(lane_byte(mnv, c % 4)), dmin);
+            let bit = _mm_cvtsi32_si128(c as i32);
+            let mut isum = [_mm256_setzero_si256(); G];
+            for k in 0..8 {
+                let w = load_at(blk, qs_at + (8 * (c / 2) + k) * 32);
+                let mut q = if c % 2 == 0 {
+                    _mm256_and_si256(w, low)
+                } else {
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(w), low)
+                };
+                if Q5 {
+                    let h =
+                        _mm256_and_si256(_mm256_srl_epi16(load_at(blk, 128 + k * 32), bit), one);
+                    q = _mm256_or_si256(q, _mm256_slli_epi16::<4>(h));
+                }
+                for (isum, a) in isum.iter_mut().zip(&a) {
+                    let p = _mm256_maddubs_epi16(q, broadcast_i8x4(quad(&a.q, k)));
+                    *isum = if Q5 {
+                        _mm256_add_epi32(*isum, _mm256_madd_epi16(p, ones))
+                    } else {
+                        _mm256_add_epi16(*isum, p)
+                    };
+                }
+            }
+            for ((acc, isum), a) in acc.iter_mut().zip(isum).zip(&a) {
+                let i = if Q5 {
+                    isum
+                } else {
+                    _mm256_madd_epi16(isum, ones)
+                };
+                let p = _mm256_cvtepi32_ps(i);
+                *acc = _mm256_fmadd_ps(p, _mm256_mul_ps(scale, _mm256_set1_ps(a.d)), *acc);
+                *acc = _mm256_fnmadd_ps(min, _mm256_set1_ps(a.s), *acc);
+            }
+        }
+    }
+    for (o, a) in out.chunks_exact_mut(PACK).zip(acc) {
+        if let Ok(o) = <&mut [f32; 8]>::try_from(o) {
+            store_f32x8(o, a);
+        }
+    }
+}
+
+/// 8 repacked Q6_K rows against `G` activation rows: chunk `c = 4n + kk` of each row is 8
+/// runs of 4 weights, each from one 32-byte run of low nibbles and one of high bit pairs,
+/// made signed (`q - 32`) for the sign trick; its two halves have their own 8-bit scales,
+/// taken from the scale words as `repack` laid them out. A half's sums stay within i16
+/// (4 · 2 · 32 · 127 = 32,512).
+#[target_feature(enable = "avx2,fma,f16c")]
+fn packed_q6k_group<const G: usize>(group: &[u8], acts: &[BlockQ8], nb: usize, out: &mut [f32]) {
+    let bb = QuantKind::Q6K.block_bytes();
+    let low = _mm256_set1_epi8(0x0F);
+    let three = _mm256_set1_epi8(0x03);
+    let offset = _mm256_set1_epi8(32);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); G];
+    for (sb, blk) in group.chunks_exact(PACK * bb).enumerate() {
+        let d = f16x8_at(blk, 1664);
+        for c in 0..8 {
+            let Some(a) = gather::<G>(acts, nb, sb * 8 + c) else {
+                continue;
+            };
+            let (n, kk) = (c / 4, c % 4);
+            let shift = _mm_cvtsi32_si128(2 * kk as i32);
+            let mut isum = [[_mm256_setzero_si256(); 2]; G];
+            for g in 0..8 {
+                let l = load_at(blk, (16 * n + 8 * (kk % 2) + g) * 32);
+                let h = load_at(blk, 1024 + (8 * n + g) * 32);
+                let lo = if kk < 2 {
+                    _mm256_and_si256(l, low)
+                } else {
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(l), low)
+                };
+                let hi =
+                    _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srl_epi16(h, shift), three));
+                let w = _mm256_sub_epi8(_mm256_or_si256(lo, hi), offset);
+                let wabs = _mm256_sign_epi8(w, w);
+                for (isum, a) in isum.iter_mut().zip(&a) {
+                    let x = _mm256_sign_epi8(broadcast_i8x4(quad(&a.q, g)), w);
+                    let p = _mm256_maddubs_epi16(wabs, x);
+                    if let Some(s) = isum.get_mut(g / 4) {
+                        *s = _mm256_add_epi16(*s, p);
+                    }
+                }
+            }
+            // Scales 2c and 2c + 1 of each row: byte (2c + h) % 4 of word (2c + h) / 4, signed.
+            let scale = |h: usize| {
+                let s = 2 * c + h;
+                let word = load_at(blk, 1536 + (s / 4) * 32);
+                let up = _mm_cvtsi32_si128(24 - 8 * (s % 4) as i32);
+                let v = _mm256_srai_epi32::<24>(_mm256_sll_epi32(word, up));
+                _mm256_mul_ps(_mm256_cvtepi32_ps(v), d)
+            };
+            let (s0, s1) = (scale(0), scale(1));
+            for ((acc, [i0, i1]), a) in acc.iter_mut().zip(isum).zip(&a) {
+                let ad = _mm256_set1_ps(a.d);
+                let p0 = _mm256_cvtepi32_ps(_mm256_madd_epi16(i0, ones));
+                let p1 = _mm256_cvtepi32_ps(_mm256_madd_epi16(i1, ones));
+                *acc = _mm256_fmadd_ps(p0, _mm256_mul_ps(s0, ad), *acc);
+                *acc = _mm256_fmadd_ps(p1, _mm256_mul_ps(s1, ad), *acc);
+            }
         }
     }
     for (o, a) in out.chunks_exact_mut(PACK).zip(acc) {
