@@ -27,8 +27,9 @@ fn main() {
         // Sane f16 scales: 0x2000 is about 0.0078 (the random bytes may be NaN or huge).
         for blk in w.chunks_exact_mut(kind.block_bytes()) {
             let at = if kind == QuantKind::Q6K { 208 } else { 0 };
-            blk[at] = 0;
-            blk[at + 1] = 0x20;
+            if let Some(d) = blk.get_mut(at..at + 2) {
+                d.copy_from_slice(&[0, 0x20]);
+            }
         }
         let packed = kind.packable();
         if packed {

@@ -991,7 +991,7 @@ fn matrix(bytes: &[u8], g: &Gguf, t: &TensorRef, rows: usize, cols: usize) -> Re
     };
     // Activations are quantized in blocks of QK, so every quantized matrix needs whole blocks
     // of them (and the GGUF reader already checked that rows hold whole weight blocks).
-    let fits = |kind: QuantKind| cols % kind.block_elems() == 0 && cols % QK == 0;
+    let fits = |kind: QuantKind| cols.is_multiple_of(kind.block_elems()) && cols.is_multiple_of(QK);
     let half = match t.dtype {
         GgmlDType::F16 => Some(HalfKind::F16),
         GgmlDType::BF16 => Some(HalfKind::Bf16),

@@ -6,7 +6,12 @@
 //! distribution must agree up to that noise, at the first position and after several (RoPE,
 //! attention, the cache across two chunks).
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
 
 mod common;
 

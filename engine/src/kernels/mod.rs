@@ -252,7 +252,7 @@ impl Kernels {
     /// zeroed.
     pub fn half_row(self, kind: HalfKind, w: &[u8], xs: &[f32], out: &mut [f32]) {
         let cols = w.len() / 2;
-        if cols == 0 || w.len() % 2 != 0 || xs.len() != cols * out.len() {
+        if cols == 0 || !w.len().is_multiple_of(2) || xs.len() != cols * out.len() {
             out.fill(0.0);
             return;
         }

@@ -1,6 +1,6 @@
 //! The real models the engine's tests run, as `make model` and `make model-qwen` fetch them.
 
-#![allow(dead_code, clippy::expect_used)]
+#![allow(dead_code, clippy::expect_used, clippy::panic)]
 
 use std::path::PathBuf;
 
