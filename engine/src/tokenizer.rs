@@ -1,6 +1,15 @@
-//! The tokenizer, built from the GGUF's own vocabulary (`tokenizer.ggml.*`) with the
-//! `tokenizers` crate so that token ids equal llama.cpp's for the same text, special tokens
-//! included; and the byte-exact, UTF-8-safe detokenizer used for streaming.
+//! The tokenizer, built from the GGUF's own vocabulary (`tokenizer.ggml.*`) so that token ids
+//! equal llama.cpp's for the same text, special tokens included: byte-level BPE (`gpt2`) with
+//! the `tokenizers` crate, and SentencePiece (`llama`: Gemma, Llama 2, Mistral's first
+//! models) as llama.cpp's `llm_tokenizer_spm` does it; and the byte-exact, UTF-8-safe
+//! detokenizer used for streaming.
+//!
+//! SentencePiece here is llama.cpp's algorithm, written out (llama-vocab.cpp): spaces become
+//! U+2581, the text is split into UTF-8 characters, and the adjacent pair whose concatenation
+//! is the highest-scoring token in the vocabulary is merged first (the leftmost on ties) until
+//! no pair forms a token; characters that never became a token are emitted as `<0xXX>` byte
+//! tokens. The `tokenizers` crate has no model with these semantics (its BPE wants a merge
+//! list, which for a 262,144-token vocabulary would cost tens of MB to derive and hold).
 //!
 //! candle's `TokenizerFromGguf` does not know llama.cpp's `smollm` pre-tokenizer and adds a
 //! prefix space (`<|im_start|>system` became ` system`); here each pre-tokenizer type maps to
@@ -10,6 +19,7 @@
 use crate::gguf::Gguf;
 use crate::{Error, Result};
 use candle_core::quantized::gguf_file::Value;
+use std::collections::{BinaryHeap, HashMap};
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence;
@@ -18,8 +28,14 @@ use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
 /// GGUF token types (llama.h `llama_token_type`).
+const TYPE_NORMAL: i64 = 1;
+const TYPE_UNKNOWN: i64 = 2;
 const TYPE_CONTROL: i64 = 3;
 const TYPE_USER_DEFINED: i64 = 4;
+const TYPE_BYTE: i64 = 6;
+
+/// SentencePiece's escaped space, U+2581 LOWER ONE EIGHTH BLOCK.
+const SPM_SPACE: &str = "\u{2581}";
 
 /// Longest text accepted for one encode call, in bytes. Requests are bounded well below this
 /// by the context window; this only stops a pathological input before the regex work.
@@ -29,9 +45,17 @@ pub const MAX_TEXT_BYTES: usize = 4 << 20;
 const REGEX_LLAMA3: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const REGEX_QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
-/// A byte-level BPE tokenizer and everything the engine needs to know about its tokens.
+/// How text becomes token ids.
+enum Model {
+    /// Byte-level BPE through the `tokenizers` crate.
+    Bpe(Box<tokenizers::Tokenizer>),
+    /// SentencePiece, llama.cpp's way.
+    Spm(Spm),
+}
+
+/// A tokenizer and everything the engine needs to know about its tokens.
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
+    model: Model,
     /// The bytes each token stands for in generated text, concatenated; control tokens are
     /// empty (llama.cpp renders them only when asked to).
     bytes: Vec<u8>,
@@ -52,15 +76,12 @@ impl std::fmt::Debug for Tokenizer {
 
 impl Tokenizer {
     pub fn from_gguf(g: &Gguf) -> Result<Self> {
-        let model = g.str("tokenizer.ggml.model")?;
-        if model != "gpt2" {
+        let kind = g.str("tokenizer.ggml.model")?;
+        if kind != "gpt2" && kind != "llama" {
             return Err(Error::Unsupported(format!(
-                "tokenizer model `{model}` (only byte-level BPE, `gpt2`, is supported)"
+                "tokenizer model `{kind}` (supported: byte-level BPE, `gpt2`, and SentencePiece, `llama`)"
             )));
         }
-        let pre = g.opt_str("tokenizer.ggml.pre").unwrap_or("default");
-        let (pre_tokenizer, ignore_merges) = pre_tokenizer(pre)?;
-
         let tokens: Vec<&str> = g
             .array("tokenizer.ggml.tokens")?
             .iter()
@@ -89,52 +110,27 @@ impl Tokenizer {
                 "tokenizer.ggml.token_type and tokens differ in length".into(),
             ));
         }
-        let merges: Vec<(String, String)> = g
-            .array("tokenizer.ggml.merges")?
-            .iter()
-            .map(|v| match v {
-                Value::String(s) => s
-                    .split_once(' ')
-                    .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .ok_or_else(|| Error::Format(format!("bad BPE merge `{s}`"))),
-                _ => Err(Error::Format(
-                    "tokenizer.ggml.merges holds a non-string".into(),
-                )),
-            })
-            .collect::<Result<_>>()?;
-
-        let mut vocab = Vocab::default();
-        for (id, t) in (0..n).zip(&tokens) {
-            vocab.insert((*t).to_string(), id);
-        }
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .ignore_merges(ignore_merges)
-            .build()
-            .map_err(|e| Error::Format(format!("BPE vocabulary: {e}")))?;
-        let mut inner = tokenizers::Tokenizer::new(bpe);
-        inner.with_pre_tokenizer(Some(pre_tokenizer));
-        // Control and user-defined tokens are matched in the text before pre-tokenization, as
-        // llama.cpp's `tokenizer_st_partition` does with `parse_special = true`.
-        let added: Vec<AddedToken> = tokens
-            .iter()
-            .zip(&types)
-            .filter(|(_, t)| matches!(**t, TYPE_CONTROL | TYPE_USER_DEFINED))
-            .map(|(tok, t)| AddedToken::from((*tok).to_string(), *t == TYPE_CONTROL))
-            .collect();
-        inner
-            .add_special_tokens(added)
-            .map_err(|e| Error::Format(format!("special tokens: {e}")))?;
+        let model = if kind == "llama" {
+            Model::Spm(Spm::new(g, &tokens, &types)?)
+        } else {
+            Model::Bpe(Box::new(bpe(g, &tokens, &types)?))
+        };
 
         let decode = byte_decoder();
         let mut bytes = Vec::new();
         let mut offsets = Vec::with_capacity(tokens.len() + 1);
         offsets.push(0u32);
         for (tok, ty) in tokens.iter().zip(&types) {
-            match *ty {
-                TYPE_CONTROL => {}
-                TYPE_USER_DEFINED => bytes.extend_from_slice(tok.as_bytes()),
-                _ => {
+            match (&model, *ty) {
+                (_, TYPE_CONTROL) => {}
+                (_, TYPE_USER_DEFINED) => bytes.extend_from_slice(tok.as_bytes()),
+                (Model::Spm(_), TYPE_BYTE) => bytes.extend(spm_byte(tok)),
+                (Model::Spm(_), TYPE_NORMAL) => {
+                    bytes.extend_from_slice(tok.replace(SPM_SPACE, " ").as_bytes())
+                }
+                // llama.cpp renders neither unknown nor unused SentencePiece tokens.
+                (Model::Spm(_), _) => {}
+                (Model::Bpe(_), _) => {
                     for c in tok.chars() {
                         match decode.get(&c) {
                             Some(b) => bytes.push(*b),
@@ -183,13 +179,18 @@ impl Tokenizer {
             ));
         }
         Ok(Tokenizer {
-            inner,
+            model,
             bytes,
             offsets,
             eog,
             bos,
             add_bos: g.opt_bool("tokenizer.ggml.add_bos_token").unwrap_or(false),
         })
+    }
+
+    /// The BOS token [`Tokenizer::encode`] puts first, if the model asks for one.
+    pub fn added_bos(&self) -> Option<u32> {
+        self.bos.filter(|_| self.add_bos)
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -204,15 +205,19 @@ impl Tokenizer {
                 text.len()
             )));
         }
-        let enc = self
-            .inner
-            .encode_fast(text, false)
-            .map_err(|e| Error::InvalidRequest(format!("tokenizing the prompt failed: {e}")))?;
-        let mut ids = Vec::with_capacity(enc.len() + 1);
+        let mut ids = Vec::new();
         if self.add_bos {
             ids.extend(self.bos);
         }
-        ids.extend_from_slice(enc.get_ids());
+        match &self.model {
+            Model::Bpe(inner) => {
+                let enc = inner.encode_fast(text, false).map_err(|e| {
+                    Error::InvalidRequest(format!("tokenizing the prompt failed: {e}"))
+                })?;
+                ids.extend_from_slice(enc.get_ids());
+            }
+            Model::Spm(spm) => spm.encode(text, &mut ids),
+        }
         Ok(ids)
     }
 
@@ -242,6 +247,260 @@ impl Tokenizer {
             .copied()
             .collect();
         String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+/// The byte-level BPE model of a `gpt2` vocabulary, with its pre-tokenizer and its control
+/// and user-defined tokens.
+fn bpe(g: &Gguf, tokens: &[&str], types: &[i64]) -> Result<tokenizers::Tokenizer> {
+    let pre = g.opt_str("tokenizer.ggml.pre").unwrap_or("default");
+    let (pre_tokenizer, ignore_merges) = pre_tokenizer(pre)?;
+    let merges: Vec<(String, String)> = g
+        .array("tokenizer.ggml.merges")?
+        .iter()
+        .map(|v| match v {
+            Value::String(s) => s
+                .split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| Error::Format(format!("bad BPE merge `{s}`"))),
+            _ => Err(Error::Format(
+                "tokenizer.ggml.merges holds a non-string".into(),
+            )),
+        })
+        .collect::<Result<_>>()?;
+    let mut vocab = Vocab::default();
+    for (id, t) in (0u32..).zip(tokens) {
+        vocab.insert((*t).to_string(), id);
+    }
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .ignore_merges(ignore_merges)
+        .build()
+        .map_err(|e| Error::Format(format!("BPE vocabulary: {e}")))?;
+    let mut inner = tokenizers::Tokenizer::new(bpe);
+    inner.with_pre_tokenizer(Some(pre_tokenizer));
+    // Control and user-defined tokens are matched in the text before pre-tokenization, as
+    // llama.cpp's `tokenizer_st_partition` does with `parse_special = true`.
+    let added: Vec<AddedToken> = tokens
+        .iter()
+        .zip(types)
+        .filter(|(_, t)| matches!(**t, TYPE_CONTROL | TYPE_USER_DEFINED))
+        .map(|(tok, t)| AddedToken::from((*tok).to_string(), *t == TYPE_CONTROL))
+        .collect();
+    inner
+        .add_special_tokens(added)
+        .map_err(|e| Error::Format(format!("special tokens: {e}")))?;
+    Ok(inner)
+}
+
+/// The byte a SentencePiece byte token (`<0xAB>`) stands for.
+fn spm_byte(tok: &str) -> Option<u8> {
+    let hex = tok.strip_prefix("<0x")?.strip_suffix('>')?;
+    u8::from_str_radix(hex, 16).ok()
+}
+
+/// A SentencePiece vocabulary, as llama.cpp's `llm_tokenizer_spm` uses it.
+struct Spm {
+    /// Every token's text (the last id wins for duplicates, as in llama.cpp).
+    ids: HashMap<Box<str>, u32>,
+    scores: Vec<f32>,
+    /// The token for each byte: `<0xAB>`, else the one-character token.
+    bytes: [Option<u32>; 256],
+    /// Control, user-defined and unknown tokens, matched in the text first (leftmost,
+    /// longest), and their ids.
+    specials: Option<(aho_corasick::AhoCorasick, Vec<u32>)>,
+    /// Prefix each piece of text after a special token (and the first) with a space.
+    add_space_prefix: bool,
+}
+
+/// A merge candidate: two adjacent symbols whose text is a token.
+#[derive(Debug, PartialEq)]
+struct Bigram {
+    score: f32,
+    left: usize,
+    right: usize,
+    size: usize,
+}
+
+impl Eq for Bigram {}
+
+impl Ord for Bigram {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        // The highest score first; on ties the leftmost (llama.cpp's `llm_bigram_spm`).
+        self.score
+            .total_cmp(&other.score)
+            .then_with(|| other.left.cmp(&self.left))
+    }
+}
+
+impl PartialOrd for Bigram {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// A run of the text: `start..start + len`, linked to its neighbours.
+#[derive(Clone, Copy)]
+struct Symbol {
+    start: usize,
+    len: usize,
+    prev: Option<usize>,
+    next: Option<usize>,
+}
+
+impl Spm {
+    fn new(g: &Gguf, tokens: &[&str], types: &[i64]) -> Result<Self> {
+        let scores: Vec<f32> = match g.get("tokenizer.ggml.scores") {
+            Some(Value::Array(a)) => a.iter().map(|v| v.to_f32().unwrap_or(0.0)).collect(),
+            _ => vec![0.0; tokens.len()],
+        };
+        if scores.len() != tokens.len() {
+            return Err(Error::Format(
+                "tokenizer.ggml.scores and tokens differ in length".into(),
+            ));
+        }
+        let mut ids = HashMap::with_capacity(tokens.len());
+        for (id, t) in (0u32..).zip(tokens) {
+            ids.insert(Box::<str>::from(*t), id);
+        }
+        let mut bytes = [None; 256];
+        for (b, slot) in bytes.iter_mut().enumerate() {
+            let hex = format!("<0x{b:02X}>");
+            *slot = ids.get(hex.as_str()).copied().or_else(|| {
+                char::from_u32(b as u32)
+                    .filter(|_| b < 0x80)
+                    .and_then(|c| ids.get(c.to_string().as_str()).copied())
+            });
+        }
+        let (patterns, special_ids): (Vec<&str>, Vec<u32>) = tokens
+            .iter()
+            .zip(types)
+            .zip(0u32..)
+            .filter(|((t, ty), _)| {
+                !t.is_empty() && matches!(**ty, TYPE_CONTROL | TYPE_USER_DEFINED | TYPE_UNKNOWN)
+            })
+            .map(|((t, _), id)| (*t, id))
+            .unzip();
+        let specials = if patterns.is_empty() {
+            None
+        } else {
+            let ac = aho_corasick::AhoCorasick::builder()
+                .match_kind(aho_corasick::MatchKind::LeftmostLongest)
+                .build(&patterns)
+                .map_err(|e| Error::Format(format!("special tokens: {e}")))?;
+            Some((ac, special_ids))
+        };
+        Ok(Spm {
+            ids,
+            scores,
+            bytes,
+            specials,
+            // llama.cpp's default for SentencePiece vocabularies when the key is absent.
+            add_space_prefix: g
+                .opt_bool("tokenizer.ggml.add_space_prefix")
+                .unwrap_or(true),
+        })
+    }
+
+    /// Appends the ids of `text` to `out`, special tokens parsed (llama.cpp's
+    /// `tokenize(..., parse_special = true)` for `LLAMA_VOCAB_TYPE_SPM`).
+    fn encode(&self, text: &str, out: &mut Vec<u32>) {
+        let mut prev_special = true;
+        let piece = |raw: &str, prev_special: bool, out: &mut Vec<u32>| {
+            let mut s = String::with_capacity(raw.len() + 3);
+            if self.add_space_prefix && prev_special {
+                s.push(' ');
+            }
+            s.push_str(raw);
+            self.tokenize(&s.replace(' ', SPM_SPACE), out);
+        };
+        let mut at = 0;
+        if let Some((ac, special_ids)) = &self.specials {
+            for m in ac.find_iter(text) {
+                if m.start() > at {
+                    piece(
+                        text.get(at..m.start()).unwrap_or_default(),
+                        prev_special,
+                        out,
+                    );
+                }
+                out.extend(special_ids.get(m.pattern().as_usize()));
+                prev_special = true;
+                at = m.end();
+            }
+        }
+        if at < text.len() {
+            piece(text.get(at..).unwrap_or_default(), prev_special, out);
+        }
+    }
+
+    /// llama.cpp's `llm_tokenizer_spm_session::tokenize` on already-escaped text.
+    fn tokenize(&self, text: &str, out: &mut Vec<u32>) {
+        let mut symbols: Vec<Symbol> = Vec::with_capacity(text.len());
+        for (start, c) in text.char_indices() {
+            let i = symbols.len();
+            symbols.push(Symbol {
+                start,
+                len: c.len_utf8(),
+                prev: i.checked_sub(1),
+                next: None,
+            });
+            if let Some(p) = i.checked_sub(1).and_then(|p| symbols.get_mut(p)) {
+                p.next = Some(i);
+            }
+        }
+        let mut queue = BinaryHeap::new();
+        let bigram = |symbols: &[Symbol], left: Option<usize>, right: Option<usize>| {
+            let (l, r) = (left?, right?);
+            let (ls, rs) = (symbols.get(l)?, symbols.get(r)?);
+            let piece = text.get(ls.start..ls.start + ls.len + rs.len)?;
+            let id = *self.ids.get(piece)?;
+            Some(Bigram {
+                score: self.scores.get(id as usize).copied().unwrap_or(0.0),
+                left: l,
+                right: r,
+                size: piece.len(),
+            })
+        };
+        for i in 1..symbols.len() {
+            queue.extend(bigram(&symbols, Some(i - 1), Some(i)));
+        }
+        while let Some(b) = queue.pop() {
+            let (Some(l), Some(r)) = (symbols.get(b.left).copied(), symbols.get(b.right).copied())
+            else {
+                continue;
+            };
+            // Stale: one side was merged since this candidate was queued.
+            if l.len == 0 || r.len == 0 || l.len + r.len != b.size {
+                continue;
+            }
+            if let Some(s) = symbols.get_mut(b.left) {
+                s.len += r.len;
+                s.next = r.next;
+            }
+            if let Some(s) = symbols.get_mut(b.right) {
+                s.len = 0;
+            }
+            if let Some(n) = r.next.and_then(|n| symbols.get_mut(n)) {
+                n.prev = Some(b.left);
+            }
+            queue.extend(bigram(&symbols, l.prev, Some(b.left)));
+            queue.extend(bigram(&symbols, Some(b.left), r.next));
+        }
+        let mut i = if symbols.is_empty() { None } else { Some(0) };
+        while let Some(s) = i.and_then(|i| symbols.get(i)) {
+            let piece = text.get(s.start..s.start + s.len).unwrap_or_default();
+            match self.ids.get(piece) {
+                Some(id) => out.push(*id),
+                // Never became a token: its bytes, as byte tokens.
+                None => out.extend(
+                    piece
+                        .bytes()
+                        .filter_map(|b| self.bytes.get(usize::from(b)).copied().flatten()),
+                ),
+            }
+            i = s.next;
+        }
     }
 }
 

@@ -25,6 +25,13 @@ pub const QWEN25: TestModel = TestModel {
     fixtures: "qwen2.5",
 };
 
+/// Gemma 3 270M (base model, no chat template), Q4_K_M: `gemma3`, SentencePiece tokenizer.
+pub const GEMMA3: TestModel = TestModel {
+    file: "gemma3-270m/gemma-3-270m-Q4_K_M.gguf",
+    make: "make model-gemma",
+    fixtures: "gemma3",
+};
+
 impl TestModel {
     pub fn path(&self) -> PathBuf {
         PathBuf::from(env!("CARGO_MANIFEST_DIR"))
