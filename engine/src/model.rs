@@ -1,11 +1,14 @@
-//! The transformer of the llama family and its relatives (Qwen2, Qwen3): weights referenced in
+//! The transformer of the llama family and its relatives (Qwen2, Qwen3, Gemma 3): weights referenced in
 //! place in the decrypted GGUF buffer, one KV cache per sequence, and a forward pass over a
 //! batch that mixes prompt chunks and decode steps of different sequences (continuous
 //! batching).
 //!
 //! The graph is candle-transformers' `quantized_llama` (RMSNorm, RoPE, grouped-query attention,
-//! SwiGLU) with what `quantized_qwen2` and `quantized_qwen3` add (q/k/v biases, NeoX RoPE,
-//! per-head QK-norm), written as fused loops over buffers kept between steps. Quantized
+//! SwiGLU) with what `quantized_qwen2`, `quantized_qwen3` and `quantized_gemma3` add (q/k/v
+//! biases, NeoX RoPE, per-head QK-norm, post-norms, GELU, sliding-window layers), written as
+//! fused loops over buffers kept between steps. For Gemma 3 the reference is llama.cpp's
+//! graph where candle's differs (candle uses SiLU where Gemma uses GELU-tanh, and a window one
+//! position wider). Quantized
 //! weights stay in GGML's block layout and are multiplied by the kernels in
 //! [`crate::kernels`], as are F16 and BF16 ones; only tensor types without a native kernel
 //! (Q2_K, Q3_K) are dequantized by candle at load time.
@@ -31,6 +34,9 @@ pub enum Arch {
     Qwen2,
     /// Qwen3 (dense): Qwen2 without biases, with RMSNorm on each query and key head.
     Qwen3,
+    /// Gemma 3: QK-norm, norms after attention and feed-forward too, GELU (tanh), embeddings
+    /// scaled by √d, and five sliding-window layers (their own RoPE base) to one global one.
+    Gemma3,
 }
 
 impl Arch {
@@ -39,6 +45,7 @@ impl Arch {
             "llama" => Some(Arch::Llama),
             "qwen2" => Some(Arch::Qwen2),
             "qwen3" => Some(Arch::Qwen3),
+            "gemma3" => Some(Arch::Gemma3),
             _ => None,
         }
     }
@@ -49,6 +56,7 @@ impl Arch {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
+            Arch::Gemma3 => "gemma3",
         }
     }
 
@@ -60,7 +68,7 @@ impl Arch {
 }
 
 /// The families this engine's fast path runs, for error messages.
-pub const ARCHITECTURES: &str = "llama, qwen2, qwen3";
+pub const ARCHITECTURES: &str = "llama, qwen2, qwen3, gemma3";
 
 /// Model dimensions, from the GGUF metadata.
 #[derive(Clone, Debug, PartialEq)]
@@ -76,9 +84,30 @@ pub struct Config {
     /// The context length the model was trained with.
     pub n_ctx_train: usize,
     pub rope_base: f32,
-    /// Positions are multiplied by this before rotation (`rope.scaling.type = linear`).
+    /// Positions are multiplied by this before rotation (`rope.scaling.type = linear`); for
+    /// Gemma 3, in its global layers only.
     pub rope_scale: f32,
     pub rms_eps: f32,
+    /// Sliding-window attention: each position of a local layer sees the last `window`
+    /// positions, itself included (llama.cpp's `LLAMA_SWA_TYPE_STANDARD`), and rotates with
+    /// `rope_base_local`. Layer `i` is local unless `(i + 1) % pattern == 0`.
+    pub sliding: Option<Sliding>,
+    /// Scale of the attention scores (1/√head_dim except Gemma 3 27B's 1/√(n_embd/n_head)).
+    pub attn_scale: f32,
+}
+
+/// Where and how a model attends within a window.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sliding {
+    pub window: usize,
+    pub pattern: usize,
+    pub rope_base_local: f32,
+}
+
+impl Sliding {
+    fn local(&self, layer: usize) -> bool {
+        (layer + 1) % self.pattern.max(1) != 0
+    }
 }
 
 impl Config {
@@ -177,9 +206,26 @@ impl Config {
             }
         }
         let n_vocab = g.array("tokenizer.ggml.tokens")?.len();
+        let n_layer = dim("block_count", 1 << 10)?;
+        let sliding = match arch {
+            Arch::Gemma3 => Some(Sliding {
+                window: dim("attention.sliding_window", 1 << 24)?,
+                // Gemma 3: five local layers to one global (llama.cpp's `set_swa_pattern(6)`);
+                // local layers rotate with base 10,000 (its `rope_freq_base_train_swa`).
+                pattern: opt_dim("attention.sliding_window_pattern", 64)?.unwrap_or(6),
+                rope_base_local: g.opt_f32(&key("rope.local_freq_base"))?.unwrap_or(10_000.0),
+            }),
+            _ => None,
+        };
+        // Gemma 3 27B (62 layers) scales queries by its query_pre_attn_scalar, n_embd / n_head
+        // (llama.cpp's `f_attention_scale`); every other model by the head size.
+        let attn_scale = match arch {
+            Arch::Gemma3 if n_layer == 62 => 1.0 / ((n_embd / n_head) as f32).sqrt(),
+            _ => 1.0 / (head_dim as f32).sqrt(),
+        };
         let cfg = Config {
             arch,
-            n_layer: dim("block_count", 1 << 10)?,
+            n_layer,
             n_embd,
             n_ff: dim("feed_forward_length", 1 << 18)?,
             n_head,
@@ -192,9 +238,16 @@ impl Config {
             rms_eps: g
                 .opt_f32(&key("attention.layer_norm_rms_epsilon"))?
                 .unwrap_or(1e-5),
+            sliding,
+            attn_scale,
         };
         let positive = |x: f32| x.is_finite() && x > 0.0;
-        if n_vocab == 0 || !positive(cfg.rope_base) || !positive(cfg.rms_eps) {
+        let local_base = cfg.sliding.map_or(1.0, |s| s.rope_base_local);
+        if n_vocab == 0
+            || !positive(cfg.rope_base)
+            || !positive(cfg.rms_eps)
+            || !positive(local_base)
+        {
             return Err(Error::Format(
                 "vocabulary, RoPE base or RMS epsilon is invalid".into(),
             ));
@@ -272,6 +325,9 @@ struct Layer {
     gate: Matrix,
     up: Matrix,
     down: Matrix,
+    /// Gemma's norms of the attention and feed-forward outputs, before the residual adds.
+    post_attn_norm: Option<Vec<f32>>,
+    post_ffn_norm: Option<Vec<f32>>,
 }
 
 /// A loaded model. It owns the decrypted GGUF bytes (zeroized when dropped) and reads the
@@ -285,6 +341,8 @@ pub struct Model {
     /// `None`: tied to the embedding, as in SmolLM2.
     output: Option<Matrix>,
     inv_freq: Vec<f32>,
+    /// The sliding-window layers' RoPE frequencies, when the model has such layers.
+    inv_freq_local: Option<Vec<f32>>,
     kernels: Kernels,
 }
 
@@ -342,6 +400,8 @@ impl Model {
                 gate: load(&n("ffn_gate"), cfg.n_ff, d)?,
                 up: load(&n("ffn_up"), cfg.n_ff, d)?,
                 down: load(&n("ffn_down"), d, cfg.n_ff)?,
+                post_attn_norm: optional(&n("post_attention_norm"), d)?,
+                post_ffn_norm: optional(&n("post_ffw_norm"), d)?,
             });
         }
         let mut embed = load("token_embd.weight", cfg.n_vocab, d)?;
@@ -404,6 +464,15 @@ impl Model {
                 }
             })
             .collect();
+        let inv_freq_local = cfg.sliding.map(|sl| {
+            (0..half)
+                .map(|i| {
+                    1.0 / sl
+                        .rope_base_local
+                        .powf(2.0 * i as f32 / cfg.head_dim as f32)
+                })
+                .collect()
+        });
         Ok(Model {
             bytes,
             cfg,
@@ -412,6 +481,7 @@ impl Model {
             output_norm,
             output,
             inv_freq,
+            inv_freq_local,
             kernels,
         })
     }
@@ -493,7 +563,14 @@ impl Model {
         {
             self.embed_row(*tok, row);
         }
-        self.rope_tables(s);
+        if cfg.arch == Arch::Gemma3 {
+            let scale = (d as f32).sqrt();
+            s.x.iter_mut().for_each(|v| *v *= scale);
+        }
+        rope_tables(&self.inv_freq, &s.rows, &mut s.cos, &mut s.sin);
+        if let Some(f) = &self.inv_freq_local {
+            rope_tables(f, &s.rows, &mut s.cos_local, &mut s.sin_local);
+        }
 
         for (li, layer) in self.layers.iter().enumerate() {
             // Attention block.
@@ -526,8 +603,14 @@ impl Model {
                 rms_norm_in_place(&mut s.k, w, cfg.rms_eps, hd);
             }
             let neox = cfg.arch.neox();
-            rope(&mut s.q, hd, &s.cos, &s.sin, neox);
-            rope(&mut s.k, hd, &s.cos, &s.sin, neox);
+            let local = cfg.sliding.is_some_and(|sl| sl.local(li));
+            let (cos, sin) = if local {
+                (&s.cos_local, &s.sin_local)
+            } else {
+                (&s.cos, &s.sin)
+            };
+            rope(&mut s.q, hd, cos, sin, neox);
+            rope(&mut s.k, hd, cos, sin, neox);
             // Append this step's keys and values to each sequence's cache.
             let mut at = 0;
             for c in batch.iter_mut() {
@@ -550,6 +633,9 @@ impl Model {
             self.attention(li, batch, s);
             quantize_rows(self.kernels, &s.att, cfg.q_dim(), &mut s.xq);
             self.matmul(&mut [(&layer.wo, &mut s.xb)], &s.att, &s.xq, t, &mut s.tmp);
+            if let Some(w) = &layer.post_attn_norm {
+                rms_norm_in_place(&mut s.xb, w, cfg.rms_eps, d);
+            }
             add(&mut s.x, &s.xb);
 
             // Feed-forward block.
@@ -562,9 +648,15 @@ impl Model {
                 t,
                 &mut s.tmp,
             );
-            swiglu(&mut s.hb, &s.hb2);
+            match cfg.arch {
+                Arch::Gemma3 => gated(&mut s.hb, &s.hb2, gelu_tanh),
+                _ => gated(&mut s.hb, &s.hb2, silu),
+            }
             quantize_rows(self.kernels, &s.hb, cfg.n_ff, &mut s.hq);
             self.matmul(&mut [(&layer.down, &mut s.xb)], &s.hb, &s.hq, t, &mut s.tmp);
+            if let Some(w) = &layer.post_ffn_norm {
+                rms_norm_in_place(&mut s.xb, w, cfg.rms_eps, d);
+            }
             add(&mut s.x, &s.xb);
         }
         for c in batch.iter_mut() {
@@ -647,20 +739,6 @@ impl Model {
                 None => row.fill(0.0),
             },
         }
-    }
-
-    fn rope_tables(&self, s: &mut Scratch) {
-        let half = self.inv_freq.len();
-        s.cos.clear();
-        s.sin.clear();
-        for (_, pos) in &s.rows {
-            for f in &self.inv_freq {
-                let a = *pos as f32 * f;
-                s.cos.push(a.cos());
-                s.sin.push(a.sin());
-            }
-        }
-        debug_assert_eq!(s.cos.len(), s.rows.len() * half);
     }
 
     /// `outs[i] = inputs × W_iᵀ` for `t` rows, all matrices in one parallel pass. Outputs are
@@ -777,7 +855,12 @@ impl Model {
         let cfg = &self.cfg;
         let (hd, kvd, nh) = (cfg.head_dim, cfg.kv_dim(), cfg.n_head);
         let group = nh / cfg.n_head_kv;
-        let scale = 1.0 / (hd as f32).sqrt();
+        let scale = cfg.attn_scale;
+        // A sliding-window layer sees the last `window` positions, itself included.
+        let window = cfg
+            .sliding
+            .filter(|sl| sl.local(layer))
+            .map_or(usize::MAX, |sl| sl.window);
         let kernels = self.kernels;
         let qd = cfg.q_dim();
         resize(&mut s.att, s.rows.len() * qd);
@@ -798,12 +881,17 @@ impl Model {
                 let qh = q
                     .get(row * qd + h * hd..row * qd + (h + 1) * hd)
                     .unwrap_or_default();
-                let mut scores = Vec::with_capacity(pos + 1);
+                let first = (pos + 1).saturating_sub(window);
+                let (keys, vals) = (
+                    keys.get(first * kvd..).unwrap_or_default(),
+                    vals.get(first * kvd..).unwrap_or_default(),
+                );
+                let mut scores = Vec::with_capacity(pos + 1 - first);
                 kernels.attend(
                     qh,
                     keys,
                     vals,
-                    (kvd, (h / group) * hd, pos + 1),
+                    (kvd, (h / group) * hd, pos + 1 - first),
                     scale,
                     &mut scores,
                     out,
@@ -869,6 +957,8 @@ pub struct Scratch {
     tmp: Vec<f32>,
     cos: Vec<f32>,
     sin: Vec<f32>,
+    cos_local: Vec<f32>,
+    sin_local: Vec<f32>,
 }
 
 fn resize<T: Default + Clone>(v: &mut Vec<T>, n: usize) {
@@ -931,6 +1021,19 @@ fn rope(x: &mut [f32], hd: usize, cos: &[f32], sin: &[f32], neox: bool) {
     }
 }
 
+/// The cosines and sines of every row's position for the frequencies `inv_freq`.
+fn rope_tables(inv_freq: &[f32], rows: &[(usize, usize)], cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
+    cos.clear();
+    sin.clear();
+    for (_, pos) in rows {
+        for f in inv_freq {
+            let a = *pos as f32 * f;
+            cos.push(a.cos());
+            sin.push(a.sin());
+        }
+    }
+}
+
 /// Adds `bias` to every `bias.len()`-long row of `x`.
 fn add_rows(x: &mut [f32], bias: &[f32]) {
     for row in x.chunks_exact_mut(bias.len().max(1)) {
@@ -949,10 +1052,22 @@ fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32, d: usize) {
     }
 }
 
-fn swiglu(gate: &mut [f32], up: &[f32]) {
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// GELU with GGML's tanh approximation (`ggml_gelu`), which Gemma uses.
+fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    const COEF_A: f32 = 0.044_715;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + COEF_A * x * x)).tanh())
+}
+
+/// `gate[i] = act(gate[i]) · up[i]`: SwiGLU with SiLU, GeGLU with GELU.
+fn gated(gate: &mut [f32], up: &[f32], act: fn(f32) -> f32) {
     let f = |g: &mut [f32], u: &[f32]| {
         for (g, u) in g.iter_mut().zip(u) {
-            *g = *g / (1.0 + (-*g).exp()) * u;
+            *g = act(*g) * u;
         }
     };
     if gate.len() >= 1 << 14 {

@@ -1,7 +1,7 @@
 //! The engine against llama.cpp on real models: token ids on the fixture texts (special tokens
 //! included), and perplexity on a ~1,800-token text, for the default model (SmolLM2, `llama`,
-//! the `smollm` pre-tokenizer) and Qwen2.5-Coder-0.5B (`qwen2`, its own pre-tokenizer and
-//! K-quants). The fixtures were computed with llama.cpp by `tests/fixtures/make_fixtures.py`
+//! the `smollm` pre-tokenizer), Qwen2.5-Coder-0.5B (`qwen2`, its own pre-tokenizer and
+//! K-quants) and Gemma 3 270M (`gemma3`, SentencePiece, sliding-window attention). The fixtures were computed with llama.cpp by `tests/fixtures/make_fixtures.py`
 //! (llama-cpp-python 0.3.36; `make fixtures`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
@@ -136,4 +136,6 @@ fn perplexity(model: &TestModel) {
 fn perplexity_is_within_one_percent_of_llama_cpp() {
     perplexity(&SMOLLM2);
     perplexity(&QWEN25);
+    // Gemma 3: sliding-window layers (512 positions) over a text three times as long.
+    perplexity(&GEMMA3);
 }
