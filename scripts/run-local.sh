@@ -139,7 +139,8 @@ fi
 
 step "7/10 start the enclave (mock NSM, Unix socket) and host serve"
 rm -f "$STATE/enclave.sock"
-$BIN/enclave --listen "unix:$STATE/enclave.sock" --mock-ca "$STATE/mock-ca" --mock-image "$IMAGE" \
+# As in the image (enclave/Dockerfile): large blocks always mmapped, so freed KV caches go back.
+MALLOC_MMAP_THRESHOLD_=131072 $BIN/enclave --listen "unix:$STATE/enclave.sock" --mock-ca "$STATE/mock-ca" --mock-image "$IMAGE" \
     --kv-mib "$KV_MIB" >"$LOGS/enclave.log" 2>&1 &
 pids+=($!)
 $BIN/host serve --listen "$RELAY" --enclave "unix:$STATE/enclave.sock" --sealed "$STATE/model.sealed" \

@@ -106,7 +106,7 @@ pub struct Sliding {
 
 impl Sliding {
     fn local(&self, layer: usize) -> bool {
-        (layer + 1) % self.pattern.max(1) != 0
+        !(layer + 1).is_multiple_of(self.pattern.max(1))
     }
 }
 

@@ -50,7 +50,7 @@ enum Model {
     /// Byte-level BPE through the `tokenizers` crate.
     Bpe(Box<tokenizers::Tokenizer>),
     /// SentencePiece, llama.cpp's way.
-    Spm(Spm),
+    Spm(Box<Spm>),
 }
 
 /// A tokenizer and everything the engine needs to know about its tokens.
@@ -111,7 +111,7 @@ impl Tokenizer {
             ));
         }
         let model = if kind == "llama" {
-            Model::Spm(Spm::new(g, &tokens, &types)?)
+            Model::Spm(Box::new(Spm::new(g, &tokens, &types)?))
         } else {
             Model::Bpe(Box::new(bpe(g, &tokens, &types)?))
         };
