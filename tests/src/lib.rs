@@ -126,6 +126,16 @@ pub async fn seal_for_image(
     image: &str,
     model: &std::path::Path,
 ) -> (aws_sdk_kms::Client, PathBuf, [u8; 32]) {
+    seal_named(endpoint, image, model, "smollm2").await
+}
+
+/// [`seal_for_image`] under the model name `name`.
+pub async fn seal_named(
+    endpoint: &str,
+    image: &str,
+    model: &std::path::Path,
+    name: &str,
+) -> (aws_sdk_kms::Client, PathBuf, [u8; 32]) {
     let kms = kms_client(endpoint).await;
     let key_id = kms
         .create_key()
@@ -142,7 +152,7 @@ pub async fn seal_for_image(
             key_id: key_id.clone(),
             input: model.to_path_buf(),
             output: sealed.clone(),
-            name: "smollm2".into(),
+            name: name.into(),
             chunk_size: common::sealed::DEFAULT_CHUNK_SIZE,
         },
     )
@@ -151,6 +161,13 @@ pub async fn seal_for_image(
     let sha256 = summary.header.plaintext_sha256;
     put_release_policy(&kms, &key_id, image, &sha256).await;
     (kms, sealed, sha256)
+}
+
+/// The second test model, Qwen2.5-Coder-0.5B-Instruct (`qwen2`, K-quants), fetched by
+/// `make model-qwen`.
+pub fn qwen_model() -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../models/qwen2.5-coder-0.5b/Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf")
 }
 
 /// The default model, fetched by `make model`.

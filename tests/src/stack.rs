@@ -3,7 +3,7 @@
 //! untrusted side carries: a Unix-socket tap between the relay and the enclave, and a
 //! man-in-the-middle HTTP proxy between the client and the relay that can also misbehave.
 
-use crate::{default_model, seal_for_image, start_kms, tempdir, Local, IMAGE};
+use crate::{default_model, start_kms, tempdir, Local, IMAGE};
 use bytes::Bytes;
 use client::policy::{ClientPolicy, ClientPolicyFile};
 use common::nsm::mock::ImageMeasurement;
@@ -309,9 +309,20 @@ impl Stack {
         cfg: Config,
         edit: impl FnOnce(&mut host::serve::config::ServeConfig),
     ) -> Self {
+        Self::start_model(tap, cfg, &default_model(), "smollm2", edit).await
+    }
+
+    /// [`Stack::start_custom`] serving the GGUF file `model` under the name `name`.
+    pub async fn start_model(
+        tap: bool,
+        cfg: Config,
+        model: &std::path::Path,
+        name: &str,
+        edit: impl FnOnce(&mut host::serve::config::ServeConfig),
+    ) -> Self {
         let local = Local::new();
         let kms_url = start_kms(vec![local.root()]).await;
-        let (kms, sealed, model_sha256) = seal_for_image(&kms_url, IMAGE, &default_model()).await;
+        let (kms, sealed, model_sha256) = crate::seal_named(&kms_url, IMAGE, model, name).await;
         let dir = tempdir("stack");
         let enclave_endpoint = Endpoint::Unix(dir.join("enclave.sock"));
         let front = Endpoint::Unix(dir.join("tap.sock"));
