@@ -26,6 +26,20 @@ pub(super) fn available() -> bool {
 /// Activation rows processed together, so their accumulators stay in registers.
 const GROUP: usize = 4;
 
+/// Calls kernel `$f` with its activation-row count `G` set to `$g` (1 to [`GROUP`]) and its
+/// other const parameters `$c`, so that each group size has its own monomorphized kernel with
+/// its accumulators in registers.
+macro_rules! grouped {
+    ($g:expr, $f:ident $(, $c:literal)*; $($arg:expr),*) => {
+        match $g {
+            4 => $f::<4 $(, $c)*>($($arg),*),
+            3 => $f::<3 $(, $c)*>($($arg),*),
+            2 => $f::<2 $(, $c)*>($($arg),*),
+            _ => $f::<1 $(, $c)*>($($arg),*),
+        }
+    };
+}
+
 pub(super) fn quant_row(kind: QuantKind, w: &[u8], acts: &[BlockQ8], nb: usize, out: &mut [f32]) {
     // SAFETY: the caller holds a `Kernels` from `Kernels::detect`, which checked `available()`.
     unsafe { quant_row_avx2(kind, w, acts, nb, out) }
@@ -92,39 +106,15 @@ fn quant_row_avx2(kind: QuantKind, w: &[u8], acts: &[BlockQ8], nb: usize, out: &
         let g = (out.len() - j0).min(GROUP);
         let rows = acts.get(j0 * nb..(j0 + g) * nb).unwrap_or_default();
         let dst = out.get_mut(j0..j0 + g).unwrap_or_default();
-        match (kind, g) {
-            (QuantKind::Q8_0, 4) => q8_group::<4>(w, rows, nb, dst),
-            (QuantKind::Q8_0, 3) => q8_group::<3>(w, rows, nb, dst),
-            (QuantKind::Q8_0, 2) => q8_group::<2>(w, rows, nb, dst),
-            (QuantKind::Q8_0, _) => q8_group::<1>(w, rows, nb, dst),
-            (QuantKind::Q4_1, 4) => q4_group::<4, true>(w, rows, nb, dst),
-            (QuantKind::Q4_1, 3) => q4_group::<3, true>(w, rows, nb, dst),
-            (QuantKind::Q4_1, 2) => q4_group::<2, true>(w, rows, nb, dst),
-            (QuantKind::Q4_1, _) => q4_group::<1, true>(w, rows, nb, dst),
-            (QuantKind::Q4_0, 4) => q4_group::<4, false>(w, rows, nb, dst),
-            (QuantKind::Q4_0, 3) => q4_group::<3, false>(w, rows, nb, dst),
-            (QuantKind::Q4_0, 2) => q4_group::<2, false>(w, rows, nb, dst),
-            (QuantKind::Q4_0, _) => q4_group::<1, false>(w, rows, nb, dst),
-            (QuantKind::Q5_0, 4) => q5_group::<4, false>(w, rows, nb, dst),
-            (QuantKind::Q5_0, 3) => q5_group::<3, false>(w, rows, nb, dst),
-            (QuantKind::Q5_0, 2) => q5_group::<2, false>(w, rows, nb, dst),
-            (QuantKind::Q5_0, _) => q5_group::<1, false>(w, rows, nb, dst),
-            (QuantKind::Q5_1, 4) => q5_group::<4, true>(w, rows, nb, dst),
-            (QuantKind::Q5_1, 3) => q5_group::<3, true>(w, rows, nb, dst),
-            (QuantKind::Q5_1, 2) => q5_group::<2, true>(w, rows, nb, dst),
-            (QuantKind::Q5_1, _) => q5_group::<1, true>(w, rows, nb, dst),
-            (QuantKind::Q4K, 4) => qk45_group::<4, false>(w, rows, nb, dst),
-            (QuantKind::Q4K, 3) => qk45_group::<3, false>(w, rows, nb, dst),
-            (QuantKind::Q4K, 2) => qk45_group::<2, false>(w, rows, nb, dst),
-            (QuantKind::Q4K, _) => qk45_group::<1, false>(w, rows, nb, dst),
-            (QuantKind::Q5K, 4) => qk45_group::<4, true>(w, rows, nb, dst),
-            (QuantKind::Q5K, 3) => qk45_group::<3, true>(w, rows, nb, dst),
-            (QuantKind::Q5K, 2) => qk45_group::<2, true>(w, rows, nb, dst),
-            (QuantKind::Q5K, _) => qk45_group::<1, true>(w, rows, nb, dst),
-            (QuantKind::Q6K, 4) => q6k_group::<4>(w, rows, nb, dst),
-            (QuantKind::Q6K, 3) => q6k_group::<3>(w, rows, nb, dst),
-            (QuantKind::Q6K, 2) => q6k_group::<2>(w, rows, nb, dst),
-            (QuantKind::Q6K, _) => q6k_group::<1>(w, rows, nb, dst),
+        match kind {
+            QuantKind::Q8_0 => grouped!(g, q8_group; w, rows, nb, dst),
+            QuantKind::Q4_1 => grouped!(g, q4_group, true; w, rows, nb, dst),
+            QuantKind::Q4_0 => grouped!(g, q4_group, false; w, rows, nb, dst),
+            QuantKind::Q5_0 => grouped!(g, q5_group, false; w, rows, nb, dst),
+            QuantKind::Q5_1 => grouped!(g, q5_group, true; w, rows, nb, dst),
+            QuantKind::Q4K => grouped!(g, qk45_group, false; w, rows, nb, dst),
+            QuantKind::Q5K => grouped!(g, qk45_group, true; w, rows, nb, dst),
+            QuantKind::Q6K => grouped!(g, q6k_group; w, rows, nb, dst),
         }
         j0 += g;
     }
@@ -536,39 +526,15 @@ fn quant_group_avx2(kind: QuantKind, group: &[u8], acts: &[BlockQ8], nb: usize, 
         let g = (n - j0).min(GROUP);
         let rows = acts.get(j0 * nb..(j0 + g) * nb).unwrap_or_default();
         let dst = out.get_mut(j0 * PACK..(j0 + g) * PACK).unwrap_or_default();
-        match (kind, g) {
-            (QuantKind::Q4_1, 4) => packed_group::<4, true>(group, rows, nb, dst),
-            (QuantKind::Q4_1, 3) => packed_group::<3, true>(group, rows, nb, dst),
-            (QuantKind::Q4_1, 2) => packed_group::<2, true>(group, rows, nb, dst),
-            (QuantKind::Q4_1, _) => packed_group::<1, true>(group, rows, nb, dst),
-            (QuantKind::Q4_0, 4) => packed_group::<4, false>(group, rows, nb, dst),
-            (QuantKind::Q4_0, 3) => packed_group::<3, false>(group, rows, nb, dst),
-            (QuantKind::Q4_0, 2) => packed_group::<2, false>(group, rows, nb, dst),
-            (QuantKind::Q4_0, _) => packed_group::<1, false>(group, rows, nb, dst),
-            (QuantKind::Q5_1, 4) => packed_q5_group::<4, true>(group, rows, nb, dst),
-            (QuantKind::Q5_1, 3) => packed_q5_group::<3, true>(group, rows, nb, dst),
-            (QuantKind::Q5_1, 2) => packed_q5_group::<2, true>(group, rows, nb, dst),
-            (QuantKind::Q5_1, _) => packed_q5_group::<1, true>(group, rows, nb, dst),
-            (QuantKind::Q5_0, 4) => packed_q5_group::<4, false>(group, rows, nb, dst),
-            (QuantKind::Q5_0, 3) => packed_q5_group::<3, false>(group, rows, nb, dst),
-            (QuantKind::Q5_0, 2) => packed_q5_group::<2, false>(group, rows, nb, dst),
-            (QuantKind::Q5_0, _) => packed_q5_group::<1, false>(group, rows, nb, dst),
-            (QuantKind::Q8_0, 4) => packed_q8_group::<4>(group, rows, nb, dst),
-            (QuantKind::Q8_0, 3) => packed_q8_group::<3>(group, rows, nb, dst),
-            (QuantKind::Q8_0, 2) => packed_q8_group::<2>(group, rows, nb, dst),
-            (QuantKind::Q8_0, _) => packed_q8_group::<1>(group, rows, nb, dst),
-            (QuantKind::Q4K, 4) => packed_qk45_group::<4, false>(group, rows, nb, dst),
-            (QuantKind::Q4K, 3) => packed_qk45_group::<3, false>(group, rows, nb, dst),
-            (QuantKind::Q4K, 2) => packed_qk45_group::<2, false>(group, rows, nb, dst),
-            (QuantKind::Q4K, _) => packed_qk45_group::<1, false>(group, rows, nb, dst),
-            (QuantKind::Q5K, 4) => packed_qk45_group::<4, true>(group, rows, nb, dst),
-            (QuantKind::Q5K, 3) => packed_qk45_group::<3, true>(group, rows, nb, dst),
-            (QuantKind::Q5K, 2) => packed_qk45_group::<2, true>(group, rows, nb, dst),
-            (QuantKind::Q5K, _) => packed_qk45_group::<1, true>(group, rows, nb, dst),
-            (QuantKind::Q6K, 4) => packed_q6k_group::<4>(group, rows, nb, dst),
-            (QuantKind::Q6K, 3) => packed_q6k_group::<3>(group, rows, nb, dst),
-            (QuantKind::Q6K, 2) => packed_q6k_group::<2>(group, rows, nb, dst),
-            (QuantKind::Q6K, _) => packed_q6k_group::<1>(group, rows, nb, dst),
+        match kind {
+            QuantKind::Q4_1 => grouped!(g, packed_group, true; group, rows, nb, dst),
+            QuantKind::Q4_0 => grouped!(g, packed_group, false; group, rows, nb, dst),
+            QuantKind::Q5_1 => grouped!(g, packed_q5_group, true; group, rows, nb, dst),
+            QuantKind::Q5_0 => grouped!(g, packed_q5_group, false; group, rows, nb, dst),
+            QuantKind::Q8_0 => grouped!(g, packed_q8_group; group, rows, nb, dst),
+            QuantKind::Q4K => grouped!(g, packed_qk45_group, false; group, rows, nb, dst),
+            QuantKind::Q5K => grouped!(g, packed_qk45_group, true; group, rows, nb, dst),
+            QuantKind::Q6K => grouped!(g, packed_q6k_group; group, rows, nb, dst),
         }
         j0 += g;
     }
