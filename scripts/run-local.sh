@@ -20,7 +20,8 @@ else
     default_name=$(basename "$MODEL" .gguf | tr 'A-Z' 'a-z' | tr -c 'a-z0-9._\n-' '-')
     MODEL_NAME=${MODEL_NAME:-$default_name}
 fi
-KV_MIB=${KV_MIB:-80}
+# The enclave's KV budget in MiB; unset, the enclave's own default applies.
+KV_ARGS=(${KV_MIB:+--kv-mib "$KV_MIB"})
 IMAGE=${IMAGE:-local-enclave}
 PROXY=${PROXY:-127.0.0.1:8080}
 RELAY=${RELAY:-127.0.0.1:8000}
@@ -94,7 +95,7 @@ $CARGO build --release --locked -p enclave -p common --features enclave/mock-nsm
 step "3/10 check that the enclave can serve $MODEL"
 # The checks provisioning makes after unsealing, on the plaintext, under the same limits: a
 # model the enclave cannot serve stops here with the enclave's reason.
-if ! $BIN/enclave --check-model "$MODEL" --kv-mib "$KV_MIB"; then
+if ! $BIN/enclave --check-model "$MODEL" "${KV_ARGS[@]}"; then
     STEP="check the model"
     echo "the enclave cannot serve this model (see above); nothing was sealed" >&2
     exit 2
@@ -141,7 +142,7 @@ step "7/10 start the enclave (mock NSM, Unix socket) and host serve"
 rm -f "$STATE/enclave.sock"
 # As in the image (enclave/Dockerfile): large blocks always mmapped, so freed KV caches go back.
 MALLOC_MMAP_THRESHOLD_=131072 $BIN/enclave --listen "unix:$STATE/enclave.sock" --mock-ca "$STATE/mock-ca" --mock-image "$IMAGE" \
-    --kv-mib "$KV_MIB" >"$LOGS/enclave.log" 2>&1 &
+    "${KV_ARGS[@]}" >"$LOGS/enclave.log" 2>&1 &
 pids+=($!)
 $BIN/host serve --listen "$RELAY" --enclave "unix:$STATE/enclave.sock" --sealed "$STATE/model.sealed" \
     >"$LOGS/host.log" 2>&1 &
@@ -153,7 +154,7 @@ step "8/10 wait for the enclave to be provisioned and ready"
 wait_for "${pids[-1]}" "curl -sf http://$RELAY/readyz" 180 "$LOGS/host.log" "provisioning failed"
 
 step "9/10 client policy and client proxy"
-CONFIG_SHA256=$($BIN/enclave --print-config --kv-mib "$KV_MIB" | sed -n 's/^config_sha256 = "\(.*\)"$/\1/p')
+CONFIG_SHA256=$($BIN/enclave --print-config "${KV_ARGS[@]}" | sed -n 's/^config_sha256 = "\(.*\)"$/\1/p')
 $BIN/client policy --measurements "$STATE/measurements.json" --sealed "$STATE/model.sealed" \
     --config-sha256 "$CONFIG_SHA256" --root "$STATE/mock-ca/root.pem" --output "$STATE/policy.toml"
 $BIN/client proxy --listen "$PROXY" --url "http://$RELAY" --policy "$STATE/policy.toml" \
