@@ -1,7 +1,8 @@
 //! The engine's side of `make bench-engine`: time to first token, prefill and decode speed on
 //! one stream, aggregate decode speed on several concurrent streams, and peak RSS, as JSON.
 //!
-//! `bench MODEL.gguf PROMPT.txt [--tokens 128] [--streams 8] [--runs 3] [--threads 2]`
+//! `bench MODEL.gguf PROMPT.txt [--tokens 128] [--streams 8] [--runs 3] [--threads 2]
+//! [--kernels NAME]` (one of `Kernels::supported`, by name; the fastest by default)
 
 use engine::{Completion, EngineConfig, GenerationParams, Message, SamplingParams};
 use std::time::Instant;
@@ -25,6 +26,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         opt("--threads", 2)?,
     );
 
+    let kernels = match args.iter().position(|a| a == "--kernels") {
+        Some(i) => {
+            let name = args.get(i + 1).ok_or("missing value")?;
+            engine::kernels::Kernels::by_name(name).ok_or("no such kernels on this CPU")?
+        }
+        None => engine::kernels::Kernels::detect(),
+    };
     let t0 = Instant::now();
     // All streams' prompts fit in one step, so every stream starts decoding at the same step
     // and the aggregate decode window below holds decode steps only.
@@ -34,6 +42,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             threads,
             prefill_chunk: 4096,
             max_sequences: streams.max(1),
+            kernels,
             ..EngineConfig::default()
         },
     )?;
@@ -91,7 +100,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let out = serde_json::json!({
         "engine": "ours",
-        "kernels": engine::kernels::Kernels::detect().name(),
+        "kernels": kernels.name(),
         "threads": threads,
         "load_ms": load_ms,
         "prompt_tokens": prompt_tokens,

@@ -1,12 +1,20 @@
 //! Single-thread throughput of each weight kernel: one matrix-vector product (decode) and a
 //! product against 4 and 16 activation rows (prefill), in weights per nanosecond and in weight
-//! bytes per second, on random weights. `cargo run --release -p engine --example kernels`.
+//! bytes per second, on random weights, for every vector implementation this CPU supports.
+//! `cargo run --release -p engine --example kernels`.
 
 use engine::kernels::{quantize_row, repack, BlockQ8, Kernels, QuantKind, PACK, QK};
 use std::time::Instant;
 
 fn main() {
-    let k = Kernels::detect();
+    let all = Kernels::supported();
+    // The scalar reference alone when there is nothing else.
+    for k in all.iter().skip(usize::from(all.len() > 1)) {
+        run(*k);
+    }
+}
+
+fn run(k: Kernels) {
     let (rows, cols) = (2048usize, 1024usize);
     let nb = cols / QK;
     println!("kernels: {}, {rows}x{cols} matrix, 1 thread", k.name());

@@ -7,6 +7,7 @@
 //! reserves `max_total_tokens`: a request is never cut off halfway for lack of memory, and
 //! memory is bounded by configuration, not by load.
 
+use crate::kernels::Kernels;
 use crate::model::{Chunk, KvCache, Logits, Model, Scratch};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::template::{ChatTemplate, Message};
@@ -39,6 +40,11 @@ pub struct EngineConfig {
     pub default_max_tokens: usize,
     /// Prompt tokens processed per step, so a long prompt does not stall the others' decoding.
     pub prefill_chunk: usize,
+    /// The kernel implementation: the fastest this CPU supports unless a benchmark or a test
+    /// picks another of [`Kernels::supported`]. Not configurable from outside: the enclave
+    /// always runs the detected one.
+    #[serde(skip)]
+    pub kernels: Kernels,
 }
 
 impl Default for EngineConfig {
@@ -51,6 +57,7 @@ impl Default for EngineConfig {
             max_context: 8192,
             default_max_tokens: 512,
             prefill_chunk: 512,
+            kernels: Kernels::detect(),
         }
     }
 }

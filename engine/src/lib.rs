@@ -74,6 +74,6 @@ pub fn load(bytes: Zeroizing<Vec<u8>>, cfg: EngineConfig) -> Result<Engine> {
     let tokenizer = tokenizer::Tokenizer::from_gguf(&g)?;
     let template = template::ChatTemplate::from_gguf(&g)?;
     let name = g.opt_str("general.name").unwrap_or("model").to_string();
-    let model = model::Model::load(bytes, &g, kernels::Kernels::detect())?;
+    let model = model::Model::load(bytes, &g, cfg.kernels)?;
     Engine::start(model, tokenizer, template, name, cfg)
 }

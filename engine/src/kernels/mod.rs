@@ -162,6 +162,10 @@ enum Imp {
     /// AVX2 + FMA + F16C, detected at run time.
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    /// AVX2 with AVX-512 VNNI's dot-product instruction for the packed groups (Ice Lake,
+    /// Sapphire Rapids, Zen 4 and later), detected at run time.
+    #[cfg(target_arch = "x86_64")]
+    Vnni,
 }
 
 impl Kernels {
@@ -171,13 +175,28 @@ impl Kernels {
 
     /// The fastest implementation this CPU supports.
     pub fn detect() -> Self {
+        Self::supported().last().copied().unwrap_or(Self::Scalar)
+    }
+
+    /// Every implementation this CPU runs, the scalar reference first and the fastest last
+    /// (the tests check each one against the reference).
+    pub fn supported() -> Vec<Self> {
+        let mut all = vec![Self::Scalar];
         #[cfg(target_arch = "x86_64")]
         {
             if x86::available() {
-                return Kernels(Imp::Avx2);
+                all.push(Kernels(Imp::Avx2));
+            }
+            if x86::vnni_available() {
+                all.push(Kernels(Imp::Vnni));
             }
         }
-        Kernels(Imp::Scalar)
+        all
+    }
+
+    /// The supported implementation called `name` (as [`Kernels::name`] gives it).
+    pub fn by_name(name: &str) -> Option<Self> {
+        Self::supported().into_iter().find(|k| k.name() == name)
     }
 
     /// A short name for logs and benchmark output.
@@ -186,6 +205,8 @@ impl Kernels {
             Imp::Scalar => "scalar",
             #[cfg(target_arch = "x86_64")]
             Imp::Avx2 => "avx2+fma+f16c",
+            #[cfg(target_arch = "x86_64")]
+            Imp::Vnni => "avx2+avx512vnni",
         }
     }
 
@@ -215,7 +236,7 @@ impl Kernels {
         match self.0 {
             Imp::Scalar => scalar_quant_row(kind, w, acts, nb, out),
             #[cfg(target_arch = "x86_64")]
-            Imp::Avx2 => x86::quant_row(kind, w, acts, nb, out),
+            Imp::Avx2 | Imp::Vnni => x86::quant_row(kind, w, acts, nb, out),
         }
     }
 
@@ -244,6 +265,8 @@ impl Kernels {
             Imp::Scalar => scalar_quant_group(kind, group, acts, nb, out),
             #[cfg(target_arch = "x86_64")]
             Imp::Avx2 => x86::quant_group(kind, group, acts, nb, out),
+            #[cfg(target_arch = "x86_64")]
+            Imp::Vnni => x86::quant_group_vnni(kind, group, acts, nb, out),
         }
     }
 
@@ -263,7 +286,7 @@ impl Kernels {
                 }
             }
             #[cfg(target_arch = "x86_64")]
-            Imp::Avx2 => x86::half_row(kind, w, xs, out),
+            Imp::Avx2 | Imp::Vnni => x86::half_row(kind, w, xs, out),
         }
     }
 
@@ -298,7 +321,7 @@ impl Kernels {
                 }
             }
             #[cfg(target_arch = "x86_64")]
-            Imp::Avx2 => x86::scores(q, keys, (stride, off, n), scale, scores),
+            Imp::Avx2 | Imp::Vnni => x86::scores(q, keys, (stride, off, n), scale, scores),
         }
         let max = scores.iter().fold(f32::NEG_INFINITY, |m, x| m.max(*x));
         let mut sum = 0.0;
@@ -317,7 +340,7 @@ impl Kernels {
                 }
             }
             #[cfg(target_arch = "x86_64")]
-            Imp::Avx2 => x86::weighted_sum(scores, 1.0 / sum, vals, stride, off, out),
+            Imp::Avx2 | Imp::Vnni => x86::weighted_sum(scores, 1.0 / sum, vals, stride, off, out),
         }
     }
 
@@ -331,7 +354,7 @@ impl Kernels {
         match self.0 {
             Imp::Scalar => scalar_dot(a, b),
             #[cfg(target_arch = "x86_64")]
-            Imp::Avx2 => x86::dot(a, b),
+            Imp::Avx2 | Imp::Vnni => x86::dot(a, b),
         }
     }
 
@@ -345,7 +368,7 @@ impl Kernels {
         match self.0 {
             Imp::Scalar => scalar_axpy(alpha, x, y),
             #[cfg(target_arch = "x86_64")]
-            Imp::Avx2 => x86::axpy(alpha, x, y),
+            Imp::Avx2 | Imp::Vnni => x86::axpy(alpha, x, y),
         }
     }
 }
@@ -357,7 +380,7 @@ impl Kernels {
         match self.0 {
             Imp::Scalar => quantize_row(x, out),
             #[cfg(target_arch = "x86_64")]
-            Imp::Avx2 => x86::quantize_row(x, out),
+            Imp::Avx2 | Imp::Vnni => x86::quantize_row(x, out),
         }
     }
 }
@@ -787,15 +810,16 @@ mod tests {
             );
         }
 
-        let fast = Kernels::detect();
-        let mut got = vec![0.0; n];
-        fast.quant_row(kind, &w, &acts, nb, &mut got);
-        for (g, r) in got.iter().zip(&reference) {
-            assert!(
-                close(*g, *r, r.abs()),
-                "{kind:?} {}: {g} vs {r}",
-                fast.name()
-            );
+        for fast in Kernels::supported() {
+            let mut got = vec![0.0; n];
+            fast.quant_row(kind, &w, &acts, nb, &mut got);
+            for (g, r) in got.iter().zip(&reference) {
+                assert!(
+                    close(*g, *r, r.abs()),
+                    "{kind:?} {}: {g} vs {r}",
+                    fast.name()
+                );
+            }
         }
     }
 
@@ -873,7 +897,7 @@ mod tests {
                     dequantize_packed_row(kind, &packed, r, &mut b);
                     assert_eq!(a, b, "{kind:?} row {r}");
                 }
-                for k in [Kernels::Scalar, Kernels::detect()] {
+                for k in Kernels::supported() {
                     let mut got = vec![0.0; n * PACK];
                     k.quant_group(kind, &packed, &acts, nb, &mut got);
                     for (r, row) in rows.iter().enumerate() {
