@@ -1,21 +1,25 @@
 #!/usr/bin/env python3
-"""`make bench-engine`: our engine and llama.cpp side by side on the same GGUF, the same
-prompt, the same machine and the same number of threads; prints both and the ratios.
+"""`make bench-engine`: our engine and the references side by side on the same GGUF, the
+same prompt, the same machine and the same number of threads; prints all of them and our
+ratio to the fastest reference on each figure.
 
-llama.cpp runs in this process through llama-cpp-python; ours is `cargo build --release -p
-engine --example bench`, run as a child process that prints JSON. Both do greedy decoding of
-exactly --tokens tokens after a ChatML prompt (93 tokens for the default prompt), and each
-figure is the median of --runs runs.
+The references are llama.cpp (llama-cpp-python) and, where it is installed, ik_llama.cpp
+(the `ik-llama-cpp-python` wheel, timed with our own loop over its C API: its Python sampler
+walks the vocabulary in Python and would time the wrapper). With --q4_0 every engine also
+runs a Q4_0 copy of the model made by llama.cpp's own quantizer, llama.cpp's fastest x86
+path. Each reference runs in a child process of this script (the two ship different
+`libggml.so` under one name); ours is `cargo build --release -p engine --example bench`, also
+a child that prints JSON. All do greedy decoding of exactly --tokens tokens after a ChatML
+prompt (93 tokens for the default prompt), and each figure is the median of --runs runs.
 """
 import argparse
 import json
 import os
 import statistics
 import subprocess
+import sys
 import time
 
-import llama_cpp
-import llama_cpp.llama_cpp
 import numpy as np
 
 SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -34,6 +38,8 @@ def amx_cpu():
 
 
 def plain_llama_cpp():
+    import llama_cpp.llama_cpp
+
     default = llama_cpp.llama_cpp.llama_model_default_params
 
     def params():
@@ -44,13 +50,52 @@ def plain_llama_cpp():
     llama_cpp.llama_cpp.llama_model_default_params = params
 
 
+def chatml(prompt):
+    return (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n"
+            "<|im_start|>assistant\n")
+
+
+def timed(ids, runs, tokens, step, greedy, reset):
+    """Median time to first token, prefill and decode rates of `runs` greedy generations:
+    `step(ids, pos)` evaluates tokens at positions pos.., `greedy()` picks the next one."""
+    def once(n):
+        reset()
+        t0 = time.perf_counter()
+        step(ids, 0)
+        tok = greedy()
+        t1 = time.perf_counter()
+        out = [tok]
+        for i in range(n - 1):
+            step([tok], len(ids) + i)
+            tok = greedy()
+            out.append(tok)
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t1, out
+
+    once(8)  # warm-up
+    ttft, prefill, decode = [], [], []
+    for _ in range(runs):
+        first, rest, out = once(tokens)
+        ttft.append(first * 1e3)
+        prefill.append(len(ids) / first)
+        decode.append((tokens - 1) / rest)
+    return {
+        "prompt_tokens": len(ids),
+        "ttft_ms": statistics.median(ttft),
+        "prefill_tok_s": statistics.median(prefill),
+        "decode_tok_s": statistics.median(decode),
+    }, out
+
+
 def llama_cpp_bench(model, prompt, tokens, runs, threads):
+    import llama_cpp
+    import llama_cpp.llama_cpp
+
+    if amx_cpu():
+        plain_llama_cpp()
     llm = llama_cpp.Llama(model_path=model, n_ctx=2048, n_batch=512, n_threads=threads,
                           n_threads_batch=threads, verbose=False)
-    text = (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n"
-            "<|im_start|>assistant\n")
-    ids = llm.tokenize(text.encode(), add_bos=False, special=True)
-    ttft, prefill, decode = [], [], []
+    ids = llm.tokenize(chatml(prompt).encode(), add_bos=False, special=True)
     vocab = llm.n_vocab()
 
     def greedy():
@@ -59,78 +104,141 @@ def llama_cpp_bench(model, prompt, tokens, runs, threads):
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
         return int(np.argmax(logits))
 
-    def once(n):
-        llm.reset()
-        t0 = time.perf_counter()
-        llm.eval(ids)
-        tok = greedy()
-        t1 = time.perf_counter()
-        out = [tok]
-        for _ in range(n - 1):
-            llm.eval([tok])
-            tok = greedy()
-            out.append(tok)
-        t2 = time.perf_counter()
-        return t1 - t0, t2 - t1, out
+    r, out = timed(ids, runs, tokens, lambda t, _pos: llm.eval(t), greedy, llm.reset)
+    plain = " (no extra buffer types: AMX CPU)" if amx_cpu() else ""
+    return {**r, "engine": f"llama.cpp {llama_cpp.__version__}{plain}",
+            "text": llm.detokenize(out).decode(errors="replace")}
 
-    once(8)  # warm-up
-    for _ in range(runs):
-        first, rest, out = once(tokens)
-        ttft.append(first * 1e3)
-        prefill.append(len(ids) / first)
-        decode.append((tokens - 1) / rest)
-    return {
-        "engine": "llama.cpp",
-        "version": llama_cpp.__version__,
-        "prompt_tokens": len(ids),
-        "ttft_ms": statistics.median(ttft),
-        "prefill_tok_s": statistics.median(prefill),
-        "decode_tok_s": statistics.median(decode),
-        "text": llm.detokenize(out).decode(errors="replace"),
-    }
+
+def ik_llama_cpp_bench(model, prompt, tokens, runs, threads):
+    from ik_llama_cpp import _ctypes_api as C
+    from ik_llama_cpp._internals import IkContext, IkModel, make_batch_range
+    from ik_llama_cpp.llama import _cpu_has_avx_vnni
+
+    m = IkModel(model)
+    # As the wheel's own `IkLlama` does: its flash attention needs AVX-VNNI (py-cpuinfo).
+    ctx = IkContext(m, n_ctx=2048, n_threads=threads, flash_attn=_cpu_has_avx_vnni())
+    ids = m.tokenize(chatml(prompt), add_bos=False, special=True)
+
+    def step(toks, pos):
+        for i in range(0, len(toks), 512):
+            chunk = toks[i:i + 512]
+            batch = make_batch_range(chunk, pos_start=pos + i, logits_last=i + 512 >= len(toks))
+            try:
+                if ctx.decode(batch) != 0:
+                    raise RuntimeError("ik_llama.cpp: llama_decode failed")
+            finally:
+                C.llama_batch_free(batch)
+
+    def greedy():
+        logits = np.ctypeslib.as_array(ctx.get_logits(-1), shape=(m.n_vocab,))
+        return int(np.argmax(logits))
+
+    r, out = timed(ids, runs, tokens, step, greedy, ctx.kv_cache_clear)
+    vnni = "" if _cpu_has_avx_vnni() else " (no flash attention: no AVX-VNNI)"
+    return {**r, "engine": f"ik_llama.cpp (ik-llama-cpp-python 0.1.5){vnni}",
+            "text": m.detokenize(out)}
+
+
+REFERENCES = {"llama.cpp": llama_cpp_bench, "ik_llama.cpp": ik_llama_cpp_bench}
+
+
+def installed(ref):
+    module = {"llama.cpp": "llama_cpp", "ik_llama.cpp": "ik_llama_cpp"}[ref]
+    return subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True).returncode == 0
+
+
+def q4_0_copy(model, work, threads):
+    """The model requantized to Q4_0 by llama.cpp's own quantizer (cached in `work`)."""
+    import ctypes
+
+    import llama_cpp.llama_cpp as L
+
+    os.makedirs(work, exist_ok=True)
+    stem = os.path.splitext(os.path.basename(model))[0]
+    out = os.path.join(work, f"{stem}.llama-quantize-Q4_0.gguf")
+    if not os.path.exists(out):
+        p = L.llama_model_quantize_default_params()
+        p.nthread = threads
+        p.ftype = 2  # LLAMA_FTYPE_MOSTLY_Q4_0
+        p.allow_requantize = True
+        if L.llama_model_quantize(model.encode(), (out + ".tmp").encode(), ctypes.byref(p)) != 0:
+            raise RuntimeError("llama.cpp could not quantize the model to Q4_0")
+        os.rename(out + ".tmp", out)
+    return out
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
-    ap.add_argument("--ours", required=True, help="the engine's bench binary")
+    ap.add_argument("--ours", help="the engine's bench binary")
     ap.add_argument("--prompt", default=os.path.join(os.path.dirname(__file__), "prompt.txt"))
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--streams", type=int, default=8)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--q4_0", action="store_true",
+                    help="also run every engine on a Q4_0 copy made by llama.cpp's quantizer")
+    ap.add_argument("--work", default="state/bench", help="where the Q4_0 copy is kept")
+    ap.add_argument("--ref", choices=sorted(REFERENCES), help=argparse.SUPPRESS)
     a = ap.parse_args()
     prompt = open(a.prompt, encoding="utf-8").read().strip()
+    if a.ref:
+        # A child process: one reference, one model, JSON on the last line.
+        print(json.dumps(REFERENCES[a.ref](a.model, prompt, a.tokens, a.runs, a.threads)))
+        return
+    if not a.ours:
+        ap.error("--ours is required")
 
-    plain = amx_cpu()
-    if plain:
-        plain_llama_cpp()
-    ref = llama_cpp_bench(a.model, prompt, a.tokens, a.runs, a.threads)
-    out = subprocess.run([a.ours, a.model, a.prompt, "--tokens", str(a.tokens), "--streams", str(a.streams),
-                          "--runs", str(a.runs), "--threads", str(a.threads)],
-                         check=True, capture_output=True, text=True,
-                         # As the enclave runs (enclave/Dockerfile): freed KV caches go back.
-                         env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
-    ours = json.loads(out.stdout.strip().splitlines()[-1])
+    refs = [r for r in REFERENCES if installed(r)]
+    models = [a.model] + ([q4_0_copy(a.model, a.work, a.threads)] if a.q4_0 else [])
+    common = ["--tokens", str(a.tokens), "--runs", str(a.runs), "--threads", str(a.threads)]
+    rows, ours_rows = [], []
+    for model in models:
+        label = "Q4_0 copy (llama.cpp's quantizer)" if model != a.model else os.path.basename(model)
+        for ref in refs:
+            out = subprocess.run([sys.executable, __file__, "--ref", ref, "--model", model,
+                                  "--prompt", a.prompt, *common],
+                                 check=True, capture_output=True, text=True)
+            rows.append((label, json.loads(out.stdout.strip().splitlines()[-1])))
+        out = subprocess.run([a.ours, model, a.prompt, "--streams", str(a.streams), *common],
+                             check=True, capture_output=True, text=True,
+                             # As the enclave runs (enclave/Dockerfile): freed KV caches go back.
+                             env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
+        ours = json.loads(out.stdout.strip().splitlines()[-1])
+        ours["engine"] = f"ours ({ours['kernels']})"
+        rows.append((label, ours))
+        ours_rows.append((label, ours))
 
-    print(f"prompt: {ours['prompt_tokens']} tokens (llama.cpp: {ref['prompt_tokens']}), {a.tokens} greedy tokens, "
-          f"{a.threads} threads, median of {a.runs}; kernels: {ours['kernels']}")
+    print(f"{a.tokens} greedy tokens after the ChatML prompt, {a.threads} threads, median of {a.runs}")
     print()
-    print("| engine | time to first token | prefill | decode |")
-    print("| --- | --- | --- | --- |")
-    for r in (ref, ours):
-        name = f"llama.cpp (llama-cpp-python {r['version']}{', no extra buffer types: AMX CPU' if plain else ''})" if r["engine"] == "llama.cpp" else "ours"
-        print(f"| {name} | {r['ttft_ms']:.0f} ms | {r['prefill_tok_s']:.0f} tok/s | {r['decode_tok_s']:.1f} tok/s |")
-    print(f"| ratio (ours / llama.cpp) | {ours['ttft_ms'] / ref['ttft_ms']:.2f}× | "
-          f"{ours['prefill_tok_s'] / ref['prefill_tok_s']:.2f}× | {ours['decode_tok_s'] / ref['decode_tok_s']:.2f}× |")
+    print("| model | engine | prompt | time to first token | prefill | decode |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for label, r in rows:
+        print(f"| {label} | {r['engine']} | {r['prompt_tokens']} | {r['ttft_ms']:.0f} ms | "
+              f"{r['prefill_tok_s']:.0f} tok/s | {r['decode_tok_s']:.1f} tok/s |")
+    refs_only = [r for _, r in rows if not r["engine"].startswith("ours")]
+    if refs_only:
+        best = {
+            "ttft_ms": min(r["ttft_ms"] for r in refs_only),
+            "prefill_tok_s": max(r["prefill_tok_s"] for r in refs_only),
+            "decode_tok_s": max(r["decode_tok_s"] for r in refs_only),
+        }
+        print()
+        print("ours against the fastest reference on any file (TTFT: lower is better):")
+        for label, o in ours_rows:
+            print(f"  {label}: TTFT {o['ttft_ms'] / best['ttft_ms']:.2f}×, prefill "
+                  f"{o['prefill_tok_s'] / best['prefill_tok_s']:.2f}×, decode "
+                  f"{o['decode_tok_s'] / best['decode_tok_s']:.2f}×")
     print()
-    agg = ours["aggregate_decode_tok_s"]
-    print(f"ours, {ours['streams']} concurrent streams: {agg:.1f} tok/s aggregate decode "
-          f"= {agg / ours['decode_tok_s']:.2f}× one stream")
-    print(f"ours, peak RSS: {ours['peak_rss_mib']:.0f} MiB (model load {ours['load_ms']:.0f} ms)")
+    for label, o in ours_rows:
+        agg = o["aggregate_decode_tok_s"]
+        print(f"ours on {label}: {o['streams']} concurrent streams {agg:.1f} tok/s aggregate decode "
+              f"= {agg / o['decode_tok_s']:.2f}× one stream; peak RSS {o['peak_rss_mib']:.0f} MiB "
+              f"(model load {o['load_ms']:.0f} ms)")
     print()
-    print("llama.cpp greedy text:", repr(ref["text"][:300]))
-    print("ours greedy text:     ", repr(ours["text"][:300]))
+    for label, r in rows:
+        print(f"{label}, {r['engine']}: {r['text'][:160]!r}")
 
 
 if __name__ == "__main__":

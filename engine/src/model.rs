@@ -15,8 +15,8 @@
 
 use crate::gguf::{Gguf, TensorRef};
 use crate::kernels::{
-    dequantize_half_row, dequantize_packed_row, dequantize_row, repack, BlockQ8, HalfKind, Kernels,
-    QuantKind, PACK, QK,
+    dequantize_half_row, dequantize_packed_row, dequantize_row, repack, BlockQ8, Glu, HalfKind,
+    Kernels, QuantKind, PACK, QK,
 };
 use crate::{Error, Result};
 use candle_core::quantized::GgmlDType;
@@ -649,8 +649,8 @@ impl Model {
                 &mut s.tmp,
             );
             match cfg.arch {
-                Arch::Gemma3 => gated(&mut s.hb, &s.hb2, gelu_tanh),
-                _ => gated(&mut s.hb, &s.hb2, silu),
+                Arch::Gemma3 => gated(self.kernels, &mut s.hb, &s.hb2, Glu::GeluTanh),
+                _ => gated(self.kernels, &mut s.hb, &s.hb2, Glu::Silu),
             }
             quantize_rows(self.kernels, &s.hb, cfg.n_ff, &mut s.hq);
             self.matmul(&mut [(&layer.down, &mut s.xb)], &s.hb, &s.hq, t, &mut s.tmp);
@@ -1052,30 +1052,14 @@ fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32, d: usize) {
     }
 }
 
-fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
-}
-
-/// GELU with GGML's tanh approximation (`ggml_gelu`), which Gemma uses.
-fn gelu_tanh(x: f32) -> f32 {
-    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-    const COEF_A: f32 = 0.044_715;
-    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + COEF_A * x * x)).tanh())
-}
-
 /// `gate[i] = act(gate[i]) · up[i]`: SwiGLU with SiLU, GeGLU with GELU.
-fn gated(gate: &mut [f32], up: &[f32], act: fn(f32) -> f32) {
-    let f = |g: &mut [f32], u: &[f32]| {
-        for (g, u) in g.iter_mut().zip(u) {
-            *g = act(*g) * u;
-        }
-    };
+fn gated(kernels: Kernels, gate: &mut [f32], up: &[f32], act: Glu) {
     if gate.len() >= 1 << 14 {
         gate.par_chunks_mut(4096)
             .zip(up.par_chunks(4096))
-            .for_each(|(g, u)| f(g, u));
+            .for_each(|(g, u)| kernels.glu(act, g, u));
     } else {
-        f(gate, up);
+        kernels.glu(act, gate, up);
     }
 }
 

@@ -146,6 +146,29 @@ impl HalfKind {
     }
 }
 
+/// The activation of a gated feed-forward layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Glu {
+    /// SiLU, `x · σ(x)`: SwiGLU (Llama, Qwen, SmolLM, Phi).
+    Silu,
+    /// GELU in GGML's tanh approximation (`ggml_gelu`): GeGLU (Gemma).
+    GeluTanh,
+}
+
+/// √(2/π) and the cubic coefficient of GELU's tanh approximation.
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+const GELU_A: f32 = 0.044_715;
+
+impl Glu {
+    /// The activation of one value: the scalar reference.
+    pub fn apply(self, x: f32) -> f32 {
+        match self {
+            Glu::Silu => x / (1.0 + (-x).exp()),
+            Glu::GeluTanh => 0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + GELU_A * x * x)).tanh()),
+        }
+    }
+}
+
 /// Rows per repacked group.
 pub const PACK: usize = 8;
 
@@ -324,11 +347,18 @@ impl Kernels {
             Imp::Avx2 | Imp::Vnni => x86::scores(q, keys, (stride, off, n), scale, scores),
         }
         let max = scores.iter().fold(f32::NEG_INFINITY, |m, x| m.max(*x));
-        let mut sum = 0.0;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
+        let sum = match self.0 {
+            Imp::Scalar => {
+                let mut sum = 0.0;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                sum
+            }
+            #[cfg(target_arch = "x86_64")]
+            Imp::Avx2 | Imp::Vnni => x86::exp_shifted(scores, max),
+        };
         out.fill(0.0);
         match self.0 {
             Imp::Scalar => {
@@ -341,6 +371,25 @@ impl Kernels {
             }
             #[cfg(target_arch = "x86_64")]
             Imp::Avx2 | Imp::Vnni => x86::weighted_sum(scores, 1.0 / sum, vals, stride, off, out),
+        }
+    }
+
+    /// `gate[i] = act(gate[i]) · up[i]` over the shorter of the two: the gated feed-forward
+    /// activation (SwiGLU, GeGLU).
+    pub fn glu(self, act: Glu, gate: &mut [f32], up: &[f32]) {
+        let n = gate.len().min(up.len());
+        let (gate, up) = (
+            gate.get_mut(..n).unwrap_or_default(),
+            up.get(..n).unwrap_or_default(),
+        );
+        match self.0 {
+            Imp::Scalar => {
+                for (g, u) in gate.iter_mut().zip(up) {
+                    *g = act.apply(*g) * u;
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Imp::Avx2 | Imp::Vnni => x86::glu(act, gate, up),
         }
     }
 
@@ -925,6 +974,30 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn glu_matches_the_scalar_reference() {
+        // Across the range where the exponential saturates, and a tail that is not a multiple
+        // of 8.
+        let gate: Vec<f32> = (0..1003).map(|i| (i as f32 - 501.0) * 0.23).collect();
+        let up = random_acts(gate.len(), 9);
+        for act in [Glu::Silu, Glu::GeluTanh] {
+            for k in Kernels::supported() {
+                let mut got = gate.clone();
+                k.glu(act, &mut got, &up);
+                for ((g, x), u) in got.iter().zip(&gate).zip(&up) {
+                    let want = act.apply(*x) * u;
+                    assert!(
+                        (g - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                        "{act:?} {} at {x}: {g} vs {want}",
+                        k.name()
+                    );
+                }
+            }
+        }
+        assert!((Glu::GeluTanh.apply(1.0) - 0.841_192).abs() < 1e-5);
+        assert!((Glu::Silu.apply(1.0) - 0.731_058_6).abs() < 1e-6);
     }
 
     #[test]
