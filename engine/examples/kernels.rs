@@ -60,12 +60,7 @@ fn run(k: Kernels) {
             let t0 = Instant::now();
             for _ in 0..reps {
                 if packed {
-                    for (g, o) in w
-                        .chunks_exact(PACK * row_bytes)
-                        .zip(out.chunks_exact_mut(PACK * n))
-                    {
-                        k.quant_group(kind, g, &acts, nb, o);
-                    }
+                    k.quant_groups(kind, &w, &acts, nb, &mut out);
                 } else {
                     for (r, o) in w.chunks_exact(row_bytes).zip(out.chunks_exact_mut(n)) {
                         k.quant_row(kind, r, &acts, nb, o);

@@ -763,9 +763,10 @@ impl Model {
             let (mine, tail) = rest.split_at_mut(m.rows() * t);
             rest = tail;
             // Small enough chunks to balance, large enough to amortize the dispatch.
+            // Whole pairs of packed groups, which the widest kernels take together.
             let chunk = (m.rows() / (threads * 8))
                 .clamp(16, 512)
-                .next_multiple_of(PACK);
+                .next_multiple_of(2 * PACK);
             for (i, out) in mine.chunks_mut(chunk * t).enumerate() {
                 jobs.push((*m, i * chunk, out));
             }
@@ -781,11 +782,11 @@ impl Model {
                 ..
             } => {
                 let (group, nb) = (PACK * kind.row_bytes(*cols), cols / QK);
-                for (g, o) in out.chunks_exact_mut(PACK * t).enumerate() {
-                    let start = offset + (row0 / PACK + g) * group;
-                    let w = bytes.get(start..start + group).unwrap_or_default();
-                    kernels.quant_group(*kind, w, xq, nb, o);
-                }
+                let start = offset + row0 / PACK * group;
+                let w = bytes
+                    .get(start..start + out.len() / (PACK * t) * group)
+                    .unwrap_or_default();
+                kernels.quant_groups(*kind, w, xq, nb, out);
             }
             Matrix::Quant {
                 kind,

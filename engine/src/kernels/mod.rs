@@ -293,6 +293,48 @@ impl Kernels {
         }
     }
 
+    /// Several consecutive repacked groups (`groups` holds `k` of them, each [`PACK`] rows)
+    /// against `n` activation rows: `out` holds `k` blocks of `[n][PACK]`, one per group, as
+    /// [`Kernels::quant_group`] gives them (`n = out.len() / (k · PACK)`). Where a kernel for
+    /// 16 rows at once exists, pairs of groups go through it.
+    pub fn quant_groups(
+        self,
+        kind: QuantKind,
+        groups: &[u8],
+        acts: &[BlockQ8],
+        nb: usize,
+        out: &mut [f32],
+    ) {
+        let cols = nb * QK;
+        let group = PACK * kind.row_bytes(cols);
+        let k = groups.len() / group.max(1);
+        if nb == 0
+            || !kind.packable()
+            || !cols.is_multiple_of(kind.block_elems())
+            || k == 0
+            || groups.len() != k * group
+            || !out.len().is_multiple_of(k * PACK)
+            || acts.len() != out.len() / (k * PACK) * nb
+        {
+            out.fill(0.0);
+            return;
+        }
+        let per = out.len() / k;
+        let (mut ws, mut os) = (groups, out);
+        #[cfg(target_arch = "x86_64")]
+        if self.0 == Imp::Vnni && x86::pairs(kind) {
+            while ws.len() >= 2 * group {
+                let (w, rest_w) = ws.split_at(2 * group);
+                let (o, rest_o) = std::mem::take(&mut os).split_at_mut(2 * per);
+                x86::quant_pair_vnni(kind, w, acts, nb, o);
+                (ws, os) = (rest_w, rest_o);
+            }
+        }
+        for (w, o) in ws.chunks_exact(group).zip(os.chunks_exact_mut(per)) {
+            self.quant_group(kind, w, acts, nb, o);
+        }
+    }
+
     /// Dot products of one half-precision weight row (`xs.len() / n` weights, `n = out.len()`)
     /// with `n` f32 activation rows: `out[j] = w · xs[j]`. Mismatched lengths leave `out`
     /// zeroed.
@@ -972,6 +1014,50 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn several_groups_match_one_group_at_a_time() {
+        for kind in QuantKind::ALL.into_iter().filter(|k| k.packable()) {
+            let nb = blocks(kind, 3);
+            for (k, n) in [(1, 3), (2, 1), (3, 9), (4, 8), (5, 2)] {
+                let flat: Vec<u8> = (0..k * PACK)
+                    .flat_map(|r| random_weights(kind, nb, (r * 13 + k) as u64))
+                    .collect();
+                let mut packed = vec![0u8; flat.len()];
+                let group = PACK * kind.row_bytes(nb * QK);
+                for (src, dst) in flat.chunks_exact(group).zip(packed.chunks_exact_mut(group)) {
+                    repack(kind, src, nb * QK / kind.block_elems(), dst);
+                }
+                let x = random_acts(n * nb * QK, (k + n) as u64);
+                let mut acts = vec![BlockQ8::default(); n * nb];
+                quantize_row(&x, &mut acts);
+                let mut want = vec![0.0; k * n * PACK];
+                for (w, o) in packed
+                    .chunks_exact(group)
+                    .zip(want.chunks_exact_mut(n * PACK))
+                {
+                    Kernels::Scalar.quant_group(kind, w, &acts, nb, o);
+                }
+                for kern in Kernels::supported() {
+                    let mut got = vec![f32::NAN; k * n * PACK];
+                    kern.quant_groups(kind, &packed, &acts, nb, &mut got);
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                            "{kind:?} {} k={k} n={n} at {i}: {g} vs {w}",
+                            kern.name()
+                        );
+                    }
+                }
+                let mut short = vec![1.0; k * n * PACK];
+                Kernels::detect().quant_groups(kind, &packed[1..], &acts, nb, &mut short);
+                assert!(
+                    short.iter().all(|v| *v == 0.0),
+                    "{kind:?}: a cut group gives zeros"
+                );
             }
         }
     }

@@ -50,6 +50,7 @@ macro_rules! grouped {
 }
 
 mod packed;
+mod wide;
 
 pub(super) fn quant_row(kind: QuantKind, w: &[u8], acts: &[BlockQ8], nb: usize, out: &mut [f32]) {
     // SAFETY: the caller holds a `Kernels` from `Kernels::detect`, which checked `available()`.
@@ -68,6 +69,20 @@ pub(super) fn quant_group(
 }
 
 pub(super) use packed::vnni_available;
+
+pub(super) use wide::pairs;
+
+/// Two consecutive repacked groups at once, for the kinds [`pairs`] accepts.
+pub(super) fn quant_pair_vnni(
+    kind: QuantKind,
+    pair: &[u8],
+    acts: &[BlockQ8],
+    nb: usize,
+    out: &mut [f32],
+) {
+    // SAFETY: as in `quant_group_vnni`.
+    unsafe { wide::q4_pair(kind == QuantKind::Q4_1, pair, acts, nb, out) }
+}
 
 pub(super) fn quant_group_vnni(
     kind: QuantKind,
