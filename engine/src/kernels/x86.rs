@@ -81,7 +81,7 @@ pub(super) fn quant_pair_vnni(
     out: &mut [f32],
 ) {
     // SAFETY: as in `quant_group_vnni`.
-    unsafe { wide::q4_pair(kind == QuantKind::Q4_1, pair, acts, nb, out) }
+    unsafe { wide::pair(kind, pair, acts, nb, out) }
 }
 
 pub(super) fn quant_group_vnni(

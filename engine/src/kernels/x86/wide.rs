@@ -1,8 +1,11 @@
 //! AVX-512 kernels over two repacked groups at once (16 weight rows in one 512-bit vector):
 //! each broadcast activation word then feeds 16 rows' `vpdpbusd` instead of 8, halving the
 //! broadcasts and the dot-product instructions per weight (llama.cpp's AVX-512
-//! `ggml_gemm_q4_0_8x8_q8_0` pairs its 8-row blocks the same way). Same algorithm and the
-//! same integers as [`super::packed`]'s Q4 kernel, so the results are equal to it.
+//! `ggml_gemm_q4_0_8x8_q8_0` pairs its 8-row blocks the same way). Q4_0, Q4_1, Q5_0 and
+//! Q5_1 run the algorithm of [`super::packed`]'s kernels on the same integers. Q8_0 has no
+//! sign trick here (AVX-512 has no `vpsignb`): its weights are offset to unsigned (`w + 128`)
+//! and `128 · Σ a` is taken off each block's integer sum, `Σ a` recovered exactly from the
+//! activation block's `s = d · Σ a` (|Σ a| ≤ 4,064, far inside f32's exact integers).
 //!
 //! Soundness as in the parent module: these run only through a `Kernels` whose
 //! implementation was chosen after `packed::vnni_available()` said the CPU has AVX-512 F, BW,
@@ -12,7 +15,7 @@
 #![allow(unsafe_code)]
 
 use super::super::{BlockQ8, QuantKind, PACK, QK};
-use super::{gather, q4_kind, quad};
+use super::{bytes_from_bits_32, gather, quad};
 use std::arch::x86_64::*;
 
 /// Activation rows per pass: 2 × `ROWS` accumulators and the weight vectors fit in the 32
@@ -51,11 +54,12 @@ fn broadcast_i8x4(b: &[i8; 4]) -> __m512i {
     _mm512_broadcastd_epi32(unsafe { _mm_loadu_si32(b.as_ptr().cast()) })
 }
 
-/// Two Q4_0 / Q4_1 groups (`pair` holds them one after the other) against the activation
-/// rows: `out` receives the first group's `[n][PACK]` results, then the second's.
+/// Two groups of `kind` (`pair` holds them one after the other; [`pairs`] says which kinds)
+/// against the activation rows: `out` receives the first group's `[n][PACK]` results, then
+/// the second's.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub(in crate::kernels) fn q4_pair(
-    q4_1: bool,
+pub(in crate::kernels) fn pair(
+    kind: QuantKind,
     pair: &[u8],
     acts: &[BlockQ8],
     nb: usize,
@@ -73,89 +77,33 @@ pub(in crate::kernels) fn q4_pair(
         let o1 = second
             .get_mut(j0 * PACK..(j0 + g) * PACK)
             .unwrap_or_default();
-        match (q4_1, g) {
-            (true, 8) => q4_pair_rows::<8, true>(pair, rows, nb, o0, o1),
-            (true, 7) => q4_pair_rows::<7, true>(pair, rows, nb, o0, o1),
-            (true, 6) => q4_pair_rows::<6, true>(pair, rows, nb, o0, o1),
-            (true, 5) => q4_pair_rows::<5, true>(pair, rows, nb, o0, o1),
-            (true, 4) => q4_pair_rows::<4, true>(pair, rows, nb, o0, o1),
-            (true, 3) => q4_pair_rows::<3, true>(pair, rows, nb, o0, o1),
-            (true, 2) => q4_pair_rows::<2, true>(pair, rows, nb, o0, o1),
-            (true, _) => q4_pair_rows::<1, true>(pair, rows, nb, o0, o1),
-            (false, 8) => q4_pair_rows::<8, false>(pair, rows, nb, o0, o1),
-            (false, 7) => q4_pair_rows::<7, false>(pair, rows, nb, o0, o1),
-            (false, 6) => q4_pair_rows::<6, false>(pair, rows, nb, o0, o1),
-            (false, 5) => q4_pair_rows::<5, false>(pair, rows, nb, o0, o1),
-            (false, 4) => q4_pair_rows::<4, false>(pair, rows, nb, o0, o1),
-            (false, 3) => q4_pair_rows::<3, false>(pair, rows, nb, o0, o1),
-            (false, 2) => q4_pair_rows::<2, false>(pair, rows, nb, o0, o1),
-            (false, _) => q4_pair_rows::<1, false>(pair, rows, nb, o0, o1),
+        match kind {
+            QuantKind::Q4_0 => grouped!(8; g, q45_pair_rows, false, false; pair, rows, nb, o0, o1),
+            QuantKind::Q4_1 => grouped!(8; g, q45_pair_rows, true, false; pair, rows, nb, o0, o1),
+            QuantKind::Q5_0 => grouped!(8; g, q45_pair_rows, false, true; pair, rows, nb, o0, o1),
+            QuantKind::Q5_1 => grouped!(8; g, q45_pair_rows, true, true; pair, rows, nb, o0, o1),
+            QuantKind::Q8_0 => grouped!(8; g, q8_pair_rows; pair, rows, nb, o0, o1),
+            _ => {}
         }
         j0 += g;
     }
 }
 
+/// The fifth bits of one chunk half of both groups, as 0x10 bytes.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-fn q4_pair_rows<const G: usize, const Q4_1: bool>(
-    pair: &[u8],
-    acts: &[BlockQ8],
-    nb: usize,
-    o0: &mut [f32],
-    o1: &mut [f32],
-) {
-    let bb = q4_kind(Q4_1).block_bytes();
-    let group = PACK * bb * nb;
-    let (g0, g1) = pair.split_at(group.min(pair.len()));
-    let head = (bb - QK / 2) * PACK;
-    let low = _mm512_set1_epi8(0x0F);
-    let mut acc = [_mm512_setzero_ps(); G];
-    for (b, (blk0, blk1)) in g0
-        .chunks_exact(PACK * bb)
-        .zip(g1.chunks_exact(PACK * bb))
-        .enumerate()
-        .take(nb)
-    {
-        let ((s0, q0), (s1, q1)) = (blk0.split_at(head), blk1.split_at(head));
-        let (Some(a), Ok(q0), Ok(q1)) = (
-            gather::<G>(acts, nb, b),
-            <&[u8; PACK * QK / 2]>::try_from(q0),
-            <&[u8; PACK * QK / 2]>::try_from(q1),
-        ) else {
-            continue;
-        };
-        let mut isum = [_mm512_setzero_si512(); G];
-        for (k, (c0, c1)) in q0
-            .as_chunks::<32>()
-            .0
-            .iter()
-            .zip(q1.as_chunks::<32>().0)
-            .enumerate()
-        {
-            let w = load2(c0, c1);
-            let lo = _mm512_and_si512(w, low);
-            let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(w), low);
-            for (isum, a) in isum.iter_mut().zip(&a) {
-                let x0 = broadcast_i8x4(quad(&a.q, k));
-                let x1 = broadcast_i8x4(quad(&a.q, 4 + k));
-                *isum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(*isum, lo, x0), hi, x1);
-            }
-        }
-        let scales = |s: &[u8], at: usize| match s.get(at..at + 16).map(<&[u8; 16]>::try_from) {
-            Some(Ok(v)) => *v,
-            _ => [0; 16],
-        };
-        let d = f16x16(&scales(s0, 0), &scales(s1, 0));
-        let m = if Q4_1 {
-            f16x16(&scales(s0, 16), &scales(s1, 16))
-        } else {
-            _mm512_mul_ps(d, _mm512_set1_ps(-8.0))
-        };
-        for ((acc, isum), a) in acc.iter_mut().zip(isum).zip(&a) {
-            let p = _mm512_cvtepi32_ps(isum);
-            *acc = _mm512_fmadd_ps(p, _mm512_mul_ps(d, _mm512_set1_ps(a.d)), *acc);
-            *acc = _mm512_fmadd_ps(m, _mm512_set1_ps(a.s), *acc);
-        }
-    }
+#[inline]
+fn fifth2(w0: &[[u8; 4]], w1: &[[u8; 4]], j: usize) -> __m512i {
+    let bit = |w: &[[u8; 4]]| {
+        let x = u32::from_le_bytes(w.get(j).copied().unwrap_or([0; 4]));
+        _mm256_and_si256(bytes_from_bits_32(x), _mm256_set1_epi8(0x10))
+    };
+    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(bit(w0)), bit(w1))
+}
+
+/// Writes the two groups' halves of each accumulator.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+fn store_pair<const G: usize>(acc: &[__m512; G], o0: &mut [f32], o1: &mut [f32]) {
     for ((a, o0), o1) in acc
         .iter()
         .zip(o0.chunks_exact_mut(PACK))
@@ -170,7 +118,148 @@ fn q4_pair_rows<const G: usize, const Q4_1: bool>(
     }
 }
 
-/// Whether [`q4_pair`] handles `kind`.
+/// The 16 bytes at `s[at..]`, zeros if out of range (callers size blocks exactly).
+fn bytes16(s: &[u8], at: usize) -> [u8; 16] {
+    match s.get(at..at + 16).map(<&[u8; 16]>::try_from) {
+        Some(Ok(v)) => *v,
+        _ => [0; 16],
+    }
+}
+
+/// Q4_0 / Q4_1 (`FIVE` false) or Q5_0 / Q5_1 (`FIVE` true; `MIN`: the `_1` types, with a
+/// minimum) pairs: the nibbles of both groups in one vector, Q5's fifth bits or-ed in.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn q45_pair_rows<const G: usize, const MIN: bool, const FIVE: bool>(
+    pair: &[u8],
+    acts: &[BlockQ8],
+    nb: usize,
+    o0: &mut [f32],
+    o1: &mut [f32],
+) {
+    let kind = match (FIVE, MIN) {
+        (false, false) => QuantKind::Q4_0,
+        (false, true) => QuantKind::Q4_1,
+        (true, false) => QuantKind::Q5_0,
+        (true, true) => QuantKind::Q5_1,
+    };
+    let bb = kind.block_bytes();
+    let (g0, g1) = pair.split_at((PACK * bb * nb).min(pair.len()));
+    let halves = if MIN { 32 } else { 16 };
+    let words = if FIVE { 32 } else { 0 };
+    let low = _mm512_set1_epi8(0x0F);
+    let mut acc = [_mm512_setzero_ps(); G];
+    for (b, (blk0, blk1)) in g0
+        .chunks_exact(PACK * bb)
+        .zip(g1.chunks_exact(PACK * bb))
+        .enumerate()
+        .take(nb)
+    {
+        let ((h0, q0), (h1, q1)) = (blk0.split_at(halves + words), blk1.split_at(halves + words));
+        let (Some(a), Ok(q0), Ok(q1)) = (
+            gather::<G>(acts, nb, b),
+            <&[u8; PACK * QK / 2]>::try_from(q0),
+            <&[u8; PACK * QK / 2]>::try_from(q1),
+        ) else {
+            continue;
+        };
+        let (s0, w0) = h0.split_at(halves);
+        let (s1, w1) = h1.split_at(halves);
+        let (w0, w1) = (w0.as_chunks::<4>().0, w1.as_chunks::<4>().0);
+        let mut isum = [_mm512_setzero_si512(); G];
+        for (k, (c0, c1)) in q0
+            .as_chunks::<32>()
+            .0
+            .iter()
+            .zip(q1.as_chunks::<32>().0)
+            .enumerate()
+        {
+            let w = load2(c0, c1);
+            let mut lo = _mm512_and_si512(w, low);
+            let mut hi = _mm512_and_si512(_mm512_srli_epi16::<4>(w), low);
+            if FIVE {
+                lo = _mm512_or_si512(lo, fifth2(w0, w1, k));
+                hi = _mm512_or_si512(hi, fifth2(w0, w1, 4 + k));
+            }
+            for (isum, a) in isum.iter_mut().zip(&a) {
+                let x0 = broadcast_i8x4(quad(&a.q, k));
+                let x1 = broadcast_i8x4(quad(&a.q, 4 + k));
+                *isum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(*isum, lo, x0), hi, x1);
+            }
+        }
+        let d = f16x16(&bytes16(s0, 0), &bytes16(s1, 0));
+        let m = if MIN {
+            f16x16(&bytes16(s0, 16), &bytes16(s1, 16))
+        } else {
+            _mm512_mul_ps(d, _mm512_set1_ps(if FIVE { -16.0 } else { -8.0 }))
+        };
+        for ((acc, isum), a) in acc.iter_mut().zip(isum).zip(&a) {
+            let p = _mm512_cvtepi32_ps(isum);
+            *acc = _mm512_fmadd_ps(p, _mm512_mul_ps(d, _mm512_set1_ps(a.d)), *acc);
+            *acc = _mm512_fmadd_ps(m, _mm512_set1_ps(a.s), *acc);
+        }
+    }
+    store_pair(&acc, o0, o1);
+}
+
+/// Q8_0 pairs: weights offset to unsigned bytes, the offset's share taken off exactly.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn q8_pair_rows<const G: usize>(
+    pair: &[u8],
+    acts: &[BlockQ8],
+    nb: usize,
+    o0: &mut [f32],
+    o1: &mut [f32],
+) {
+    let bb = QuantKind::Q8_0.block_bytes();
+    let (g0, g1) = pair.split_at((PACK * bb * nb).min(pair.len()));
+    let flip = _mm512_set1_epi8(i8::MIN);
+    let mut acc = [_mm512_setzero_ps(); G];
+    for (b, (blk0, blk1)) in g0
+        .chunks_exact(PACK * bb)
+        .zip(g1.chunks_exact(PACK * bb))
+        .enumerate()
+        .take(nb)
+    {
+        let ((s0, q0), (s1, q1)) = (blk0.split_at(2 * PACK), blk1.split_at(2 * PACK));
+        let (Some(a), Ok(q0), Ok(q1)) = (
+            gather::<G>(acts, nb, b),
+            <&[u8; PACK * QK]>::try_from(q0),
+            <&[u8; PACK * QK]>::try_from(q1),
+        ) else {
+            continue;
+        };
+        let mut isum = [_mm512_setzero_si512(); G];
+        for (k, (c0, c1)) in q0
+            .as_chunks::<32>()
+            .0
+            .iter()
+            .zip(q1.as_chunks::<32>().0)
+            .enumerate()
+        {
+            let w = _mm512_xor_si512(load2(c0, c1), flip);
+            for (isum, a) in isum.iter_mut().zip(&a) {
+                *isum = _mm512_dpbusd_epi32(*isum, w, broadcast_i8x4(quad(&a.q, k)));
+            }
+        }
+        let d = f16x16(&bytes16(s0, 0), &bytes16(s1, 0));
+        for ((acc, isum), a) in acc.iter_mut().zip(isum).zip(&a) {
+            let sum = if a.d == 0.0 {
+                0
+            } else {
+                (a.s / a.d).round() as i32
+            };
+            let exact = _mm512_sub_epi32(isum, _mm512_set1_epi32(128 * sum));
+            let p = _mm512_cvtepi32_ps(exact);
+            *acc = _mm512_fmadd_ps(p, _mm512_mul_ps(d, _mm512_set1_ps(a.d)), *acc);
+        }
+    }
+    store_pair(&acc, o0, o1);
+}
+
+/// Whether [`pair`] handles `kind`.
 pub(in crate::kernels) fn pairs(kind: QuantKind) -> bool {
-    matches!(kind, QuantKind::Q4_0 | QuantKind::Q4_1)
+    matches!(
+        kind,
+        QuantKind::Q4_0 | QuantKind::Q4_1 | QuantKind::Q5_0 | QuantKind::Q5_1 | QuantKind::Q8_0
+    )
 }
