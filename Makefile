@@ -156,21 +156,27 @@ bench-relay:
 bench-channel: model
 	$(CARGO) run --release --locked -p tests --example channel_bench
 
-# llama.cpp, through its Python package, for the engine benchmark and fixtures. Building it
-# compiles llama.cpp: about 10 minutes on 2 cores, once; not part of `make test`.
+# The references, through their Python packages, for the engine benchmark and fixtures:
+# llama.cpp (building it compiles llama.cpp: about 10 minutes on 2 cores, once) and
+# ik_llama.cpp (a prebuilt wheel; py-cpuinfo lets it turn its flash attention on). Not part
+# of `make test`.
 LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
+IK_LLAMA_CPP_PYTHON := ik-llama-cpp-python==0.1.5 py-cpuinfo==9.0.0
 BENCH_VENV := $(STATE)/bench-venv
 
 $(BENCH_VENV)/.installed:
 	$(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/pip install --quiet --disable-pip-version-check $(LLAMA_CPP_PYTHON)
+	$(BENCH_VENV)/bin/pip install --quiet --disable-pip-version-check $(IK_LLAMA_CPP_PYTHON)
 	touch $@
 
-# Our engine and llama.cpp side by side on the default model, 2 threads: time to first token,
-# prefill, decode, 8-stream aggregate decode, peak RSS, and the ratios.
+# Our engine, llama.cpp and ik_llama.cpp side by side on the default model or MODEL=path,
+# 2 threads, on the file and on a Q4_0 copy made by llama.cpp's quantizer (its fastest x86
+# path; kept in state/bench): time to first token, prefill, decode, 8-stream aggregate decode,
+# peak RSS, and our ratios to the fastest reference.
 bench-engine: model $(BENCH_VENV)/.installed
 	$(CARGO) build --release -p engine --example bench --locked
-	$(BENCH_VENV)/bin/python engine/bench/compare.py --model $(RUN_MODEL) --ours target/release/examples/bench
+	$(BENCH_VENV)/bin/python engine/bench/compare.py --model $(RUN_MODEL) --ours target/release/examples/bench --q4_0 --work $(STATE)/bench
 
 # Recomputes the engine's llama.cpp fixtures (token ids, perplexity); they are committed.
 fixtures: model model-qwen model-gemma $(BENCH_VENV)/.installed
