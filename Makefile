@@ -137,7 +137,7 @@ bench: model
 	MODEL_PATH=$(abspath $(DEFAULT_MODEL)) $(CARGO) bench -p tests --bench ready --locked
 
 # The inference engine alone on the default model: one chat turn, streamed, greedy.
-PROMPT ?= What is the capital of France?
+PROMPT ?= What is the capital of France? Answer in one word.
 chat: model
 	$(CARGO) run -q --release -p engine --example chat --locked -- $(RUN_MODEL) "$(PROMPT)"
 

@@ -1,18 +1,34 @@
-//! Chat with a GGUF model from the command line: `cargo run --release -p engine --example chat -- MODEL.gguf "prompt"`.
+//! Chat with a GGUF model from the command line: `cargo run --release -p engine --example chat -- MODEL.gguf "prompt" [--kernels NAME]`
+//! (one of `Kernels::supported`, by name; the fastest by default), greedy.
 
 use std::io::Write;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut args = std::env::args().skip(1);
-    let path = args.next().ok_or("usage: chat MODEL.gguf PROMPT")?;
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let kernels = match args.iter().position(|a| a == "--kernels") {
+        Some(i) => {
+            let name = args.get(i + 1).ok_or("missing value")?.clone();
+            args.drain(i..i + 2);
+            engine::kernels::Kernels::by_name(&name).ok_or("no such kernels on this CPU")?
+        }
+        None => engine::kernels::Kernels::detect(),
+    };
+    let mut args = args.into_iter();
+    let path = args
+        .next()
+        .ok_or("usage: chat MODEL.gguf PROMPT [--kernels NAME]")?;
     let prompt = args
         .next()
-        .unwrap_or_else(|| "What is the capital of France?".into());
+        .unwrap_or_else(|| "What is the capital of France? Answer in one word.".into());
     let t0 = std::time::Instant::now();
     let engine = engine::load(
         zeroize::Zeroizing::new(std::fs::read(path)?),
-        engine::EngineConfig::default(),
+        engine::EngineConfig {
+            kernels,
+            ..Default::default()
+        },
     )?;
+    eprintln!("kernels: {}", kernels.name());
     eprintln!("loaded in {:?}", t0.elapsed());
     let params = engine::GenerationParams {
         max_tokens: Some(128),

@@ -242,7 +242,7 @@ struct Job {
 
 impl Engine {
     pub(crate) fn start(
-        model: Model,
+        mut model: Model,
         tokenizer: Tokenizer,
         template: ChatTemplate,
         model_name: String,
@@ -270,6 +270,7 @@ impl Engine {
                 cfg.kv_budget_bytes
             )));
         }
+        model.fit_context(context);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(cfg.threads)
             .thread_name(|i| format!("engine-{i}"))

@@ -1,22 +1,23 @@
-//! The transformer of the llama family and its relatives (Qwen2, Qwen3, Gemma 3): weights referenced in
-//! place in the decrypted GGUF buffer, one KV cache per sequence, and a forward pass over a
-//! batch that mixes prompt chunks and decode steps of different sequences (continuous
-//! batching).
+//! The transformer of the llama family and its relatives (Qwen2, Qwen3, Gemma 2 and 3,
+//! Phi-3): weights referenced in place in the decrypted GGUF buffer, one KV cache per
+//! sequence, and a forward pass over a batch that mixes prompt chunks and decode steps of
+//! different sequences (continuous batching).
 //!
 //! The graph is candle-transformers' `quantized_llama` (RMSNorm, RoPE, grouped-query attention,
-//! SwiGLU) with what `quantized_qwen2`, `quantized_qwen3` and `quantized_gemma3` add (q/k/v
-//! biases, NeoX RoPE, per-head QK-norm, post-norms, GELU, sliding-window layers), written as
-//! fused loops over buffers kept between steps. For Gemma 3 the reference is llama.cpp's
-//! graph where candle's differs (candle uses SiLU where Gemma uses GELU-tanh, and a window one
-//! position wider). Quantized
-//! weights stay in GGML's block layout and are multiplied by the kernels in
-//! [`crate::kernels`], as are F16 and BF16 ones; only tensor types without a native kernel
-//! (Q2_K, Q3_K) are dequantized by candle at load time.
+//! SwiGLU) with what `quantized_qwen2`, `quantized_qwen3`, `gemma2`, `quantized_gemma3` and
+//! `quantized_phi3` add (q/k/v biases, NeoX RoPE, per-head QK-norm, post-norms, GELU,
+//! sliding-window layers, soft caps, fused projections), written as fused loops over buffers
+//! kept between steps. Where candle differs from llama.cpp the reference is llama.cpp's graph
+//! (`src/models/*.cpp`): candle's Gemma 3 uses SiLU where Gemma uses GELU-tanh, its windows are
+//! one position wider, its Gemma 2 windows every layer, and its Phi-3 ignores the file's RoPE
+//! base and LongRoPE factors. Quantized weights stay in GGML's block layout and are multiplied
+//! by the kernels in [`crate::kernels`], as are F16 and BF16 ones; only tensor types without a
+//! native kernel (Q2_K, Q3_K) are dequantized by candle at load time.
 
 use crate::gguf::{Gguf, TensorRef};
 use crate::kernels::{
     dequantize_half_row, dequantize_packed_row, dequantize_row, repack, BlockQ8, Glu, HalfKind,
-    Kernels, QuantKind, PACK, QK,
+    Kernels, QuantKind, Score, PACK, QK,
 };
 use crate::{Error, Result};
 use candle_core::quantized::GgmlDType;
@@ -34,9 +35,16 @@ pub enum Arch {
     Qwen2,
     /// Qwen3 (dense): Qwen2 without biases, with RMSNorm on each query and key head.
     Qwen3,
-    /// Gemma 3: QK-norm, norms after attention and feed-forward too, GELU (tanh), embeddings
-    /// scaled by √d, and five sliding-window layers (their own RoPE base) to one global one.
+    /// Gemma 2: norms after attention and feed-forward too, GELU (tanh), embeddings scaled by
+    /// √d, every other layer attending within a window, and soft-capped attention scores and
+    /// logits.
+    Gemma2,
+    /// Gemma 3: Gemma 2 without the soft caps, with QK-norm, and five sliding-window layers
+    /// (their own RoPE base) to one global one.
     Gemma3,
+    /// Phi-3 and Phi-3.5 (dense): llama's graph with one fused Q/K/V projection, one fused
+    /// gate/up projection, NeoX RoPE and, for the long-context models, LongRoPE factors.
+    Phi3,
 }
 
 impl Arch {
@@ -45,7 +53,9 @@ impl Arch {
             "llama" => Some(Arch::Llama),
             "qwen2" => Some(Arch::Qwen2),
             "qwen3" => Some(Arch::Qwen3),
+            "gemma2" => Some(Arch::Gemma2),
             "gemma3" => Some(Arch::Gemma3),
+            "phi3" => Some(Arch::Phi3),
             _ => None,
         }
     }
@@ -56,7 +66,9 @@ impl Arch {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
+            Arch::Gemma2 => "gemma2",
             Arch::Gemma3 => "gemma3",
+            Arch::Phi3 => "phi3",
         }
     }
 
@@ -65,10 +77,14 @@ impl Arch {
     fn neox(self) -> bool {
         !matches!(self, Arch::Llama)
     }
+
+    fn gemma(self) -> bool {
+        matches!(self, Arch::Gemma2 | Arch::Gemma3)
+    }
 }
 
 /// The families this engine's fast path runs, for error messages.
-pub const ARCHITECTURES: &str = "llama, qwen2, qwen3, gemma3";
+pub const ARCHITECTURES: &str = "llama, qwen2, qwen3, gemma2, gemma3, phi3";
 
 /// Model dimensions, from the GGUF metadata.
 #[derive(Clone, Debug, PartialEq)]
@@ -92,8 +108,18 @@ pub struct Config {
     /// positions, itself included (llama.cpp's `LLAMA_SWA_TYPE_STANDARD`), and rotates with
     /// `rope_base_local`. Layer `i` is local unless `(i + 1) % pattern == 0`.
     pub sliding: Option<Sliding>,
-    /// Scale of the attention scores (1/√head_dim except Gemma 3 27B's 1/√(n_embd/n_head)).
+    /// Scale of the attention scores (1/√head_dim except Gemma 2 and 3 27B's
+    /// 1/√(n_embd/n_head)).
     pub attn_scale: f32,
+    /// Gemma 2's soft caps: attention scores become `c · tanh(s / c)`, and so do the logits.
+    pub attn_softcap: Option<f32>,
+    pub final_softcap: Option<f32>,
+    /// `rope.scaling.attn_factor`: cosines and sines are multiplied by it (llama.cpp's
+    /// `rope_attn_factor`; LongRoPE models set it).
+    pub rope_attn_factor: f32,
+    /// `rope.scaling.original_context_length`: LongRoPE's long factors apply to contexts
+    /// longer than this, its short ones otherwise (llama.cpp's `n_ctx_orig_yarn`).
+    pub n_ctx_orig: usize,
 }
 
 /// Where and how a model attends within a window.
@@ -207,7 +233,15 @@ impl Config {
         }
         let n_vocab = g.array("tokenizer.ggml.tokens")?.len();
         let n_layer = dim("block_count", 1 << 10)?;
+        let rope_base = g.opt_f32(&key("rope.freq_base"))?.unwrap_or(10_000.0);
         let sliding = match arch {
+            // Gemma 2: every other layer local, 4,096 positions unless the file says
+            // otherwise, one RoPE base for all (llama.cpp's `llama_model_gemma2`).
+            Arch::Gemma2 => Some(Sliding {
+                window: opt_dim("attention.sliding_window", 1 << 24)?.unwrap_or(4096),
+                pattern: opt_dim("attention.sliding_window_pattern", 64)?.unwrap_or(2),
+                rope_base_local: g.opt_f32(&key("rope.freq_base_swa"))?.unwrap_or(rope_base),
+            }),
             Arch::Gemma3 => Some(Sliding {
                 window: dim("attention.sliding_window", 1 << 24)?,
                 // Gemma 3: five local layers to one global (llama.cpp's `set_swa_pattern(6)`);
@@ -215,14 +249,42 @@ impl Config {
                 pattern: opt_dim("attention.sliding_window_pattern", 64)?.unwrap_or(6),
                 rope_base_local: g.opt_f32(&key("rope.local_freq_base"))?.unwrap_or(10_000.0),
             }),
+            // Phi-3's files carry a sliding window that llama.cpp ignores (its conversion
+            // does not say which layers use it); so do we, to give the same answers.
             _ => None,
         };
-        // Gemma 3 27B (62 layers) scales queries by its query_pre_attn_scalar, n_embd / n_head
-        // (llama.cpp's `f_attention_scale`); every other model by the head size.
+        // Gemma 2 27B (46 layers) and Gemma 3 27B (62) scale queries by their
+        // query_pre_attn_scalar, n_embd / n_head (llama.cpp's `f_attention_scale`); every
+        // other model by the head size.
         let attn_scale = match arch {
+            Arch::Gemma2 if n_layer == 46 => 1.0 / ((n_embd / n_head) as f32).sqrt(),
             Arch::Gemma3 if n_layer == 62 => 1.0 / ((n_embd / n_head) as f32).sqrt(),
             _ => 1.0 / (head_dim as f32).sqrt(),
         };
+        // Gemma 2's caps, with llama.cpp's defaults when the file has none; zero turns one off.
+        let cap = |k: &str, default: f32| -> Result<Option<f32>> {
+            match g.opt_f32(&key(k))?.unwrap_or(default) {
+                0.0 => Ok(None),
+                c if c.is_finite() && c > 0.0 => Ok(Some(c)),
+                c => Err(Error::Format(format!(
+                    "soft cap `{k}` = {c} is out of range"
+                ))),
+            }
+        };
+        let (attn_softcap, final_softcap) = match arch {
+            Arch::Gemma2 => (
+                cap("attn_logit_softcapping", 50.0)?,
+                cap("final_logit_softcapping", 30.0)?,
+            ),
+            _ => (None, None),
+        };
+        let rope_attn_factor = g.opt_f32(&key("rope.scaling.attn_factor"))?.unwrap_or(1.0);
+        if !(rope_attn_factor.is_finite() && rope_attn_factor > 0.0) {
+            return Err(Error::Format(format!(
+                "RoPE attention factor {rope_attn_factor} is out of range"
+            )));
+        }
+        let n_ctx_train = dim("context_length", 1 << 24)?;
         let cfg = Config {
             arch,
             n_layer,
@@ -232,14 +294,19 @@ impl Config {
             n_head_kv,
             head_dim,
             n_vocab,
-            n_ctx_train: dim("context_length", 1 << 24)?,
-            rope_base: g.opt_f32(&key("rope.freq_base"))?.unwrap_or(10_000.0),
+            n_ctx_train,
+            rope_base,
             rope_scale,
             rms_eps: g
                 .opt_f32(&key("attention.layer_norm_rms_epsilon"))?
                 .unwrap_or(1e-5),
             sliding,
             attn_scale,
+            attn_softcap,
+            final_softcap,
+            rope_attn_factor,
+            n_ctx_orig: opt_dim("rope.scaling.original_context_length", 1 << 24)?
+                .unwrap_or(n_ctx_train),
         };
         let positive = |x: f32| x.is_finite() && x > 0.0;
         let local_base = cfg.sliding.map_or(1.0, |s| s.rope_base_local);
@@ -343,7 +410,45 @@ pub struct Model {
     inv_freq: Vec<f32>,
     /// The sliding-window layers' RoPE frequencies, when the model has such layers.
     inv_freq_local: Option<Vec<f32>>,
+    rope_factors: RopeFactors,
     kernels: Kernels,
+}
+
+/// Per-frequency divisors of the RoPE angles.
+#[derive(Debug)]
+enum RopeFactors {
+    None,
+    /// Llama 3.1's `rope_freqs`.
+    One(Vec<f32>),
+    /// Phi-3's LongRoPE `rope_factors_short` and `rope_factors_long`.
+    ShortLong(Vec<f32>, Vec<f32>),
+}
+
+impl RopeFactors {
+    fn for_context(&self, context: usize, cfg: &Config) -> Option<&[f32]> {
+        match self {
+            RopeFactors::None => None,
+            RopeFactors::One(f) => Some(f),
+            RopeFactors::ShortLong(short, long) => Some(if context > cfg.n_ctx_orig {
+                long
+            } else {
+                short
+            }),
+        }
+    }
+}
+
+/// The global layers' RoPE frequencies: `scale / base^(2i/d)`, divided by the factors.
+fn inv_freq(cfg: &Config, factors: Option<&[f32]>) -> Vec<f32> {
+    (0..cfg.head_dim / 2)
+        .map(|i| {
+            let f = cfg.rope_scale / cfg.rope_base.powf(2.0 * i as f32 / cfg.head_dim as f32);
+            match factors.and_then(|v| v.get(i)) {
+                Some(div) if *div > 0.0 => f / div,
+                _ => f,
+            }
+        })
+        .collect()
 }
 
 impl std::fmt::Debug for Model {
@@ -363,6 +468,27 @@ impl Model {
         let load = |name: &str, rows: usize, cols: usize| -> Result<Matrix> {
             matrix(&bytes, g, &g.tensor(name)?, rows, cols)
         };
+        // A fused projection (Phi-3's `attn_qkv`, its gate and up in one `ffn_up`): the parts
+        // are consecutive rows, so each is a matrix of its own over the same bytes.
+        let fused = |name: &str, parts: &[usize], cols: usize| -> Result<Vec<Matrix>> {
+            let t = g.tensor(name)?;
+            let total: usize = parts.iter().sum();
+            if (t.rows, t.cols) != (total, cols) {
+                return Err(Error::Format(format!(
+                    "tensor `{name}` is {}×{}, expected {total}×{cols}",
+                    t.rows, t.cols
+                )));
+            }
+            let mut first = 0;
+            parts
+                .iter()
+                .map(|rows| {
+                    let m = matrix_rows(&bytes, g, &t, first, *rows, cols);
+                    first += rows;
+                    m
+                })
+                .collect()
+        };
         let vector =
             |name: &str, n: usize| -> Result<Vec<f32>> { vector(&bytes, g, &g.tensor(name)?, n) };
         let optional = |name: &str, n: usize| -> Result<Option<Vec<f32>>> {
@@ -379,17 +505,44 @@ impl Model {
             if g.has_tensor(&n("ffn_gate_inp")) {
                 return Err(Error::Unsupported("mixture-of-experts layers".into()));
             }
-            if g.has_tensor(&b("attn_output")) || g.has_tensor(&b("ffn_down")) {
+            if ["attn_output", "ffn_down", "attn_qkv", "ffn_up", "ffn_gate"]
+                .iter()
+                .any(|w| g.has_tensor(&b(w)))
+            {
                 return Err(Error::Unsupported(format!(
-                    "biases on the {} output or feed-forward projections",
+                    "biases on the {} output, fused or feed-forward projections",
                     cfg.arch.name()
                 )));
             }
+            let [wq, wk, wv]: [Matrix; 3] = if g.has_tensor(&n("attn_qkv")) {
+                fused(&n("attn_qkv"), &[qd, kv, kv], d)?
+                    .try_into()
+                    .map_err(|_| Error::Format("attn_qkv did not split in three".into()))?
+            } else {
+                [
+                    load(&n("attn_q"), qd, d)?,
+                    load(&n("attn_k"), kv, d)?,
+                    load(&n("attn_v"), kv, d)?,
+                ]
+            };
+            // Phi-3 has no `ffn_gate`: its `ffn_up` holds the gate's rows, then the up's
+            // (llama.cpp's LLM_FFN_SWIGLU over one projection: SiLU of the first half).
+            let [gate, up]: [Matrix; 2] = if cfg.arch == Arch::Phi3 && !g.has_tensor(&n("ffn_gate"))
+            {
+                fused(&n("ffn_up"), &[cfg.n_ff, cfg.n_ff], d)?
+                    .try_into()
+                    .map_err(|_| Error::Format("ffn_up did not split in two".into()))?
+            } else {
+                [
+                    load(&n("ffn_gate"), cfg.n_ff, d)?,
+                    load(&n("ffn_up"), cfg.n_ff, d)?,
+                ]
+            };
             layers.push(Layer {
                 attn_norm: vector(&n("attn_norm"), d)?,
-                wq: load(&n("attn_q"), qd, d)?,
-                wk: load(&n("attn_k"), kv, d)?,
-                wv: load(&n("attn_v"), kv, d)?,
+                wq,
+                wk,
+                wv,
                 wo: load(&n("attn_output"), d, qd)?,
                 bq: optional(&b("attn_q"), qd)?,
                 bk: optional(&b("attn_k"), kv)?,
@@ -397,8 +550,8 @@ impl Model {
                 q_norm: optional(&n("attn_q_norm"), hd)?,
                 k_norm: optional(&n("attn_k_norm"), hd)?,
                 ffn_norm: vector(&n("ffn_norm"), d)?,
-                gate: load(&n("ffn_gate"), cfg.n_ff, d)?,
-                up: load(&n("ffn_up"), cfg.n_ff, d)?,
+                gate,
+                up,
                 down: load(&n("ffn_down"), d, cfg.n_ff)?,
                 post_attn_norm: optional(&n("post_attention_norm"), d)?,
                 post_ffn_norm: optional(&n("post_ffw_norm"), d)?,
@@ -411,8 +564,24 @@ impl Model {
             None
         };
         let output_norm = vector("output_norm.weight", d)?;
-        // Llama 3.1's long-context RoPE: per-frequency divisors (llama.cpp's `rope_freqs`).
-        let freq_factors = optional("rope_freqs.weight", cfg.head_dim / 2)?;
+        // Llama 3.1's long-context RoPE: per-frequency divisors (llama.cpp's `rope_freqs`);
+        // Phi-3's LongRoPE: one set for contexts up to the original length, one beyond.
+        let half = cfg.head_dim / 2;
+        let rope_factors = match optional("rope_freqs.weight", half)? {
+            Some(f) => RopeFactors::One(f),
+            None => match (
+                optional("rope_factors_short.weight", half)?,
+                optional("rope_factors_long.weight", half)?,
+            ) {
+                (Some(short), Some(long)) => RopeFactors::ShortLong(short, long),
+                (None, None) => RopeFactors::None,
+                _ => {
+                    return Err(Error::Format(
+                        "LongRoPE needs both short and long factors".into(),
+                    ))
+                }
+            },
+        };
         // Re-lay out the quantized matrices in place, the embedding included (its rows are
         // looked up through the packed layout).
         let mut tmp = Vec::new();
@@ -454,16 +623,7 @@ impl Model {
             }
         }
         drop(Zeroizing::new(tmp));
-        let half = cfg.head_dim / 2;
-        let inv_freq = (0..half)
-            .map(|i| {
-                let f = cfg.rope_scale / cfg.rope_base.powf(2.0 * i as f32 / cfg.head_dim as f32);
-                match freq_factors.as_ref().and_then(|v| v.get(i)) {
-                    Some(div) if *div > 0.0 => f / div,
-                    _ => f,
-                }
-            })
-            .collect();
+        let inv_freq = inv_freq(&cfg, rope_factors.for_context(cfg.n_ctx_orig, &cfg));
         let inv_freq_local = cfg.sliding.map(|sl| {
             (0..half)
                 .map(|i| {
@@ -482,8 +642,16 @@ impl Model {
             output,
             inv_freq,
             inv_freq_local,
+            rope_factors,
             kernels,
         })
+    }
+
+    /// Sets up the model for sequences of at most `context` tokens: LongRoPE models rotate
+    /// with their long factors when that exceeds the original context, as llama.cpp does for
+    /// its context size.
+    pub fn fit_context(&mut self, context: usize) {
+        self.inv_freq = inv_freq(&self.cfg, self.rope_factors.for_context(context, &self.cfg));
     }
 
     pub fn config(&self) -> &Config {
@@ -563,13 +731,14 @@ impl Model {
         {
             self.embed_row(*tok, row);
         }
-        if cfg.arch == Arch::Gemma3 {
+        if cfg.arch.gemma() {
             let scale = (d as f32).sqrt();
             s.x.iter_mut().for_each(|v| *v *= scale);
         }
-        rope_tables(&self.inv_freq, &s.rows, &mut s.cos, &mut s.sin);
+        let mscale = cfg.rope_attn_factor;
+        rope_tables(&self.inv_freq, mscale, &s.rows, &mut s.cos, &mut s.sin);
         if let Some(f) = &self.inv_freq_local {
-            rope_tables(f, &s.rows, &mut s.cos_local, &mut s.sin_local);
+            rope_tables(f, mscale, &s.rows, &mut s.cos_local, &mut s.sin_local);
         }
 
         for (li, layer) in self.layers.iter().enumerate() {
@@ -648,10 +817,12 @@ impl Model {
                 t,
                 &mut s.tmp,
             );
-            match cfg.arch {
-                Arch::Gemma3 => gated(self.kernels, &mut s.hb, &s.hb2, Glu::GeluTanh),
-                _ => gated(self.kernels, &mut s.hb, &s.hb2, Glu::Silu),
-            }
+            let act = if cfg.arch.gemma() {
+                Glu::GeluTanh
+            } else {
+                Glu::Silu
+            };
+            gated(self.kernels, &mut s.hb, &s.hb2, act);
             quantize_rows(self.kernels, &s.hb, cfg.n_ff, &mut s.hq);
             self.matmul(&mut [(&layer.down, &mut s.xb)], &s.hb, &s.hq, t, &mut s.tmp);
             if let Some(w) = &layer.post_ffn_norm {
@@ -695,6 +866,9 @@ impl Model {
             picked.len(),
             &mut s.tmp,
         );
+        if let Some(cap) = cfg.final_softcap {
+            logits.iter_mut().for_each(|l| *l = cap * (*l / cap).tanh());
+        }
         Ok(logits)
     }
 
@@ -856,7 +1030,10 @@ impl Model {
         let cfg = &self.cfg;
         let (hd, kvd, nh) = (cfg.head_dim, cfg.kv_dim(), cfg.n_head);
         let group = nh / cfg.n_head_kv;
-        let scale = cfg.attn_scale;
+        let score = Score {
+            scale: cfg.attn_scale,
+            softcap: cfg.attn_softcap,
+        };
         // A sliding-window layer sees the last `window` positions, itself included.
         let window = cfg
             .sliding
@@ -893,7 +1070,7 @@ impl Model {
                     keys,
                     vals,
                     (kvd, (h / group) * hd, pos + 1 - first),
-                    scale,
+                    score,
                     &mut scores,
                     out,
                 );
@@ -1022,15 +1199,22 @@ fn rope(x: &mut [f32], hd: usize, cos: &[f32], sin: &[f32], neox: bool) {
     }
 }
 
-/// The cosines and sines of every row's position for the frequencies `inv_freq`.
-fn rope_tables(inv_freq: &[f32], rows: &[(usize, usize)], cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
+/// The cosines and sines of every row's position for the frequencies `inv_freq`, times
+/// `mscale` (GGML's `attn_factor`).
+fn rope_tables(
+    inv_freq: &[f32],
+    mscale: f32,
+    rows: &[(usize, usize)],
+    cos: &mut Vec<f32>,
+    sin: &mut Vec<f32>,
+) {
     cos.clear();
     sin.clear();
     for (_, pos) in rows {
         for f in inv_freq {
             let a = *pos as f32 * f;
-            cos.push(a.cos());
-            sin.push(a.sin());
+            cos.push(a.cos() * mscale);
+            sin.push(a.sin() * mscale);
         }
     }
 }
@@ -1078,6 +1262,27 @@ fn matrix(bytes: &[u8], g: &Gguf, t: &TensorRef, rows: usize, cols: usize) -> Re
             t.name, t.rows, t.cols
         )));
     }
+    matrix_rows(bytes, g, t, 0, rows, cols)
+}
+
+/// Rows `first..first + rows` of the `cols`-wide tensor `t`, as a matrix of their own.
+fn matrix_rows(
+    bytes: &[u8],
+    g: &Gguf,
+    t: &TensorRef,
+    first: usize,
+    rows: usize,
+    cols: usize,
+) -> Result<Matrix> {
+    if t.cols != cols || first.checked_add(rows).is_none_or(|end| end > t.rows) {
+        return Err(Error::Format(format!(
+            "tensor `{}` ({}×{}) has no rows {first}..{} of {cols}",
+            t.name,
+            t.rows,
+            t.cols,
+            first.saturating_add(rows)
+        )));
+    }
     let kind = match t.dtype {
         GgmlDType::Q4_0 => Some(QuantKind::Q4_0),
         GgmlDType::Q4_1 => Some(QuantKind::Q4_1),
@@ -1102,14 +1307,14 @@ fn matrix(bytes: &[u8], g: &Gguf, t: &TensorRef, rows: usize, cols: usize) -> Re
             kind,
             rows,
             cols,
-            offset: t.range.start,
+            offset: t.range.start + first * kind.row_bytes(cols),
             packed: false,
         }),
         (_, Some(kind)) => Ok(Matrix::Half {
             kind,
             rows,
             cols,
-            offset: t.range.start,
+            offset: t.range.start + first * 2 * cols,
         }),
         (Some(kind), _) => Err(Error::Format(format!(
             "tensor `{}` of type {kind:?} has rows of {cols} weights, not whole blocks",
@@ -1118,7 +1323,10 @@ fn matrix(bytes: &[u8], g: &Gguf, t: &TensorRef, rows: usize, cols: usize) -> Re
         (None, None) => Ok(Matrix::F32 {
             rows,
             cols,
-            data: dequantize(bytes, g, t)?,
+            data: dequantize(bytes, g, t)?
+                .get(first * cols..(first + rows) * cols)
+                .map(<[f32]>::to_vec)
+                .ok_or_else(|| Error::Format(format!("tensor `{}` is short", t.name)))?,
         }),
     }
 }

@@ -172,7 +172,9 @@ async fn input_and_output_rules_act_and_audit_records_carry_no_content() {
     let _ = r.bytes().await.unwrap();
 
     // An output rule stops a streamed answer: the words never arrive, a refusal does.
-    let question = "What is the capital of France?";
+    // "Answer in one word" keeps SmolLM2 on "The capital of France is Paris." on every kernel
+    // implementation; the bare question sits within 0.25 logits of "L'Étoile, la Marseillaise…".
+    let question = "What is the capital of France? Answer in one word.";
     let mut streamed = client.send(&chat(question, true, 48)).await.unwrap();
     assert_eq!(streamed.status, 200);
     let mut body = Vec::new();
@@ -189,9 +191,12 @@ async fn input_and_output_rules_act_and_audit_records_carry_no_content() {
         !lower.contains("paris") && !lower.contains("france"),
         "{text:?}"
     );
-    assert!(events
-        .iter()
-        .any(|e| e["choices"][0]["delta"]["refusal"] == "the answer named a place"));
+    assert!(
+        events
+            .iter()
+            .any(|e| e["choices"][0]["delta"]["refusal"] == "the answer named a place"),
+        "no refusal; the answer so far: {text:?}"
+    );
     assert_eq!(
         events.last().unwrap()["choices"][0]["finish_reason"],
         "content_filter"

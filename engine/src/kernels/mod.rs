@@ -146,6 +146,25 @@ impl HalfKind {
     }
 }
 
+/// How attention scores are formed from `q·k`: multiplied by `scale`, then, with a soft cap
+/// `c`, mapped through `c · tanh(s / c)` (Gemma 2's `attn_logit_softcapping`, applied by
+/// llama.cpp after the scaling).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Score {
+    pub scale: f32,
+    pub softcap: Option<f32>,
+}
+
+impl Score {
+    /// Scaled scores without a cap.
+    pub fn scaled(scale: f32) -> Self {
+        Score {
+            scale,
+            softcap: None,
+        }
+    }
+}
+
 /// The activation of a gated feed-forward layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Glu {
@@ -355,9 +374,9 @@ impl Kernels {
         }
     }
 
-    /// One query head's attention over `n` cached positions: `scores[p] = scale · q·k_p`, a
-    /// softmax, and `out = Σ_p softmax_p · v_p`. Position `p`'s key (and value) is
-    /// `keys[p * stride + off..][..q.len()]`. `scores` is scratch space.
+    /// One query head's attention over `n` cached positions: `scores[p] = scale · q·k_p`
+    /// (soft-capped if `score` says so), a softmax, and `out = Σ_p softmax_p · v_p`. Position
+    /// `p`'s key (and value) is `keys[p * stride + off..][..q.len()]`. `scores` is scratch space.
     #[allow(clippy::too_many_arguments)]
     pub fn attend(
         self,
@@ -365,10 +384,11 @@ impl Kernels {
         keys: &[f32],
         vals: &[f32],
         (stride, off, n): (usize, usize, usize),
-        scale: f32,
+        score: Score,
         scores: &mut Vec<f32>,
         out: &mut [f32],
     ) {
+        let scale = score.scale;
         let hd = q.len();
         let need = (n.max(1) - 1) * stride + off + hd;
         if out.len() != hd || n == 0 || keys.len() < need || vals.len() < need {
@@ -387,6 +407,9 @@ impl Kernels {
             }
             #[cfg(target_arch = "x86_64")]
             Imp::Avx2 | Imp::Vnni => x86::scores(q, keys, (stride, off, n), scale, scores),
+        }
+        if let Some(cap) = score.softcap {
+            scores.iter_mut().for_each(|s| *s = cap * (*s / cap).tanh());
         }
         let max = scores.iter().fold(f32::NEG_INFINITY, |m, x| m.max(*x));
         let sum = match self.0 {
@@ -1092,46 +1115,59 @@ mod tests {
         let keys = random_acts(stride * n, 1);
         let vals = random_acts(stride * n, 2);
         let q = random_acts(hd, 3);
-        for off in [0, 64, 128] {
-            let mut want = vec![0.0; hd];
-            Kernels::Scalar.attend(
-                &q,
-                &keys,
-                &vals,
-                (stride, off, n),
-                0.125,
-                &mut Vec::new(),
-                &mut want,
-            );
-            // Against a plain two-pass computation too.
-            let sc: Vec<f32> = (0..n)
-                .map(|p| {
-                    (0..hd)
-                        .map(|i| q[i] * keys[p * stride + off + i])
-                        .sum::<f32>()
-                        * 0.125
-                })
-                .collect();
-            let m = sc.iter().fold(f32::MIN, |a, b| a.max(*b));
-            let z: f32 = sc.iter().map(|s| (s - m).exp()).sum();
-            for i in 0..hd {
-                let v: f32 = (0..n)
-                    .map(|p| (sc[p] - m).exp() / z * vals[p * stride + off + i])
-                    .sum();
-                assert!((v - want[i]).abs() < 1e-4, "{v} vs {}", want[i]);
-            }
-            let mut got = vec![0.0; hd];
-            Kernels::detect().attend(
-                &q,
-                &keys,
-                &vals,
-                (stride, off, n),
-                0.125,
-                &mut Vec::new(),
-                &mut got,
-            );
-            for (g, w) in got.iter().zip(&want) {
-                assert!((g - w).abs() < 1e-4, "{g} vs {w}");
+        // Without a cap, and with one small enough to change the scores.
+        for softcap in [None, Some(0.1f32)] {
+            let score = Score {
+                scale: 0.125,
+                softcap,
+            };
+            for off in [0, 64, 128] {
+                let mut want = vec![0.0; hd];
+                Kernels::Scalar.attend(
+                    &q,
+                    &keys,
+                    &vals,
+                    (stride, off, n),
+                    score,
+                    &mut Vec::new(),
+                    &mut want,
+                );
+                // Against a plain two-pass computation too.
+                let sc: Vec<f32> = (0..n)
+                    .map(|p| {
+                        let s = (0..hd)
+                            .map(|i| q[i] * keys[p * stride + off + i])
+                            .sum::<f32>()
+                            * 0.125;
+                        softcap.map_or(s, |c| c * (s / c).tanh())
+                    })
+                    .collect();
+                if softcap.is_some() {
+                    assert!(sc.iter().all(|s| s.abs() <= 0.1));
+                }
+                let m = sc.iter().fold(f32::MIN, |a, b| a.max(*b));
+                let z: f32 = sc.iter().map(|s| (s - m).exp()).sum();
+                for i in 0..hd {
+                    let v: f32 = (0..n)
+                        .map(|p| (sc[p] - m).exp() / z * vals[p * stride + off + i])
+                        .sum();
+                    assert!((v - want[i]).abs() < 1e-4, "{v} vs {}", want[i]);
+                }
+                for k in Kernels::supported() {
+                    let mut got = vec![0.0; hd];
+                    k.attend(
+                        &q,
+                        &keys,
+                        &vals,
+                        (stride, off, n),
+                        score,
+                        &mut Vec::new(),
+                        &mut got,
+                    );
+                    for (g, w) in got.iter().zip(&want) {
+                        assert!((g - w).abs() < 1e-4, "{}: {g} vs {w}", k.name());
+                    }
+                }
             }
         }
         let mut out = vec![1.0; hd];
@@ -1140,7 +1176,7 @@ mod tests {
             &keys[..10],
             &vals,
             (stride, 0, n),
-            1.0,
+            Score::scaled(1.0),
             &mut Vec::new(),
             &mut out,
         );
