@@ -21,6 +21,7 @@
 #![deny(unsafe_code)]
 
 pub mod engine;
+pub mod fallback;
 pub mod gguf;
 pub mod kernels;
 pub mod model;

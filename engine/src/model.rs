@@ -45,6 +45,8 @@ pub enum Arch {
     /// Phi-3 and Phi-3.5 (dense): llama's graph with one fused Q/K/V projection, one fused
     /// gate/up projection, NeoX RoPE and, for the long-context models, LongRoPE factors.
     Phi3,
+    /// A family off the fast path, run by candle-transformers ([`crate::fallback`]).
+    Fallback,
 }
 
 impl Arch {
@@ -69,6 +71,7 @@ impl Arch {
             Arch::Gemma2 => "gemma2",
             Arch::Gemma3 => "gemma3",
             Arch::Phi3 => "phi3",
+            Arch::Fallback => "fallback",
         }
     }
 
@@ -137,6 +140,52 @@ impl Sliding {
 }
 
 impl Config {
+    /// The dimensions the engine needs (context, vocabulary, KV cache size) of a family only
+    /// candle-transformers runs.
+    pub(crate) fn for_fallback(g: &Gguf, name: &str) -> Result<Self> {
+        let key = |k: &str| format!("{name}.{k}");
+        let dim = |k: &str| -> Result<usize> {
+            match g.opt_u64(&key(k))? {
+                Some(v) if v > 0 && v <= 1 << 24 => Ok(v as usize),
+                Some(v) => Err(Error::Format(format!(
+                    "GGUF `{}` = {v} is out of range",
+                    key(k)
+                ))),
+                None => Err(Error::Format(format!("GGUF `{}` is missing", key(k)))),
+            }
+        };
+        let n_embd = dim("embedding_length")?;
+        let n_head = dim("attention.head_count")?;
+        let n_head_kv = match g.opt_u64(&key("attention.head_count_kv"))? {
+            Some(_) => dim("attention.head_count_kv")?,
+            None => n_head,
+        };
+        let head_dim = match g.opt_u64(&key("attention.key_length"))? {
+            Some(_) => dim("attention.key_length")?,
+            None => n_embd / n_head,
+        };
+        Ok(Config {
+            arch: Arch::Fallback,
+            n_layer: dim("block_count")?,
+            n_embd,
+            n_ff: dim("feed_forward_length").unwrap_or(n_embd),
+            n_head,
+            n_head_kv,
+            head_dim,
+            n_vocab: g.array("tokenizer.ggml.tokens")?.len(),
+            n_ctx_train: dim("context_length")?,
+            rope_base: 10_000.0,
+            rope_scale: 1.0,
+            rms_eps: 1e-5,
+            sliding: None,
+            attn_scale: 1.0 / (head_dim.max(1) as f32).sqrt(),
+            attn_softcap: None,
+            final_softcap: None,
+            rope_attn_factor: 1.0,
+            n_ctx_orig: 0,
+        })
+    }
+
     /// Floats of K (or of V) per token per layer.
     pub fn kv_dim(&self) -> usize {
         self.n_head_kv * self.head_dim
@@ -397,9 +446,134 @@ struct Layer {
     post_ffn_norm: Option<Vec<f32>>,
 }
 
-/// A loaded model. It owns the decrypted GGUF bytes (zeroized when dropped) and reads the
-/// quantized weights from them in place, so loading copies only the small norm vectors.
-pub struct Model {
+/// A loaded model: on the fast path, or through candle-transformers for the families only it
+/// runs.
+pub struct Model(Inner);
+
+enum Inner {
+    Native(Native),
+    Fallback(crate::fallback::Fallback),
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Inner::Native(m) => m.fmt(f),
+            Inner::Fallback(m) => m.fmt(f),
+        }
+    }
+}
+
+impl Model {
+    /// Builds the model over `bytes`, a GGUF file already parsed as `g`: on the fast path if
+    /// its family is one of [`ARCHITECTURES`], else through candle-transformers if that has
+    /// a model for it, else an error naming what neither runs.
+    pub fn load(bytes: Zeroizing<Vec<u8>>, g: &Gguf, kernels: Kernels) -> Result<Self> {
+        match Config::from_gguf(g) {
+            Err(Error::Unsupported(why)) => {
+                let arch = g.str("general.architecture")?;
+                if !crate::fallback::takes(arch) {
+                    return Err(Error::Unsupported(format!(
+                        "{why}; candle-transformers runs {} but not this",
+                        crate::fallback::ARCHITECTURES
+                    )));
+                }
+                crate::fallback::Fallback::load(bytes, g)
+                    .map(|m| Model(Inner::Fallback(m)))
+                    .map_err(|e| match e {
+                        Error::Unsupported(c) => Error::Unsupported(format!("{why}; {c}")),
+                        other => other,
+                    })
+            }
+            Err(e) => Err(e),
+            Ok(_) => Native::load(bytes, g, kernels).map(|m| Model(Inner::Native(m))),
+        }
+    }
+
+    /// Sets up the model for sequences of at most `context` tokens (see [`Native`]).
+    pub fn fit_context(&mut self, context: usize) {
+        if let Inner::Native(m) = &mut self.0 {
+            m.fit_context(context);
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        match &self.0 {
+            Inner::Native(m) => &m.cfg,
+            Inner::Fallback(m) => m.config(),
+        }
+    }
+
+    /// The family and the weights' types, for the load log.
+    pub fn describe(&self) -> String {
+        match &self.0 {
+            Inner::Native(m) => m.describe(),
+            Inner::Fallback(m) => m.describe(),
+        }
+    }
+
+    /// The kernels of the fast path (the fallback uses candle's own).
+    pub fn kernels(&self) -> Kernels {
+        match &self.0 {
+            Inner::Native(m) => m.kernels,
+            Inner::Fallback(_) => Kernels::Scalar,
+        }
+    }
+
+    /// An empty KV cache for a sequence of at most `capacity` tokens. Memory is committed as
+    /// the sequence grows and returned when the cache is dropped.
+    pub fn new_cache(&self, capacity: usize) -> KvCache {
+        KvCache {
+            k: (0..self.config().n_layer).map(|_| Vec::new()).collect(),
+            v: (0..self.config().n_layer).map(|_| Vec::new()).collect(),
+            len: 0,
+            capacity,
+            fallback: match &self.0 {
+                Inner::Native(_) => None,
+                Inner::Fallback(m) => Some(Box::new(m.sequence())),
+            },
+        }
+    }
+
+    /// Runs one step over `batch`: each entry appends its tokens to its own sequence. Returns
+    /// the logits the entries asked for, in order, each `n_vocab` long.
+    pub fn forward(&self, batch: &mut [Chunk<'_>], s: &mut Scratch) -> Result<Vec<f32>> {
+        match &self.0 {
+            Inner::Native(m) => m.forward(batch, s),
+            Inner::Fallback(m) => forward_fallback(m.config(), batch),
+        }
+    }
+}
+
+/// The fallback's step: one sequence after the other (candle batches within a sequence).
+fn forward_fallback(cfg: &Config, batch: &mut [Chunk<'_>]) -> Result<Vec<f32>> {
+    let mut logits = Vec::new();
+    for c in batch.iter_mut() {
+        if c.cache.len + c.tokens.len() > c.cache.capacity {
+            return Err(Error::ContextFull {
+                capacity: c.cache.capacity,
+            });
+        }
+        if let Some(t) = c.tokens.iter().find(|t| **t as usize >= cfg.n_vocab) {
+            return Err(Error::InvalidRequest(format!(
+                "token id {t} is outside the vocabulary"
+            )));
+        }
+        let Some(seq) = c.cache.fallback.as_mut() else {
+            return Err(Error::InvalidRequest(
+                "a KV cache of another model was passed".into(),
+            ));
+        };
+        logits.extend(seq.step(c.tokens, c.logits)?);
+        c.cache.len += c.tokens.len();
+    }
+    Ok(logits)
+}
+
+/// A model on the fast path. It owns the decrypted GGUF bytes (zeroized when dropped) and
+/// reads the quantized weights from them in place, so loading copies only the small norm
+/// vectors.
+pub struct Native {
     bytes: Zeroizing<Vec<u8>>,
     cfg: Config,
     layers: Vec<Layer>,
@@ -451,18 +625,18 @@ fn inv_freq(cfg: &Config, factors: Option<&[f32]>) -> Vec<f32> {
         .collect()
 }
 
-impl std::fmt::Debug for Model {
+impl std::fmt::Debug for Native {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Model")
+        f.debug_struct("Native")
             .field("cfg", &self.cfg)
             .field("kernels", &self.kernels)
             .finish_non_exhaustive()
     }
 }
 
-impl Model {
+impl Native {
     /// Builds the model over `bytes`, a GGUF file already parsed as `g`.
-    pub fn load(mut bytes: Zeroizing<Vec<u8>>, g: &Gguf, kernels: Kernels) -> Result<Self> {
+    fn load(mut bytes: Zeroizing<Vec<u8>>, g: &Gguf, kernels: Kernels) -> Result<Self> {
         let cfg = Config::from_gguf(g)?;
         let (d, kv, qd, hd) = (cfg.n_embd, cfg.kv_dim(), cfg.q_dim(), cfg.head_dim);
         let load = |name: &str, rows: usize, cols: usize| -> Result<Matrix> {
@@ -633,7 +807,7 @@ impl Model {
                 })
                 .collect()
         });
-        Ok(Model {
+        Ok(Native {
             bytes,
             cfg,
             layers,
@@ -650,17 +824,13 @@ impl Model {
     /// Sets up the model for sequences of at most `context` tokens: LongRoPE models rotate
     /// with their long factors when that exceeds the original context, as llama.cpp does for
     /// its context size.
-    pub fn fit_context(&mut self, context: usize) {
+    fn fit_context(&mut self, context: usize) {
         self.inv_freq = inv_freq(&self.cfg, self.rope_factors.for_context(context, &self.cfg));
-    }
-
-    pub fn config(&self) -> &Config {
-        &self.cfg
     }
 
     /// The family and how many matrices of each type the weights hold, for the load log:
     /// `qwen2, 24 layers: Q5_0 ×133, Q4K ×12, ...`. `F32` counts matrices dequantized at load.
-    pub fn describe(&self) -> String {
+    fn describe(&self) -> String {
         let mut counts: Vec<(String, usize)> = Vec::new();
         let mats = self
             .layers
@@ -684,24 +854,7 @@ impl Model {
         )
     }
 
-    pub fn kernels(&self) -> Kernels {
-        self.kernels
-    }
-
-    /// An empty KV cache for a sequence of at most `capacity` tokens. Memory is committed as
-    /// the sequence grows and returned when the cache is dropped.
-    pub fn new_cache(&self, capacity: usize) -> KvCache {
-        KvCache {
-            k: (0..self.cfg.n_layer).map(|_| Vec::new()).collect(),
-            v: (0..self.cfg.n_layer).map(|_| Vec::new()).collect(),
-            len: 0,
-            capacity,
-        }
-    }
-
-    /// Runs one step over `batch`: each entry appends its tokens to its own sequence. Returns
-    /// the logits the entries asked for, in order, each `n_vocab` long.
-    pub fn forward(&self, batch: &mut [Chunk<'_>], s: &mut Scratch) -> Result<Vec<f32>> {
+    fn forward(&self, batch: &mut [Chunk<'_>], s: &mut Scratch) -> Result<Vec<f32>> {
         let cfg = &self.cfg;
         let (d, kvd, hd) = (cfg.n_embd, cfg.kv_dim(), cfg.head_dim);
         // Where each row of the step comes from: (entry, position in its sequence).
@@ -1101,6 +1254,8 @@ pub struct KvCache {
     v: Vec<Vec<f32>>,
     len: usize,
     capacity: usize,
+    /// The sequence's own model state when candle-transformers runs the model.
+    fallback: Option<Box<crate::fallback::Sequence>>,
 }
 
 impl KvCache {

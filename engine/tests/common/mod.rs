@@ -4,6 +4,8 @@
 
 use std::path::PathBuf;
 
+pub mod rewrite;
+
 /// A test model: where `make` puts it and the fixture directory computed from it by llama.cpp.
 pub struct TestModel {
     pub file: &'static str,
