@@ -150,6 +150,18 @@ impl Authorizer {
     /// Checks the `authorization` header (`Bearer <key>`) for `model`, and takes one request
     /// from the key's quota.
     pub fn authorize(&self, authorization: Option<&[u8]>, model: &str) -> Result<Grant, ApiError> {
+        self.authorize_at(authorization, model, now_unix())
+    }
+
+    /// [`Self::authorize`] at `now` (Unix seconds). The list's expiry is checked here, at every
+    /// request, not only when a list is loaded: a host that withholds the list revoking a key
+    /// would otherwise keep the key alive for as long as the enclave runs.
+    fn authorize_at(
+        &self,
+        authorization: Option<&[u8]>,
+        model: &str,
+        now: u64,
+    ) -> Result<Grant, ApiError> {
         let unauthorized = |code: &'static str, message: &str| {
             ApiError::new(401, "invalid_request_error", Some(code), message)
         };
@@ -159,6 +171,15 @@ impl Authorizer {
                 "this enclave has no API keys loaded yet",
             ));
         };
+        if now > keys.payload.not_after {
+            return Err(unauthorized(
+                "invalid_api_key",
+                &format!(
+                    "the API key list in force expired at {} (Unix time); the operator must deliver a current one",
+                    keys.payload.not_after
+                ),
+            ));
+        }
         let Some(header) = authorization else {
             return Err(unauthorized(
                 "missing_api_key",
@@ -257,6 +278,32 @@ mod tests {
         let grant = auth.authorize(Some(header.as_bytes()), "smollm2").unwrap();
         assert_eq!(grant.audit_id, audit_id("team-a"));
         assert_eq!(grant.audit_id.len(), 16);
+    }
+
+    #[test]
+    fn a_list_that_expires_while_in_force_stops_admitting_its_keys() {
+        let (doc, public) = new_signer().unwrap();
+        let pair = aws_lc_rs::signature::Ed25519KeyPair::from_pkcs8(&doc).unwrap();
+        let (key, entry) = issue("team-a", vec!["*".into()], 0, 0).unwrap();
+        let now = now_unix();
+        let list = KeyList {
+            v: 1,
+            serial: 1,
+            not_after: now + 60,
+            keys: vec![entry],
+        };
+        let auth = Authorizer::new(public);
+        auth.load(&list.sign(&pair).unwrap()).unwrap();
+        let header = format!("Bearer {}", key.expose());
+        assert!(auth
+            .authorize_at(Some(header.as_bytes()), "smollm2", now + 60)
+            .is_ok());
+        // No new list arrives: a minute later the key is refused all the same.
+        let e = auth
+            .authorize_at(Some(header.as_bytes()), "smollm2", now + 61)
+            .unwrap_err();
+        assert_eq!((e.status, e.code), (401, Some("invalid_api_key")));
+        assert!(e.message.contains("expired"), "{}", e.message);
     }
 
     #[test]

@@ -354,9 +354,19 @@ impl Engine {
         self.template.render(messages)
     }
 
+    /// The prompt tokens of `messages`: the template's text with its special tokens, the
+    /// messages' contents as plain text (a control token written in a message is its
+    /// characters, not the token), so a user cannot forge a turn.
+    pub fn chat_tokens(&self, messages: &[Message]) -> Result<Vec<u32>> {
+        let (text, contents) = self.template.render_delimited(messages)?;
+        self.tokenizer.encode_allowing(&text, |r| {
+            !contents.iter().any(|c| r.start < c.end && c.start < r.end)
+        })
+    }
+
     /// Starts a chat completion.
     pub fn chat(&self, messages: &[Message], params: GenerationParams) -> Result<Generation> {
-        let prompt = self.tokenizer.encode(&self.render(messages)?)?;
+        let prompt = self.chat_tokens(messages)?;
         self.generate(prompt, params)
     }
 

@@ -48,7 +48,7 @@ const REGEX_QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'
 /// How text becomes token ids.
 enum Model {
     /// Byte-level BPE through the `tokenizers` crate.
-    Bpe(Box<tokenizers::Tokenizer>),
+    Bpe(Box<Bpe>),
     /// SentencePiece, llama.cpp's way.
     Spm(Box<Spm>),
 }
@@ -113,7 +113,11 @@ impl Tokenizer {
         let model = if kind == "llama" {
             Model::Spm(Box::new(Spm::new(g, &tokens, &types)?))
         } else {
-            Model::Bpe(Box::new(bpe(g, &tokens, &types)?))
+            Model::Bpe(Box::new(Bpe::new(
+                bpe(g, &tokens, &types)?,
+                &tokens,
+                &types,
+            )?))
         };
 
         let decode = byte_decoder();
@@ -199,6 +203,18 @@ impl Tokenizer {
 
     /// Token ids for `text`, special tokens parsed, with BOS first if the model asks for it.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode_allowing(text, |_| true)
+    }
+
+    /// [`Tokenizer::encode`], but a control token is recognised only where `allowed` says its
+    /// byte range may hold one; elsewhere its characters are text (llama.cpp's
+    /// `parse_special = false` for that part). User-defined tokens are recognised everywhere,
+    /// as llama.cpp does. The chat path allows control tokens only in the template's own text.
+    pub fn encode_allowing(
+        &self,
+        text: &str,
+        allowed: impl Fn(std::ops::Range<usize>) -> bool,
+    ) -> Result<Vec<u32>> {
         if text.len() > MAX_TEXT_BYTES {
             return Err(Error::InvalidRequest(format!(
                 "the prompt is {} bytes; at most {MAX_TEXT_BYTES} are accepted",
@@ -210,13 +226,8 @@ impl Tokenizer {
             ids.extend(self.bos);
         }
         match &self.model {
-            Model::Bpe(inner) => {
-                let enc = inner.encode_fast(text, false).map_err(|e| {
-                    Error::InvalidRequest(format!("tokenizing the prompt failed: {e}"))
-                })?;
-                ids.extend_from_slice(enc.get_ids());
-            }
-            Model::Spm(spm) => spm.encode(text, &mut ids),
+            Model::Bpe(bpe) => bpe.encode(text, &allowed, &mut ids)?,
+            Model::Spm(spm) => spm.encode(text, &allowed, &mut ids),
         }
         Ok(ids)
     }
@@ -293,6 +304,84 @@ fn bpe(g: &Gguf, tokens: &[&str], types: &[i64]) -> Result<tokenizers::Tokenizer
     Ok(inner)
 }
 
+/// Byte-level BPE: the `tokenizers` model with the vocabulary's control and user-defined
+/// tokens, a copy that leaves control tokens in the text, and the control tokens to find.
+struct Bpe {
+    with_controls: tokenizers::Tokenizer,
+    without_controls: tokenizers::Tokenizer,
+    controls: Option<(aho_corasick::AhoCorasick, Vec<u32>)>,
+}
+
+impl Bpe {
+    fn new(inner: tokenizers::Tokenizer, tokens: &[&str], types: &[i64]) -> Result<Self> {
+        let mut without_controls = inner.clone();
+        without_controls.set_encode_special_tokens(true);
+        let (patterns, ids): (Vec<&str>, Vec<u32>) = tokens
+            .iter()
+            .zip(types)
+            .zip(0u32..)
+            .filter(|((t, ty), _)| !t.is_empty() && **ty == TYPE_CONTROL)
+            .map(|((t, _), id)| (*t, id))
+            .unzip();
+        let controls = if patterns.is_empty() {
+            None
+        } else {
+            let ac = aho_corasick::AhoCorasick::builder()
+                .match_kind(aho_corasick::MatchKind::LeftmostLongest)
+                .build(&patterns)
+                .map_err(|e| Error::Format(format!("control tokens: {e}")))?;
+            Some((ac, ids))
+        };
+        Ok(Bpe {
+            with_controls: inner,
+            without_controls,
+            controls,
+        })
+    }
+
+    fn encode(
+        &self,
+        text: &str,
+        allowed: &impl Fn(std::ops::Range<usize>) -> bool,
+        out: &mut Vec<u32>,
+    ) -> Result<()> {
+        let failed = |e: tokenizers::Error| {
+            Error::InvalidRequest(format!("tokenizing the prompt failed: {e}"))
+        };
+        let Some((ac, ids)) = &self.controls else {
+            let enc = self
+                .with_controls
+                .encode_fast(text, false)
+                .map_err(failed)?;
+            out.extend_from_slice(enc.get_ids());
+            return Ok(());
+        };
+        // The `tokenizers` model splits at added tokens before anything else; splitting at the
+        // allowed control tokens first, then letting it split the pieces at the user-defined
+        // ones, gives the same ids wherever every control token is allowed.
+        let mut at = 0;
+        let piece = |s: &str, out: &mut Vec<u32>| -> Result<()> {
+            if !s.is_empty() {
+                let enc = self
+                    .without_controls
+                    .encode_fast(s, false)
+                    .map_err(failed)?;
+                out.extend_from_slice(enc.get_ids());
+            }
+            Ok(())
+        };
+        for m in ac.find_iter(text) {
+            if !allowed(m.range()) {
+                continue;
+            }
+            piece(text.get(at..m.start()).unwrap_or_default(), out)?;
+            out.extend(ids.get(m.pattern().as_usize()));
+            at = m.end();
+        }
+        piece(text.get(at..).unwrap_or_default(), out)
+    }
+}
+
 /// The byte a SentencePiece byte token (`<0xAB>`) stands for.
 fn spm_byte(tok: &str) -> Option<u8> {
     let hex = tok.strip_prefix("<0x")?.strip_suffix('>')?;
@@ -307,8 +396,8 @@ struct Spm {
     /// The token for each byte: `<0xAB>`, else the one-character token.
     bytes: [Option<u32>; 256],
     /// Control, user-defined and unknown tokens, matched in the text first (leftmost,
-    /// longest), and their ids.
-    specials: Option<(aho_corasick::AhoCorasick, Vec<u32>)>,
+    /// longest), their ids, and whether each is user-defined (recognised everywhere).
+    specials: Option<(aho_corasick::AhoCorasick, Vec<u32>, Vec<bool>)>,
     /// Prefix each piece of text after a special token (and the first) with a space.
     add_space_prefix: bool,
 }
@@ -372,15 +461,16 @@ impl Spm {
                     .and_then(|c| ids.get(c.to_string().as_str()).copied())
             });
         }
-        let (patterns, special_ids): (Vec<&str>, Vec<u32>) = tokens
+        let (patterns, special_ids): (Vec<&str>, Vec<(u32, bool)>) = tokens
             .iter()
             .zip(types)
             .zip(0u32..)
             .filter(|((t, ty), _)| {
                 !t.is_empty() && matches!(**ty, TYPE_CONTROL | TYPE_USER_DEFINED | TYPE_UNKNOWN)
             })
-            .map(|((t, _), id)| (*t, id))
+            .map(|((t, ty), id)| (*t, (id, *ty == TYPE_USER_DEFINED)))
             .unzip();
+        let (special_ids, user_defined): (Vec<u32>, Vec<bool>) = special_ids.into_iter().unzip();
         let specials = if patterns.is_empty() {
             None
         } else {
@@ -388,7 +478,7 @@ impl Spm {
                 .match_kind(aho_corasick::MatchKind::LeftmostLongest)
                 .build(&patterns)
                 .map_err(|e| Error::Format(format!("special tokens: {e}")))?;
-            Some((ac, special_ids))
+            Some((ac, special_ids, user_defined))
         };
         Ok(Spm {
             ids,
@@ -403,8 +493,13 @@ impl Spm {
     }
 
     /// Appends the ids of `text` to `out`, special tokens parsed (llama.cpp's
-    /// `tokenize(..., parse_special = true)` for `LLAMA_VOCAB_TYPE_SPM`).
-    fn encode(&self, text: &str, out: &mut Vec<u32>) {
+    /// `tokenize(..., parse_special = true)` for `LLAMA_VOCAB_TYPE_SPM`) where `allowed`.
+    fn encode(
+        &self,
+        text: &str,
+        allowed: &impl Fn(std::ops::Range<usize>) -> bool,
+        out: &mut Vec<u32>,
+    ) {
         let mut prev_special = true;
         let piece = |raw: &str, prev_special: bool, out: &mut Vec<u32>| {
             let mut s = String::with_capacity(raw.len() + 3);
@@ -415,8 +510,15 @@ impl Spm {
             self.tokenize(&s.replace(' ', SPM_SPACE), out);
         };
         let mut at = 0;
-        if let Some((ac, special_ids)) = &self.specials {
+        if let Some((ac, special_ids, user_defined)) = &self.specials {
             for m in ac.find_iter(text) {
+                let everywhere = user_defined
+                    .get(m.pattern().as_usize())
+                    .copied()
+                    .unwrap_or(false);
+                if !everywhere && !allowed(m.range()) {
+                    continue;
+                }
                 if m.start() > at {
                     piece(
                         text.get(at..m.start()).unwrap_or_default(),
