@@ -35,6 +35,7 @@ pub struct OhttpGateway {
     config_sha256: [u8; 32],
     booted: u64,
     flush: Duration,
+    pad: usize,
     policy: Policy,
 }
 
@@ -50,10 +51,12 @@ pub struct Policy {
 
 impl OhttpGateway {
     /// A gateway with a fresh key, bound to the runtime configuration `config_sha256`;
-    /// streamed tokens within `flush` of the last sealed chunk are sealed together.
+    /// streamed tokens within `flush` of the last sealed chunk are sealed together, and sealed
+    /// chunks are padded to multiples of `pad` bytes.
     pub fn new(
         config_sha256: [u8; 32],
         flush: Duration,
+        pad: usize,
         policy: Policy,
     ) -> Result<Self, ChannelError> {
         Ok(Self {
@@ -61,6 +64,7 @@ impl OhttpGateway {
             config_sha256,
             booted: unix_now(),
             flush,
+            pad,
             policy,
         })
     }
@@ -104,6 +108,7 @@ impl Gateway for OhttpGateway {
             .decapsulate(&request)
             .map_err(|e| StreamFailure::new(e.status(), e.to_string()))?;
         let (tx, rx) = mpsc::channel(RESPONSE_BACKLOG);
+        let self_pad = self.pad;
         let ctx = Ctx {
             served,
             policy: self.policy.clone(),
@@ -116,6 +121,7 @@ impl Gateway for OhttpGateway {
                 sealer: Some(sealer),
                 tx,
                 pending: Vec::new(),
+                pad: self_pad,
             };
             let mut audit = Audit::new(&ctx.served.name);
             let request = bhttp::Request::decode(&plain, plain.len());
@@ -210,6 +216,8 @@ struct Out {
     sealer: Option<ResponseSealer>,
     tx: mpsc::Sender<Result<Vec<u8>, StreamFailure>>,
     pending: Vec<u8>,
+    /// Sealed plaintexts are padded to multiples of this (0: not padded).
+    pad: usize,
 }
 
 impl Out {
@@ -219,6 +227,29 @@ impl Out {
 
     fn data(&mut self, bytes: &[u8]) {
         bhttp::encode_chunk(&mut self.pending, bytes);
+    }
+
+    /// Server-sent `events` as one content chunk, padded with spaces before their final blank
+    /// line (whitespace after a JSON value, which JSON and SSE readers ignore) so that what is
+    /// pending is a whole number of pad buckets: the size of the sealed chunk then tells the
+    /// host how many buckets, not how long the tokens were.
+    fn events(&mut self, events: &mut Vec<u8>) {
+        if self.pad > 0 && events.ends_with(b"\n\n") {
+            let mut spaces = 0;
+            loop {
+                let n = events.len() + spaces;
+                let mut prefix = Vec::new();
+                bhttp::varint(&mut prefix, n as u64);
+                let r = (self.pending.len() + prefix.len() + n) % self.pad;
+                if r == 0 {
+                    break;
+                }
+                spaces += self.pad - r;
+            }
+            let at = events.len() - 2;
+            events.splice(at..at, std::iter::repeat_n(b' ', spaces));
+        }
+        self.data(events);
     }
 
     /// Seals what is pending as one chunk and sends it. False when the client is gone.
@@ -235,6 +266,10 @@ impl Out {
     /// Ends the response: the bhttp terminators in the final chunk.
     async fn end(&mut self) {
         bhttp::encode_end(&mut self.pending);
+        if self.pad > 0 {
+            let n = self.pending.len().next_multiple_of(self.pad);
+            self.pending.resize(n, 0);
+        }
         if let Some(sealer) = self.sealer.take() {
             let sealed = sealer.finish(&self.pending);
             self.pending.zeroize();
@@ -518,9 +553,9 @@ async fn stream(
     // token is never held), and the ones that follow within `flush` of the last chunk join
     // the next one.
     out.head(200, "text/event-stream");
-    let role = c.role_event();
+    let mut role = c.role_event();
     if !role.is_empty() {
-        out.data(&role);
+        out.events(&mut role);
     }
     if !out.flush().await {
         audit.finish_reason = "cancelled";
@@ -590,7 +625,11 @@ async fn stream(
                 }
             };
         };
-        out.data(&events);
+        if finished {
+            out.data(&events);
+        } else {
+            out.events(&mut events);
+        }
         events.zeroize();
         if finished {
             out.end().await;
@@ -602,5 +641,96 @@ async fn stream(
             return 200;
         }
         last_flush = tokio::time::Instant::now();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+    use super::*;
+    use common::bhttp::{ResponseDecoder, ResponsePart};
+
+    /// Seals a streamed answer whose tokens have very different lengths, one token per chunk
+    /// (decode slower than the flush interval), and returns the sealed chunks as the host
+    /// carries them and the body the client reads.
+    async fn stream_tokens(pad: usize, tokens: &[&str]) -> (Vec<usize>, String) {
+        let key = GatewayKey::generate().unwrap();
+        let request = bhttp::Request::new("POST", "/v1/chat/completions", b"{}".to_vec());
+        let (body, mut opener) =
+            common::channel::encapsulate(key.encoded_config(), &request.encode()).unwrap();
+        let (_, sealer) = key.decapsulate(&body).unwrap();
+        let (tx, mut rx) = mpsc::channel(64);
+        let mut out = Out {
+            sealer: Some(sealer),
+            tx,
+            pending: Vec::new(),
+            pad,
+        };
+        out.head(200, "text/event-stream");
+        let mut role = b"data: {\"role\":\"assistant\"}\n\n".to_vec();
+        out.events(&mut role);
+        assert!(out.flush().await);
+        for t in tokens {
+            let mut ev = format!("data: {}\n\n", serde_json::json!({ "content": t })).into_bytes();
+            out.events(&mut ev);
+            assert!(out.flush().await);
+        }
+        out.data(b"data: [DONE]\n\n");
+        out.end().await;
+        drop(out);
+        let mut sizes = Vec::new();
+        let mut decoder = ResponseDecoder::new();
+        let mut text = Vec::new();
+        while let Some(sealed) = rx.recv().await {
+            let sealed = sealed.unwrap();
+            sizes.push(sealed.len());
+            let plain = opener.push(&sealed, 1 << 20).unwrap();
+            for part in decoder.push(&plain).unwrap() {
+                if let ResponsePart::Data(d) = part {
+                    text.extend(d);
+                }
+            }
+        }
+        for part in decoder.push(&opener.finish(1 << 20).unwrap()).unwrap() {
+            if let ResponsePart::Data(d) = part {
+                text.extend(d);
+            }
+        }
+        assert!(decoder.is_done());
+        (sizes, String::from_utf8(text).unwrap())
+    }
+
+    #[tokio::test]
+    async fn padded_chunks_do_not_show_token_lengths() {
+        let tokens = [
+            "a",
+            " extraordinarily",
+            ",",
+            " antidisestablishmentarianism",
+            ".",
+        ];
+        let (sizes, body) = stream_tokens(256, &tokens).await;
+        // The first chunk carries the response nonce and the head; the token chunks between it
+        // and the last are all the same size, whatever the token.
+        let middle = &sizes[1..sizes.len() - 1];
+        assert_eq!(middle.len(), tokens.len());
+        assert!(middle.iter().all(|s| *s == middle[0]), "{sizes:?}");
+        // The client reads the same events: whitespace after each JSON value, nothing else.
+        let contents: Vec<String> = body
+            .split("\n\n")
+            .filter_map(|e| e.strip_prefix("data: "))
+            .filter(|d| *d != "[DONE]")
+            .filter_map(|d| {
+                let v: serde_json::Value = serde_json::from_str(d).unwrap();
+                v["content"].as_str().map(str::to_string)
+            })
+            .collect();
+        assert_eq!(contents, tokens);
+        assert!(body.ends_with("data: [DONE]\n\n"));
+
+        // Unpadded, the sizes follow the tokens: what the padding takes away.
+        let (sizes, _) = stream_tokens(0, &tokens).await;
+        let middle = &sizes[1..sizes.len() - 1];
+        assert!(middle.iter().any(|s| *s != middle[0]), "{sizes:?}");
     }
 }

@@ -43,7 +43,7 @@ pub fn boot(nsm: Arc<dyn Nsm>, cfg: server::Config) -> Result<Booted, String> {
         guardrails: cfg.guardrails.clone(),
         auth: auth.clone(),
     };
-    let gateway = gateway::OhttpGateway::new(config_sha256, flush, policy)
+    let gateway = gateway::OhttpGateway::new(config_sha256, flush, cfg.stream_pad_bytes, policy)
         .map_err(|e| format!("OHTTP key: {e}"))?;
     let key_id = gateway.key_id();
     Ok(Booted {

@@ -50,6 +50,10 @@ struct Args {
     /// Streamed tokens within this many ms of the last sealed chunk go out together.
     #[arg(long, env = "ENCLAVE_STREAM_FLUSH_MS", default_value_t = Config::default().stream_flush_ms)]
     stream_flush_ms: u64,
+    /// Sealed response chunks are padded to a multiple of this many bytes (0: no padding), so
+    /// their sizes do not show the tokens' lengths.
+    #[arg(long, env = "ENCLAVE_STREAM_PAD_BYTES", default_value_t = Config::default().stream_pad_bytes)]
+    stream_pad_bytes: usize,
     /// Inference worker threads (default: the enclave's vCPUs).
     #[arg(long, env = "ENCLAVE_THREADS")]
     threads: Option<usize>,
@@ -105,6 +109,7 @@ fn config(args: &Args) -> Result<Config, String> {
         max_streams: args.max_streams,
         max_request_bytes: args.max_request_bytes,
         stream_flush_ms: args.stream_flush_ms,
+        stream_pad_bytes: args.stream_pad_bytes,
         ..Config::default()
     };
     cfg.engine.kv_budget_bytes = args.kv_mib << 20;

@@ -45,6 +45,8 @@ pub struct ChannelConfig {
     pub suites: Vec<&'static str>,
     /// Streamed tokens are sealed together at most this often (ms).
     pub stream_flush_ms: u64,
+    /// Sealed chunks' plaintext is padded to a multiple of this (0: none).
+    pub stream_pad_bytes: usize,
 }
 
 /// Request limits.
@@ -83,6 +85,7 @@ impl RuntimeConfig {
                 kem: "DHKEM(X25519, HKDF-SHA256)",
                 suites: vec!["HKDF-SHA256/AES-128-GCM", "HKDF-SHA256/ChaCha20Poly1305"],
                 stream_flush_ms: cfg.stream_flush_ms,
+                stream_pad_bytes: cfg.stream_pad_bytes,
             },
             limits: Limits {
                 max_request_bytes: cfg.max_request_bytes,

@@ -107,6 +107,11 @@ pub struct Config {
     /// wait and go out together: fewer, larger chunks (less per-token timing and size for
     /// the host to see, less work per token). The first token is never held.
     pub stream_flush_ms: u64,
+    /// Every sealed response chunk's plaintext is padded to a multiple of this many bytes
+    /// (0: no padding), so the sizes the host sees do not follow the lengths of the tokens in
+    /// them (issue 15 §5). Streamed chunks are padded with JSON whitespace inside their last
+    /// event, the final one with the zeros RFC 9292 §3.8 allows after a message. Measured.
+    pub stream_pad_bytes: usize,
     /// The guardrail policy (measured); `None` runs without guardrails.
     pub guardrails: Option<Arc<guardrails::Guardrails>>,
     /// When set, every request needs an API key from a list signed by this Ed25519 key
@@ -123,6 +128,8 @@ impl Default for Config {
             max_request_bytes: 1 << 20,
             event_backlog: 4096,
             stream_flush_ms: 20,
+            // One bucket holds a one-token chat event (about 200 bytes with its framing).
+            stream_pad_bytes: 256,
             // The built-in policy is checked by the guardrails crate's tests, so this is
             // `Some` in practice.
             guardrails: guardrails::Guardrails::default_policy().ok().map(Arc::new),
