@@ -188,7 +188,18 @@ impl Client {
     /// Sends `request` to the enclave over the attested channel and returns the response once
     /// its head has arrived; its content follows with [`Response::chunk`].
     pub async fn send(&self, request: &bhttp::Request) -> Result<Response, ClientError> {
-        let plain = zeroize::Zeroizing::new(request.encode());
+        // The date inside the encrypted request lets the enclave refuse replays (RFC 9458
+        // §6.5); a caller's own Date header is kept.
+        let plain = if request.header("date").is_some() {
+            zeroize::Zeroizing::new(request.encode())
+        } else {
+            let mut dated = request
+                .clone()
+                .with_header("date", httpdate::fmt_http_date(std::time::SystemTime::now()));
+            let plain = zeroize::Zeroizing::new(dated.encode());
+            zeroize::Zeroize::zeroize(&mut dated.body);
+            plain
+        };
         let mut previous: Option<Arc<Attested>> = None;
         loop {
             let attested = match &previous {

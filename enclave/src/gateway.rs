@@ -37,6 +37,7 @@ pub struct OhttpGateway {
     flush: Duration,
     pad: usize,
     policy: Policy,
+    replay: Arc<crate::replay::ReplayGuard>,
 }
 
 /// What the gateway enforces on every request: the guardrail policy and, when API keys are
@@ -66,6 +67,7 @@ impl OhttpGateway {
             flush,
             pad,
             policy,
+            replay: Arc::default(),
         })
     }
 
@@ -109,6 +111,9 @@ impl Gateway for OhttpGateway {
             .map_err(|e| StreamFailure::new(e.status(), e.to_string()))?;
         let (tx, rx) = mpsc::channel(RESPONSE_BACKLOG);
         let self_pad = self.pad;
+        let replay = self.replay.clone();
+        // The request's header and encapsulated key, for the replay check.
+        let head: Vec<u8> = request.get(..64).unwrap_or(&request).to_vec();
         let ctx = Ctx {
             served,
             policy: self.policy.clone(),
@@ -128,7 +133,16 @@ impl Gateway for OhttpGateway {
             drop(plain);
             match request {
                 Ok(mut req) => {
-                    route(&ctx, &req, &mut out, &mut audit).await;
+                    match replay.admit(&head, req.header("date"), unix_now()) {
+                        Ok(()) => route(&ctx, &req, &mut out, &mut audit).await,
+                        Err(e) => {
+                            audit.status = e.status;
+                            if e.status == 409 {
+                                audit.finish_reason = "replayed";
+                            }
+                            out.error(&e).await;
+                        }
+                    }
                     req.body.zeroize();
                 }
                 Err(e) => {

@@ -12,6 +12,7 @@ pub mod auth;
 pub mod gateway;
 pub mod openai;
 pub mod provision;
+pub mod replay;
 pub mod runtime;
 pub mod server;
 

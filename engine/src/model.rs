@@ -545,20 +545,26 @@ impl Model {
     }
 }
 
+/// A batch entry fits its cache and holds only tokens of the vocabulary.
+fn check_chunk(cfg: &Config, c: &Chunk<'_>) -> Result<()> {
+    if c.cache.len + c.tokens.len() > c.cache.capacity {
+        return Err(Error::ContextFull {
+            capacity: c.cache.capacity,
+        });
+    }
+    match c.tokens.iter().find(|t| **t as usize >= cfg.n_vocab) {
+        Some(t) => Err(Error::InvalidRequest(format!(
+            "token id {t} is outside the vocabulary"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// The fallback's step: one sequence after the other (candle batches within a sequence).
 fn forward_fallback(cfg: &Config, batch: &mut [Chunk<'_>]) -> Result<Vec<f32>> {
     let mut logits = Vec::new();
     for c in batch.iter_mut() {
-        if c.cache.len + c.tokens.len() > c.cache.capacity {
-            return Err(Error::ContextFull {
-                capacity: c.cache.capacity,
-            });
-        }
-        if let Some(t) = c.tokens.iter().find(|t| **t as usize >= cfg.n_vocab) {
-            return Err(Error::InvalidRequest(format!(
-                "token id {t} is outside the vocabulary"
-            )));
-        }
+        check_chunk(cfg, c)?;
         let Some(seq) = c.cache.fallback.as_mut() else {
             return Err(Error::InvalidRequest(
                 "a KV cache of another model was passed".into(),
@@ -860,16 +866,7 @@ impl Native {
         // Where each row of the step comes from: (entry, position in its sequence).
         s.rows.clear();
         for (e, c) in batch.iter().enumerate() {
-            if c.cache.len + c.tokens.len() > c.cache.capacity {
-                return Err(Error::ContextFull {
-                    capacity: c.cache.capacity,
-                });
-            }
-            if let Some(t) = c.tokens.iter().find(|t| **t as usize >= cfg.n_vocab) {
-                return Err(Error::InvalidRequest(format!(
-                    "token id {t} is outside the vocabulary"
-                )));
-            }
+            check_chunk(cfg, c)?;
             s.rows
                 .extend((0..c.tokens.len()).map(|i| (e, c.cache.len + i)));
         }

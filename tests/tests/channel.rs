@@ -153,6 +153,94 @@ async fn chat_through_the_relay_and_nothing_readable_crosses_it() {
     stack.stop().await;
 }
 
+/// Opens a whole sealed response: its status and body.
+fn open(mut opener: common::channel::ResponseOpener, sealed: &[u8]) -> (u16, Vec<u8>) {
+    let mut plain = opener.push(sealed, 1 << 20).unwrap();
+    plain.extend(opener.finish(1 << 20).unwrap());
+    let mut decoder = common::bhttp::ResponseDecoder::new();
+    let (mut status, mut body) = (0, Vec::new());
+    for part in decoder.push(&plain).unwrap() {
+        match part {
+            common::bhttp::ResponsePart::Head(h) => status = h.status,
+            common::bhttp::ResponsePart::Data(d) => body.extend(d),
+            common::bhttp::ResponsePart::End => {}
+        }
+    }
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_request_is_refused_and_generates_nothing() {
+    let stack = Stack::start().await;
+    let client = stack.client(&stack.url());
+    let key_config = client.attest().await.unwrap().key_config.clone();
+    let dated = chat("smollm2", "Say hello.", false, 8).with_header(
+        "date",
+        httpdate::fmt_http_date(std::time::SystemTime::now()),
+    );
+    let (body, opener) = common::channel::encapsulate(&key_config, &dated.encode()).unwrap();
+    let post = || {
+        tests::http::request(
+            stack.relay.local_addr,
+            "POST",
+            "/v1/ohttp",
+            Some(common::channel::REQUEST_MEDIA_TYPE),
+            &body,
+        )
+    };
+    let first = post().await;
+    assert_eq!(first.status, 200);
+    let (status, answer) = open(opener, &first.body);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+    let metrics = || async {
+        let m = tests::http::request(stack.relay.local_addr, "GET", "/metrics", None, b"").await;
+        String::from_utf8(m.body).unwrap()
+    };
+    let completion = |m: &str| {
+        m.lines()
+            .find(|l| l.starts_with("enclave_tokens_total{kind=\"completion\"}"))
+            .map(str::to_string)
+    };
+    // The relay posts the captured body three more times: refused inside the channel (the
+    // relay sees only sealed 200s), nothing generated, each refusal counted.
+    let before = completion(&metrics().await);
+    for _ in 0..3 {
+        let again = post().await;
+        assert_eq!(again.status, 200);
+        assert!(!again.body.is_empty());
+    }
+    let mut m = String::new();
+    for _ in 0..100 {
+        m = metrics().await;
+        if m.contains("enclave_finish_reasons_total{reason=\"replayed\"} 3") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        m.contains("enclave_finish_reasons_total{reason=\"replayed\"} 3"),
+        "{m}"
+    );
+    assert_eq!(completion(&m), before, "replays generated tokens");
+    // An undated request (a client from before the check) is refused too.
+    let (undated, opener) =
+        common::channel::encapsulate(&key_config, &chat("smollm2", "hi", false, 4).encode())
+            .unwrap();
+    let r = tests::http::request(
+        stack.relay.local_addr,
+        "POST",
+        "/v1/ohttp",
+        Some(common::channel::REQUEST_MEDIA_TYPE),
+        &undated,
+    )
+    .await;
+    let (status, body) = open(opener, &r.body);
+    assert_eq!(status, 400);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["error"]["code"], "missing_date");
+    stack.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_policies_refuse_before_any_request_body() {
     let stack = Stack::start().await;

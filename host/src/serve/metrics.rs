@@ -166,6 +166,7 @@ impl AuditCounters {
                 "content_filter",
                 "error",
                 "cancelled",
+                "replayed",
                 "none",
             ],
         );
