@@ -38,7 +38,7 @@ for _ in $(seq 100); do [ -S "$STATE/upstream.sock" ] && break; sleep 0.1; done
 # The relay: limits that a load test on one client IP would trip are opened up. Both servers
 # log every request to a file (the relay's default text format, nginx's access log).
 $B/host serve --listen 127.0.0.1:18080 --enclave "unix:$STATE/enclave.sock" \
-    --rate-per-second 1000000000 --rate-burst 1000000000 --max-in-flight 100000 \
+    --rate-per-second 1000000000 --rate-burst 1000000000 --max-in-flight 100000 --max-in-flight-per-client 100000 \
     2>"$STATE/relay.log" &
 pids+=($!)
 

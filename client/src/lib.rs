@@ -193,9 +193,10 @@ impl Client {
         let plain = if request.header("date").is_some() {
             zeroize::Zeroizing::new(request.encode())
         } else {
-            let mut dated = request
-                .clone()
-                .with_header("date", httpdate::fmt_http_date(std::time::SystemTime::now()));
+            let mut dated = request.clone().with_header(
+                "date",
+                httpdate::fmt_http_date(std::time::SystemTime::now()),
+            );
             let plain = zeroize::Zeroizing::new(dated.encode());
             zeroize::Zeroize::zeroize(&mut dated.body);
             plain

@@ -55,7 +55,12 @@ impl ReplayGuard {
             .and_then(|d| httpdate::parse_http_date(d.trim()).ok())
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map(|d| d.as_secs())
-            .ok_or_else(|| refused("invalid_date", "the request's Date header is not an HTTP date".into()))?;
+            .ok_or_else(|| {
+                refused(
+                    "invalid_date",
+                    "the request's Date header is not an HTTP date".into(),
+                )
+            })?;
         if sent.abs_diff(now) > WINDOW_SECS {
             return Err(refused(
                 "request_expired",
@@ -67,7 +72,12 @@ impl ReplayGuard {
         let mut enc = [0u8; ENC_LEN];
         match body.get(ENC_AT..ENC_AT + ENC_LEN) {
             Some(e) => enc.copy_from_slice(e),
-            None => return Err(refused("invalid_request", "the request is too short".into())),
+            None => {
+                return Err(refused(
+                    "invalid_request",
+                    "the request is too short".into(),
+                ))
+            }
         }
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         while s.order.front().is_some_and(|(until, _)| *until < now) {

@@ -260,6 +260,12 @@ struct ServeArgs {
     /// Requests in flight at once [default: 2048].
     #[arg(long, env = "HOST_MAX_IN_FLIGHT")]
     max_in_flight: Option<usize>,
+    /// Requests in flight at once from one client IP [default: 64].
+    #[arg(long, env = "HOST_MAX_IN_FLIGHT_PER_CLIENT")]
+    max_in_flight_per_client: Option<usize>,
+    /// A response the client stops reading is cut after this long, ms [default: 30000].
+    #[arg(long, env = "HOST_WRITE_STALL_MS")]
+    write_stall_ms: Option<u64>,
     /// Per-client sustained requests per second [default: 50].
     #[arg(long, env = "HOST_RATE_PER_SECOND")]
     rate_per_second: Option<f64>,
@@ -310,6 +316,8 @@ impl ServeArgs {
             body_timeout_ms,
             idle_timeout_ms,
             max_in_flight,
+            max_in_flight_per_client,
+            write_stall_ms,
             rate_per_second,
             rate_burst,
             enclave_timeout_ms,

@@ -336,7 +336,11 @@ async fn a_trickling_head_is_cut_and_a_long_stream_is_not() {
 async fn a_thousand_concurrent_streams_complete_in_bounded_memory() {
     let ep = socket("relay-1000");
     let _fake = fake_enclave::start(&ep, echo(4, 10), vec![]);
-    let r = relay(&ep, |c| c.rate_burst = 10_000.0).await;
+    let r = relay(&ep, |c| {
+        c.rate_burst = 10_000.0;
+        c.max_in_flight_per_client = 10_000;
+    })
+    .await;
     wait_ready(r.local_addr, true).await;
     let rss_before = rss_kib();
     let addr = r.local_addr;
@@ -412,6 +416,65 @@ async fn rate_and_in_flight_limits_answer_429_and_503() {
     );
     let metrics = request(addr, "GET", "/metrics", None, b"").await.text();
     assert!(metrics.contains("relay_rate_limited_total 1"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_cannot_take_every_slot() {
+    let ep = socket("relay-per-client");
+    let _fake = fake_enclave::start(&ep, echo(2, 1_000), vec![]);
+    let r = relay(&ep, |c| c.max_in_flight_per_client = 2).await;
+    wait_ready(r.local_addr, true).await;
+    let addr = r.local_addr;
+    let slow: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(async move { post(addr, b"slow stream").await }))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let third = post(addr, b"x").await;
+    assert_eq!(third.status, 429, "{}", third.text());
+    assert!(third.text().contains("too_many_in_flight"));
+    assert!(third.header("retry-after").is_some());
+    for s in slow {
+        assert_eq!(s.await.unwrap().status, 200);
+    }
+    // The slots come back when the streams end.
+    assert_eq!(post(addr, b"x").await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_and_its_work_cancelled() {
+    let ep = socket("relay-stall");
+    // A large answer over two seconds: more than the sockets between the relay and the client
+    // hold, so the relay's writes wait while the enclave still has pieces to send.
+    // (Loopback's 64 KiB segments let the kernel take up to 4 MiB, tcp_wmem's maximum.)
+    let mut fake = fake_enclave::start(&ep, echo(128, 30), vec![]);
+    let r = relay(&ep, |c| {
+        c.write_stall_ms = 500;
+        c.max_body_bytes = 16 << 20;
+    })
+    .await;
+    wait_ready(r.local_addr, true).await;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut s = sock.connect(r.local_addr).await.unwrap();
+    let body = vec![7u8; 12 << 20];
+    s.write_all(
+        format!("POST /v1/ohttp HTTP/1.1\r\nhost: t\r\ncontent-type: {OHTTP_REQ}\r\ncontent-length: {}\r\n\r\n", body.len())
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    s.write_all(&body).await.unwrap();
+    let mut first = [0u8; 64];
+    let n = s.read(&mut first).await.unwrap();
+    assert!(std::str::from_utf8(&first[..n])
+        .unwrap()
+        .starts_with("HTTP/1.1 200"));
+    // Never read again, but keep the connection open: the relay cuts it.
+    tokio::time::timeout(Duration::from_secs(10), fake.cancelled.recv())
+        .await
+        .expect("a client that stopped reading kept its stream in the enclave")
+        .unwrap();
+    drop(s);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -36,6 +36,12 @@ pub struct ServeConfig {
     pub idle_timeout_ms: u64,
     /// Requests in flight at once (503 with Retry-After above).
     pub max_in_flight: usize,
+    /// Requests in flight at once from one client IP (429 with Retry-After above), so one
+    /// client cannot take every slot.
+    pub max_in_flight_per_client: usize,
+    /// A response the client has stopped reading (a write pending, no byte taken) is cut
+    /// after this long, which frees its slot here and its sequence in the enclave.
+    pub write_stall_ms: u64,
     /// Per-client-IP token bucket: sustained requests per second.
     pub rate_per_second: f64,
     /// Per-client-IP token bucket: burst size.
@@ -72,6 +78,8 @@ impl Default for ServeConfig {
             body_timeout_ms: 30_000,
             idle_timeout_ms: 120_000,
             max_in_flight: 2048,
+            max_in_flight_per_client: 64,
+            write_stall_ms: 30_000,
             rate_per_second: 50.0,
             rate_burst: 100.0,
             enclave_timeout_ms: 30_000,
@@ -142,8 +150,14 @@ impl ServeConfig {
         if !(self.rate_per_second > 0.0 && self.rate_burst >= 1.0) {
             return bad("rate_per_second must be > 0 and rate_burst ≥ 1");
         }
-        if self.max_in_flight == 0 || self.max_body_bytes == 0 {
-            return bad("max_in_flight and max_body_bytes must be > 0");
+        if self.max_in_flight == 0
+            || self.max_in_flight_per_client == 0
+            || self.max_body_bytes == 0
+            || self.write_stall_ms == 0
+        {
+            return bad(
+                "max_in_flight, max_in_flight_per_client, max_body_bytes and write_stall_ms must be > 0",
+            );
         }
         let timeouts = [
             self.header_timeout_ms,

@@ -40,6 +40,34 @@ pub struct App {
     pub link: Arc<Link>,
     limiter: RateLimiter,
     in_flight: Arc<Semaphore>,
+    per_client: Clients,
+}
+
+/// Requests in flight per client IP.
+type Clients = Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>>;
+
+/// A request's place in flight: one of the relay's slots and one of its client's, both given
+/// back when the response is finished or dropped.
+#[derive(Debug)]
+pub struct Admission {
+    _slot: OwnedSemaphorePermit,
+    /// Boxed: answers carry their admission, and stay small.
+    client: Option<Box<(IpAddr, Clients)>>,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            let (ip, map) = *client;
+            let mut m = map.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = m.get_mut(&ip) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    m.remove(&ip);
+                }
+            }
+        }
+    }
 }
 
 impl App {
@@ -48,6 +76,7 @@ impl App {
         Self {
             limiter: RateLimiter::new(cfg.rate_per_second, cfg.rate_burst),
             in_flight: Arc::new(Semaphore::new(cfg.max_in_flight)),
+            per_client: Arc::default(),
             cfg,
             metrics,
             link,
@@ -79,7 +108,7 @@ struct Done {
     bytes_in: u64,
     bytes_out: u64,
     complete: bool,
-    _permit: Option<OwnedSemaphorePermit>,
+    _permit: Option<Admission>,
     activity: Arc<super::Activity>,
 }
 
@@ -161,7 +190,7 @@ struct Answer {
     headers: Vec<(hyper::header::HeaderName, HeaderValue)>,
     body: RelayBody,
     bytes_in: u64,
-    permit: Option<OwnedSemaphorePermit>,
+    permit: Option<Admission>,
 }
 
 impl Answer {
@@ -283,7 +312,7 @@ async fn route_request(
 
 /// The checks every enclave-bound request passes: the client's rate, readiness, and the
 /// in-flight limit, cheapest first.
-fn admit(app: &App, peer: IpAddr) -> Result<OwnedSemaphorePermit, Answer> {
+fn admit(app: &App, peer: IpAddr) -> Result<Admission, Answer> {
     if let Err(wait) = app.limiter.check(peer, Instant::now()) {
         app.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
         return Err(Answer::error(
@@ -301,13 +330,31 @@ fn admit(app: &App, peer: IpAddr) -> Result<OwnedSemaphorePermit, Answer> {
         )
         .retry_after(Duration::from_secs(1)));
     }
-    app.in_flight.clone().try_acquire_owned().map_err(|_| {
+    let slot = app.in_flight.clone().try_acquire_owned().map_err(|_| {
         Answer::error(
             StatusCode::SERVICE_UNAVAILABLE,
             "overloaded",
             "too many requests in flight",
         )
         .retry_after(Duration::from_secs(1))
+    })?;
+    {
+        let mut m = app.per_client.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(peer).or_default();
+        if *n >= app.cfg.max_in_flight_per_client {
+            app.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+            return Err(Answer::error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_in_flight",
+                "too many requests in flight from this client",
+            )
+            .retry_after(Duration::from_secs(1)));
+        }
+        *n += 1;
+    }
+    Ok(Admission {
+        _slot: slot,
+        client: Some(Box::new((peer, app.per_client.clone()))),
     })
 }
 

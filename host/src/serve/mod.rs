@@ -228,7 +228,11 @@ async fn accept_loop(
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let header_timeout = ms(app.cfg.header_timeout_ms);
-            let activity = Arc::new(Activity::new(ms(app.cfg.idle_timeout_ms), header_timeout));
+            let activity = Arc::new(Activity::new(
+                ms(app.cfg.idle_timeout_ms),
+                header_timeout,
+                ms(app.cfg.write_stall_ms),
+            ));
             let io: Pin<Box<dyn common::transport::Conn>> = match tls {
                 Some(acceptor) => {
                     match tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await {
@@ -300,18 +304,52 @@ pub struct Activity {
     busy: AtomicUsize,
     idle: Duration,
     header: Duration,
+    /// When a write to the client started waiting (ms after `born`, plus one; 0: none waits).
+    blocked: AtomicU64,
+    stall: Duration,
+    born: Instant,
 }
 
 impl Activity {
     /// A connection closed after `idle` without requests or bytes, or after `header` without
-    /// a request (between requests, or while a request's head trickles in).
-    pub fn new(idle: Duration, header: Duration) -> Self {
+    /// a request (between requests, or while a request's head trickles in), or once a write to
+    /// the client has waited `stall` (the client stopped reading), requests in flight or not:
+    /// a client that streams and never reads would otherwise hold its slots here and its
+    /// sequences in the enclave.
+    pub fn new(idle: Duration, header: Duration, stall: Duration) -> Self {
         Self {
             moves: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             busy: AtomicUsize::new(0),
             idle,
             header,
+            blocked: AtomicU64::new(0),
+            stall,
+            born: Instant::now(),
+        }
+    }
+
+    /// A write could not complete: the client is not reading (yet).
+    fn write_waiting(&self) {
+        let now = self.born.elapsed().as_millis() as u64 + 1;
+        let _ = self
+            .blocked
+            .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// A write completed.
+    fn write_done(&self) {
+        self.blocked.store(0, Ordering::Relaxed);
+    }
+
+    /// How long a write has been waiting.
+    fn stalled_for(&self) -> Duration {
+        match self.blocked.load(Ordering::Relaxed) {
+            0 => Duration::ZERO,
+            at => self
+                .born
+                .elapsed()
+                .saturating_sub(Duration::from_millis(at - 1)),
         }
     }
 
@@ -337,7 +375,7 @@ impl Activity {
     /// header limit. Each is noticed within a quarter of the shorter one: a connection goes
     /// between 1 and 1.25 times a limit after it was last active.
     async fn expired(&self) -> &'static str {
-        let step = (self.idle.min(self.header) / 4).max(Duration::from_millis(1));
+        let step = (self.idle.min(self.header).min(self.stall) / 4).max(Duration::from_millis(1));
         let mut moves_seen = self.moves.load(Ordering::Relaxed);
         let mut requests_seen = self.requests.load(Ordering::Relaxed);
         let (mut quiet_since, mut waiting_since) = (Instant::now(), Instant::now());
@@ -353,6 +391,9 @@ impl Activity {
             if busy || requests != requests_seen {
                 (requests_seen, waiting_since) = (requests, now);
             }
+            if self.stalled_for() >= self.stall {
+                return "the client stopped reading its response";
+            }
             if now.duration_since(quiet_since) >= self.idle {
                 return "idle";
             }
@@ -363,10 +404,24 @@ impl Activity {
     }
 }
 
-/// A client connection that records when it last moved bytes.
+/// A client connection that records when it last moved bytes, and since when a write has
+/// been waiting for the client to read.
 struct IdleIo {
     inner: Pin<Box<dyn common::transport::Conn>>,
     activity: Arc<Activity>,
+}
+
+impl IdleIo {
+    fn wrote(&self, r: &Poll<io::Result<usize>>) {
+        match r {
+            Poll::Pending => self.activity.write_waiting(),
+            Poll::Ready(Ok(n)) if *n > 0 => {
+                self.activity.write_done();
+                self.activity.touch();
+            }
+            Poll::Ready(_) => self.activity.write_done(),
+        }
+    }
 }
 
 impl AsyncRead for IdleIo {
@@ -391,9 +446,7 @@ impl AsyncWrite for IdleIo {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let r = self.inner.as_mut().poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
+        self.wrote(&r);
         r
     }
 
@@ -403,9 +456,7 @@ impl AsyncWrite for IdleIo {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let r = self.inner.as_mut().poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
+        self.wrote(&r);
         r
     }
 
