@@ -6,7 +6,8 @@
 //! and no answer: no tokens generated, no quota spent, no audit record in the victim's name
 //! beyond the refusal itself.
 //!
-//! Memory is bounded: at most [`MAX_REMEMBERED`] keys (about 80 bytes each, 10 MiB in all).
+//! Memory is bounded: at most [`MAX_REMEMBERED`] keys, each 32 bytes in a hash set and 40 in the
+//! expiry queue (with the set's spare buckets, under 20 MiB in all).
 //! When that many admitted requests are still inside their window the enclave refuses new
 //! ones with 503 rather than forget one it might be shown again.
 
@@ -17,7 +18,8 @@ use std::sync::Mutex;
 /// How far a request's `Date` may be from the enclave's clock, either way (seconds). SigV4
 /// allows five minutes; two keep the cache small and still absorb ordinary clock skew.
 pub const WINDOW_SECS: u64 = 120;
-/// Most encapsulated keys remembered at once: about 540 requests a second, sustained.
+/// Most encapsulated keys remembered at once: a key is kept 120 to 240 s, so this admits at
+/// least 540 requests a second, sustained.
 pub const MAX_REMEMBERED: usize = 1 << 17;
 /// The length of an X25519 encapsulated key (RFC 9180 §7.1: Nenc = 32).
 const ENC_LEN: usize = 32;
