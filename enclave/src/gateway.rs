@@ -110,7 +110,7 @@ impl Gateway for OhttpGateway {
             .decapsulate(&request)
             .map_err(|e| StreamFailure::new(e.status(), e.to_string()))?;
         let (tx, rx) = mpsc::channel(RESPONSE_BACKLOG);
-        let self_pad = self.pad;
+        let pad = self.pad;
         let replay = self.replay.clone();
         // The request's header and encapsulated key, for the replay check.
         let head: Vec<u8> = request.get(..64).unwrap_or(&request).to_vec();
@@ -126,7 +126,7 @@ impl Gateway for OhttpGateway {
                 sealer: Some(sealer),
                 tx,
                 pending: Vec::new(),
-                pad: self_pad,
+                pad,
             };
             let mut audit = Audit::new(&ctx.served.name);
             let request = bhttp::Request::decode(&plain, plain.len());

@@ -52,6 +52,22 @@ async fn post(addr: SocketAddr, body: &[u8]) -> tests::http::Response {
     request(addr, "POST", "/v1/ohttp", Some(OHTTP_REQ), body).await
 }
 
+/// Posts `body` to `/v1/ohttp` on a raw connection and reads no more than the 200 status line.
+async fn post_and_read_status(s: &mut TcpStream, body: &[u8]) {
+    s.write_all(
+        format!("POST /v1/ohttp HTTP/1.1\r\nhost: t\r\ncontent-type: {OHTTP_REQ}\r\ncontent-length: {}\r\n\r\n", body.len())
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    s.write_all(body).await.unwrap();
+    let mut first = [0u8; 64];
+    let n = s.read(&mut first).await.unwrap();
+    assert!(std::str::from_utf8(&first[..n])
+        .unwrap()
+        .starts_with("HTTP/1.1 200"));
+}
+
 fn echo(chunks: usize, delay_ms: u64) -> Script {
     Script::Echo {
         chunks,
@@ -457,18 +473,7 @@ async fn a_client_that_stops_reading_is_cut_and_its_work_cancelled() {
     sock.set_recv_buffer_size(4096).unwrap();
     let mut s = sock.connect(r.local_addr).await.unwrap();
     let body = vec![7u8; 12 << 20];
-    s.write_all(
-        format!("POST /v1/ohttp HTTP/1.1\r\nhost: t\r\ncontent-type: {OHTTP_REQ}\r\ncontent-length: {}\r\n\r\n", body.len())
-            .as_bytes(),
-    )
-    .await
-    .unwrap();
-    s.write_all(&body).await.unwrap();
-    let mut first = [0u8; 64];
-    let n = s.read(&mut first).await.unwrap();
-    assert!(std::str::from_utf8(&first[..n])
-        .unwrap()
-        .starts_with("HTTP/1.1 200"));
+    post_and_read_status(&mut s, &body).await;
     // Never read again, but keep the connection open: the relay cuts it.
     tokio::time::timeout(Duration::from_secs(10), fake.cancelled.recv())
         .await
@@ -485,18 +490,7 @@ async fn a_client_going_away_cancels_the_work_in_the_enclave() {
     wait_ready(r.local_addr, true).await;
     let mut s = TcpStream::connect(r.local_addr).await.unwrap();
     let body = [9u8; 500];
-    s.write_all(
-        format!("POST /v1/ohttp HTTP/1.1\r\nhost: t\r\ncontent-type: {OHTTP_REQ}\r\ncontent-length: {}\r\n\r\n", body.len())
-            .as_bytes(),
-    )
-    .await
-    .unwrap();
-    s.write_all(&body).await.unwrap();
-    let mut first = [0u8; 64];
-    let n = s.read(&mut first).await.unwrap();
-    assert!(std::str::from_utf8(&first[..n])
-        .unwrap()
-        .starts_with("HTTP/1.1 200"));
+    post_and_read_status(&mut s, &body).await;
     drop(s);
     tokio::time::timeout(Duration::from_secs(10), fake.cancelled.recv())
         .await
