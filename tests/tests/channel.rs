@@ -203,7 +203,15 @@ async fn a_replayed_request_is_refused_and_generates_nothing() {
     };
     // The relay posts the captured body three more times: refused inside the channel (the
     // relay sees only sealed 200s), nothing generated, each refusal counted.
-    let before = completion(&metrics().await);
+    // The first answer's audit record reaches the metrics asynchronously: wait for it.
+    let mut before = None;
+    for _ in 0..100 {
+        before = completion(&metrics().await);
+        if before.as_deref().is_some_and(|l| !l.ends_with(" 0")) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     for _ in 0..3 {
         let again = post().await;
         assert_eq!(again.status, 200);
