@@ -3,7 +3,8 @@
 //! ```text
 //! host seal --kms-key-id ID --in MODEL --out SEALED [--name NAME] [--region R] [--endpoint-url URL]
 //! host kms-policy --measurements FILE [--sealed SEALED | --model-sha256 HEX] [--include-pcr N]...
-//! host kms-create-key --policy FILE [--description TEXT] [--region R] [--endpoint-url URL]
+//!                 --owner-principal ARN --enclave-principal ARN [--immutable]
+//! host kms-create-key --policy FILE [--immutable] [--description TEXT] [--region R] [--endpoint-url URL]
 //! host provision --enclave unix:PATH|vsock:CID:PORT --sealed SEALED [--region R] [--endpoint-url URL]
 //! host serve [--config FILE] [--listen ADDR] [--enclave ADDR] [--sealed SEALED] [--api-keys F] [limits…]
 //! host api-keys init-signer|issue|revoke|sign …      (host::apikeys)
@@ -76,6 +77,10 @@ enum Command {
         /// The key's description.
         #[arg(long, default_value = "confidential inference: model data keys")]
         description: String,
+        /// The policy grants nobody `PutKeyPolicy` (`kms-policy --immutable`): create it with
+        /// BypassPolicyLockoutSafetyCheck, which KMS otherwise requires for such a policy.
+        #[arg(long)]
+        immutable: bool,
         #[command(flatten)]
         kms: KmsArgs,
     },
@@ -93,15 +98,19 @@ enum Command {
         /// Also require these PCRs (3: IAM role, 4: instance, 8: signing certificate).
         #[arg(long = "include-pcr", value_parser = clap::value_parser!(u8).range(3..=8))]
         include: Vec<u8>,
-        /// AWS account id.
-        #[arg(long, default_value = "000000000000")]
-        account: String,
-        /// Principal allowed to administer the key and seal (default: the account root).
+        /// The model owner, who administers the key and seals with it, e.g.
+        /// arn:aws:iam::111111111111:root. Must be outside the enclave principal's account
+        /// unless --immutable.
         #[arg(long)]
-        admin_principal: Option<String>,
-        /// Principal that calls Decrypt for the enclave, e.g. the parent instance role.
+        owner_principal: String,
+        /// The principal that calls Decrypt for the enclave: the parent instance's role, e.g.
+        /// arn:aws:iam::222222222222:role/parent. Its account gets nothing else.
         #[arg(long)]
-        enclave_principal: Option<String>,
+        enclave_principal: String,
+        /// Grant nobody administration: the key can never be changed, only sealed with and
+        /// released to the enclave. Create it with `kms-create-key --immutable`.
+        #[arg(long)]
+        immutable: bool,
     },
     /// Run the relay: the client HTTP API, kept in front of a provisioned enclave.
     Serve(Box<ServeArgs>),
@@ -418,6 +427,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::KmsCreateKey {
             policy,
             description,
+            immutable,
             kms,
         } => {
             let text = std::fs::read_to_string(&policy)
@@ -429,6 +439,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .create_key()
                 .policy(text)
                 .description(description)
+                .bypass_policy_lockout_safety_check(immutable)
                 .send()
                 .await
                 .map_err(|e| format!("CreateKey: {}", host::kms::KmsFailure::from_sdk(&e)))?;
@@ -444,9 +455,9 @@ async fn run(cli: Cli) -> Result<(), String> {
             sealed,
             model_sha256,
             include,
-            account,
-            admin_principal,
+            owner_principal,
             enclave_principal,
+            immutable,
         } => {
             let text = std::fs::read_to_string(&measurements)
                 .map_err(|e| format!("{}: {e}", measurements.display()))?;
@@ -465,9 +476,9 @@ async fn run(cli: Cli) -> Result<(), String> {
                 measurements: m,
                 include,
                 model_pcr16: digest.as_ref().map(model_pcr16),
-                account,
-                admin_principal,
+                owner_principal,
                 enclave_principal,
+                immutable,
             })
             .map_err(|e| e.to_string())?;
             println!(

@@ -1,8 +1,18 @@
 //! `host kms-policy`: the KMS key policy that releases the model's data key only to the
 //! measured enclave (AWS KMS Developer Guide, "Condition keys for AWS Nitro Enclaves"):
 //! `kms:Decrypt` requires `kms:RecipientAttestation:ImageSha384` (= PCR0) and PCR1, PCR2,
-//! optionally PCR3/4/8, and PCR16 (the model). Administration and sealing stay with the
-//! account; `kms:ReEncrypt*` is deliberately absent, as it would decrypt without attestation.
+//! optionally PCR3/4/8, and PCR16 (the model).
+//!
+//! Who holds what (docs/security.md, "Key ownership"): the key lives in the **model owner's**
+//! account and the owner administers it and seals with it; the **enclave principal** (the
+//! parent instance's role, in the operator's account) may only `Decrypt` with those
+//! attestation conditions. Nobody in the operator's account gets `CreateGrant`,
+//! `PutKeyPolicy` or `ReEncrypt*`, and an explicit `Deny` says so, so that no later `Allow`
+//! or grant can hand the operator a decrypt without attestation (a grant or a rewritten
+//! policy would be enough for it to unwrap the sealed header's data key on its own). When
+//! owner and operator share an account, the account's administrators are the operator: the
+//! policy is then refused unless it is immutable (it grants nobody administration, and the
+//! key must be created with `BypassPolicyLockoutSafetyCheck`).
 
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -36,6 +46,39 @@ pub fn measurements_json(pcrs: &BTreeMap<u8, [u8; 48]>) -> Value {
     json!({ "Measurements": m })
 }
 
+/// Why no policy was generated.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// The measurements lack a PCR the policy needs.
+    #[error(transparent)]
+    Measurements(#[from] MeasurementsError),
+    /// A principal is not an IAM principal ARN.
+    #[error("{flag}: {value:?} is not an IAM principal ARN (arn:aws:iam::ACCOUNT:root, :user/NAME or :role/NAME)")]
+    Principal {
+        /// The flag.
+        flag: &'static str,
+        /// What it was given.
+        value: String,
+    },
+    /// Owner and enclave principal in one account, and the policy not immutable.
+    #[error("the owner and the enclave principal are both in account {0}: that account's administrators (the operator) could administer the key, grant themselves Decrypt and unseal the model. Create the key in the model owner's own account, or pass --immutable for a policy that grants nobody administration")]
+    SharedAccount(String),
+}
+
+/// The account of an IAM principal ARN (`arn:aws:iam::ACCOUNT:root|user/…|role/…`), if it
+/// is one; `*` and anything else is refused, as a policy that names "anyone" here would be.
+pub fn principal_account(arn: &str) -> Option<&str> {
+    let rest = arn.strip_prefix("arn:aws:iam::")?;
+    let (account, resource) = rest.split_once(':')?;
+    let named = resource == "root"
+        || ["user/", "role/"].iter().any(|p| {
+            resource
+                .strip_prefix(p)
+                .is_some_and(|n| !n.is_empty() && !n.contains(char::is_whitespace))
+        });
+    (account.len() == 12 && account.bytes().all(|b| b.is_ascii_digit()) && named).then_some(account)
+}
+
 /// What the policy grants.
 #[derive(Debug, Clone)]
 pub struct PolicyRequest {
@@ -45,18 +88,67 @@ pub struct PolicyRequest {
     pub include: Vec<u8>,
     /// PCR16 of the enclave with the sealed model, if the key is bound to one model.
     pub model_pcr16: Option<[u8; 48]>,
-    /// The AWS account id.
-    pub account: String,
-    /// Who administers the key and seals with it (default: the account root).
-    pub admin_principal: Option<String>,
-    /// Who calls Decrypt on the enclave's behalf: the parent instance's role (default: the
-    /// account root).
-    pub enclave_principal: Option<String>,
+    /// The model owner: administers the key (unless `immutable`) and seals with it.
+    pub owner_principal: String,
+    /// Who calls Decrypt on the enclave's behalf: the parent instance's role.
+    pub enclave_principal: String,
+    /// Grant nobody administration (the key can then never be changed).
+    pub immutable: bool,
 }
 
+/// What the owner may do besides sealing: administration, without `CreateGrant` (nobody
+/// needs grants here) and without any decrypting operation.
+const OWNER_ADMINISTRATION: [&str; 16] = [
+    "kms:PutKeyPolicy",
+    "kms:ListGrants",
+    "kms:RevokeGrant",
+    "kms:ListResourceTags",
+    "kms:TagResource",
+    "kms:UntagResource",
+    "kms:UpdateKeyDescription",
+    "kms:EnableKey",
+    "kms:DisableKey",
+    "kms:EnableKeyRotation",
+    "kms:GetKeyRotationStatus",
+    "kms:ScheduleKeyDeletion",
+    "kms:CancelKeyDeletion",
+    "kms:CreateAlias",
+    "kms:UpdateAlias",
+    "kms:DeleteAlias",
+];
+
+/// Sealing and reading the key's description and policy.
+const OWNER_SEALING: [&str; 5] = [
+    "kms:DescribeKey",
+    "kms:GetKeyPolicy",
+    "kms:Encrypt",
+    "kms:GenerateDataKey",
+    "kms:GenerateDataKeyWithoutPlaintext",
+];
+
+/// What nobody in the enclave principal's account may ever do to the key.
+const OPERATOR_NEVER: [&str; 4] = [
+    "kms:CreateGrant",
+    "kms:PutKeyPolicy",
+    "kms:ReEncrypt*",
+    "kms:RetireGrant",
+];
+
 /// The key policy document.
-pub fn generate(req: &PolicyRequest) -> Result<Value, MeasurementsError> {
-    let root = format!("arn:aws:iam::{}:root", req.account);
+pub fn generate(req: &PolicyRequest) -> Result<Value, PolicyError> {
+    let owner_account =
+        principal_account(&req.owner_principal).ok_or_else(|| PolicyError::Principal {
+            flag: "--owner-principal",
+            value: req.owner_principal.clone(),
+        })?;
+    let operator_account =
+        principal_account(&req.enclave_principal).ok_or_else(|| PolicyError::Principal {
+            flag: "--enclave-principal",
+            value: req.enclave_principal.clone(),
+        })?;
+    if owner_account == operator_account && !req.immutable {
+        return Err(PolicyError::SharedAccount(owner_account.to_owned()));
+    }
     let mut conditions = serde_json::Map::new();
     let pcr = |i: u8| {
         req.measurements.get(&i).cloned().ok_or_else(|| {
@@ -78,33 +170,62 @@ pub fn generate(req: &PolicyRequest) -> Result<Value, MeasurementsError> {
             json!(hex::encode(p16)),
         );
     }
-    Ok(json!({
-        "Version": "2012-10-17",
-        "Id": "confidential-inference-key-policy",
-        "Statement": [
-            {
-                "Sid": "KeyAdministrationAndSealing",
-                "Effect": "Allow",
-                "Principal": { "AWS": req.admin_principal.clone().unwrap_or_else(|| root.clone()) },
-                "Action": [
-                    "kms:Create*", "kms:Describe*", "kms:Enable*", "kms:List*", "kms:Put*",
-                    "kms:Update*", "kms:Revoke*", "kms:Disable*", "kms:Get*", "kms:Delete*",
-                    "kms:TagResource", "kms:UntagResource", "kms:ScheduleKeyDeletion",
-                    "kms:CancelKeyDeletion", "kms:Encrypt", "kms:GenerateDataKey",
-                    "kms:GenerateDataKeyWithoutPlaintext"
-                ],
-                "Resource": "*"
-            },
-            {
-                "Sid": "DecryptOnlyForTheAttestedEnclave",
-                "Effect": "Allow",
-                "Principal": { "AWS": req.enclave_principal.clone().unwrap_or(root) },
-                "Action": "kms:Decrypt",
-                "Resource": "*",
-                "Condition": { "StringEqualsIgnoreCase": conditions }
+    // Denies name the operator's account by `aws:PrincipalAccount` under `Principal: *`, as
+    // IAM recommends for "everyone in that account" (IAM User Guide, "AWS global condition
+    // context keys"), rather than by the account's root ARN.
+    let in_operator_account = json!({ "aws:PrincipalAccount": operator_account });
+    let mut statements = Vec::new();
+    if !req.immutable {
+        statements.push(json!({
+            "Sid": "OwnerAdministers",
+            "Effect": "Allow",
+            "Principal": { "AWS": req.owner_principal },
+            "Action": OWNER_ADMINISTRATION,
+            "Resource": "*"
+        }));
+    }
+    statements.extend([
+        json!({
+            "Sid": "OwnerSeals",
+            "Effect": "Allow",
+            "Principal": { "AWS": req.owner_principal },
+            "Action": OWNER_SEALING,
+            "Resource": "*"
+        }),
+        json!({
+            "Sid": "DecryptOnlyForTheAttestedEnclave",
+            "Effect": "Allow",
+            "Principal": { "AWS": req.enclave_principal },
+            "Action": "kms:Decrypt",
+            "Resource": "*",
+            "Condition": { "StringEqualsIgnoreCase": conditions }
+        }),
+        json!({
+            "Sid": "OperatorAccountNeverControlsTheKey",
+            "Effect": "Deny",
+            "Principal": { "AWS": "*" },
+            "Action": OPERATOR_NEVER,
+            "Resource": "*",
+            "Condition": { "StringEquals": in_operator_account }
+        }),
+        json!({
+            "Sid": "OperatorAccountNeverDecryptsUnattested",
+            "Effect": "Deny",
+            "Principal": { "AWS": "*" },
+            "Action": "kms:Decrypt",
+            "Resource": "*",
+            "Condition": {
+                "StringEquals": in_operator_account,
+                "Null": { "kms:RecipientAttestation:ImageSha384": "true" }
             }
-        ]
-    }))
+        }),
+    ]);
+    let id = if req.immutable {
+        "confidential-inference-key-policy-immutable"
+    } else {
+        "confidential-inference-key-policy"
+    };
+    Ok(json!({ "Version": "2012-10-17", "Id": id, "Statement": statements }))
 }
 
 #[cfg(test)]
@@ -120,19 +241,47 @@ mod tests {
       }
     }"#;
 
-    #[test]
-    fn policy_from_nitro_cli_measurements() {
-        let m = parse_measurements(NITRO_CLI_OUTPUT).unwrap();
-        let p = generate(&PolicyRequest {
-            measurements: m,
+    const OWNER: &str = "arn:aws:iam::111111111111:root";
+    const PARENT: &str = "arn:aws:iam::222222222222:role/parent";
+
+    fn request(owner: &str, enclave: &str, immutable: bool) -> PolicyRequest {
+        PolicyRequest {
+            measurements: parse_measurements(NITRO_CLI_OUTPUT).unwrap(),
             include: vec![],
             model_pcr16: Some([7; 48]),
-            account: "123456789012".into(),
-            admin_principal: None,
-            enclave_principal: Some("arn:aws:iam::123456789012:role/parent".into()),
-        })
-        .unwrap();
-        let cond = &p["Statement"][1]["Condition"]["StringEqualsIgnoreCase"];
+            owner_principal: owner.into(),
+            enclave_principal: enclave.into(),
+            immutable,
+        }
+    }
+
+    fn statement<'a>(p: &'a Value, sid: &str) -> &'a Value {
+        p["Statement"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["Sid"] == sid)
+            .unwrap_or_else(|| panic!("no statement {sid}"))
+    }
+
+    fn actions(s: &Value) -> Vec<String> {
+        match &s["Action"] {
+            Value::String(a) => vec![a.clone()],
+            v => v
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a.as_str().unwrap().to_owned())
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn policy_from_nitro_cli_measurements() {
+        let p = generate(&request(OWNER, PARENT, false)).unwrap();
+        let release = statement(&p, "DecryptOnlyForTheAttestedEnclave");
+        assert_eq!(release["Principal"]["AWS"], PARENT);
+        let cond = &release["Condition"]["StringEqualsIgnoreCase"];
         assert!(cond["kms:RecipientAttestation:ImageSha384"]
             .as_str()
             .unwrap()
@@ -142,25 +291,102 @@ mod tests {
             .unwrap()
             .starts_with("0f0ac3"));
         assert_eq!(cond["kms:RecipientAttestation:PCR16"], "07".repeat(48));
-        let admin = p["Statement"][0]["Action"].as_array().unwrap();
-        assert!(!admin
+        // Every Allow but the release goes to the owner, and none of them decrypts, grants
+        // or re-encrypts.
+        for s in p["Statement"].as_array().unwrap() {
+            if s["Effect"] != "Allow" || s["Sid"] == "DecryptOnlyForTheAttestedEnclave" {
+                continue;
+            }
+            assert_eq!(s["Principal"]["AWS"], OWNER, "{s}");
+            for a in actions(s) {
+                assert!(
+                    !a.contains('*')
+                        && a != "kms:Decrypt"
+                        && a != "kms:CreateGrant"
+                        && !a.starts_with("kms:ReEncrypt"),
+                    "{a}"
+                );
+            }
+        }
+        assert!(actions(statement(&p, "OwnerAdministers")).contains(&"kms:PutKeyPolicy".into()));
+        let never = statement(&p, "OperatorAccountNeverControlsTheKey");
+        assert_eq!(never["Effect"], "Deny");
+        assert_eq!(
+            never["Condition"]["StringEquals"]["aws:PrincipalAccount"],
+            "222222222222"
+        );
+        for a in ["kms:CreateGrant", "kms:PutKeyPolicy", "kms:ReEncrypt*"] {
+            assert!(actions(never).contains(&a.to_owned()), "{a}");
+        }
+        let unattested = statement(&p, "OperatorAccountNeverDecryptsUnattested");
+        assert_eq!(
+            unattested["Condition"]["Null"]["kms:RecipientAttestation:ImageSha384"],
+            "true"
+        );
+    }
+
+    #[test]
+    fn owner_and_operator_in_one_account_need_an_immutable_policy() {
+        let same = "arn:aws:iam::222222222222:root";
+        assert!(matches!(
+            generate(&request(same, PARENT, false)),
+            Err(PolicyError::SharedAccount(a)) if a == "222222222222"
+        ));
+        let p = generate(&request(same, PARENT, true)).unwrap();
+        assert_eq!(p["Id"], "confidential-inference-key-policy-immutable");
+        let allowed: Vec<String> = p["Statement"]
+            .as_array()
+            .unwrap()
             .iter()
-            .any(|a| a == "kms:Decrypt" || a.as_str().unwrap().starts_with("kms:ReEncrypt")));
+            .filter(|s| s["Effect"] == "Allow")
+            .flat_map(actions)
+            .collect();
+        assert!(!allowed.contains(&"kms:PutKeyPolicy".to_owned()));
+        assert!(allowed.contains(&"kms:GenerateDataKey".to_owned()));
+    }
+
+    #[test]
+    fn principals_must_be_iam_arns() {
+        for bad in [
+            "*",
+            "",
+            "222222222222",
+            "arn:aws:iam::22:root",
+            "arn:aws:iam::222222222222:group/g",
+            "arn:aws:iam::222222222222:role/",
+        ] {
+            assert!(
+                matches!(
+                    generate(&request(bad, PARENT, false)),
+                    Err(PolicyError::Principal {
+                        flag: "--owner-principal",
+                        ..
+                    })
+                ),
+                "{bad}"
+            );
+            assert!(
+                matches!(
+                    generate(&request(OWNER, bad, false)),
+                    Err(PolicyError::Principal {
+                        flag: "--enclave-principal",
+                        ..
+                    })
+                ),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
     fn bad_measurements() {
         assert!(parse_measurements("{}").is_err());
         assert!(parse_measurements(r#"{"PCR0":"00","PCR1":"00","PCR2":"00"}"#).is_err());
-        let m = parse_measurements(NITRO_CLI_OUTPUT).unwrap();
-        let req = PolicyRequest {
-            measurements: m,
-            include: vec![8],
-            model_pcr16: None,
-            account: "1".into(),
-            admin_principal: None,
-            enclave_principal: None,
-        };
-        assert!(generate(&req).is_err(), "PCR8 asked for but not measured");
+        let mut req = request(OWNER, PARENT, false);
+        req.include = vec![8];
+        assert!(
+            matches!(generate(&req), Err(PolicyError::Measurements(_))),
+            "PCR8 asked for but not measured"
+        );
     }
 }

@@ -1,7 +1,8 @@
 //! The AWS JSON 1.1 wire protocol: `POST /` with `X-Amz-Target: TrentService.<Operation>`,
 //! a JSON body, and errors as HTTP 400 with `{"__type": …, "message": …}` (AWS KMS API
 //! Reference, "Common Errors"). Requests must carry a SigV4 `Authorization` header, as every
-//! SDK sends; its signature is not checked (the mock holds no credentials).
+//! SDK sends; its access key id names the caller (`crate::identity`), its signature is not
+//! checked (the mock holds no secrets).
 
 use crate::service::{Kms, KmsError};
 use axum::body::Bytes;
@@ -51,26 +52,22 @@ async fn handle(State(kms): State<Arc<Kms>>, headers: HeaderMap, body: Bytes) ->
             message: format!("X-Amz-Target {target:?} is not a TrentService operation"),
         });
     };
-    let signed = headers
+    let Some(access_key_id) = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|a| {
-            a.starts_with("AWS4-HMAC-SHA256 ")
-                && a.contains("Credential=")
-                && a.contains("Signature=")
-        });
-    if !signed {
+        .and_then(access_key_id)
+    else {
         return error(&KmsError {
             status: 400,
             kind: "MissingAuthenticationTokenException",
             message: "Missing Authentication Token".into(),
         });
-    }
+    };
     // RSA and ECDSA work: keep it off the async workers.
     let result = tokio::task::spawn_blocking({
         let kms = kms.clone();
         let op = op.clone();
-        move || kms.handle(&op, &body)
+        move || kms.handle(&access_key_id, &op, &body)
     })
     .await;
     let result = result.unwrap_or_else(|_| {
@@ -91,6 +88,21 @@ async fn handle(State(kms): State<Arc<Kms>>, headers: HeaderMap, body: Bytes) ->
             error(&e)
         }
     }
+}
+
+/// The access key id of a SigV4 `Authorization` header (AWS General Reference, "Signature
+/// Version 4"): `AWS4-HMAC-SHA256 Credential=AKID/DATE/REGION/SERVICE/aws4_request, …,
+/// Signature=…`.
+fn access_key_id(authorization: &str) -> Option<String> {
+    let rest = authorization.strip_prefix("AWS4-HMAC-SHA256 ")?;
+    if !rest.contains("Signature=") {
+        return None;
+    }
+    let credential = rest
+        .split(',')
+        .find_map(|part| part.trim().strip_prefix("Credential="))?;
+    let (key, _scope) = credential.split_once('/')?;
+    (!key.is_empty()).then(|| key.to_owned())
 }
 
 /// The mock's HTTP routes.

@@ -9,6 +9,7 @@
 
 pub mod blob;
 pub mod http;
+pub mod identity;
 pub mod policy;
 pub mod service;
 pub mod store;

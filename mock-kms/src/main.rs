@@ -1,5 +1,6 @@
-//! `mock-kms --listen ADDR --state-dir DIR [--trust-root PEM]...`: a local KMS for tests and
-//! local runs. Point any AWS SDK at it with an endpoint override (e.g. `--endpoint-url`).
+//! `mock-kms --listen ADDR --state-dir DIR [--trust-root PEM]... [--principal KEY=ARN]...`: a
+//! local KMS for tests and local runs. Point any AWS SDK at it with an endpoint override (e.g.
+//! `--endpoint-url`).
 
 use attestation_verifier::TrustAnchor;
 use clap::Parser;
@@ -37,6 +38,12 @@ struct Args {
     /// Nitro root: the mock NSM's CA in local mode. Repeatable.
     #[arg(long = "trust-root", value_name = "PEM")]
     trust_roots: Vec<PathBuf>,
+    /// Map a SigV4 access key id to an IAM principal, e.g.
+    /// `AKIDOWNER=arn:aws:iam::111111111111:user/model-owner`. Repeatable. Once any is given,
+    /// requests signed with other access keys are refused (UnrecognizedClientException);
+    /// with none, every caller is the root of account 000000000000.
+    #[arg(long = "principal", value_name = "ACCESS_KEY_ID=ARN")]
+    principals: Vec<String>,
     /// Region named in key ARNs.
     #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
     region: String,
@@ -48,12 +55,18 @@ async fn run(args: Args) -> Result<(), String> {
         let pem = std::fs::read(path).context(path.display())?;
         roots.push(TrustAnchor::from_pem(&pem).context(path.display())?);
     }
-    let kms = Kms::open(&args.state_dir, roots, &args.region).context(args.state_dir.display())?;
+    let mut identities = mock_kms::identity::Identities::anyone_is_default_root();
+    for mapping in &args.principals {
+        identities.add_mapping(mapping).context("--principal")?;
+    }
+    let kms = Kms::open(&args.state_dir, roots, &args.region)
+        .context(args.state_dir.display())?
+        .with_identities(identities);
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .context(format!("listen on {}", args.listen))?;
     let addr = listener.local_addr().context("local address")?;
-    tracing::info!(%addr, state_dir = %args.state_dir.display(), roots = args.trust_roots.len() + 1, "mock-kms listening");
+    tracing::info!(%addr, state_dir = %args.state_dir.display(), roots = args.trust_roots.len() + 1, principals = args.principals.len(), "mock-kms listening");
     // Readiness line for scripts: the bound address (useful with port 0).
     println!("mock-kms listening on http://{addr}");
     let shutdown = async {

@@ -3,34 +3,83 @@
 //! request is denied. A statement matches when its `Action` matches and every condition
 //! holds; a condition on a key the request does not have is false.
 //!
-//! Supported: `Effect`, `Action` (string or list, `*` wildcards), `Principal` and `Resource`
-//! (accepted, not evaluated: the mock has one caller and keys are policy-scoped), and the
-//! condition operators `StringEquals` and `StringEqualsIgnoreCase` with string or list values
-//! on keys such as `kms:RecipientAttestation:ImageSha384`, `kms:RecipientAttestation:PCR0`…
-//! `PCR31` and `kms:EncryptionContext:<key>` (AWS KMS Developer Guide, "Condition keys for
-//! AWS Nitro Enclaves"). Anything else is refused when the policy is set, rather than
-//! silently ignored.
+//! Supported: `Effect`, `Action` (string or list, `*` wildcards), `Principal` (required, as
+//! in every key policy: `"*"`, or `{"AWS": …}` with `*`, account ids, account roots, users,
+//! roles and role sessions, evaluated by [`Principal::is_named_by`]), `Resource` (accepted,
+//! not evaluated: a key policy applies to its own key), and the condition operators
+//! `StringEquals`, `StringEqualsIgnoreCase` and `Null` with string or list values on these
+//! keys only: `kms:RecipientAttestation:ImageSha384` and `kms:RecipientAttestation:PCR0`…
+//! `PCR31` (AWS KMS Developer Guide, "Condition keys for AWS Nitro Enclaves"),
+//! `kms:EncryptionContext:<key>`, `kms:CallerAccount`, `aws:PrincipalArn` and
+//! `aws:PrincipalAccount`. Anything else is refused when the policy is set, rather than
+//! silently ignored: a condition the mock cannot evaluate would make it answer differently
+//! from AWS.
 
+use crate::identity::{validate_entry, Principal};
 use serde_json::Value;
 use std::collections::BTreeMap;
 
-/// The account the mock pretends to be.
-pub const ACCOUNT: &str = "000000000000";
-
-/// The policy a key gets when `CreateKey` names none: the account may do everything.
-pub fn default_policy() -> String {
+/// The policy a key gets when `CreateKey` names none (AWS KMS Developer Guide, "Default key
+/// policy"): the key's account may do everything, through its IAM policies.
+pub fn default_policy(account: &str) -> String {
     serde_json::json!({
         "Version": "2012-10-17",
         "Id": "key-default-1",
         "Statement": [{
             "Sid": "Enable IAM User Permissions",
             "Effect": "Allow",
-            "Principal": { "AWS": format!("arn:aws:iam::{ACCOUNT}:root") },
+            "Principal": { "AWS": format!("arn:aws:iam::{account}:root") },
             "Action": "kms:*",
             "Resource": "*"
         }]
     })
     .to_string()
+}
+
+/// The request's condition values, keyed by lower-cased condition key.
+pub type ConditionValues = BTreeMap<String, String>;
+
+/// The values every request carries about its caller.
+pub fn caller_values(caller: &Principal) -> ConditionValues {
+    [
+        ("kms:calleraccount", caller.account()),
+        ("aws:principalaccount", caller.account()),
+        ("aws:principalarn", caller.policy_arn()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
+
+/// Whether the mock evaluates condition key `key` (lower-cased).
+fn known_condition_key(key: &str) -> bool {
+    if let Some(pcr) = key.strip_prefix("kms:recipientattestation:pcr") {
+        let canonical = pcr == "0" || (!pcr.starts_with('0') && !pcr.is_empty() && pcr.len() <= 2);
+        return canonical
+            && pcr.bytes().all(|b| b.is_ascii_digit())
+            && pcr.parse::<u8>().is_ok_and(|i| i <= 31);
+    }
+    if let Some(k) = key.strip_prefix("kms:encryptioncontext:") {
+        return !k.is_empty();
+    }
+    [
+        "kms:recipientattestation:imagesha384",
+        "kms:calleraccount",
+        "aws:principalarn",
+        "aws:principalaccount",
+    ]
+    .contains(&key)
+}
+
+/// The outcome of evaluating a policy for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// A matching `Deny`: nothing (no grant either) can allow it.
+    ExplicitDeny,
+    /// A matching `Allow` and no matching `Deny`.
+    Allow,
+    /// Nothing matched: denied unless a grant allows it.
+    ImplicitDeny,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +92,8 @@ enum Effect {
 enum Operator {
     StringEquals,
     StringEqualsIgnoreCase,
+    /// `"true"`: the key is absent from the request; `"false"`: it is present.
+    Null,
 }
 
 #[derive(Debug, Clone)]
@@ -56,6 +107,8 @@ struct Condition {
 #[derive(Debug, Clone)]
 struct Statement {
     effect: Effect,
+    /// Principal entries; `*` for everyone.
+    principals: Vec<String>,
     actions: Vec<String>,
     conditions: Vec<Condition>,
 }
@@ -147,6 +200,9 @@ impl KeyPolicy {
                 Some("Deny") => Effect::Deny,
                 _ => return Err("Effect must be Allow or Deny".into()),
             };
+            let principals = parse_principal(s.get("Principal").ok_or(
+                "Principal is missing (every statement of a key policy names its principals)",
+            )?)?;
             let actions = strings(s.get("Action").ok_or("Action is missing")?, "Action")?;
             let mut conditions = Vec::new();
             if let Some(c) = s.get("Condition") {
@@ -154,22 +210,34 @@ impl KeyPolicy {
                     let operator = match op.as_str() {
                         "StringEquals" => Operator::StringEquals,
                         "StringEqualsIgnoreCase" => Operator::StringEqualsIgnoreCase,
+                        "Null" => Operator::Null,
                         other => return Err(format!("unsupported condition operator {other}")),
                     };
                     for (key, values) in block
                         .as_object()
                         .ok_or("condition blocks must be objects")?
                     {
+                        let lower = key.to_ascii_lowercase();
+                        if !known_condition_key(&lower) {
+                            return Err(format!("unsupported condition key {key}"));
+                        }
+                        let values = strings(values, key)?;
+                        if operator == Operator::Null
+                            && !values.iter().all(|v| v == "true" || v == "false")
+                        {
+                            return Err(format!("Null on {key} takes \"true\" or \"false\""));
+                        }
                         conditions.push(Condition {
                             operator,
-                            key: key.to_ascii_lowercase(),
-                            values: strings(values, key)?,
+                            key: lower,
+                            values,
                         });
                     }
                 }
             }
             statements.push(Statement {
                 effect,
+                principals,
                 actions,
                 conditions,
             });
@@ -177,37 +245,86 @@ impl KeyPolicy {
         Ok(Self { statements })
     }
 
-    /// Whether `action` (e.g. `kms:Decrypt`) is allowed with these request condition values
-    /// (keys lower-cased).
-    pub fn allows(&self, action: &str, context: &BTreeMap<String, String>) -> bool {
+    /// How the policy decides `action` (e.g. `kms:Decrypt`) by `caller`, with the request's
+    /// condition values (keys lower-cased).
+    pub fn evaluate(&self, caller: &Principal, action: &str, values: &ConditionValues) -> Decision {
         let matching = |effect| {
             self.statements.iter().any(|s| {
                 s.effect == effect
+                    && s.principals.iter().any(|p| caller.is_named_by(p))
                     && s.actions.iter().any(|a| wildcard(a, action))
-                    && s.conditions.iter().all(|c| {
-                        context.get(&c.key).is_some_and(|actual| {
-                            c.values.iter().any(|v| match c.operator {
-                                Operator::StringEquals => v == actual,
-                                Operator::StringEqualsIgnoreCase => v.eq_ignore_ascii_case(actual),
-                            })
-                        })
-                    })
+                    && s.conditions.iter().all(|c| c.holds(values))
             })
         };
-        !matching(Effect::Deny) && matching(Effect::Allow)
+        if matching(Effect::Deny) {
+            Decision::ExplicitDeny
+        } else if matching(Effect::Allow) {
+            Decision::Allow
+        } else {
+            Decision::ImplicitDeny
+        }
     }
+}
+
+impl Condition {
+    /// Whether the request's values satisfy this condition; a key the request lacks fails
+    /// every operator but `Null`.
+    fn holds(&self, values: &ConditionValues) -> bool {
+        let actual = values.get(&self.key);
+        self.values.iter().any(|v| match (self.operator, actual) {
+            (Operator::Null, a) => (v == "true") == a.is_none(),
+            (_, None) => false,
+            (Operator::StringEquals, Some(a)) => v == a,
+            (Operator::StringEqualsIgnoreCase, Some(a)) => v.eq_ignore_ascii_case(a),
+        })
+    }
+}
+
+/// A statement's `Principal`: `"*"`, or `{"AWS": entry or list}`. Service, federated and
+/// canonical-user principals are not modelled.
+fn parse_principal(v: &Value) -> Result<Vec<String>, String> {
+    let entries = match v {
+        Value::String(s) if s == "*" => return Ok(vec!["*".into()]),
+        Value::Object(o) => {
+            if let Some(other) = o.keys().find(|k| k.as_str() != "AWS") {
+                return Err(format!("unsupported principal type {other}"));
+            }
+            strings(
+                o.get("AWS").ok_or("Principal needs an AWS entry")?,
+                "Principal",
+            )?
+        }
+        _ => return Err("Principal must be \"*\" or {\"AWS\": …}".into()),
+    };
+    if entries.is_empty() {
+        return Err("Principal names nobody".into());
+    }
+    for e in &entries {
+        validate_entry(e, true).map_err(|e| format!("invalid principal: {e}"))?;
+    }
+    Ok(entries)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn ctx(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    fn ctx(pairs: &[(&str, &str)]) -> ConditionValues {
         pairs
             .iter()
             .map(|(k, v)| (k.to_ascii_lowercase(), v.to_string()))
             .collect()
     }
+
+    fn who(arn: &str) -> Principal {
+        Principal::parse(arn).unwrap()
+    }
+
+    fn allows(p: &KeyPolicy, caller: &str, action: &str, values: &ConditionValues) -> bool {
+        p.evaluate(&who(caller), action, values) == Decision::Allow
+    }
+
+    const ROOT: &str = "arn:aws:iam::000000000000:root";
 
     #[test]
     fn attestation_conditions() {
@@ -219,55 +336,150 @@ mod tests {
             ]}"#,
         )
         .unwrap();
-        assert!(p.allows("kms:Encrypt", &ctx(&[])));
-        assert!(p.allows("kms:GenerateDataKeyWithoutPlaintext", &ctx(&[])));
+        assert!(allows(&p, ROOT, "kms:Encrypt", &ctx(&[])));
+        assert!(allows(
+            &p,
+            ROOT,
+            "kms:GenerateDataKeyWithoutPlaintext",
+            &ctx(&[])
+        ));
         let good = ctx(&[
             ("kms:RecipientAttestation:ImageSha384", "abcd"),
             ("kms:RecipientAttestation:PCR16", "22"),
         ]);
-        assert!(p.allows("kms:Decrypt", &good));
+        assert!(allows(&p, ROOT, "kms:Decrypt", &good));
         assert!(
-            !p.allows(
+            !allows(
+                &p,
+                ROOT,
                 "kms:Decrypt",
                 &ctx(&[("kms:RecipientAttestation:ImageSha384", "abcd")])
             ),
             "missing key is false"
         );
-        assert!(!p.allows("kms:Decrypt", &ctx(&[])), "no attestation");
+        assert!(
+            !allows(&p, ROOT, "kms:Decrypt", &ctx(&[])),
+            "no attestation"
+        );
         let bad = ctx(&[
             ("kms:RecipientAttestation:ImageSha384", "abce"),
             ("kms:RecipientAttestation:PCR16", "22"),
         ]);
-        assert!(!p.allows("kms:Decrypt", &bad));
-        assert!(
-            !p.allows("kms:CreateAlias", &good),
+        assert!(!allows(&p, ROOT, "kms:Decrypt", &bad));
+        assert_eq!(
+            p.evaluate(&who(ROOT), "kms:CreateAlias", &good),
+            Decision::ImplicitDeny,
             "no statement allows it"
         );
     }
 
     #[test]
-    fn deny_wins_and_default_allows() {
+    fn principals_are_evaluated() {
         let p = KeyPolicy::parse(
-            r#"{"Statement":[{"Effect":"Allow","Action":"kms:*"},{"Effect":"Deny","Action":"kms:Decrypt"}]}"#,
+            r#"{"Statement":[
+                {"Effect":"Allow","Principal":{"AWS":"arn:aws:iam::111111111111:root"},"Action":"kms:PutKeyPolicy"},
+                {"Effect":"Allow","Principal":{"AWS":["arn:aws:iam::222222222222:role/parent"]},"Action":"kms:Decrypt"},
+                {"Effect":"Allow","Principal":{"AWS":"333333333333"},"Action":"kms:Encrypt"}
+            ]}"#,
         )
         .unwrap();
-        assert!(!p.allows("kms:Decrypt", &ctx(&[])));
-        assert!(p.allows("kms:Encrypt", &ctx(&[])));
-        assert!(KeyPolicy::parse(&default_policy())
-            .unwrap()
-            .allows("kms:Decrypt", &ctx(&[])));
+        let none = ctx(&[]);
+        assert!(allows(
+            &p,
+            "arn:aws:iam::111111111111:user/owner",
+            "kms:PutKeyPolicy",
+            &none
+        ));
+        assert!(!allows(
+            &p,
+            "arn:aws:iam::222222222222:role/parent",
+            "kms:PutKeyPolicy",
+            &none
+        ));
+        assert!(allows(
+            &p,
+            "arn:aws:sts::222222222222:assumed-role/parent/i-1",
+            "kms:Decrypt",
+            &none
+        ));
+        assert!(!allows(
+            &p,
+            "arn:aws:iam::222222222222:user/admin",
+            "kms:Decrypt",
+            &none
+        ));
+        assert!(
+            !allows(&p, "arn:aws:iam::222222222222:root", "kms:Decrypt", &none),
+            "naming a role does not name its account"
+        );
+        assert!(allows(
+            &p,
+            "arn:aws:iam::333333333333:user/u",
+            "kms:Encrypt",
+            &none
+        ));
+    }
+
+    #[test]
+    fn deny_wins_null_and_default_allows() {
+        let p = KeyPolicy::parse(
+            r#"{"Statement":[{"Effect":"Allow","Principal":"*","Action":"kms:*"},
+                {"Effect":"Deny","Principal":{"AWS":"*"},"Action":"kms:Decrypt",
+                 "Condition":{"Null":{"kms:RecipientAttestation:ImageSha384":"true"}}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            p.evaluate(&who(ROOT), "kms:Decrypt", &ctx(&[])),
+            Decision::ExplicitDeny
+        );
+        assert!(allows(
+            &p,
+            ROOT,
+            "kms:Decrypt",
+            &ctx(&[("kms:RecipientAttestation:ImageSha384", "ab")])
+        ));
+        assert!(allows(&p, ROOT, "kms:Encrypt", &ctx(&[])));
+        let d = KeyPolicy::parse(&default_policy("000000000000")).unwrap();
+        assert!(allows(&d, ROOT, "kms:Decrypt", &ctx(&[])));
+        assert!(allows(
+            &d,
+            "arn:aws:iam::000000000000:role/r",
+            "kms:CreateGrant",
+            &ctx(&[])
+        ));
+        assert!(!allows(
+            &d,
+            "arn:aws:iam::111111111111:root",
+            "kms:Decrypt",
+            &ctx(&[])
+        ));
     }
 
     #[test]
     fn unsupported_constructs_are_refused() {
         for bad in [
             "[]",
-            r#"{"Statement":[{"Effect":"Maybe","Action":"kms:*"}]}"#,
-            r#"{"Statement":[{"Effect":"Allow","NotAction":"kms:*"}]}"#,
-            r#"{"Statement":[{"Effect":"Allow","Action":"kms:*","Condition":{"StringLike":{"a":"b"}}}]}"#,
-            r#"{"Statement":[{"Effect":"Allow","Action":7}]}"#,
+            r#"{"Statement":[{"Effect":"Maybe","Principal":"*","Action":"kms:*"}]}"#,
+            r#"{"Statement":[{"Effect":"Allow","Principal":"*","NotAction":"kms:*"}]}"#,
+            r#"{"Statement":[{"Effect":"Allow","Principal":"*","Action":"kms:*","Condition":{"StringLike":{"kms:CallerAccount":"b"}}}]}"#,
+            r#"{"Statement":[{"Effect":"Allow","Principal":"*","Action":7}]}"#,
+            r#"{"Statement":[{"Effect":"Allow","Action":"kms:*"}]}"#,
+            r#"{"Statement":[{"Effect":"Allow","Principal":{"Service":"ec2.amazonaws.com"},"Action":"kms:*"}]}"#,
+            r#"{"Statement":[{"Effect":"Allow","Principal":{"AWS":"bob"},"Action":"kms:*"}]}"#,
+            r#"{"Statement":[{"Effect":"Allow","Principal":{"AWS":[]},"Action":"kms:*"}]}"#,
+            r#"{"Statement":[{"Effect":"Allow","NotPrincipal":{"AWS":"*"},"Action":"kms:*"}]}"#,
+            r#"{"Statement":[{"Effect":"Allow","Principal":"*","Action":"kms:*","Condition":{"StringEquals":{"kms:ViaService":"ec2"}}}]}"#,
+            r#"{"Statement":[{"Effect":"Allow","Principal":"*","Action":"kms:*","Condition":{"StringEquals":{"kms:RecipientAttestation:PCR32":"00"}}}]}"#,
+            r#"{"Statement":[{"Effect":"Allow","Principal":"*","Action":"kms:*","Condition":{"StringEquals":{"kms:RecipientAttestation:PCR016":"00"}}}]}"#,
+            r#"{"Statement":[{"Effect":"Allow","Principal":"*","Action":"kms:*","Condition":{"Null":{"kms:CallerAccount":"yes"}}}]}"#,
         ] {
             assert!(KeyPolicy::parse(bad).is_err(), "{bad}");
+        }
+        for good in ["PCR0", "PCR8", "PCR16", "PCR31", "ImageSha384"] {
+            let p = format!(
+                r#"{{"Statement":[{{"Effect":"Allow","Principal":"*","Action":"kms:Decrypt","Condition":{{"StringEquals":{{"kms:RecipientAttestation:{good}":"00"}}}}}}]}}"#
+            );
+            assert!(KeyPolicy::parse(&p).is_ok(), "{p}");
         }
     }
 

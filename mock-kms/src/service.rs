@@ -1,6 +1,14 @@
 //! The KMS operations, as AWS KMS defines them (AWS KMS API Reference), on JSON bodies:
 //! `CreateKey`, `DescribeKey`, `PutKeyPolicy`, `GetKeyPolicy`, `CreateAlias`, `Encrypt`,
-//! `Decrypt`, `GenerateDataKey`, `GenerateDataKeyWithoutPlaintext`, `GenerateRandom`.
+//! `Decrypt`, `ReEncrypt`, `GenerateDataKey`, `GenerateDataKeyWithoutPlaintext`,
+//! `GenerateRandom`, `CreateGrant`, `ListGrants`, `RevokeGrant`.
+//!
+//! Every request has a caller ([`crate::identity`]); keys belong to their creator's account.
+//! Authorization is the key policy's decision for that caller, or, where the policy does not
+//! explicitly deny, a grant to the caller (AWS KMS Developer Guide, "Authentication and
+//! access control"). As in AWS, a key in another account is reached only by its ARN, and
+//! `PutKeyPolicy`, `GetKeyPolicy` and `CreateAlias` never work across accounts. This is what
+//! lets the tests show which principal can obtain a model's data key, and how.
 //!
 //! `Recipient` (on `Decrypt`, `GenerateDataKey`, `GenerateRandom`) works as with Nitro
 //! Enclaves (AWS KMS Developer Guide, "How AWS Nitro Enclaves uses AWS KMS"): the attestation
@@ -11,8 +19,9 @@
 //! No HTTP here; `crate::http` speaks the wire protocol.
 
 use crate::blob;
-use crate::policy::{default_policy, KeyPolicy, ACCOUNT};
-use crate::store::{Store, StoreError, StoredKey};
+use crate::identity::{validate_entry, Identities, Principal};
+use crate::policy::{caller_values, default_policy, Decision, KeyPolicy};
+use crate::store::{Grant, GrantConstraints, Store, StoreError, StoredKey};
 use attestation_verifier::{verify, Policy, TrustAnchor, UnixTime, DEFAULT_MAX_CLOCK_SKEW};
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use base64::engine::general_purpose::STANDARD as B64;
@@ -30,6 +39,22 @@ pub const MAX_ATTESTATION_AGE: Duration = Duration::from_secs(300);
 pub const MAX_PLAINTEXT: usize = 4096;
 /// Largest `NumberOfBytes` for data keys and random bytes (AWS KMS limit).
 pub const MAX_NUMBER_OF_BYTES: u64 = 1024;
+/// Most grants one key holds (AWS allows 50,000; the mock keeps them in the key's file).
+pub const MAX_GRANTS_PER_KEY: usize = 1000;
+/// The operations a grant may allow that this mock implements (AWS KMS API Reference,
+/// `CreateGrant`, `Operations`).
+pub const GRANT_OPERATIONS: [&str; 10] = [
+    "Decrypt",
+    "Encrypt",
+    "GenerateDataKey",
+    "GenerateDataKeyWithoutPlaintext",
+    "ReEncryptFrom",
+    "ReEncryptTo",
+    "CreateGrant",
+    "RetireGrant",
+    "DescribeKey",
+    "GenerateRandom",
+];
 
 /// An error as KMS reports it: HTTP status, `__type` and message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,6 +129,22 @@ struct Request {
     number_of_bytes: Option<u64>,
     recipient: Option<RecipientInfo>,
     dry_run: Option<bool>,
+    bypass_policy_lockout_safety_check: Option<bool>,
+    grantee_principal: Option<String>,
+    retiring_principal: Option<String>,
+    operations: Option<Vec<String>>,
+    constraints: Option<GrantConstraints>,
+    name: Option<String>,
+    grant_id: Option<String>,
+    /// Accepted and ignored: grants take effect at once here.
+    #[allow(dead_code)]
+    grant_tokens: Option<Vec<String>>,
+    source_key_id: Option<String>,
+    destination_key_id: Option<String>,
+    source_encryption_context: Option<BTreeMap<String, String>>,
+    destination_encryption_context: Option<BTreeMap<String, String>>,
+    source_encryption_algorithm: Option<String>,
+    destination_encryption_algorithm: Option<String>,
 }
 
 /// A verified recipient: where to encrypt, and the policy condition values it brings.
@@ -115,6 +156,7 @@ struct Attested {
 /// The mock KMS.
 pub struct Kms {
     store: Mutex<Store>,
+    identities: Identities,
     anchors: Vec<TrustAnchor>,
     region: String,
     rng: SystemRandom,
@@ -166,10 +208,17 @@ impl Kms {
         anchors.extend(extra_roots);
         Ok(Self {
             store: Mutex::new(Store::open(state_dir)?),
+            identities: Identities::anyone_is_default_root(),
             anchors,
             region: region.to_owned(),
             rng: SystemRandom::new(),
         })
+    }
+
+    /// The same KMS with callers identified by `identities` (`--principal`).
+    pub fn with_identities(mut self, identities: Identities) -> Self {
+        self.identities = identities;
+        self
     }
 
     fn store(&self) -> std::sync::MutexGuard<'_, Store> {
@@ -177,12 +226,39 @@ impl Kms {
         self.store.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn arn(&self, key_id: &str) -> String {
-        format!("arn:aws:kms:{}:{ACCOUNT}:key/{key_id}", self.region)
+    /// Changes a stored key under the store's lock, so that concurrent changes (two grants
+    /// created at once) both land.
+    fn update(
+        &self,
+        key_id: &str,
+        change: impl FnOnce(&mut StoredKey) -> Result<(), KmsError>,
+    ) -> Result<(), KmsError> {
+        let mut store = self.store();
+        let mut key = store
+            .key(key_id)
+            .cloned()
+            .ok_or_else(|| KmsError::not_found(format!("Key '{key_id}' does not exist")))?;
+        change(&mut key)?;
+        store.put_key(key)?;
+        Ok(())
     }
 
-    /// Runs operation `op` (the part after `TrentService.`) on a JSON body.
-    pub fn handle(&self, op: &str, body: &[u8]) -> Result<Value, KmsError> {
+    fn arn(&self, key: &StoredKey) -> String {
+        format!(
+            "arn:aws:kms:{}:{}:key/{}",
+            self.region, key.account, key.key_id
+        )
+    }
+
+    /// Runs operation `op` (the part after `TrentService.`) on a JSON body, for the caller
+    /// that signed with `access_key_id`.
+    pub fn handle(&self, access_key_id: &str, op: &str, body: &[u8]) -> Result<Value, KmsError> {
+        let caller = self.identities.caller(access_key_id).ok_or_else(|| {
+            KmsError::new(
+                "UnrecognizedClientException",
+                "The security token included in the request is invalid.",
+            )
+        })?;
         let req: Request = if body.is_empty() {
             Request::default()
         } else {
@@ -195,17 +271,22 @@ impl Kms {
                 "DryRun is not supported by the mock",
             ));
         }
+        let c = &caller;
         match op {
-            "CreateKey" => self.create_key(req),
-            "DescribeKey" => self.describe_key(req),
-            "PutKeyPolicy" => self.put_key_policy(req),
-            "GetKeyPolicy" => self.get_key_policy(req),
-            "CreateAlias" => self.create_alias(req),
-            "Encrypt" => self.encrypt(req),
-            "Decrypt" => self.decrypt(req),
-            "GenerateDataKey" => self.generate_data_key(req, true),
-            "GenerateDataKeyWithoutPlaintext" => self.generate_data_key(req, false),
+            "CreateKey" => self.create_key(c, req),
+            "DescribeKey" => self.describe_key(c, req),
+            "PutKeyPolicy" => self.put_key_policy(c, req),
+            "GetKeyPolicy" => self.get_key_policy(c, req),
+            "CreateAlias" => self.create_alias(c, req),
+            "Encrypt" => self.encrypt(c, req),
+            "Decrypt" => self.decrypt(c, req),
+            "ReEncrypt" => self.re_encrypt(c, req),
+            "GenerateDataKey" => self.generate_data_key(c, req, true),
+            "GenerateDataKeyWithoutPlaintext" => self.generate_data_key(c, req, false),
             "GenerateRandom" => self.generate_random(req),
+            "CreateGrant" => self.create_grant(c, req),
+            "ListGrants" => self.list_grants(c, req),
+            "RevokeGrant" => self.revoke_grant(c, req),
             other => Err(KmsError::new(
                 "UnknownOperationException",
                 format!("{other} is not supported"),
@@ -213,26 +294,51 @@ impl Kms {
         }
     }
 
-    /// Resolves a key id, key ARN, alias name or alias ARN.
-    fn resolve(&self, key_id: Option<&str>) -> Result<StoredKey, KmsError> {
+    /// Resolves a key id, key ARN, alias name or alias ARN for `caller`: ids and alias names
+    /// name keys of the caller's own account, ARNs any account's; `same_account_only` for the
+    /// operations AWS never allows across accounts.
+    fn resolve(
+        &self,
+        caller: &Principal,
+        key_id: Option<&str>,
+        same_account_only: bool,
+    ) -> Result<StoredKey, KmsError> {
         let id = key_id.ok_or_else(|| KmsError::validation("KeyId is required"))?;
         let store = self.store();
-        let alias_prefix = format!("arn:aws:kms:{}:{ACCOUNT}:alias/", self.region);
-        let key_prefix = format!("arn:aws:kms:{}:{ACCOUNT}:key/", self.region);
-        let uuid = if let Some(alias) = id.strip_prefix(&alias_prefix) {
-            store.alias(&format!("alias/{alias}")).map(str::to_owned)
+        let not_found = || KmsError::not_found(format!("Key '{id}' does not exist"));
+        let arn_prefix = format!("arn:aws:kms:{}:", self.region);
+        let (account, uuid) = if let Some(rest) = id.strip_prefix(&arn_prefix) {
+            let (account, resource) = rest.split_once(':').ok_or_else(not_found)?;
+            let uuid = if let Some(alias) = resource.strip_prefix("alias/") {
+                store.alias(&format!("alias/{alias}")).map(str::to_owned)
+            } else {
+                resource.strip_prefix("key/").map(str::to_owned)
+            };
+            (account.to_owned(), uuid)
         } else if id.starts_with("alias/") {
-            store.alias(id).map(str::to_owned)
+            (
+                caller.account().to_owned(),
+                store.alias(id).map(str::to_owned),
+            )
         } else {
-            Some(id.strip_prefix(&key_prefix).unwrap_or(id).to_owned())
+            (caller.account().to_owned(), Some(id.to_owned()))
         };
         let key = uuid
             .and_then(|u| store.key(&u).cloned())
-            .ok_or_else(|| KmsError::not_found(format!("Key '{id}' does not exist")))?;
+            .filter(|k| k.account == account)
+            .ok_or_else(not_found)?;
+        drop(store);
+        if same_account_only && key.account != caller.account() {
+            return Err(KmsError::denied(format!(
+                "User: {} is not authorized to use {}: this operation does not work across accounts",
+                caller.arn(),
+                self.arn(&key)
+            )));
+        }
         if !key.enabled {
             return Err(KmsError::new(
                 "DisabledException",
-                format!("{} is disabled", self.arn(&key.key_id)),
+                format!("{} is disabled", self.arn(&key)),
             ));
         }
         Ok(key)
@@ -240,9 +346,9 @@ impl Kms {
 
     fn metadata(&self, key: &StoredKey) -> Value {
         json!({
-            "AWSAccountId": ACCOUNT,
+            "AWSAccountId": key.account,
             "KeyId": key.key_id,
-            "Arn": self.arn(&key.key_id),
+            "Arn": self.arn(key),
             "CreationDate": key.creation_date,
             "Enabled": key.enabled,
             "Description": key.description,
@@ -257,33 +363,72 @@ impl Kms {
         })
     }
 
-    /// Checks the key policy for `action`, with the recipient's and the context's condition values.
+    /// Checks `action` by `caller` on `key`: the key policy with the recipient's, the caller's
+    /// and the context's condition values, then the key's grants. Returns the grant that
+    /// allowed it, if it took one.
     fn authorize(
         &self,
+        caller: &Principal,
         key: &StoredKey,
         action: &str,
         attested: Option<&Attested>,
         context: &BTreeMap<String, String>,
-    ) -> Result<(), KmsError> {
+    ) -> Result<Option<Grant>, KmsError> {
         let policy = KeyPolicy::parse(&key.policy)
             .map_err(|e| KmsError::internal(format!("stored policy: {e}")))?;
-        let mut values: BTreeMap<String, String> =
-            attested.map(|a| a.conditions.clone()).unwrap_or_default();
-        values.insert("kms:calleraccount".into(), ACCOUNT.into());
+        let mut values = caller_values(caller);
+        if let Some(a) = attested {
+            values.extend(a.conditions.clone());
+        }
         for (k, v) in context {
             values.insert(
                 format!("kms:encryptioncontext:{}", k.to_ascii_lowercase()),
                 v.clone(),
             );
         }
-        if policy.allows(action, &values) {
-            Ok(())
-        } else {
+        let refuse = |why: &str| {
             Err(KmsError::denied(format!(
-                "User: arn:aws:iam::{ACCOUNT}:root is not authorized to perform: {action} on resource: {} because no resource-based policy allows the {action} action",
-                self.arn(&key.key_id)
+                "User: {} is not authorized to perform: {action} on resource: {} {why}",
+                caller.arn(),
+                self.arn(key)
             )))
+        };
+        match policy.evaluate(caller, action, &values) {
+            Decision::Allow => Ok(None),
+            Decision::ExplicitDeny => refuse("with an explicit deny in a resource-based policy"),
+            Decision::ImplicitDeny => {
+                let operation = action.strip_prefix("kms:").unwrap_or(action);
+                match key.grants.iter().find(|g| {
+                    caller.is_named_by(&g.grantee_principal)
+                        && g.operations.iter().any(|o| o == operation)
+                        && g.constraints.as_ref().is_none_or(|c| c.hold(context))
+                }) {
+                    Some(g) => Ok(Some(g.clone())),
+                    None => refuse(&format!(
+                        "because no resource-based policy allows the {action} action"
+                    )),
+                }
+            }
         }
+    }
+
+    /// AWS's policy lockout safety check (AWS KMS API Reference, `PutKeyPolicy`,
+    /// `BypassPolicyLockoutSafetyCheck`): a new policy must let its setter set it again.
+    fn check_lockout(
+        caller: &Principal,
+        policy: &KeyPolicy,
+        bypass: Option<bool>,
+    ) -> Result<(), KmsError> {
+        if bypass == Some(true)
+            || policy.evaluate(caller, "kms:PutKeyPolicy", &caller_values(caller))
+                == Decision::Allow
+        {
+            return Ok(());
+        }
+        Err(KmsError::new(
+            "MalformedPolicyDocumentException",
+            "The new key policy will not allow you to update the key policy in the future.",
+        ))
     }
 
     /// Verifies a `Recipient`'s attestation document.
@@ -360,7 +505,7 @@ impl Kms {
         Ok(out)
     }
 
-    fn create_key(&self, req: Request) -> Result<Value, KmsError> {
+    fn create_key(&self, caller: &Principal, req: Request) -> Result<Value, KmsError> {
         if req
             .key_usage
             .as_deref()
@@ -378,11 +523,12 @@ impl Kms {
         }
         let policy = match req.policy {
             Some(p) => {
-                KeyPolicy::parse(&p)
+                let parsed = KeyPolicy::parse(&p)
                     .map_err(|e| KmsError::new("MalformedPolicyDocumentException", e))?;
+                Self::check_lockout(caller, &parsed, req.bypass_policy_lockout_safety_check)?;
                 p
             }
-            None => default_policy(),
+            None => default_policy(caller.account()),
         };
         let key = StoredKey {
             key_id: uuid_v4(&self.rng)?,
@@ -391,15 +537,17 @@ impl Kms {
             policy,
             material_hex: hex::encode(&*self.random(32)?),
             enabled: true,
+            account: caller.account().to_owned(),
+            grants: Vec::new(),
         };
         let metadata = self.metadata(&key);
         self.store().put_key(key)?;
         Ok(json!({ "KeyMetadata": metadata }))
     }
 
-    fn describe_key(&self, req: Request) -> Result<Value, KmsError> {
-        let key = self.resolve(req.key_id.as_deref())?;
-        self.authorize(&key, "kms:DescribeKey", None, &BTreeMap::new())?;
+    fn describe_key(&self, caller: &Principal, req: Request) -> Result<Value, KmsError> {
+        let key = self.resolve(caller, req.key_id.as_deref(), false)?;
+        self.authorize(caller, &key, "kms:DescribeKey", None, &BTreeMap::new())?;
         Ok(json!({ "KeyMetadata": self.metadata(&key) }))
     }
 
@@ -412,28 +560,31 @@ impl Kms {
         }
     }
 
-    fn put_key_policy(&self, req: Request) -> Result<Value, KmsError> {
+    fn put_key_policy(&self, caller: &Principal, req: Request) -> Result<Value, KmsError> {
         Self::check_policy_name(req.policy_name.as_deref())?;
-        let mut key = self.resolve(req.key_id.as_deref())?;
-        self.authorize(&key, "kms:PutKeyPolicy", None, &BTreeMap::new())?;
+        let key = self.resolve(caller, req.key_id.as_deref(), true)?;
+        self.authorize(caller, &key, "kms:PutKeyPolicy", None, &BTreeMap::new())?;
         let policy = req
             .policy
             .ok_or_else(|| KmsError::validation("Policy is required"))?;
-        KeyPolicy::parse(&policy)
+        let parsed = KeyPolicy::parse(&policy)
             .map_err(|e| KmsError::new("MalformedPolicyDocumentException", e))?;
-        key.policy = policy;
-        self.store().put_key(key)?;
+        Self::check_lockout(caller, &parsed, req.bypass_policy_lockout_safety_check)?;
+        self.update(&key.key_id, |k| {
+            k.policy = policy;
+            Ok(())
+        })?;
         Ok(json!({}))
     }
 
-    fn get_key_policy(&self, req: Request) -> Result<Value, KmsError> {
+    fn get_key_policy(&self, caller: &Principal, req: Request) -> Result<Value, KmsError> {
         Self::check_policy_name(req.policy_name.as_deref())?;
-        let key = self.resolve(req.key_id.as_deref())?;
-        self.authorize(&key, "kms:GetKeyPolicy", None, &BTreeMap::new())?;
+        let key = self.resolve(caller, req.key_id.as_deref(), true)?;
+        self.authorize(caller, &key, "kms:GetKeyPolicy", None, &BTreeMap::new())?;
         Ok(json!({ "Policy": key.policy, "PolicyName": "default" }))
     }
 
-    fn create_alias(&self, req: Request) -> Result<Value, KmsError> {
+    fn create_alias(&self, caller: &Principal, req: Request) -> Result<Value, KmsError> {
         let alias = req
             .alias_name
             .ok_or_else(|| KmsError::validation("AliasName is required"))?;
@@ -447,8 +598,8 @@ impl Kms {
         if !valid {
             return Err(KmsError::validation(format!("invalid AliasName {alias:?}")));
         }
-        let key = self.resolve(req.target_key_id.as_deref())?;
-        self.authorize(&key, "kms:CreateAlias", None, &BTreeMap::new())?;
+        let key = self.resolve(caller, req.target_key_id.as_deref(), true)?;
+        self.authorize(caller, &key, "kms:CreateAlias", None, &BTreeMap::new())?;
         if !self.store().put_alias(&alias, &key.key_id)? {
             return Err(KmsError::new(
                 "AlreadyExistsException",
@@ -458,10 +609,10 @@ impl Kms {
         Ok(json!({}))
     }
 
-    fn encrypt(&self, req: Request) -> Result<Value, KmsError> {
-        let key = self.resolve(req.key_id.as_deref())?;
+    fn encrypt(&self, caller: &Principal, req: Request) -> Result<Value, KmsError> {
+        let key = self.resolve(caller, req.key_id.as_deref(), false)?;
         let context = req.encryption_context.unwrap_or_default();
-        self.authorize(&key, "kms:Encrypt", None, &context)?;
+        self.authorize(caller, &key, "kms:Encrypt", None, &context)?;
         let plaintext = decode_b64(
             "Plaintext",
             req.plaintext
@@ -477,51 +628,109 @@ impl Kms {
             .map_err(|_| KmsError::internal("encryption failed"))?;
         Ok(json!({
             "CiphertextBlob": B64.encode(blob),
-            "KeyId": self.arn(&key.key_id),
+            "KeyId": self.arn(&key),
             "EncryptionAlgorithm": "SYMMETRIC_DEFAULT",
         }))
     }
 
-    fn decrypt(&self, req: Request) -> Result<Value, KmsError> {
-        if req
-            .encryption_algorithm
-            .as_deref()
-            .is_some_and(|a| a != "SYMMETRIC_DEFAULT")
-        {
-            return Err(KmsError::new(
+    fn check_algorithm(algorithm: Option<&str>) -> Result<(), KmsError> {
+        match algorithm {
+            None | Some("SYMMETRIC_DEFAULT") => Ok(()),
+            Some(_) => Err(KmsError::new(
                 "IncorrectKeyException",
                 "only SYMMETRIC_DEFAULT keys exist here",
+            )),
+        }
+    }
+
+    /// The key a ciphertext names (any account: the blob itself identifies it, as with AWS),
+    /// checked against the `KeyId` the request may give.
+    fn ciphertext_key(
+        &self,
+        caller: &Principal,
+        blob: &[u8],
+        requested: Option<&str>,
+    ) -> Result<StoredKey, KmsError> {
+        let named = blob::key_id(blob).map_err(|_| KmsError::invalid_ciphertext())?;
+        let key = self
+            .store()
+            .key(named)
+            .cloned()
+            .ok_or_else(KmsError::invalid_ciphertext)?;
+        if !key.enabled {
+            return Err(KmsError::new(
+                "DisabledException",
+                format!("{} is disabled", self.arn(&key)),
             ));
         }
+        if let Some(requested) = requested {
+            if self.resolve(caller, Some(requested), false)?.key_id != key.key_id {
+                return Err(KmsError::new("IncorrectKeyException", "The key ID in the request does not identify the key that encrypted the ciphertext"));
+            }
+        }
+        Ok(key)
+    }
+
+    fn decrypt(&self, caller: &Principal, req: Request) -> Result<Value, KmsError> {
+        Self::check_algorithm(req.encryption_algorithm.as_deref())?;
         let blob_b64 = req
             .ciphertext_blob
             .as_deref()
             .ok_or_else(|| KmsError::validation("CiphertextBlob is required"))?;
         let blob = decode_b64("CiphertextBlob", blob_b64)?;
-        let named = blob::key_id(&blob)
-            .map_err(|_| KmsError::invalid_ciphertext())?
-            .to_owned();
-        let key = self.resolve(Some(&named)).map_err(|e| {
-            if e.kind == "NotFoundException" {
-                KmsError::invalid_ciphertext()
-            } else {
-                e
-            }
-        })?;
-        if let Some(requested) = req.key_id.as_deref() {
-            if self.resolve(Some(requested))?.key_id != key.key_id {
-                return Err(KmsError::new("IncorrectKeyException", "The key ID in the request does not identify the key that encrypted the ciphertext"));
-            }
-        }
+        let key = self.ciphertext_key(caller, &blob, req.key_id.as_deref())?;
         let context = req.encryption_context.unwrap_or_default();
         let attested = req.recipient.as_ref().map(|r| self.attest(r)).transpose()?;
-        self.authorize(&key, "kms:Decrypt", attested.as_ref(), &context)?;
+        self.authorize(caller, &key, "kms:Decrypt", attested.as_ref(), &context)?;
         let plaintext = blob::open(&key.key_id, &key.material()?, &context, &blob)
             .map_err(|_| KmsError::invalid_ciphertext())?;
         let mut out =
-            json!({ "KeyId": self.arn(&key.key_id), "EncryptionAlgorithm": "SYMMETRIC_DEFAULT" });
+            json!({ "KeyId": self.arn(&key), "EncryptionAlgorithm": "SYMMETRIC_DEFAULT" });
         self.deliver(&mut out, &plaintext, attested.as_ref())?;
         Ok(out)
+    }
+
+    /// `ReEncrypt`: decrypts under the source key and encrypts under the destination without
+    /// returning the plaintext; needs `kms:ReEncryptFrom` on the source and `kms:ReEncryptTo`
+    /// on the destination. It never asks for attestation, which is why a release policy must
+    /// not allow it.
+    fn re_encrypt(&self, caller: &Principal, req: Request) -> Result<Value, KmsError> {
+        Self::check_algorithm(req.source_encryption_algorithm.as_deref())?;
+        Self::check_algorithm(req.destination_encryption_algorithm.as_deref())?;
+        let blob = decode_b64(
+            "CiphertextBlob",
+            req.ciphertext_blob
+                .as_deref()
+                .ok_or_else(|| KmsError::validation("CiphertextBlob is required"))?,
+        )?;
+        let source = self.ciphertext_key(caller, &blob, req.source_key_id.as_deref())?;
+        let destination = self.resolve(caller, req.destination_key_id.as_deref(), false)?;
+        let source_context = req.source_encryption_context.unwrap_or_default();
+        let destination_context = req.destination_encryption_context.unwrap_or_default();
+        self.authorize(caller, &source, "kms:ReEncryptFrom", None, &source_context)?;
+        self.authorize(
+            caller,
+            &destination,
+            "kms:ReEncryptTo",
+            None,
+            &destination_context,
+        )?;
+        let plaintext = blob::open(&source.key_id, &source.material()?, &source_context, &blob)
+            .map_err(|_| KmsError::invalid_ciphertext())?;
+        let out = blob::seal(
+            &destination.key_id,
+            &destination.material()?,
+            &destination_context,
+            &plaintext,
+        )
+        .map_err(|_| KmsError::internal("encryption failed"))?;
+        Ok(json!({
+            "CiphertextBlob": B64.encode(out),
+            "SourceKeyId": self.arn(&source),
+            "KeyId": self.arn(&destination),
+            "SourceEncryptionAlgorithm": "SYMMETRIC_DEFAULT",
+            "DestinationEncryptionAlgorithm": "SYMMETRIC_DEFAULT",
+        }))
     }
 
     fn number_of_bytes(req: &Request) -> Result<usize, KmsError> {
@@ -542,8 +751,13 @@ impl Kms {
         }
     }
 
-    fn generate_data_key(&self, req: Request, with_plaintext: bool) -> Result<Value, KmsError> {
-        let key = self.resolve(req.key_id.as_deref())?;
+    fn generate_data_key(
+        &self,
+        caller: &Principal,
+        req: Request,
+        with_plaintext: bool,
+    ) -> Result<Value, KmsError> {
+        let key = self.resolve(caller, req.key_id.as_deref(), false)?;
         let n = Self::number_of_bytes(&req)?;
         let context = req.encryption_context.clone().unwrap_or_default();
         let attested = match (&req.recipient, with_plaintext) {
@@ -560,11 +774,11 @@ impl Kms {
         } else {
             "kms:GenerateDataKeyWithoutPlaintext"
         };
-        self.authorize(&key, action, attested.as_ref(), &context)?;
+        self.authorize(caller, &key, action, attested.as_ref(), &context)?;
         let data_key = self.random(n)?;
         let blob = blob::seal(&key.key_id, &key.material()?, &context, &data_key)
             .map_err(|_| KmsError::internal("encryption failed"))?;
-        let mut out = json!({ "CiphertextBlob": B64.encode(blob), "KeyId": self.arn(&key.key_id) });
+        let mut out = json!({ "CiphertextBlob": B64.encode(blob), "KeyId": self.arn(&key) });
         if with_plaintext {
             self.deliver(&mut out, &data_key, attested.as_ref())?;
         }
@@ -586,5 +800,116 @@ impl Kms {
         let mut out = json!({});
         self.deliver(&mut out, &bytes, attested.as_ref())?;
         Ok(out)
+    }
+
+    /// `CreateGrant`: allowed by `kms:CreateGrant` in the key policy, or by a grant to the
+    /// caller that includes `CreateGrant` and every operation asked for.
+    fn create_grant(&self, caller: &Principal, req: Request) -> Result<Value, KmsError> {
+        let key = self.resolve(caller, req.key_id.as_deref(), false)?;
+        let grantee = req
+            .grantee_principal
+            .ok_or_else(|| KmsError::validation("GranteePrincipal is required"))?;
+        validate_entry(&grantee, false)
+            .map_err(|e| KmsError::validation(format!("GranteePrincipal: {e}")))?;
+        if let Some(r) = &req.retiring_principal {
+            validate_entry(r, false)
+                .map_err(|e| KmsError::validation(format!("RetiringPrincipal: {e}")))?;
+        }
+        let operations = req.operations.unwrap_or_default();
+        if operations.is_empty() {
+            return Err(KmsError::validation("Operations is required"));
+        }
+        if let Some(bad) = operations
+            .iter()
+            .find(|o| !GRANT_OPERATIONS.contains(&o.as_str()))
+        {
+            return Err(KmsError::validation(format!(
+                "Operations: {bad} is not one of {GRANT_OPERATIONS:?}"
+            )));
+        }
+        let name = req.name.unwrap_or_default();
+        if name.len() > 256 {
+            return Err(KmsError::validation("Name is longer than 256 characters"));
+        }
+        if let Some(parent) =
+            self.authorize(caller, &key, "kms:CreateGrant", None, &BTreeMap::new())?
+        {
+            if let Some(op) = operations.iter().find(|o| !parent.operations.contains(o)) {
+                return Err(KmsError::denied(format!(
+                    "User: {} may create grants only for the operations of its own grant; {op} is not one",
+                    caller.arn()
+                )));
+            }
+        }
+        let grant_id = hex::encode(&*self.random(32)?);
+        let grant = Grant {
+            grant_id: grant_id.clone(),
+            name,
+            grantee_principal: grantee,
+            retiring_principal: req.retiring_principal,
+            operations,
+            constraints: req.constraints,
+            issuing_account: caller.account().to_owned(),
+            creation_date: now_secs(),
+        };
+        let arn = self.arn(&key);
+        self.update(&key.key_id, |k| {
+            if k.grants.len() >= MAX_GRANTS_PER_KEY {
+                return Err(KmsError::new(
+                    "LimitExceededException",
+                    format!("{arn} has {MAX_GRANTS_PER_KEY} grants"),
+                ));
+            }
+            k.grants.push(grant);
+            Ok(())
+        })?;
+        Ok(json!({ "GrantId": grant_id, "GrantToken": B64.encode(grant_id.as_bytes()) }))
+    }
+
+    fn list_grants(&self, caller: &Principal, req: Request) -> Result<Value, KmsError> {
+        let key = self.resolve(caller, req.key_id.as_deref(), false)?;
+        self.authorize(caller, &key, "kms:ListGrants", None, &BTreeMap::new())?;
+        let grants: Vec<Value> = key
+            .grants
+            .iter()
+            .map(|g| {
+                let mut v = serde_json::Map::new();
+                v.insert("KeyId".into(), json!(self.arn(&key)));
+                v.insert("GrantId".into(), json!(g.grant_id));
+                v.insert("Name".into(), json!(g.name));
+                v.insert("CreationDate".into(), json!(g.creation_date));
+                v.insert("GranteePrincipal".into(), json!(g.grantee_principal));
+                v.insert(
+                    "IssuingAccount".into(),
+                    json!(format!("arn:aws:iam::{}:root", g.issuing_account)),
+                );
+                v.insert("Operations".into(), json!(g.operations));
+                if let Some(r) = &g.retiring_principal {
+                    v.insert("RetiringPrincipal".into(), json!(r));
+                }
+                if let Some(c) = &g.constraints {
+                    v.insert("Constraints".into(), json!(c));
+                }
+                Value::Object(v)
+            })
+            .collect();
+        Ok(json!({ "Grants": grants, "Truncated": false }))
+    }
+
+    fn revoke_grant(&self, caller: &Principal, req: Request) -> Result<Value, KmsError> {
+        let key = self.resolve(caller, req.key_id.as_deref(), false)?;
+        self.authorize(caller, &key, "kms:RevokeGrant", None, &BTreeMap::new())?;
+        let id = req
+            .grant_id
+            .ok_or_else(|| KmsError::validation("GrantId is required"))?;
+        self.update(&key.key_id, |k| {
+            let before = k.grants.len();
+            k.grants.retain(|g| g.grant_id != id);
+            if k.grants.len() == before {
+                return Err(KmsError::not_found(format!("Grant ID {id} not found")));
+            }
+            Ok(())
+        })?;
+        Ok(json!({}))
     }
 }

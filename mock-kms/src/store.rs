@@ -23,6 +23,64 @@ pub struct StoredKey {
     pub material_hex: String,
     /// Whether the key may be used.
     pub enabled: bool,
+    /// The account that owns the key: the creator's (keys written before accounts were
+    /// modelled belong to the default account).
+    #[serde(default = "default_account")]
+    pub account: String,
+    /// The key's grants (AWS KMS Developer Guide, "Grants in AWS KMS").
+    #[serde(default)]
+    pub grants: Vec<Grant>,
+}
+
+fn default_account() -> String {
+    crate::identity::DEFAULT_ACCOUNT.to_owned()
+}
+
+/// Encryption-context constraints of a grant (AWS KMS API Reference, `GrantConstraints`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct GrantConstraints {
+    /// The request's context must equal this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption_context_equals: Option<BTreeMap<String, String>>,
+    /// The request's context must include this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption_context_subset: Option<BTreeMap<String, String>>,
+}
+
+impl GrantConstraints {
+    /// Whether a request with `context` satisfies the constraints.
+    pub fn hold(&self, context: &BTreeMap<String, String>) -> bool {
+        self.encryption_context_equals
+            .as_ref()
+            .is_none_or(|e| e == context)
+            && self
+                .encryption_context_subset
+                .as_ref()
+                .is_none_or(|sub| sub.iter().all(|(k, v)| context.get(k) == Some(v)))
+    }
+}
+
+/// A grant: `grantee_principal` may perform `operations` on the key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grant {
+    /// The grant id.
+    pub grant_id: String,
+    /// Free text.
+    pub name: String,
+    /// Who the grant lets in (an account, user, role or role session ARN).
+    pub grantee_principal: String,
+    /// Who may retire it.
+    pub retiring_principal: Option<String>,
+    /// Operation names without the `kms:` prefix, e.g. `Decrypt`.
+    pub operations: Vec<String>,
+    /// Encryption-context constraints.
+    pub constraints: Option<GrantConstraints>,
+    /// The account of the principal that created it.
+    pub issuing_account: String,
+    /// Seconds since the epoch.
+    pub creation_date: u64,
 }
 
 impl std::fmt::Debug for StoredKey {

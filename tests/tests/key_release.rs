@@ -24,7 +24,9 @@ use host::provision::{provision as host_provision, ProvisionError as HostError, 
 use host::seal::{seal_file, SealRequest};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tests::{kms_client, measurements, put_release_policy, start_kms, tempdir, Local, IMAGE};
+use tests::{
+    identity, kms_client_as, put_release_policy, release_policy, start_kms, tempdir, Local, IMAGE,
+};
 
 const MAX_MODEL: u64 = 1 << 30;
 
@@ -35,7 +37,10 @@ fn model_bytes(len: usize, seed: u8) -> Vec<u8> {
 }
 
 struct Setup {
+    /// The parent role: what the relay provisions with.
     kms: aws_sdk_kms::Client,
+    /// The model owner: creates the key, seals, sets the policy.
+    owner: aws_sdk_kms::Client,
     key_id: String,
     sealed: PathBuf,
     model: Vec<u8>,
@@ -44,8 +49,8 @@ struct Setup {
 
 /// A key with an attested-release policy for `policy_image` and the model, and the model sealed.
 async fn setup(endpoint: &str, policy_image: &str, bind_model: Option<[u8; 32]>) -> Setup {
-    let kms = kms_client(endpoint).await;
-    let key_id = kms
+    let owner = kms_client_as(endpoint, identity::OWNER_KEY).await;
+    let key_id = owner
         .create_key()
         .description("model key")
         .send()
@@ -63,7 +68,7 @@ async fn setup(endpoint: &str, policy_image: &str, bind_model: Option<[u8; 32]>)
     std::fs::write(&input, &model).unwrap();
     let sealed = dir.join("model.sealed");
     let summary = seal_file(
-        &kms,
+        &owner,
         &SealRequest {
             key_id: key_id.clone(),
             input,
@@ -75,9 +80,10 @@ async fn setup(endpoint: &str, policy_image: &str, bind_model: Option<[u8; 32]>)
     .await
     .unwrap();
     let sha256 = summary.header.plaintext_sha256;
-    put_release_policy(&kms, &key_id, policy_image, &bind_model.unwrap_or(sha256)).await;
+    put_release_policy(&owner, &key_id, policy_image, &bind_model.unwrap_or(sha256)).await;
     Setup {
-        kms,
+        kms: kms_client_as(endpoint, identity::PARENT_KEY).await,
+        owner,
         key_id,
         sealed,
         model,
@@ -185,7 +191,7 @@ async fn access_denied_without_attestation() {
     let err = s
         .kms
         .decrypt()
-        .key_id(&s.key_id)
+        .key_id(&header.key_id)
         .ciphertext_blob(Blob::new(header.wrapped_key.clone()))
         .set_encryption_context(Some(header.context.clone().into_iter().collect()))
         .send()
@@ -365,17 +371,9 @@ async fn a_refused_enclave_can_retry_the_same_model_only() {
     let nsm = local.nsm(IMAGE, |_| {});
     let (h, e) = run_pair(&s.kms, &s.sealed, nsm.clone()).await;
     denied(&h, &e);
-    // The operator fixes the policy; the same enclave retries and succeeds.
-    let policy = generate(&PolicyRequest {
-        measurements: measurements(IMAGE),
-        include: vec![],
-        model_pcr16: Some(model_pcr16(&s.sha256)),
-        account: "000000000000".into(),
-        admin_principal: None,
-        enclave_principal: None,
-    })
-    .unwrap();
-    s.kms
+    // The owner fixes the policy; the same enclave retries and succeeds.
+    let policy = release_policy(IMAGE, &s.sha256);
+    s.owner
         .put_key_policy()
         .key_id(&s.key_id)
         .policy_name("default")
@@ -393,4 +391,311 @@ async fn a_refused_enclave_can_retry_the_same_model_only() {
         matches!(e, Err(EnclaveError::ModelAlreadyMeasured)),
         "{e:?}"
     );
+}
+
+/// The KMS error code of an SDK result, or "succeeded".
+fn outcome<T, E, R>(r: Result<T, aws_sdk_kms::error::SdkError<E, R>>) -> String
+where
+    E: aws_sdk_kms::error::ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    match r {
+        Ok(_) => "succeeded".into(),
+        Err(e) => host::kms::KmsFailure::from_sdk(&e).code,
+    }
+}
+
+/// Everything a principal without an enclave could try, with the sealed header at hand, to
+/// obtain the model's data key: Decrypt without a Recipient, a grant to itself, a rewritten
+/// key policy, and ReEncrypt to a key of its own. Returns each attempt's outcome.
+async fn key_theft_attempts(
+    kms: &aws_sdk_kms::Client,
+    me: &str,
+    header: &SealedHeader,
+) -> Vec<(&'static str, String)> {
+    let context: std::collections::HashMap<_, _> = header.context.clone().into_iter().collect();
+    let blob = Blob::new(header.wrapped_key.clone());
+    let decrypt = kms
+        .decrypt()
+        .key_id(&header.key_id)
+        .ciphertext_blob(blob.clone())
+        .set_encryption_context(Some(context.clone()))
+        .send()
+        .await;
+    let grant = kms
+        .create_grant()
+        .key_id(&header.key_id)
+        .grantee_principal(me)
+        .operations(aws_sdk_kms::types::GrantOperation::Decrypt)
+        .send()
+        .await;
+    let anything = serde_json::json!({"Statement": [{"Effect": "Allow",
+        "Principal": {"AWS": me}, "Action": "kms:*", "Resource": "*"}]});
+    let policy = kms
+        .put_key_policy()
+        .key_id(&header.key_id)
+        .policy_name("default")
+        .policy(anything.to_string())
+        .send()
+        .await;
+    // A key of its own (its account's default policy lets it use it), to re-encrypt into.
+    let own = kms
+        .create_key()
+        .send()
+        .await
+        .unwrap()
+        .key_metadata
+        .unwrap()
+        .arn
+        .unwrap();
+    let re_encrypt = kms
+        .re_encrypt()
+        .ciphertext_blob(blob)
+        .set_source_encryption_context(Some(context))
+        .destination_key_id(own)
+        .send()
+        .await;
+    vec![
+        ("Decrypt without Recipient", outcome(decrypt)),
+        ("CreateGrant", outcome(grant)),
+        ("PutKeyPolicy", outcome(policy)),
+        ("ReEncrypt", outcome(re_encrypt)),
+    ]
+}
+
+fn all_denied(who: &str, attempts: &[(&str, String)]) {
+    for (what, code) in attempts {
+        assert_eq!(code, "AccessDeniedException", "{who}: {what}");
+    }
+}
+
+/// The key policy `host kms-policy` printed before key ownership was modelled: administration
+/// (`kms:Create*`, `kms:Put*`) for the operator's account root, the attested release for the
+/// parent role. Kept to show what the mock now catches.
+fn former_policy(sha256: &[u8; 32]) -> String {
+    let mut p = release_policy(IMAGE, sha256);
+    let release = p["Statement"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["Sid"] == "DecryptOnlyForTheAttestedEnclave")
+        .unwrap()
+        .clone();
+    p["Statement"] = serde_json::json!([
+        { "Sid": "KeyAdministrationAndSealing", "Effect": "Allow",
+          "Principal": { "AWS": "arn:aws:iam::222222222222:root" },
+          "Action": ["kms:Create*", "kms:Describe*", "kms:Enable*", "kms:List*", "kms:Put*",
+                     "kms:Update*", "kms:Revoke*", "kms:Disable*", "kms:Get*", "kms:Delete*",
+                     "kms:Encrypt", "kms:GenerateDataKey", "kms:GenerateDataKeyWithoutPlaintext"],
+          "Resource": "*" },
+        release
+    ]);
+    p.to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_the_former_policy_the_operator_unseals_the_model_through_a_grant() {
+    // What issue 15 §1 found, shown against the mock: the key in the operator's account, the
+    // former policy, and the operator's administrator with nothing but its own credentials.
+    let local = Local::new();
+    let endpoint = start_kms(vec![local.root()]).await;
+    let admin = kms_client_as(&endpoint, identity::OPERATOR_ADMIN_KEY).await;
+    let dir = tempdir("former");
+    let model = model_bytes(2 * MIN_CHUNK_SIZE as usize + 7, 200);
+    std::fs::write(dir.join("model.gguf"), &model).unwrap();
+    let sha256 = common::sealed::sha256(&model);
+    let key = admin
+        .create_key()
+        .policy(former_policy(&sha256))
+        .send()
+        .await
+        .unwrap()
+        .key_metadata
+        .unwrap()
+        .key_id;
+    let sealed = dir.join("model.sealed");
+    seal_file(
+        &admin,
+        &SealRequest {
+            key_id: key,
+            input: dir.join("model.gguf"),
+            output: sealed.clone(),
+            name: "test-model".into(),
+            chunk_size: MIN_CHUNK_SIZE,
+        },
+    )
+    .await
+    .unwrap();
+    let bytes = std::fs::read(&sealed).unwrap();
+    let (header, _) = SealedHeader::decode(&bytes).unwrap();
+    // Without a grant, Decrypt needs the attestation; the operator grants itself Decrypt.
+    let context: std::collections::HashMap<_, _> = header.context.clone().into_iter().collect();
+    let unattested = || {
+        admin
+            .decrypt()
+            .ciphertext_blob(Blob::new(header.wrapped_key.clone()))
+            .set_encryption_context(Some(context.clone()))
+            .send()
+    };
+    assert_eq!(outcome(unattested().await), "AccessDeniedException");
+    admin
+        .create_grant()
+        .key_id(&header.key_id)
+        .grantee_principal(identity::OPERATOR_ADMIN)
+        .operations(aws_sdk_kms::types::GrantOperation::Decrypt)
+        .send()
+        .await
+        .expect("kms:Create* includes CreateGrant");
+    let mut plain = unattested()
+        .await
+        .expect("the grant lets the operator decrypt without attestation")
+        .plaintext
+        .unwrap()
+        .into_inner();
+    let data_key = DataKey::from_slice(&mut plain).unwrap();
+    let weights = common::sealed::unseal(&data_key, &bytes, MAX_MODEL).unwrap();
+    assert_eq!(&weights[..], &model[..], "the operator has the weights");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_the_generated_policy_only_the_attested_enclave_gets_the_data_key() {
+    let local = Local::new();
+    let endpoint = start_kms(vec![local.root()]).await;
+    // The owner creates the key in its own account and seals (`setup`).
+    let s = setup(&endpoint, IMAGE, None).await;
+    let bytes = std::fs::read(&s.sealed).unwrap();
+    let (header, _) = SealedHeader::decode(&bytes).unwrap();
+    assert!(
+        header.key_id.contains(":111111111111:key/"),
+        "{}",
+        header.key_id
+    );
+    // The parent role and another principal of the operator's account.
+    all_denied(
+        "parent role",
+        &key_theft_attempts(&s.kms, identity::PARENT, &header).await,
+    );
+    let admin = kms_client_as(&endpoint, identity::OPERATOR_ADMIN_KEY).await;
+    all_denied(
+        "operator admin",
+        &key_theft_attempts(&admin, identity::OPERATOR_ADMIN, &header).await,
+    );
+    // The same attempts through boto3, as an operator's scripts would make them.
+    let case = serde_json::json!({
+        "key_arn": header.key_id,
+        "wrapped_key": base64::engine::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            &header.wrapped_key
+        ),
+        "context": header.context,
+        "principals": {
+            identity::PARENT_KEY: identity::PARENT,
+            identity::OPERATOR_ADMIN_KEY: identity::OPERATOR_ADMIN,
+        },
+    });
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/boto3_operator.py");
+    let url = endpoint.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .arg(script)
+            .arg(url)
+            .arg(case.to_string())
+            .output()
+    })
+    .await
+    .unwrap()
+    .expect("python3 (make test installs boto3)");
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "ok",
+        "boto3 operator:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // An access key nobody mapped is not a principal at all.
+    let stranger = kms_client_as(&endpoint, "AKIDSTRANGER").await;
+    assert_eq!(
+        outcome(stranger.describe_key().key_id(&header.key_id).send().await),
+        "UnrecognizedClientException"
+    );
+    // The owner seals but does not decrypt either.
+    assert_eq!(
+        outcome(
+            s.owner
+                .decrypt()
+                .ciphertext_blob(Blob::new(header.wrapped_key.clone()))
+                .set_encryption_context(Some(header.context.clone().into_iter().collect()))
+                .send()
+                .await
+        ),
+        "AccessDeniedException"
+    );
+    // And the attested enclave, through the parent role, still gets its key.
+    let (h, e) = run_pair(&s.kms, &s.sealed, local.nsm(IMAGE, |_| {})).await;
+    assert_eq!(&e.unwrap().weights[..], &s.model[..]);
+    h.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_in_the_operators_account_gets_an_immutable_key() {
+    let local = Local::new();
+    let endpoint = start_kms(vec![local.root()]).await;
+    let admin = kms_client_as(&endpoint, identity::OPERATOR_ADMIN_KEY).await;
+    let dir = tempdir("immutable");
+    let model = model_bytes(2 * MIN_CHUNK_SIZE as usize + 9, 201);
+    std::fs::write(dir.join("model.gguf"), &model).unwrap();
+    let sha256 = common::sealed::sha256(&model);
+    let request = |immutable| PolicyRequest {
+        measurements: tests::measurements(IMAGE),
+        include: vec![],
+        model_pcr16: Some(model_pcr16(&sha256)),
+        owner_principal: identity::OPERATOR_ADMIN.into(),
+        enclave_principal: identity::PARENT.into(),
+        immutable,
+    };
+    assert!(matches!(
+        generate(&request(false)),
+        Err(host::policy::PolicyError::SharedAccount(_))
+    ));
+    let policy = generate(&request(true)).unwrap().to_string();
+    // KMS's lockout check refuses a policy nobody can change, unless told it is meant.
+    assert_eq!(
+        outcome(admin.create_key().policy(&policy).send().await),
+        "MalformedPolicyDocumentException"
+    );
+    let key = admin
+        .create_key()
+        .policy(&policy)
+        .bypass_policy_lockout_safety_check(true)
+        .send()
+        .await
+        .unwrap()
+        .key_metadata
+        .unwrap()
+        .key_id;
+    let sealed = dir.join("model.sealed");
+    seal_file(
+        &admin,
+        &SealRequest {
+            key_id: key,
+            input: dir.join("model.gguf"),
+            output: sealed.clone(),
+            name: "test-model".into(),
+            chunk_size: MIN_CHUNK_SIZE,
+        },
+    )
+    .await
+    .unwrap();
+    let (header, _) = SealedHeader::decode(&std::fs::read(&sealed).unwrap()).unwrap();
+    all_denied(
+        "owner-administrator",
+        &key_theft_attempts(&admin, identity::OPERATOR_ADMIN, &header).await,
+    );
+    let parent = kms_client_as(&endpoint, identity::PARENT_KEY).await;
+    all_denied(
+        "parent role",
+        &key_theft_attempts(&parent, identity::PARENT, &header).await,
+    );
+    let (h, e) = run_pair(&parent, &sealed, local.nsm(IMAGE, |_| {})).await;
+    assert_eq!(&e.unwrap().weights[..], &model[..]);
+    h.unwrap();
 }
