@@ -29,8 +29,15 @@ KMS=${KMS:-127.0.0.1:4566}
 CARGO=${CARGO:-cargo}
 BIN=${BIN:-target/release}
 
-# mock-kms accepts any signed request; the SDK only needs credentials to sign with.
-export AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-local} AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-local}
+# Two identities, as in production (docs/security.md, "Key ownership"): the model owner, in
+# its own account, creates the key and seals; the parent instance's role, in the operator's
+# account, is all `host serve` has, and the key policy lets it only Decrypt for the attested
+# enclave. mock-kms maps each access key id to its principal (it checks no signatures).
+OWNER_ACCOUNT=111111111111 OPERATOR_ACCOUNT=222222222222
+OWNER_ARN=arn:aws:iam::$OWNER_ACCOUNT:user/model-owner
+PARENT_ARN=arn:aws:iam::$OPERATOR_ACCOUNT:role/parent
+AS_OWNER=(env AWS_ACCESS_KEY_ID=AKIDMODELOWNER AWS_SECRET_ACCESS_KEY=local)
+AS_PARENT=(env AWS_ACCESS_KEY_ID=AKIDPARENTROLE AWS_SECRET_ACCESS_KEY=local)
 export AWS_REGION=${AWS_REGION:-us-east-1}
 
 STEP="starting"
@@ -111,21 +118,26 @@ $BIN/mock-ca measurements "$IMAGE" >"$STATE/measurements.json"
 
 step "5/10 mock-kms and the key"
 $BIN/mock-kms --listen "$KMS" --state-dir "$STATE/kms" --trust-root "$STATE/mock-ca/root.pem" \
+    --principal "AKIDMODELOWNER=$OWNER_ARN" --principal "AKIDPARENTROLE=$PARENT_ARN" \
     >"$LOGS/mock-kms.log" 2>&1 &
 pids+=($!)
 wait_for "${pids[-1]}" "! port_free $KMS" 30 "$LOGS/mock-kms.log"
 export KMS_ENDPOINT_URL="http://$KMS"
 MODEL_SHA256=$(sha256sum "$MODEL" | cut -d' ' -f1)
-if [ -s "$STATE/key-id" ] && [ "$(cat "$STATE/key-model-sha256" 2>/dev/null)" = "$MODEL_SHA256" ]; then
+if [ -s "$STATE/key-id" ] && [ "$(cat "$STATE/key-model-sha256" 2>/dev/null)" = "$MODEL_SHA256" ] \
+    && [ "$(cat "$STATE/key-owner" 2>/dev/null)" = "$OWNER_ARN" ]; then
     KEY_ID=$(cat "$STATE/key-id")
     echo "reusing key $KEY_ID"
 else
-    # The key policy releases data keys only to the mock image running this model (PCR16).
+    # The key policy: the owner administers and seals; the parent role decrypts only for the
+    # mock image running this model (PCR16); nobody in the operator's account does more.
     $BIN/host kms-policy --measurements "$STATE/measurements.json" --model-sha256 "$MODEL_SHA256" \
+        --owner-principal "arn:aws:iam::$OWNER_ACCOUNT:root" --enclave-principal "$PARENT_ARN" \
         >"$STATE/key-policy.json"
-    KEY_ID=$($BIN/host kms-create-key --policy "$STATE/key-policy.json")
+    KEY_ID=$("${AS_OWNER[@]}" $BIN/host kms-create-key --policy "$STATE/key-policy.json")
     echo "$KEY_ID" >"$STATE/key-id"
     echo "$MODEL_SHA256" >"$STATE/key-model-sha256"
+    echo "$OWNER_ARN" >"$STATE/key-owner"
     rm -f "$STATE/model.sealed"
     echo "created key $KEY_ID"
 fi
@@ -134,7 +146,7 @@ step "6/10 seal the model"
 if [ -s "$STATE/model.sealed" ] && [ "$(cat "$STATE/sealed-name" 2>/dev/null)" = "$MODEL_NAME" ]; then
     echo "reusing $STATE/model.sealed"
 else
-    $BIN/host seal --kms-key-id "$KEY_ID" --in "$MODEL" --out "$STATE/model.sealed" --name "$MODEL_NAME"
+    "${AS_OWNER[@]}" $BIN/host seal --kms-key-id "$KEY_ID" --in "$MODEL" --out "$STATE/model.sealed" --name "$MODEL_NAME"
     echo "$MODEL_NAME" >"$STATE/sealed-name"
 fi
 
@@ -144,7 +156,7 @@ rm -f "$STATE/enclave.sock"
 MALLOC_MMAP_THRESHOLD_=131072 $BIN/enclave --listen "unix:$STATE/enclave.sock" --mock-ca "$STATE/mock-ca" --mock-image "$IMAGE" \
     "${KV_ARGS[@]}" >"$LOGS/enclave.log" 2>&1 &
 pids+=($!)
-$BIN/host serve --listen "$RELAY" --enclave "unix:$STATE/enclave.sock" --sealed "$STATE/model.sealed" \
+"${AS_PARENT[@]}" $BIN/host serve --listen "$RELAY" --enclave "unix:$STATE/enclave.sock" --sealed "$STATE/model.sealed" \
     >"$LOGS/host.log" 2>&1 &
 pids+=($!)
 

@@ -1,24 +1,33 @@
 #!/usr/bin/env bash
-# IAM and KMS for one deployment, as reviewable steps. Run it from an administrator's shell
-# with the AWS CLI v2 configured; with DRY_RUN=1 (the default) it only writes the JSON
-# documents into $OUT and prints the commands, so they can be reviewed first.
+# IAM and KMS for one deployment, as reviewable steps, for the two parties in their two
+# accounts (docs/security.md, "Key ownership"): the key lives in the MODEL OWNER's account;
+# the parent instance's role, in the OPERATOR's account, may only Decrypt for the attested
+# enclave. Each step runs with that party's own credentials (e.g. AWS_PROFILE). With DRY_RUN=1
+# (the default) a step only writes its JSON documents into $OUT and prints the commands.
 #
-#   ACCOUNT=123456789012 REGION=us-east-1 MEASUREMENTS=state/eif/measurements.json \
-#   SEALED=model.sealed ROLE=confidential-inference-parent DRY_RUN=0 deploy/aws/setup.sh
+#   1. operator:  OPERATOR_ACCOUNT=222222222222 REGION=us-east-1 deploy/aws/setup.sh role
+#   2. owner:     OWNER_ACCOUNT=111111111111 OPERATOR_ACCOUNT=222222222222 REGION=us-east-1 \
+#                 MEASUREMENTS=measurements.json MODEL=model.gguf deploy/aws/setup.sh key
+#                 (prints the key ARN; the owner then seals: host seal --kms-key-id ARN …)
+#   3. operator:  OPERATOR_ACCOUNT=… REGION=… KEY_ARN=arn:aws:kms:… deploy/aws/setup.sh allow
 #
 # What it creates:
-#  1. the parent instance's role and instance profile: it may call kms:Decrypt on the key, and
-#     nothing else (the relay forwards the enclave's attested Decrypt; it never sees the key);
-#  2. the KMS key, whose policy (from `host kms-policy`) releases data keys only with a
-#     Recipient attestation document of this image (ImageSha384 = PCR0, PCR1, PCR2) running
-#     this model (PCR16), and lets the administrator administer it and seal models.
-# The model owner then seals with `host seal --kms-key-id <alias>` (deploy/README.md).
+#  role:  the parent instance's role and instance profile (no permissions yet);
+#  key:   the KMS key in the owner's account, whose policy (from `host kms-policy`) lets the
+#         owner administer it and seal, and lets the parent role Decrypt only with a Recipient
+#         attestation document of this image (ImageSha384 = PCR0, PCR1, PCR2) running this
+#         model (PCR16). Nobody in the operator's account may CreateGrant, PutKeyPolicy,
+#         ReEncrypt or Decrypt without attestation. AWS checks at CreateKey that the role of
+#         step 1 exists, hence the order. With IMMUTABLE=1 (required when owner and operator
+#         share an account) nobody administers the key, ever;
+#  allow: the role's own IAM policy, which a cross-account Decrypt needs besides the key
+#         policy: kms:Decrypt on that one key, and nothing else.
 set -euo pipefail
-: "${ACCOUNT:?AWS account id}" "${REGION:?AWS region}" "${MEASUREMENTS:?nitro-cli measurements.json}"
-: "${SEALED:?the sealed model (its header names the model SHA-256)}"
+STEP=${1:?usage: setup.sh role|key|allow}
+: "${REGION:?AWS region}" "${OPERATOR_ACCOUNT:?account id of the operator (the parent instance)}"
 ROLE=${ROLE:-confidential-inference-parent}
+ROLE_ARN=arn:aws:iam::${OPERATOR_ACCOUNT}:role/${ROLE}
 ALIAS=${ALIAS:-alias/confidential-inference-model}
-ADMIN=${ADMIN:-arn:aws:iam::${ACCOUNT}:root}
 OUT=${OUT:-deploy-out}
 DRY_RUN=${DRY_RUN:-1}
 HOST=${HOST_BIN:-host}
@@ -29,44 +38,62 @@ run() {
     if [ "$DRY_RUN" = 0 ]; then "$@"; fi
 }
 
-cat >"$OUT/parent-trust.json" <<JSON
+case "$STEP" in
+role)
+    cat >"$OUT/parent-trust.json" <<JSON
 {
   "Version": "2012-10-17",
   "Statement": [{"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}]
 }
 JSON
-
-# The key policy: the enclave principal (the parent's role) may Decrypt only with an
-# attestation document that matches the measurements and the model.
-"$HOST" kms-policy --measurements "$MEASUREMENTS" --sealed "$SEALED" --account "$ACCOUNT" \
-    --admin-principal "$ADMIN" --enclave-principal "arn:aws:iam::${ACCOUNT}:role/${ROLE}" \
-    >"$OUT/key-policy.json"
-
-run aws iam create-role --role-name "$ROLE" --assume-role-policy-document "file://$OUT/parent-trust.json"
-run aws iam create-instance-profile --instance-profile-name "$ROLE"
-run aws iam add-role-to-instance-profile --instance-profile-name "$ROLE" --role-name "$ROLE"
-
-KEY_ID=REPLACE_WITH_KEY_ID
-if [ "$DRY_RUN" = 0 ]; then
-    KEY_ID=$(aws kms create-key --region "$REGION" --policy "file://$OUT/key-policy.json" \
-        --description "confidential inference: model data keys" --query KeyMetadata.KeyId --output text)
-    echo "created key $KEY_ID"
-else
-    echo "+ aws kms create-key --region $REGION --policy file://$OUT/key-policy.json --description ..."
-fi
-run aws kms create-alias --region "$REGION" --alias-name "$ALIAS" --target-key-id "$KEY_ID"
-
-cat >"$OUT/parent-policy.json" <<JSON
+    run aws iam create-role --role-name "$ROLE" --assume-role-policy-document "file://$OUT/parent-trust.json"
+    run aws iam create-instance-profile --instance-profile-name "$ROLE"
+    run aws iam add-role-to-instance-profile --instance-profile-name "$ROLE" --role-name "$ROLE"
+    echo "role $ROLE_ARN: give it to the model owner for step 2 (key)"
+    ;;
+key)
+    : "${OWNER_ACCOUNT:?account id of the model owner}" "${MEASUREMENTS:?nitro-cli measurements.json}"
+    : "${MODEL:?the model file (its SHA-256 goes into PCR16)}"
+    OWNER=${OWNER:-arn:aws:iam::${OWNER_ACCOUNT}:root}
+    IMMUTABLE_FLAG=()
+    if [ "${IMMUTABLE:-0}" = 1 ]; then IMMUTABLE_FLAG=(--immutable); fi
+    "$HOST" kms-policy --measurements "$MEASUREMENTS" --model-sha256 "$(sha256sum "$MODEL" | cut -d' ' -f1)" \
+        --owner-principal "$OWNER" --enclave-principal "$ROLE_ARN" "${IMMUTABLE_FLAG[@]}" \
+        >"$OUT/key-policy.json"
+    BYPASS=()
+    if [ "${IMMUTABLE:-0}" = 1 ]; then BYPASS=(--bypass-policy-lockout-safety-check); fi
+    KEY_ARN=REPLACE_WITH_KEY_ARN
+    if [ "$DRY_RUN" = 0 ]; then
+        KEY_ARN=$(aws kms create-key --region "$REGION" --policy "file://$OUT/key-policy.json" "${BYPASS[@]}" \
+            --description "confidential inference: model data keys" --query KeyMetadata.Arn --output text)
+        echo "created key $KEY_ARN"
+    else
+        echo "+ aws kms create-key --region $REGION --policy file://$OUT/key-policy.json ${BYPASS[*]} --description ..."
+    fi
+    if [ "${IMMUTABLE:-0}" != 1 ]; then
+        run aws kms create-alias --region "$REGION" --alias-name "$ALIAS" --target-key-id "$KEY_ARN"
+    fi
+    echo "key $KEY_ARN: seal with host seal --kms-key-id $KEY_ARN, and give the ARN to the operator for step 3 (allow)"
+    ;;
+allow)
+    : "${KEY_ARN:?key ARN of the model owner (step 2)}"
+    cat >"$OUT/parent-policy.json" <<JSON
 {
   "Version": "2012-10-17",
   "Statement": [{
     "Sid": "EnclaveKeyReleaseThroughTheRelay",
     "Effect": "Allow",
     "Action": "kms:Decrypt",
-    "Resource": "arn:aws:kms:${REGION}:${ACCOUNT}:key/${KEY_ID}"
+    "Resource": "${KEY_ARN}"
   }]
 }
 JSON
-run aws iam put-role-policy --role-name "$ROLE" --policy-name kms-decrypt-for-enclave \
-    --policy-document "file://$OUT/parent-policy.json"
-echo "documents in $OUT; attach the instance profile $ROLE to the parent instance"
+    run aws iam put-role-policy --role-name "$ROLE" --policy-name kms-decrypt-for-enclave \
+        --policy-document "file://$OUT/parent-policy.json"
+    echo "documents in $OUT; attach the instance profile $ROLE to the parent instance"
+    ;;
+*)
+    echo "usage: setup.sh role|key|allow" >&2
+    exit 2
+    ;;
+esac
