@@ -112,3 +112,23 @@ pub fn router(kms: Arc<Kms>) -> Router {
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(kms)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::access_key_id;
+
+    #[test]
+    fn the_access_key_id_of_a_sigv4_header() {
+        let h = "AWS4-HMAC-SHA256 Credential=AKIDOWNER/20261202/us-east-1/kms/aws4_request, SignedHeaders=host;x-amz-date, Signature=abcd";
+        assert_eq!(access_key_id(h).as_deref(), Some("AKIDOWNER"));
+        for bad in [
+            "",
+            "Basic dXNlcjpwYXNz",
+            "AWS4-HMAC-SHA256 Credential=AKIDOWNER/20261202/us-east-1/kms/aws4_request",
+            "AWS4-HMAC-SHA256 Credential=/20261202/x, Signature=abcd",
+            "AWS4-HMAC-SHA256 SignedHeaders=host, Signature=abcd",
+        ] {
+            assert_eq!(access_key_id(bad), None, "{bad}");
+        }
+    }
+}

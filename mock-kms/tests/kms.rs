@@ -587,38 +587,15 @@ fn keys_belong_to_their_creators_account() {
         json!({"AliasName": "alias/owned", "TargetKeyId": id}),
     )
     .unwrap();
+    let describe =
+        |who: &str, key: &str| kind(call_as(&e.kms, who, "DescribeKey", json!({ "KeyId": key })));
     // Another account reaches the key only by its ARN, and the default policy (the owner's
     // account) lets it do nothing.
     for by in [id.as_str(), "alias/owned"] {
-        assert_eq!(
-            kind(call_as(
-                &e.kms,
-                OPERATOR,
-                "DescribeKey",
-                json!({"KeyId": by})
-            )),
-            "NotFoundException",
-            "{by}"
-        );
+        assert_eq!(describe(OPERATOR, by), "NotFoundException", "{by}");
     }
-    assert_eq!(
-        kind(call_as(
-            &e.kms,
-            OPERATOR,
-            "DescribeKey",
-            json!({"KeyId": arn})
-        )),
-        "AccessDeniedException"
-    );
-    assert_eq!(
-        kind(call_as(
-            &e.kms,
-            OWNER,
-            "DescribeKey",
-            json!({"KeyId": "alias/owned"})
-        )),
-        "ok"
-    );
+    assert_eq!(describe(OPERATOR, &arn), "AccessDeniedException");
+    assert_eq!(describe(OWNER, "alias/owned"), "ok");
     // A policy that names the operator still never lets PutKeyPolicy cross accounts.
     let open = json!({"Statement": [{"Effect": "Allow", "Principal": "*", "Action": "kms:*"}]})
         .to_string();
@@ -629,15 +606,7 @@ fn keys_belong_to_their_creators_account() {
         json!({"KeyId": id, "Policy": open}),
     )
     .unwrap();
-    assert_eq!(
-        kind(call_as(
-            &e.kms,
-            OPERATOR,
-            "DescribeKey",
-            json!({"KeyId": arn})
-        )),
-        "ok"
-    );
+    assert_eq!(describe(OPERATOR, &arn), "ok");
     assert_eq!(
         kind(call_as(
             &e.kms,

@@ -47,6 +47,32 @@ struct Setup {
     sha256: [u8; 32],
 }
 
+/// Writes `model` into `dir` and seals it under `key_id` as `kms`'s principal; returns the
+/// sealed file and the model's SHA-256.
+async fn seal_model(
+    kms: &aws_sdk_kms::Client,
+    key_id: &str,
+    dir: &Path,
+    model: &[u8],
+) -> (PathBuf, [u8; 32]) {
+    let input = dir.join("model.gguf");
+    std::fs::write(&input, model).unwrap();
+    let sealed = dir.join("model.sealed");
+    let summary = seal_file(
+        kms,
+        &SealRequest {
+            key_id: key_id.into(),
+            input,
+            output: sealed.clone(),
+            name: "test-model".into(),
+            chunk_size: MIN_CHUNK_SIZE,
+        },
+    )
+    .await
+    .unwrap();
+    (sealed, summary.header.plaintext_sha256)
+}
+
 /// A key with an attested-release policy for `policy_image` and the model, and the model sealed.
 async fn setup(endpoint: &str, policy_image: &str, bind_model: Option<[u8; 32]>) -> Setup {
     let owner = kms_client_as(endpoint, identity::OWNER_KEY).await;
@@ -64,22 +90,7 @@ async fn setup(endpoint: &str, policy_image: &str, bind_model: Option<[u8; 32]>)
     static SEED: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(1);
     let seed = SEED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let model = model_bytes(3 * MIN_CHUNK_SIZE as usize + 123, seed);
-    let input = dir.join("model.gguf");
-    std::fs::write(&input, &model).unwrap();
-    let sealed = dir.join("model.sealed");
-    let summary = seal_file(
-        &owner,
-        &SealRequest {
-            key_id: key_id.clone(),
-            input,
-            output: sealed.clone(),
-            name: "test-model".into(),
-            chunk_size: MIN_CHUNK_SIZE,
-        },
-    )
-    .await
-    .unwrap();
-    let sha256 = summary.header.plaintext_sha256;
+    let (sealed, sha256) = seal_model(&owner, &key_id, &dir, &model).await;
     put_release_policy(&owner, &key_id, policy_image, &bind_model.unwrap_or(sha256)).await;
     Setup {
         kms: kms_client_as(endpoint, identity::PARENT_KEY).await,
@@ -500,32 +511,17 @@ async fn under_the_former_policy_the_operator_unseals_the_model_through_a_grant(
     let local = Local::new();
     let endpoint = start_kms(vec![local.root()]).await;
     let admin = kms_client_as(&endpoint, identity::OPERATOR_ADMIN_KEY).await;
-    let dir = tempdir("former");
     let model = model_bytes(2 * MIN_CHUNK_SIZE as usize + 7, 200);
-    std::fs::write(dir.join("model.gguf"), &model).unwrap();
-    let sha256 = common::sealed::sha256(&model);
     let key = admin
         .create_key()
-        .policy(former_policy(&sha256))
+        .policy(former_policy(&common::sealed::sha256(&model)))
         .send()
         .await
         .unwrap()
         .key_metadata
         .unwrap()
         .key_id;
-    let sealed = dir.join("model.sealed");
-    seal_file(
-        &admin,
-        &SealRequest {
-            key_id: key,
-            input: dir.join("model.gguf"),
-            output: sealed.clone(),
-            name: "test-model".into(),
-            chunk_size: MIN_CHUNK_SIZE,
-        },
-    )
-    .await
-    .unwrap();
+    let (sealed, _) = seal_model(&admin, &key, &tempdir("former"), &model).await;
     let bytes = std::fs::read(&sealed).unwrap();
     let (header, _) = SealedHeader::decode(&bytes).unwrap();
     // Without a grant, Decrypt needs the attestation; the operator grants itself Decrypt.
@@ -640,9 +636,7 @@ async fn an_owner_in_the_operators_account_gets_an_immutable_key() {
     let local = Local::new();
     let endpoint = start_kms(vec![local.root()]).await;
     let admin = kms_client_as(&endpoint, identity::OPERATOR_ADMIN_KEY).await;
-    let dir = tempdir("immutable");
     let model = model_bytes(2 * MIN_CHUNK_SIZE as usize + 9, 201);
-    std::fs::write(dir.join("model.gguf"), &model).unwrap();
     let sha256 = common::sealed::sha256(&model);
     let request = |immutable| PolicyRequest {
         measurements: tests::measurements(IMAGE),
@@ -672,19 +666,7 @@ async fn an_owner_in_the_operators_account_gets_an_immutable_key() {
         .key_metadata
         .unwrap()
         .key_id;
-    let sealed = dir.join("model.sealed");
-    seal_file(
-        &admin,
-        &SealRequest {
-            key_id: key,
-            input: dir.join("model.gguf"),
-            output: sealed.clone(),
-            name: "test-model".into(),
-            chunk_size: MIN_CHUNK_SIZE,
-        },
-    )
-    .await
-    .unwrap();
+    let (sealed, _) = seal_model(&admin, &key, &tempdir("immutable"), &model).await;
     let (header, _) = SealedHeader::decode(&std::fs::read(&sealed).unwrap()).unwrap();
     all_denied(
         "owner-administrator",
