@@ -1,9 +1,9 @@
 //! The certificate chain: `cabundle[0]` must be a pinned root, byte for byte, and the chain is
 //! built strictly as root → cabundle[1] → … → cabundle[n-1] → leaf, as AWS's verification
 //! process prescribes (aws-nitro-enclaves-nsm-api `docs/attestation_process.md` §3.2.3), with
-//! the RFC 5280 §6.1 checks a path of this shape needs: validity at `now`, issuer/subject
-//! linkage, basicConstraints and pathLenConstraint, keyUsage, and no unknown critical
-//! extension. Every signature is ECDSA P-384 with SHA-384.
+//! the RFC 5280 §6.1 checks a path of this shape needs: validity at `now` and at the
+//! document's timestamp, issuer/subject linkage, basicConstraints and pathLenConstraint,
+//! keyUsage, and no critical extension that is not processed. Every signature is ECDSA P-384 with SHA-384.
 
 use crate::error::{CertPosition, VerifyError};
 use crate::UnixTime;
@@ -19,17 +19,16 @@ const OID_SECP384R1: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.132.0.
 const OID_ECDSA_SHA384: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.4.3.3");
 const OID_BASIC_CONSTRAINTS: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.29.19");
 const OID_KEY_USAGE: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.29.15");
-/// Extensions this verifier understands; a critical one outside this list is rejected
-/// (RFC 5280 §4.2). Only basicConstraints and keyUsage affect path validation here; the
-/// key identifiers, CRL distribution points and policies are informational.
-const KNOWN_EXTENSIONS: [&str; 7] = [
+/// Extensions that may be critical (RFC 5280 §4.2: a certificate with a critical extension
+/// the verifier does not process must be rejected). basicConstraints and keyUsage are
+/// processed; the key identifiers carry no constraint. CRL distribution points, certificate
+/// policies and extended key usage are not processed here, so they are accepted only when
+/// non-critical, as AWS's certificates mark them.
+const CRITICAL_ALLOWED: [&str; 4] = [
     "2.5.29.19", // basicConstraints
     "2.5.29.15", // keyUsage
     "2.5.29.14", // subjectKeyIdentifier
     "2.5.29.35", // authorityKeyIdentifier
-    "2.5.29.31", // cRLDistributionPoints
-    "2.5.29.32", // certificatePolicies
-    "2.5.29.37", // extKeyUsage
 ];
 
 /// The AWS Nitro Enclaves Root-G1 certificate (DER), from
@@ -172,6 +171,24 @@ impl<'a> ParsedCert<'a> {
         Ok(())
     }
 
+    /// Checks validity at the verification time and at the document's own timestamp: a
+    /// document signed by a key whose certificate had expired, or was not yet valid, when
+    /// the document was made is refused even if the certificate is valid now.
+    fn check_validity_at(
+        &self,
+        position: CertPosition,
+        now: UnixTime,
+        document_time: UnixTime,
+    ) -> Result<(), VerifyError> {
+        self.check_validity(position, now)?;
+        self.check_validity(position, document_time).map_err(|_| {
+            VerifyError::CertificateInvalidAtTimestamp {
+                position,
+                timestamp_ms: document_time.as_millis(),
+            }
+        })
+    }
+
     /// Checks the extensions and returns (basicConstraints, keyUsage) if present.
     fn extensions(
         &self,
@@ -201,7 +218,7 @@ impl<'a> ParsedCert<'a> {
                 );
             } else if ext.extn_id == OID_KEY_USAGE {
                 ku = Some(KeyUsage::from_der(ext.extn_value.as_bytes()).map_err(|_| malformed())?);
-            } else if ext.critical && !KNOWN_EXTENSIONS.contains(&oid.as_str()) {
+            } else if ext.critical && !CRITICAL_ALLOWED.contains(&oid.as_str()) {
                 return Err(VerifyError::UnknownCriticalExtension { position, oid });
             }
         }
@@ -248,12 +265,14 @@ pub(crate) struct ValidChain {
     pub(crate) anchor: usize,
 }
 
-/// Validates `leaf ← cabundle[n-1] ← … ← cabundle[1] ← cabundle[0] = anchor` at `now`.
+/// Validates `leaf ← cabundle[n-1] ← … ← cabundle[1] ← cabundle[0] = anchor` at `now` and
+/// at `document_time` (the document's timestamp).
 pub(crate) fn validate(
     leaf: &[u8],
     cabundle: &[Vec<u8>],
     anchors: &[TrustAnchor],
     now: UnixTime,
+    document_time: UnixTime,
 ) -> Result<ValidChain, VerifyError> {
     let root = cabundle
         .first()
@@ -276,11 +295,12 @@ pub(crate) fn validate(
         .collect::<Result<Vec<_>, _>>()?;
     let leaf_cert = ParsedCert::parse(leaf, CertPosition::Leaf)?;
 
-    // CA checks, root included: every one must be valid now, be a CA allowed to sign
+    // CA checks, root included: every one must be valid now and when the document was made,
+    // be a CA allowed to sign
     // certificates, and allow as many CAs below it as the chain has.
     for (i, ca) in cas.iter().enumerate() {
         let position = CertPosition::CaBundle(i);
-        ca.check_validity(position, now)?;
+        ca.check_validity_at(position, now, document_time)?;
         let (bc, ku) = ca.extensions(position)?;
         let bc = bc.filter(|b| b.ca).ok_or(VerifyError::NotCa { position })?;
         let below = cas.len() - 1 - i;
@@ -302,7 +322,7 @@ pub(crate) fn validate(
     }
 
     let position = CertPosition::Leaf;
-    leaf_cert.check_validity(position, now)?;
+    leaf_cert.check_validity_at(position, now, document_time)?;
     let (bc, ku) = leaf_cert.extensions(position)?;
     if bc.is_some_and(|b| b.ca) {
         return Err(VerifyError::LeafIsCa);

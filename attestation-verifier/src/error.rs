@@ -164,6 +164,14 @@ pub enum VerifyError {
         /// The verification time.
         now_ms: u64,
     },
+    /// A certificate was not valid at the document's own timestamp (though it is now).
+    #[error("{position} was not valid at the document's timestamp {timestamp_ms} ms")]
+    CertificateInvalidAtTimestamp {
+        /// Which one.
+        position: CertPosition,
+        /// The document's timestamp, ms since the epoch.
+        timestamp_ms: u64,
+    },
     /// A certificate's validity starts after `now`.
     #[error("{position} is not valid before {not_before_ms} ms (now {now_ms} ms)")]
     CertificateNotYetValid {
@@ -332,6 +340,7 @@ impl VerifyError {
             Self::CertificateVersion { .. } => "certificate_version",
             Self::CertificateExpired { .. } => "certificate_expired",
             Self::CertificateNotYetValid { .. } => "certificate_not_yet_valid",
+            Self::CertificateInvalidAtTimestamp { .. } => "certificate_invalid_at_timestamp",
             Self::IssuerMismatch { .. } => "issuer_mismatch",
             Self::NotCa { .. } => "not_ca",
             Self::PathLenExceeded { .. } => "path_len_exceeded",

@@ -144,6 +144,7 @@ impl UnverifiedDocument {
             &self.fields.cabundle,
             anchors,
             now,
+            UnixTime::from_millis(self.fields.timestamp),
         )?;
         chain::verify_es384(&chain.leaf_key, &self.sig_structure(), &self.signature)?;
         policy.check(&self.fields, now)?;

@@ -607,6 +607,89 @@ fn unknown_critical_extensions_are_rejected_non_critical_ones_ignored() {
 }
 
 #[test]
+fn critical_extensions_the_verifier_does_not_process_are_rejected() {
+    use x509_cert::ext::pkix::certpolicy::PolicyInformation;
+    use x509_cert::ext::pkix::crl::CrlDistributionPoints;
+    use x509_cert::ext::pkix::{CertificatePolicies, ExtendedKeyUsage};
+    let eku = ExtendedKeyUsage(vec![der::oid::ObjectIdentifier::new_unwrap(
+        "1.3.6.1.5.5.7.3.1",
+    )]);
+    let policies = CertificatePolicies(vec![PolicyInformation {
+        policy_identifier: der::oid::ObjectIdentifier::new_unwrap("2.5.29.32.0"),
+        policy_qualifiers: None,
+    }]);
+    let crl = CrlDistributionPoints(vec![]);
+    // (oid, critical, non-critical)
+    let cases = [
+        (
+            "2.5.29.37",
+            ext("2.5.29.37", true, &eku),
+            ext("2.5.29.37", false, &eku),
+        ),
+        (
+            "2.5.29.32",
+            ext("2.5.29.32", true, &policies),
+            ext("2.5.29.32", false, &policies),
+        ),
+        (
+            "2.5.29.31",
+            ext("2.5.29.31", true, &crl),
+            ext("2.5.29.31", false, &crl),
+        ),
+    ];
+    for (oid, marked_critical, not_critical) in &cases {
+        for position in [1, LEAF] {
+            let with = |critical: bool| {
+                with_chain(|p, s| {
+                    if p == position {
+                        s.extra.push(if critical {
+                            marked_critical.clone()
+                        } else {
+                            not_critical.clone()
+                        });
+                    }
+                })
+            };
+            let at = if position == LEAF {
+                CertPosition::Leaf
+            } else {
+                CertPosition::CaBundle(position)
+            };
+            assert_eq!(
+                with(true),
+                Err(VerifyError::UnknownCriticalExtension {
+                    position: at,
+                    oid: (*oid).into()
+                }),
+                "{oid} at {position}"
+            );
+            with(false).unwrap_or_else(|e| panic!("{oid} non-critical at {position}: {e}"));
+        }
+    }
+}
+
+#[test]
+fn certificates_must_be_valid_at_the_documents_timestamp_too() {
+    let f = Forge::valid();
+    // Two hours before the leaf's notBefore (the forge's leaf starts an hour before now):
+    // the chain is valid at verification time, not when the document says it was made.
+    let mut p = f.payload();
+    let at = f.now_ms - 3 * 3600 * 1000;
+    p.set("timestamp", enc(|e| e.uint(at)));
+    assert_eq!(
+        check(&f, &f.document(&p), &open_policy(false)),
+        Err(VerifyError::CertificateInvalidAtTimestamp {
+            position: CertPosition::CaBundle(0),
+            timestamp_ms: at
+        })
+    );
+    // Within every certificate's validity it passes.
+    let mut p = f.payload();
+    p.set("timestamp", enc(|e| e.uint(f.now_ms - 1800 * 1000)));
+    check(&f, &f.document(&p), &open_policy(false)).unwrap();
+}
+
+#[test]
 fn duplicate_extensions_are_rejected() {
     let err = with_chain(|p, s| {
         if p == 1 {
