@@ -135,10 +135,9 @@ struct Request {
     operations: Option<Vec<String>>,
     constraints: Option<GrantConstraints>,
     name: Option<String>,
+    /// (`GrantTokens`, like every field not listed here, is ignored: grants take effect at
+    /// once in the mock.)
     grant_id: Option<String>,
-    /// Accepted and ignored: grants take effect at once here.
-    #[allow(dead_code)]
-    grant_tokens: Option<Vec<String>>,
     source_key_id: Option<String>,
     destination_key_id: Option<String>,
     source_encryption_context: Option<BTreeMap<String, String>>,
@@ -335,6 +334,11 @@ impl Kms {
                 self.arn(&key)
             )));
         }
+        self.enabled(key)
+    }
+
+    /// `key`, if it may be used.
+    fn enabled(&self, key: StoredKey) -> Result<StoredKey, KmsError> {
         if !key.enabled {
             return Err(KmsError::new(
                 "DisabledException",
@@ -657,12 +661,7 @@ impl Kms {
             .key(named)
             .cloned()
             .ok_or_else(KmsError::invalid_ciphertext)?;
-        if !key.enabled {
-            return Err(KmsError::new(
-                "DisabledException",
-                format!("{} is disabled", self.arn(&key)),
-            ));
-        }
+        let key = self.enabled(key)?;
         if let Some(requested) = requested {
             if self.resolve(caller, Some(requested), false)?.key_id != key.key_id {
                 return Err(KmsError::new("IncorrectKeyException", "The key ID in the request does not identify the key that encrypted the ciphertext"));

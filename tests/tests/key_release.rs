@@ -25,7 +25,8 @@ use host::seal::{seal_file, SealRequest};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tests::{
-    identity, kms_client_as, put_release_policy, release_policy, start_kms, tempdir, Local, IMAGE,
+    create_key, identity, kms_client_as, put_release_policy, release_policy, start_kms, tempdir,
+    Local, IMAGE,
 };
 
 const MAX_MODEL: u64 = 1 << 30;
@@ -76,15 +77,7 @@ async fn seal_model(
 /// A key with an attested-release policy for `policy_image` and the model, and the model sealed.
 async fn setup(endpoint: &str, policy_image: &str, bind_model: Option<[u8; 32]>) -> Setup {
     let owner = kms_client_as(endpoint, identity::OWNER_KEY).await;
-    let key_id = owner
-        .create_key()
-        .description("model key")
-        .send()
-        .await
-        .unwrap()
-        .key_metadata
-        .unwrap()
-        .key_id;
+    let key_id = create_key(&owner, None, false).await.key_id;
     let dir = tempdir("model");
     // Distinct weights for every setup, so two setups are two models.
     static SEED: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(1);
@@ -450,15 +443,7 @@ async fn key_theft_attempts(
         .send()
         .await;
     // A key of its own (its account's default policy lets it use it), to re-encrypt into.
-    let own = kms
-        .create_key()
-        .send()
-        .await
-        .unwrap()
-        .key_metadata
-        .unwrap()
-        .arn
-        .unwrap();
+    let own = create_key(kms, None, false).await.arn.unwrap();
     let re_encrypt = kms
         .re_encrypt()
         .ciphertext_blob(blob)
@@ -512,15 +497,8 @@ async fn under_the_former_policy_the_operator_unseals_the_model_through_a_grant(
     let endpoint = start_kms(vec![local.root()]).await;
     let admin = kms_client_as(&endpoint, identity::OPERATOR_ADMIN_KEY).await;
     let model = model_bytes(2 * MIN_CHUNK_SIZE as usize + 7, 200);
-    let key = admin
-        .create_key()
-        .policy(former_policy(&common::sealed::sha256(&model)))
-        .send()
-        .await
-        .unwrap()
-        .key_metadata
-        .unwrap()
-        .key_id;
+    let policy = former_policy(&common::sealed::sha256(&model));
+    let key = create_key(&admin, Some(policy), false).await.key_id;
     let (sealed, _) = seal_model(&admin, &key, &tempdir("former"), &model).await;
     let bytes = std::fs::read(&sealed).unwrap();
     let (header, _) = SealedHeader::decode(&bytes).unwrap();
@@ -656,16 +634,7 @@ async fn an_owner_in_the_operators_account_gets_an_immutable_key() {
         outcome(admin.create_key().policy(&policy).send().await),
         "MalformedPolicyDocumentException"
     );
-    let key = admin
-        .create_key()
-        .policy(&policy)
-        .bypass_policy_lockout_safety_check(true)
-        .send()
-        .await
-        .unwrap()
-        .key_metadata
-        .unwrap()
-        .key_id;
+    let key = create_key(&admin, Some(policy), true).await.key_id;
     let (sealed, _) = seal_model(&admin, &key, &tempdir("immutable"), &model).await;
     let (header, _) = SealedHeader::decode(&std::fs::read(&sealed).unwrap()).unwrap();
     all_denied(
