@@ -19,7 +19,7 @@ MODEL ?=
 MODEL_NAME ?=
 RUN_MODEL = $(or $(MODEL),$(DEFAULT_MODEL))
 
-.PHONY: run eif run-enclave build test test-deps lint bench bench-engine bench-relay bench-channel bench-guardrails fixtures chat model model-qwen model-gemma mock-ca fuzz clean
+.PHONY: run eif run-enclave build test test-deps production-enclave lint bench bench-engine bench-relay bench-channel bench-guardrails fixtures chat model model-qwen model-gemma mock-ca fuzz clean
 
 # The whole product in local mode, on the default model or on MODEL=path: mock CA, mock-kms
 # and a key, the sealed model, the enclave (mock NSM) and host serve on a Unix socket, and
@@ -39,7 +39,7 @@ ENCLAVE_CPUS ?= 2
 ENCLAVE_CID ?= 16
 # The enclave's memory: AWS requires at least 4x the EIF; the decrypted model and the KV cache
 # (ENCLAVE_KV_MIB, the enclave's --kv-mib) live in it too, plus room for the runtime.
-ENCLAVE_KV_MIB ?= 80
+ENCLAVE_KV_MIB ?= 160
 eif:
 	mkdir -p $(EIF_DIR)
 	docker build -f enclave/Dockerfile --build-arg SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) -t $(ENCLAVE_IMAGE) .
@@ -72,9 +72,20 @@ test-deps:
 # tests' features (so `cargo test` rebuilds nothing): `cargo test` builds a package's binaries
 # only for that package's own integration tests, and the whole-stack tests run `client` as
 # users do.
-test: test-deps model model-qwen model-gemma
+test: test-deps model model-qwen model-gemma production-enclave
 	$(CARGO) build --workspace --all-targets --all-features --locked
 	$(CARGO) test --workspace --all-features --locked
+
+# The enclave as images ship it (no features): it builds, and the mock NSM is not in it — no
+# `--mock-*` flag, none of the mock's text. Runs before the test build, which replaces the
+# binary with the local-mode one.
+production-enclave:
+	$(CARGO) build -p enclave --locked
+	./target/debug/enclave --help > target/production-enclave-help.txt
+	! grep -q -- '--mock' target/production-enclave-help.txt
+	! grep -a -q 'MOCK NSM' target/debug/enclave
+	! grep -a -q 'nsm::mock' target/debug/enclave
+	@echo "production enclave: no mock NSM"
 
 # Formatting, clippy, and cargo-deny's licence, ban and source checks (deny.toml), which run
 # offline; its advisory check needs the RustSec database from GitHub and runs where that is

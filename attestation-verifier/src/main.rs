@@ -296,7 +296,7 @@ fn print_verified(doc: &VerifiedDocument, anchors: &[TrustAnchor], now: UnixTime
         "VALID attestation document (verified at {})",
         fmt_ms(now.as_millis())
     );
-    outln!("module_id:   {}", doc.module_id());
+    outln!("module_id:   {}", shown(doc.module_id()));
     outln!(
         "timestamp:   {} ({} ms)",
         fmt_ms(doc.timestamp().as_millis()),
@@ -312,6 +312,21 @@ fn print_verified(doc: &VerifiedDocument, anchors: &[TrustAnchor], now: UnixTime
     print_optional("public_key", doc.public_key());
     print_optional("user_data", doc.user_data());
     print_optional("nonce", doc.nonce());
+}
+
+/// Text from a document (its `module_id`, its certificates' names) as it may reach a terminal:
+/// control characters escaped, so a forged document cannot move the cursor, retitle the
+/// window or print a line that looks like a verdict.
+fn shown(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_debug().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 fn print_optional(name: &str, value: Option<&[u8]>) {
@@ -377,7 +392,7 @@ fn run_inspect(path: &Path, as_json: bool) -> Result<ExitCode, UsageError> {
         return Ok(ExitCode::SUCCESS);
     }
     outln!("UNVERIFIED: these fields are printed as found; nothing here has been checked.");
-    outln!("module_id:   {}", f.module_id);
+    outln!("module_id:   {}", shown(&f.module_id));
     outln!("timestamp:   {} ({} ms)", fmt_ms(f.timestamp), f.timestamp);
     outln!("digest:      SHA384");
     for (i, v) in &f.pcrs {
@@ -387,7 +402,7 @@ fn run_inspect(path: &Path, as_json: bool) -> Result<ExitCode, UsageError> {
         outln!("{label}");
         for k in ["subject", "issuer", "not_before", "not_after", "error"] {
             if let Some(v) = c.get(k).and_then(|v| v.as_str()) {
-                outln!("    {k:<11} {v}");
+                outln!("    {k:<11} {}", shown(v));
             }
         }
     };

@@ -338,16 +338,42 @@ fn pcr_shape() {
             ..
         })
     ));
-    // 33 entries in an indefinite map stop at the 33rd, whatever follows.
-    let mut many = vec![0xbf];
-    for i in 0..33u64 {
-        many.extend(enc(|e| e.uint(i % 32).bytes(&[1; 48])));
+    // 33 entries stop at the 33rd on the count, before it is read: its index (a duplicate
+    // of 0) would be refused otherwise, so the error shows which check fired. Indefinite
+    // and definite lengths alike.
+    let entries: Vec<u8> = (0..33u64)
+        .flat_map(|i| enc(|e| e.uint(i % 32).bytes(&[1; 48])))
+        .collect();
+    let indefinite = [&[0xbf][..], &entries, &[0xff]].concat();
+    let definite = [&[0xb8, 33][..], &entries].concat();
+    for many in [indefinite, definite] {
+        let e = with_payload(|p| {
+            p.set("pcrs", many);
+        });
+        assert!(
+            matches!(
+                e,
+                Err(VerifyError::FieldSize {
+                    field: "pcrs",
+                    len: 33,
+                    max: 32,
+                    ..
+                })
+            ),
+            "{e:?}"
+        );
     }
-    many.push(0xff);
-    assert!(with_payload(|p| {
-        p.set("pcrs", many);
-    })
-    .is_err());
+    // Within the count, that duplicate entry is what is refused.
+    let mut duplicate = vec![0xb8, 32];
+    for i in 0..32u64 {
+        duplicate.extend(enc(|e| e.uint(i % 31).bytes(&[1; 48])));
+    }
+    assert!(matches!(
+        with_payload(|p| {
+            p.set("pcrs", duplicate);
+        }),
+        Err(VerifyError::DuplicatePcr { index: 0 })
+    ));
     // 32 PCRs is the most and is fine (signature aside: pcrs beyond 16 are allowed).
     with_payload(|p| {
         p.set("pcrs", pcrs(0..32));

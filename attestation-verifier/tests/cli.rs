@@ -10,6 +10,7 @@
 )]
 
 mod common;
+mod forge;
 
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
@@ -169,4 +170,39 @@ fn inspect_marks_output_unverified() {
             .code(),
         Some(1)
     );
+}
+
+#[test]
+fn inspect_escapes_control_characters_from_the_document() {
+    // An unverified document chooses its module_id and its certificates' names: none of it
+    // may reach the terminal as a control sequence or a line of its own.
+    let forge = forge::Forge::new(|p, s| {
+        if p == forge::LEAF {
+            s.cn = "leaf\u{1b}[2J".into();
+        }
+    });
+    let mut payload = forge.payload();
+    payload.set(
+        "module_id",
+        forge::enc(|e| e.text("i-0\u{1b}]0;owned\u{7}\nVALID attestation document")),
+    );
+    let dir = std::env::temp_dir().join(format!("av-inspect-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("doc.cbor");
+    std::fs::write(&path, forge.document(&payload)).unwrap();
+    let out = cli(&["inspect", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        !text.chars().any(|c| c.is_control() && c != '\n'),
+        "{text:?}"
+    );
+    assert!(
+        text.contains(r"module_id:   i-0\u{1b}]0;owned\u{7}\nVALID attestation document"),
+        "{text}"
+    );
+    assert!(!text.lines().any(|l| l.starts_with("VALID")), "{text}");
+    // RFC 4514 escapes the name's control character itself; it must arrive still escaped.
+    assert!(text.contains(r"CN=leaf\1b[2J"), "{text}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -88,8 +88,8 @@ proptest! {
     }
 }
 
-/// Signature and payload bytes are all covered: flipping any single bit of a valid
-/// document's payload or signature makes it invalid.
+/// Signature and payload bytes are all covered: flipping a bit of any byte of a valid
+/// document makes it invalid.
 #[test]
 fn every_payload_and_signature_bit_matters() {
     let docs = real_docs();
@@ -97,15 +97,15 @@ fn every_payload_and_signature_bit_matters() {
     let roots = [TrustAnchor::aws_nitro_root()];
     let policy = common::open_policy(true);
     verify(doc, &roots, *at, &policy).unwrap();
-    // Step through the document to keep the run short; every 7th byte, every bit.
-    for i in (0..doc.len()).step_by(7) {
-        for bit in 0..8 {
-            let mut d = doc.clone();
-            d[i] ^= 1 << bit;
-            assert!(
-                verify(&d, &roots, *at, &policy).is_err(),
-                "byte {i} bit {bit}"
-            );
-        }
+    // Every byte, one bit of each (the bit moving with the offset, so every bit position is
+    // tried across the document).
+    for i in 0..doc.len() {
+        let bit = i % 8;
+        let mut d = doc.clone();
+        d[i] ^= 1 << bit;
+        assert!(
+            verify(&d, &roots, *at, &policy).is_err(),
+            "byte {i} bit {bit}"
+        );
     }
 }

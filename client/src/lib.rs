@@ -275,9 +275,15 @@ fn relay_error(status: u16, body: &[u8]) -> ClientError {
                 .map(str::to_owned)
         })
         .unwrap_or_else(|| "no error message".into());
+    // The relay's text reaches the user's terminal and logs: no control characters (a
+    // terminal escape or a line break is the relay's to forge otherwise), and bounded.
     ClientError::Relay {
         status,
-        message: message.chars().take(512).collect(),
+        message: message
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(512)
+            .collect(),
     }
 }
 
@@ -386,5 +392,27 @@ impl Response {
             out.extend_from_slice(&c?);
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_relays_error_text_loses_its_control_characters_and_is_bounded() {
+        let body = serde_json::json!({"error": {
+            "message": format!("busy\u{1b}]0;pwned\u{7}\r\nfake line{}", "x".repeat(600))
+        }});
+        let e = relay_error(503, body.to_string().as_bytes());
+        let ClientError::Relay { status, message } = e else {
+            panic!("not a relay error: {e:?}");
+        };
+        assert_eq!(status, 503);
+        assert!(message.starts_with("busy]0;pwnedfake line"), "{message}");
+        assert!(!message.chars().any(char::is_control));
+        assert_eq!(message.chars().count(), 512);
+        let e = relay_error(502, b"<html>");
+        assert!(matches!(e, ClientError::Relay { message, .. } if message == "no error message"));
     }
 }

@@ -127,7 +127,7 @@ impl Binding {
         key_config: &[u8],
     ) -> Self {
         Self {
-            model: model.chars().take(MAX_MODEL_NAME).collect(),
+            model: prefix_within(model, MAX_MODEL_NAME).to_owned(),
             key_id,
             model_sha256,
             config_sha256,
@@ -221,12 +221,41 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary:
+/// [`Binding::decode`] bounds the name in bytes, so a bound in characters would let a name of
+/// multi-byte characters make every client refuse the enclave.
+fn prefix_within(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.get(..end).unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn sample() -> Binding {
         Binding::for_key("SmolLM2", [1; 32], [2; 32], 7, b"key config")
+    }
+
+    #[test]
+    fn long_names_are_cut_in_bytes_at_a_character_boundary() {
+        for name in [
+            "é".repeat(200),
+            "a".repeat(300),
+            format!("a{}", "é".repeat(200)),
+            "🦀".repeat(70),
+        ] {
+            let b = Binding::for_key(&name, [1; 32], [2; 32], 7, b"key config");
+            assert!(b.model.len() <= MAX_MODEL_NAME, "{}", b.model.len());
+            assert!(b.model.len() > MAX_MODEL_NAME - 4, "{}", b.model.len());
+            assert!(name.starts_with(&b.model));
+            assert_eq!(Binding::decode(&b.encode()), Ok(b));
+        }
+        let short = Binding::for_key("SmolLM2 é", [1; 32], [2; 32], 7, b"k");
+        assert_eq!(short.model, "SmolLM2 é");
     }
 
     #[test]

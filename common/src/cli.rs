@@ -304,8 +304,60 @@ impl tracing::field::Visit for Fields<'_> {
         self.put(field, |w| w.write_str(if value { "true" } else { "false" }));
     }
     fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        self.put(field, |w| write!(w, "{value:?}"));
+        // `%x` fields and the message arrive here too, as Display text: a model name from a
+        // sealed header or a KMS error message is the host's to choose, so nothing written
+        // here may break the line or pass for another field.
+        let text = format!("{value:?}");
+        if field.name() == "message" {
+            self.put(field, |w| put_without_controls(w, &text));
+        } else if one_token(&text) {
+            self.put(field, |w| w.write_str(&text));
+        } else {
+            self.put(field, |w| write!(w, "{text:?}"));
+        }
     }
+}
+
+/// Writes `s` with its control characters escaped as `Debug` escapes them (a message keeps
+/// its quotes and spaces; only a line break or a terminal escape could forge anything).
+fn put_without_controls(w: &mut impl std::fmt::Write, s: &str) -> std::fmt::Result {
+    for c in s.chars() {
+        if c.is_control() {
+            write!(w, "{}", c.escape_debug())?;
+        } else {
+            w.write_char(c)?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether a field value's text can be written as it is and still read back as one value: a
+/// bare word (no space, quote, `=`, backslash or control character: numbers, durations,
+/// `Some(3)`), or a string as `Debug` quotes it (every inner quote escaped, no control
+/// characters, so it ends where its closing quote is).
+fn one_token(s: &str) -> bool {
+    let bare = !s.is_empty()
+        && s.chars()
+            .all(|c| !c.is_whitespace() && !c.is_control() && !matches!(c, '"' | '=' | '\\'));
+    bare || quoted(s)
+}
+
+/// Whether `s` is one `"…"` string with every inner quote and backslash escaped.
+fn quoted(s: &str) -> bool {
+    let Some(inner) = s.strip_prefix('"').and_then(|r| r.strip_suffix('"')) else {
+        return false;
+    };
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            // The guard consumes the escaped character; a trailing backslash escapes nothing.
+            '\\' if chars.next().is_none() => return false,
+            '"' => return false,
+            c if c.is_control() => return false,
+            _ => {}
+        }
+    }
+    true
 }
 
 #[cfg(test)]
@@ -333,6 +385,35 @@ mod tests {
         }
         for text in ["quote\"", "back\\slash", "line\nbreak", "tab\t", "\u{7f}"] {
             assert!(!plain(text), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn only_values_that_read_back_as_one_token_are_written_bare() {
+        for bare in [
+            "0.5",
+            "12ms",
+            "Some(3)",
+            "[1,2]",
+            "\"a b\"",
+            "\"a\\\"b\"",
+            "\"é\"",
+        ] {
+            assert!(one_token(bare), "{bare}");
+        }
+        for not in [
+            "",
+            "a b",
+            "x admin=true",
+            "a=b",
+            "\"a\" admin=\"b\"",
+            "\"a\\\"",
+            "line\nbreak",
+            "\"line\nbreak\"",
+            "\u{1b}[2J",
+            "\"",
+        ] {
+            assert!(!one_token(not), "{not:?}");
         }
     }
 
@@ -367,11 +448,16 @@ mod tests {
                 note = "a\"b\nc",
                 "request"
             );
+            // Display fields and the message carry host-chosen text (a model name, a KMS
+            // error): they may neither start a line nor pass for another field.
+            let name = "m\n2026-01-01T00:00:00.000000Z  INFO forged: x";
+            let kms = "denied\" admin=\"true";
+            tracing::warn!(model = %name, error = %kms, n = ?3, s = ?"q", "seal {name}");
             tracing::warn!(ratio = 0.5, "slow");
         });
         let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 2, "{text}");
+        assert_eq!(lines.len(), 3, "{text}");
         for line in &lines {
             let (stamp, _) = line.split_at(27);
             let b = stamp.as_bytes();
@@ -385,7 +471,11 @@ mod tests {
             &lines[0][27..],
             r#"  INFO common::cli::tests: request id=7 n=-3 ok=true route="/v1/ohttp" note="a\"b\nc""#
         );
-        assert_eq!(&lines[1][27..], "  WARN common::cli::tests: slow ratio=0.5");
+        assert_eq!(
+            &lines[1][27..],
+            r#"  WARN common::cli::tests: seal m\n2026-01-01T00:00:00.000000Z  INFO forged: x model="m\n2026-01-01T00:00:00.000000Z  INFO forged: x" error="denied\" admin=\"true" n=3 s="q""#
+        );
+        assert_eq!(&lines[2][27..], "  WARN common::cli::tests: slow ratio=0.5");
     }
 
     #[test]

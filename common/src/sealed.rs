@@ -819,7 +819,7 @@ mod tests {
             SealedHeader::decode(&v2),
             Err(SealError::UnsupportedVersion(2))
         );
-        for cut in [0, 5, 13, 20, hl - 1] {
+        for cut in 0..hl {
             assert!(SealedHeader::decode(&s[..cut]).is_err(), "{cut}");
         }
         // A context whose model_sha256 disagrees with the header is refused.

@@ -4,9 +4,9 @@
 //! here. Failures are answered inside the channel with OpenAI's 401, 403 and 429 shapes.
 //!
 //! Quotas are token buckets (capacity one minute's allowance, refilled continuously): a
-//! request is admitted when its key has a request left and a positive token balance; its
-//! prompt and completion tokens are charged as they are known, so one long answer can take the
-//! balance below zero and hold the next requests until it refills.
+//! request is admitted when its key has a request left and a positive token balance, and its
+//! worst case (prompt plus `max_tokens`) is reserved before it runs, so concurrent requests
+//! cannot together spend more than the balance; what it did not use is refunded at its end.
 
 use crate::openai::ApiError;
 use common::apikeys::{parse_key, ApiKeysError, KeyEntry, KeyList};
@@ -19,6 +19,8 @@ use std::time::Instant;
 pub struct Authorizer {
     signer: [u8; 32],
     current: RwLock<Option<Arc<Keys>>>,
+    /// The secret of the audit ids, drawn when the enclave starts and never leaving it.
+    audit_key: aws_lc_rs::hmac::Key,
 }
 
 #[derive(Debug)]
@@ -51,27 +53,82 @@ pub struct Grant {
 }
 
 impl Grant {
-    /// Charges `tokens` to the key's token quota.
-    pub fn charge(&self, tokens: usize) {
-        if self.account.entry.tokens_per_minute == 0 {
-            return;
+    /// Takes a request's worst case (prompt plus `max_tokens`) from the key's token quota
+    /// before it runs, as OpenAI counts `max_tokens` toward the limit: concurrent requests
+    /// cannot together spend more than the balance. Refused (429) unless the balance covers
+    /// it, or the bucket is full (a request larger than a minute's allowance runs alone, and
+    /// the key then waits for the refill). [`Reservation::settle`] refunds what was not used.
+    pub fn reserve(&self, tokens: usize) -> Result<Reservation, ApiError> {
+        let tpm = self.account.entry.tokens_per_minute;
+        if tpm == 0 {
+            return Ok(Reservation {
+                account: None,
+                tokens,
+            });
         }
-        let mut b = self
-            .account
-            .buckets
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut b = self.account.buckets();
+        b.refill(&self.account.entry);
+        let full = b.tokens >= f64::from(tpm);
+        if (tokens as f64) > b.tokens && !full {
+            return Err(rate_limited("tokens", tpm));
+        }
         b.tokens -= tokens as f64;
+        Ok(Reservation {
+            account: Some(self.account.clone()),
+            tokens,
+        })
     }
 }
 
-/// The audit form of a key id: the first 16 hex digits of SHA-256("api-key-id\n" ‖ id), so
-/// audit records can be grouped by key without naming it.
-pub fn audit_id(id: &str) -> String {
-    let mut msg = b"api-key-id\n".to_vec();
-    msg.extend_from_slice(id.as_bytes());
-    let d = common::sealed::sha256(&msg);
-    hex::encode(d.get(..8).unwrap_or_default())
+/// Tokens taken from a key's quota for one request; see [`Grant::reserve`]. Dropped without
+/// [`Reservation::settle`] (the request was abandoned mid-way), the whole reservation stays
+/// spent.
+#[derive(Debug)]
+#[must_use = "settle the reservation with the tokens used"]
+pub struct Reservation {
+    account: Option<Arc<Account>>,
+    tokens: usize,
+}
+
+impl Reservation {
+    /// Refunds the part of the reservation the request did not use (`used` is its prompt
+    /// plus completion tokens).
+    pub fn settle(self, used: usize) {
+        if let Some(account) = &self.account {
+            let mut b = account.buckets();
+            b.tokens += self.tokens.saturating_sub(used) as f64;
+            // Never above a minute's allowance, however the refill and the refund interleave.
+            b.tokens = b.tokens.min(f64::from(account.entry.tokens_per_minute));
+        }
+    }
+}
+
+impl Account {
+    fn buckets(&self) -> std::sync::MutexGuard<'_, Buckets> {
+        self.buckets.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Buckets {
+    /// Adds what the time since the last look has earned, up to a minute's allowance.
+    fn refill(&mut self, e: &KeyEntry) {
+        let now = Instant::now();
+        let minutes = now.duration_since(self.at).as_secs_f64() / 60.0;
+        self.at = now;
+        let rpm = f64::from(e.requests_per_minute);
+        let tpm = f64::from(e.tokens_per_minute);
+        self.requests = (self.requests + minutes * rpm).min(rpm);
+        self.tokens = (self.tokens + minutes * tpm).min(tpm);
+    }
+}
+
+/// The audit form of a key id: the first 16 hex digits of HMAC-SHA256(`key`, id), so audit
+/// records can be grouped by key without naming it. Keyed with a secret the enclave draws at
+/// start: the host delivers the key list, so it knows every id, and an unkeyed hash would name
+/// the key to it by a dictionary of one list. The ids group records within one enclave run.
+fn audit_id(key: &aws_lc_rs::hmac::Key, id: &str) -> String {
+    let tag = aws_lc_rs::hmac::sign(key, id.as_bytes());
+    hex::encode(tag.as_ref().get(..8).unwrap_or_default())
 }
 
 fn now_unix() -> u64 {
@@ -82,11 +139,16 @@ fn now_unix() -> u64 {
 
 impl Authorizer {
     /// An authorizer that trusts lists signed by `signer` and holds none yet.
-    pub fn new(signer: [u8; 32]) -> Self {
-        Self {
+    pub fn new(signer: [u8; 32]) -> Result<Self, aws_lc_rs::error::Unspecified> {
+        let audit_key = aws_lc_rs::hmac::Key::generate(
+            aws_lc_rs::hmac::HMAC_SHA256,
+            &aws_lc_rs::rand::SystemRandom::new(),
+        )?;
+        Ok(Self {
             signer,
             current: RwLock::new(None),
-        }
+            audit_key,
+        })
     }
 
     /// The serial in force, if any.
@@ -208,14 +270,8 @@ impl Authorizer {
             ));
         }
         let e = &account.entry;
-        let mut b = account.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        let minutes = now.duration_since(b.at).as_secs_f64() / 60.0;
-        b.at = now;
-        let rpm = f64::from(e.requests_per_minute);
-        let tpm = f64::from(e.tokens_per_minute);
-        b.requests = (b.requests + minutes * rpm).min(rpm);
-        b.tokens = (b.tokens + minutes * tpm).min(tpm);
+        let mut b = account.buckets();
+        b.refill(e);
         if e.requests_per_minute > 0 && b.requests < 1.0 {
             return Err(rate_limited("requests", e.requests_per_minute));
         }
@@ -228,7 +284,7 @@ impl Authorizer {
         drop(b);
         Ok(Grant {
             account: account.clone(),
-            audit_id: audit_id(id),
+            audit_id: audit_id(&self.audit_key, id),
         })
     }
 }
@@ -257,7 +313,7 @@ mod tests {
             not_after: u64::MAX,
             keys: vec![entry],
         };
-        let auth = Authorizer::new(public);
+        let auth = Authorizer::new(public).unwrap();
         assert_eq!(auth.load(&list.sign(&pair).unwrap()).unwrap(), 1);
         (auth, format!("Bearer {}", key.expose()), pair)
     }
@@ -276,8 +332,31 @@ mod tests {
         assert_eq!(code(auth.authorize(Some(wrong.as_bytes()), "smollm2")), 401);
         assert_eq!(code(auth.authorize(Some(header.as_bytes()), "other")), 403);
         let grant = auth.authorize(Some(header.as_bytes()), "smollm2").unwrap();
-        assert_eq!(grant.audit_id, audit_id("team-a"));
+        assert_eq!(grant.audit_id, audit_id(&auth.audit_key, "team-a"));
         assert_eq!(grant.audit_id.len(), 16);
+        let again = auth.authorize(Some(header.as_bytes()), "smollm2").unwrap();
+        assert_eq!(again.audit_id, grant.audit_id, "one key, one audit id");
+    }
+
+    #[test]
+    fn audit_ids_cannot_be_computed_without_the_enclaves_secret() {
+        let (first, header, _) = setup(0, 0);
+        let (second, _, _) = setup(0, 0);
+        let id = first.authorize(Some(header.as_bytes()), "smollm2").unwrap();
+        // The former unkeyed form, which the host could compute from the list it delivers.
+        let mut msg = b"api-key-id\n".to_vec();
+        msg.extend_from_slice(b"team-a");
+        let unkeyed = hex::encode(&common::sealed::sha256(&msg)[..8]);
+        assert_ne!(id.audit_id, unkeyed);
+        assert_ne!(
+            audit_id(&first.audit_key, "team-a"),
+            audit_id(&second.audit_key, "team-a"),
+            "each enclave draws its own secret"
+        );
+        assert_ne!(
+            audit_id(&first.audit_key, "team-a"),
+            audit_id(&first.audit_key, "team-b")
+        );
     }
 
     #[test]
@@ -292,7 +371,7 @@ mod tests {
             not_after: now + 60,
             keys: vec![entry],
         };
-        let auth = Authorizer::new(public);
+        let auth = Authorizer::new(public).unwrap();
         auth.load(&list.sign(&pair).unwrap()).unwrap();
         let header = format!("Bearer {}", key.expose());
         assert!(auth
@@ -318,11 +397,39 @@ mod tests {
 
         let (auth, header, _) = setup(0, 100);
         let g = auth.authorize(Some(header.as_bytes()), "smollm2").unwrap();
-        g.charge(150);
+        g.reserve(150).unwrap().settle(150);
         let e = auth
             .authorize(Some(header.as_bytes()), "smollm2")
             .unwrap_err();
         assert_eq!(e.status, 429);
+    }
+
+    #[test]
+    fn token_quotas_are_reserved_up_front_and_refunded_after() {
+        let (auth, header, _) = setup(0, 100);
+        let grant = || auth.authorize(Some(header.as_bytes()), "smollm2").unwrap();
+        // Two concurrent requests whose worst cases add up beyond the balance: the second is
+        // refused before it runs, not charged after.
+        let first = grant().reserve(60).unwrap();
+        let e = grant().reserve(60).unwrap_err();
+        assert_eq!((e.status, e.code), (429, Some("rate_limit_exceeded")));
+        // The first used 10 of its 60: 50 come back, and a 60-token request fits again.
+        first.settle(10);
+        let second = grant().reserve(60).unwrap();
+        second.settle(60);
+        assert!(grant().reserve(60).is_err(), "30 left");
+        // A request larger than a minute's allowance runs only on a full bucket.
+        let (auth, header, _) = setup(0, 100);
+        let g = auth.authorize(Some(header.as_bytes()), "smollm2").unwrap();
+        let big = g.reserve(500).unwrap();
+        assert!(g.reserve(1).is_err(), "the key waits for the refill");
+        big.settle(500);
+        // Unlimited keys reserve nothing.
+        let (auth, header, _) = setup(0, 0);
+        let g = auth.authorize(Some(header.as_bytes()), "smollm2").unwrap();
+        for _ in 0..10 {
+            g.reserve(1 << 20).unwrap().settle(0);
+        }
     }
 
     #[test]

@@ -415,6 +415,15 @@ async fn generate(
         Err(e) => return out.reply_error(&ApiError::from_engine(&e)).await,
     };
     audit.prompt_tokens = generation.prompt_tokens();
+    // The worst case is taken from the key's token quota before the first step (dropping the
+    // generation on a refusal cancels it), and the unused part is refunded at the end.
+    let reservation = match &grant {
+        Some(g) => match g.reserve(generation.prompt_tokens() + generation.max_tokens()) {
+            Ok(r) => Some(r),
+            Err(e) => return out.reply_error(&e).await,
+        },
+        None => None,
+    };
     let mut filter = ctx.policy.guardrails.as_ref().map(|g| g.output_filter());
     let c = match api {
         Api::Chat => Completion::new(&served.name),
@@ -439,8 +448,8 @@ async fn generate(
         // Output hits (input hits were recorded before generation).
         audit.hits(f.hits());
     }
-    if let Some(g) = &grant {
-        g.charge(audit.prompt_tokens + audit.completion_tokens);
+    if let Some(r) = reservation {
+        r.settle(audit.prompt_tokens + audit.completion_tokens);
     }
     status
 }

@@ -39,7 +39,10 @@ pub fn boot(nsm: Arc<dyn Nsm>, cfg: server::Config) -> Result<Booted, String> {
     let flush = std::time::Duration::from_millis(cfg.stream_flush_ms);
     let auth = cfg
         .api_key_signer
-        .map(|signer| Arc::new(auth::Authorizer::new(signer)));
+        .map(auth::Authorizer::new)
+        .transpose()
+        .map_err(|_| "drawing the audit id secret failed".to_owned())?
+        .map(Arc::new);
     let policy = gateway::Policy {
         guardrails: cfg.guardrails.clone(),
         auth: auth.clone(),

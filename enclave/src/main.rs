@@ -44,6 +44,12 @@ struct Args {
     /// Largest client request body, in bytes.
     #[arg(long, env = "ENCLAVE_MAX_REQUEST_BYTES", default_value_t = Config::default().max_request_bytes)]
     max_request_bytes: usize,
+    /// Connections from the host open at once; the next waits until one closes.
+    #[arg(long, env = "ENCLAVE_MAX_CONNECTIONS", default_value_t = Config::default().max_connections)]
+    max_connections: usize,
+    /// A host connection that sends nothing for this long while a frame is awaited is closed, ms.
+    #[arg(long, env = "ENCLAVE_IDLE_TIMEOUT_MS", default_value_t = Config::default().idle_timeout_ms)]
+    idle_timeout_ms: u64,
     /// Largest model accepted, in bytes (the enclave's memory minus the KV caches).
     #[arg(long, env = "ENCLAVE_MAX_MODEL_BYTES", default_value_t = Config::default().max_model_bytes)]
     max_model_bytes: u64,
@@ -58,7 +64,7 @@ struct Args {
     #[arg(long, env = "ENCLAVE_THREADS")]
     threads: Option<usize>,
     /// KV-cache memory shared by all running sequences, in MiB.
-    #[arg(long, env = "ENCLAVE_KV_MIB", default_value_t = 80)]
+    #[arg(long, env = "ENCLAVE_KV_MIB", default_value_t = Config::default().engine.kv_budget_bytes >> 20)]
     kv_mib: usize,
     /// The guardrail policy file (TOML; docs/guardrails.md). Without it the built-in default
     /// policy applies. Measured into PCR17. In an image, the file is part of the image.
@@ -108,6 +114,8 @@ fn config(args: &Args) -> Result<Config, String> {
         max_model_bytes: args.max_model_bytes,
         max_streams: args.max_streams,
         max_request_bytes: args.max_request_bytes,
+        max_connections: args.max_connections,
+        idle_timeout_ms: args.idle_timeout_ms,
         stream_flush_ms: args.stream_flush_ms,
         stream_pad_bytes: args.stream_pad_bytes,
         ..Config::default()

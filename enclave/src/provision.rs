@@ -70,12 +70,45 @@ pub enum ProvisionError {
     /// PCR16 already names another model: this enclave can only ever load that one.
     #[error("PCR16 already measures another model; restart the enclave to load a different one")]
     ModelAlreadyMeasured,
-    /// The inference engine refused the model (unsupported architecture, bad GGUF, …).
+    /// The inference engine refused the model. The host learns the category only: the
+    /// engine's own message names tensors, merges and template text of a model it must not
+    /// read. The detail stays in the enclave's log; `enclave --check-model` on the plaintext
+    /// tells the model owner the same.
     #[error("model: {0}")]
-    Load(String),
+    Load(ModelRefused),
     /// A worker thread failed.
     #[error("internal: {0}")]
     Internal(&'static str),
+}
+
+/// Why the engine refused a model, by category (see [`ProvisionError::Load`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ModelRefused {
+    /// Not a valid GGUF file, or inconsistent metadata or tensors.
+    #[error("invalid model file (run `enclave --check-model` on the plaintext for the details)")]
+    Format,
+    /// An architecture, tensor type, tokenizer or template the engine does not run.
+    #[error(
+        "unsupported model: its architecture, a tensor type, its tokenizer or its chat template (run `enclave --check-model` on the plaintext for the details)"
+    )]
+    Unsupported,
+    /// The engine's configuration cannot serve it (the KV budget holds no useful context, …).
+    #[error("the engine's configuration cannot serve this model (its KV budget or limits)")]
+    Config,
+    /// The engine failed to start.
+    #[error("the engine failed to start")]
+    Engine,
+}
+
+impl From<&engine::Error> for ModelRefused {
+    fn from(e: &engine::Error) -> Self {
+        match e {
+            engine::Error::Format(_) => Self::Format,
+            engine::Error::Unsupported(_) => Self::Unsupported,
+            engine::Error::Config(_) => Self::Config,
+            _ => Self::Engine,
+        }
+    }
 }
 
 /// Measures the model into PCR16 and locks it. A retry after a failed attempt (say, a key
@@ -114,7 +147,7 @@ pub async fn provision<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// [`provision`], then `load` on a worker thread (the inference engine, which parses and
 /// prepares the weights): `Ready` means the model is loaded and serving, and a model the
-/// engine refuses is reported as `Failed` with the engine's content-free reason.
+/// engine refuses is reported as `Failed` with its category ([`ModelRefused`]).
 pub async fn provision_with<S, T, F>(
     conn: &mut S,
     nsm: Arc<dyn Nsm>,
@@ -125,7 +158,7 @@ pub async fn provision_with<S, T, F>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
     T: Send + 'static,
-    F: FnOnce(LoadedModel) -> Result<T, String> + Send + 'static,
+    F: FnOnce(LoadedModel) -> Result<T, engine::Error> + Send + 'static,
 {
     handshake(conn).await?;
     let header = match read_frame(conn, DEFAULT_MAX_PAYLOAD).await? {
@@ -153,14 +186,20 @@ pub async fn provision_from_header<S, T, F>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
     T: Send + 'static,
-    F: FnOnce(LoadedModel) -> Result<T, String> + Send + 'static,
+    F: FnOnce(LoadedModel) -> Result<T, engine::Error> + Send + 'static,
 {
     let loaded = match run(conn, header_bytes, nsm, max_model, recipient).await {
         Ok(model) => {
             let (sha256, name) = (model.sha256, model.name.clone());
             blocking(move || load(model))
                 .await
-                .and_then(|r| r.map_err(ProvisionError::Load))
+                .and_then(|r| {
+                    r.map_err(|e| {
+                        // Inside the enclave only: its log is not the host's to read.
+                        tracing::error!(error = %e, "the engine refused the model");
+                        ProvisionError::Load(ModelRefused::from(&e))
+                    })
+                })
                 .map(|t| (t, sha256, name))
         }
         Err(e) => Err(e),

@@ -58,6 +58,12 @@ pub struct Limits {
     pub max_streams: usize,
     /// Largest model accepted, in bytes.
     pub max_model_bytes: u64,
+    /// Host connections open at once.
+    pub max_connections: usize,
+    /// A host connection silent this long while a frame is awaited is closed (ms).
+    pub idle_timeout_ms: u64,
+    /// Audit events kept while no host takes them.
+    pub event_backlog: usize,
 }
 
 /// The engine's bounds.
@@ -73,34 +79,66 @@ pub struct EngineBounds {
     pub max_context: usize,
     /// `max_tokens` when a request does not say.
     pub default_max_tokens: usize,
+    /// Prompt tokens processed per step.
+    pub prefill_chunk: usize,
 }
 
 impl RuntimeConfig {
-    /// The configuration of an enclave started with `cfg`.
+    /// The configuration of an enclave started with `cfg`. Both structures are taken apart
+    /// field by field, without `..`: a field added to either does not compile until it is
+    /// measured here or named as not measured, so PCR17 cannot silently miss a setting.
     pub fn of(cfg: &crate::server::Config) -> Self {
+        let crate::server::Config {
+            max_model_bytes,
+            engine,
+            max_streams,
+            max_request_bytes,
+            max_connections,
+            idle_timeout_ms,
+            event_backlog,
+            stream_flush_ms,
+            stream_pad_bytes,
+            guardrails,
+            api_key_signer,
+        } = cfg;
+        let engine::EngineConfig {
+            // Speed only: the same policy covers every instance size and CPU.
+            threads: _,
+            kernels: _,
+            max_sequences,
+            queue_capacity,
+            kv_budget_bytes,
+            max_context,
+            default_max_tokens,
+            prefill_chunk,
+        } = engine;
         Self {
             v: CONFIG_VERSION,
             channel: ChannelConfig {
                 protocol: "chunked-ohttp (draft-ietf-ohai-chunked-ohttp), binary HTTP (RFC 9292)",
                 kem: "DHKEM(X25519, HKDF-SHA256)",
                 suites: vec!["HKDF-SHA256/AES-128-GCM", "HKDF-SHA256/ChaCha20Poly1305"],
-                stream_flush_ms: cfg.stream_flush_ms,
-                stream_pad_bytes: cfg.stream_pad_bytes,
+                stream_flush_ms: *stream_flush_ms,
+                stream_pad_bytes: *stream_pad_bytes,
             },
             limits: Limits {
-                max_request_bytes: cfg.max_request_bytes,
-                max_streams: cfg.max_streams,
-                max_model_bytes: cfg.max_model_bytes,
+                max_request_bytes: *max_request_bytes,
+                max_streams: *max_streams,
+                max_model_bytes: *max_model_bytes,
+                max_connections: *max_connections,
+                idle_timeout_ms: *idle_timeout_ms,
+                event_backlog: *event_backlog,
             },
             engine: EngineBounds {
-                max_sequences: cfg.engine.max_sequences,
-                queue_capacity: cfg.engine.queue_capacity,
-                kv_budget_bytes: cfg.engine.kv_budget_bytes,
-                max_context: cfg.engine.max_context,
-                default_max_tokens: cfg.engine.default_max_tokens,
+                max_sequences: *max_sequences,
+                queue_capacity: *queue_capacity,
+                kv_budget_bytes: *kv_budget_bytes,
+                max_context: *max_context,
+                default_max_tokens: *default_max_tokens,
+                prefill_chunk: *prefill_chunk,
             },
-            guardrails: cfg.guardrails.as_ref().map(|g| hex::encode(g.sha256())),
-            api_key_signer: cfg.api_key_signer.map(hex::encode),
+            guardrails: guardrails.as_ref().map(|g| hex::encode(g.sha256())),
+            api_key_signer: api_key_signer.map(hex::encode),
         }
     }
 
@@ -161,9 +199,28 @@ mod tests {
         let mut cfg = Config::default();
         cfg.engine.max_context += 1;
         assert_ne!(RuntimeConfig::of(&cfg).sha256(), base.sha256());
-        let mut cfg = Config::default();
-        cfg.max_request_bytes += 1;
-        assert_ne!(RuntimeConfig::of(&cfg).sha256(), base.sha256());
+        // Every measured number, one at a time.
+        let edits: [fn(&mut Config); 13] = [
+            |c| c.max_model_bytes += 1,
+            |c| c.max_streams += 1,
+            |c| c.max_request_bytes += 1,
+            |c| c.max_connections += 1,
+            |c| c.idle_timeout_ms += 1,
+            |c| c.event_backlog += 1,
+            |c| c.stream_flush_ms += 1,
+            |c| c.stream_pad_bytes += 1,
+            |c| c.engine.max_sequences += 1,
+            |c| c.engine.queue_capacity += 1,
+            |c| c.engine.kv_budget_bytes += 1,
+            |c| c.engine.default_max_tokens += 1,
+            |c| c.engine.prefill_chunk += 1,
+        ];
+        let mut seen = std::collections::HashSet::from([base.sha256()]);
+        for (i, edit) in edits.iter().enumerate() {
+            let mut cfg = Config::default();
+            edit(&mut cfg);
+            assert!(seen.insert(RuntimeConfig::of(&cfg).sha256()), "edit {i}");
+        }
         // Threads change speed, not behaviour: not measured.
         let mut cfg = Config::default();
         cfg.engine.threads += 1;

@@ -101,6 +101,12 @@ pub struct Config {
     pub max_streams: usize,
     /// Largest request body, in bytes.
     pub max_request_bytes: usize,
+    /// Connections from the host open at once. The next is accepted only when one closes,
+    /// so a host that opens thousands cannot make the enclave buffer for each.
+    pub max_connections: usize,
+    /// A connection that sends no frame for this long while the enclave waits for one (between
+    /// exchanges, or inside a request body) is closed, and its buffers with it.
+    pub idle_timeout_ms: u64,
     /// Events kept while no host is connected to take them.
     pub event_backlog: usize,
     /// Streamed tokens that arrive within this many milliseconds of the last sealed chunk
@@ -126,6 +132,8 @@ impl Default for Config {
             engine: engine::EngineConfig::default(),
             max_streams: 4096,
             max_request_bytes: 1 << 20,
+            max_connections: 1024,
+            idle_timeout_ms: 300_000,
             event_backlog: 4096,
             stream_flush_ms: 20,
             // One bucket holds a one-token chat event (about 200 bytes with its framing).
@@ -151,6 +159,7 @@ pub struct Enclave {
     gateway: Arc<dyn Gateway>,
     phase: Mutex<Phase>,
     streams: Arc<Semaphore>,
+    connections: Arc<Semaphore>,
     auth: Option<Arc<crate::auth::Authorizer>>,
     events_tx: Events,
     events_rx: tokio::sync::Mutex<mpsc::Receiver<(EventKind, String)>>,
@@ -176,6 +185,7 @@ impl Enclave {
             nsm,
             auth,
             streams: Arc::new(Semaphore::new(cfg.max_streams)),
+            connections: Arc::new(Semaphore::new(cfg.max_connections.max(1))),
             cfg,
             gateway,
             phase: Mutex::new(Phase::Awaiting),
@@ -231,17 +241,45 @@ impl Enclave {
         }
     }
 
-    /// Accepts connections until the listener fails.
+    /// Accepts connections until the listener fails, at most `max_connections` at once (the
+    /// rest wait in the listener's backlog).
     pub async fn serve(self: Arc<Self>, listener: Listener) -> std::io::Result<()> {
         loop {
+            let Ok(permit) = self.connections.clone().acquire_owned().await else {
+                return Ok(());
+            };
             let conn = listener.accept().await?;
             let me = self.clone();
             tokio::spawn(async move {
                 if let Err(e) = me.connection(conn).await {
                     tracing::debug!(error = %e, "connection ended");
                 }
+                drop(permit);
             });
         }
+    }
+
+    /// The next frame of an exchange, or of the next one: the host has `idle_timeout_ms` to
+    /// send it, and a frame may be no longer than `max` (its payload is buffered whole).
+    async fn next_frame(&self, conn: &mut Conn, max: usize) -> Result<Message, ConnError> {
+        let idle = std::time::Duration::from_millis(self.cfg.idle_timeout_ms);
+        match tokio::time::timeout(idle, read_frame(conn, max)).await {
+            Ok(frame) => frame,
+            Err(_) => Err(ConnError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the host sent nothing within the idle timeout",
+            ))),
+        }
+    }
+
+    /// Largest frame that may open an exchange: a sealed header, a nonce, or the first piece
+    /// of a request body.
+    fn first_frame_max(&self) -> usize {
+        // `clamp` cannot panic: the bounds are constants in order (checked at compile time).
+        const _: () = assert!(common::sealed::MAX_HEADER_LEN <= DEFAULT_MAX_PAYLOAD);
+        self.cfg
+            .max_request_bytes
+            .clamp(common::sealed::MAX_HEADER_LEN, DEFAULT_MAX_PAYLOAD)
     }
 
     /// One connection: its first frame says what it is. Request connections (attestation,
@@ -253,7 +291,7 @@ impl Enclave {
         write_preface(&mut conn).await?;
         let mut first = true;
         loop {
-            let frame = match read_frame(&mut conn, DEFAULT_MAX_PAYLOAD).await {
+            let frame = match self.next_frame(&mut conn, self.first_frame_max()).await {
                 Ok(f) => f,
                 // The host closed an idle request connection.
                 Err(ConnError::Io(e))
@@ -313,13 +351,11 @@ impl Enclave {
                 let cfg = self.cfg.engine.clone();
                 let load = move |m: LoadedModel| {
                     let (sha256, name) = (m.sha256, m.name);
-                    engine::load(m.weights, cfg)
-                        .map(|engine| Served {
-                            engine,
-                            sha256,
-                            name,
-                        })
-                        .map_err(|e| e.to_string())
+                    engine::load(m.weights, cfg).map(|engine| Served {
+                        engine,
+                        sha256,
+                        name,
+                    })
                 };
                 provision_from_header(
                     conn,
@@ -443,7 +479,19 @@ impl Enclave {
                 write_frame(conn, &too_large).await?;
                 return Ok(false);
             }
-            match read_frame(conn, DEFAULT_MAX_PAYLOAD).await? {
+            // The frame may fill the body to one byte over the limit, which is answered 413;
+            // anything longer is not buffered at all.
+            let room = (max + 1 - body.len()).min(DEFAULT_MAX_PAYLOAD);
+            let frame = match self.next_frame(conn, room.max(1)).await {
+                Err(ConnError::Wire(common::wire::WireError::TooLarge { .. })) => {
+                    // Its payload is not read: answer, then end the connection.
+                    let too_large = fail(413, format!("request body exceeds {max} bytes"));
+                    write_frame(conn, &too_large).await?;
+                    return Ok(false);
+                }
+                frame => frame?,
+            };
+            match frame {
                 Message::RequestData(more) => body.extend_from_slice(&more),
                 Message::RequestEnd => break,
                 Message::Cancel => return Ok(false),

@@ -34,7 +34,7 @@ pub struct EngineConfig {
     /// Bytes of KV cache shared by all running sequences.
     pub kv_budget_bytes: usize,
     /// Longest sequence (prompt plus completion) in tokens; also capped by the model's
-    /// training context and by what fits in the KV budget.
+    /// training context and by what fits in half the KV budget (all of it with one slot).
     pub max_context: usize,
     /// `max_tokens` when a request does not say.
     pub default_max_tokens: usize,
@@ -53,7 +53,7 @@ impl Default for EngineConfig {
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             max_sequences: 16,
             queue_capacity: 64,
-            kv_budget_bytes: 80 << 20,
+            kv_budget_bytes: 160 << 20,
             max_context: 8192,
             default_max_tokens: 512,
             prefill_chunk: 512,
@@ -137,11 +137,18 @@ pub struct Completion {
 pub struct Generation {
     rx: mpsc::UnboundedReceiver<Event>,
     prompt_tokens: usize,
+    max_tokens: usize,
 }
 
 impl Generation {
     pub fn prompt_tokens(&self) -> usize {
         self.prompt_tokens
+    }
+
+    /// The most tokens it may generate (the request's `max_tokens`, or the default the
+    /// engine chose): with [`Generation::prompt_tokens`], its worst case.
+    pub fn max_tokens(&self) -> usize {
+        self.max_tokens
     }
 
     /// The next event, or `None` after `Done`/`Failed`.
@@ -260,13 +267,17 @@ impl Engine {
         }
         let per_token = model.config().kv_bytes_per_token();
         let description = model.describe();
+        // With more than one slot, one request's worst case may take at most half the KV
+        // budget: the longest request then always runs beside another, instead of holding
+        // the whole budget while every other request waits for it to finish.
+        let share = if cfg.max_sequences > 1 { 2 } else { 1 };
         let context = cfg
             .max_context
             .min(model.config().n_ctx_train)
-            .min(cfg.kv_budget_bytes / per_token.max(1));
+            .min(cfg.kv_budget_bytes / share / per_token.max(1));
         if context < 2 {
             return Err(Error::Config(format!(
-                "a KV budget of {} bytes holds no useful context ({per_token} bytes per token)",
+                "a KV budget of {} bytes holds no useful context ({per_token} bytes per token, one request may take 1/{share} of the budget)",
                 cfg.kv_budget_bytes
             )));
         }
@@ -448,6 +459,7 @@ impl Engine {
         Ok(Generation {
             rx,
             prompt_tokens: p,
+            max_tokens,
         })
     }
 }

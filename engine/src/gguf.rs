@@ -208,7 +208,12 @@ fn prescan(bytes: &[u8]) -> Result<()> {
     let _tensors = r.u64()?;
     let kvs = r.u64()?;
     for _ in 0..kvs {
-        let key = r.string()?;
+        // candle drops a key's trailing NULs ("in practice this happens"), so
+        // `general.alignment\0` is the same key to it and must be to us.
+        let mut key = r.string()?;
+        while let Some((0, rest)) = key.split_last() {
+            key = rest;
+        }
         let ty = r.u32()?;
         if key == b"general.alignment" {
             let align = match ty {
@@ -312,6 +317,19 @@ mod tests {
         let b = header(&[("general.alignment", 4, 0u32.to_le_bytes().to_vec())]);
         let e = Gguf::parse(&b).unwrap_err().to_string();
         assert!(e.contains("alignment"), "{e}");
+    }
+
+    #[test]
+    fn an_alignment_key_with_trailing_nuls_is_checked_too() {
+        for key in ["general.alignment\0", "general.alignment\0\0\0"] {
+            let b = header(&[(key, 4, 0u32.to_le_bytes().to_vec())]);
+            let e = Gguf::parse(&b).unwrap_err().to_string();
+            assert!(e.contains("alignment"), "{key:?}: {e}");
+            // candle reads a u8 alignment as well; we accept only the u32 GGML writes.
+            let b = header(&[(key, 0, vec![0u8])]);
+            let e = Gguf::parse(&b).unwrap_err().to_string();
+            assert!(e.contains("must be a u32"), "{key:?}: {e}");
+        }
     }
 
     #[test]

@@ -294,31 +294,39 @@ fn a_full_queue_refuses_with_a_clear_error() {
 }
 
 #[test]
-fn kv_memory_is_bounded_by_the_budget() {
+fn kv_memory_is_bounded_by_the_budget_and_one_request_takes_at_most_half() {
     let per_token = shared().kv_bytes_per_token();
-    // Room for 300 tokens in all: one 200-token request at a time.
+    // Room for 400 tokens in all; one request may take half: a 200-token context.
     let e = load(EngineConfig {
-        kv_budget_bytes: 300 * per_token,
+        kv_budget_bytes: 400 * per_token,
         ..Default::default()
     });
-    assert_eq!(e.context_length(), 300);
+    assert_eq!(e.context_length(), 200);
+    let too_long = e.chat(&user("One."), greedy(250)).unwrap_err();
+    assert!(
+        matches!(too_long, Error::ContextLength { context: 200, .. }),
+        "{too_long}"
+    );
     let p = GenerationParams {
         ignore_eos: true,
         ..greedy(180)
     };
+    // Three of the longest: two run side by side, the third waits for memory.
     let a = e.chat(&user("One."), p.clone()).unwrap();
-    let b = e.chat(&user("Two."), p).unwrap();
-    wait_for(&e, "the first request to start", |s| s.running >= 1);
+    let b = e.chat(&user("Two."), p.clone()).unwrap();
+    let c = e.chat(&user("Three."), p).unwrap();
+    wait_for(&e, "two requests to start", |s| s.running >= 2);
     let s = e.stats();
-    assert!(s.kv_reserved_bytes <= 300 * per_token, "{s:?}");
+    assert!(s.kv_reserved_bytes <= 400 * per_token, "{s:?}");
     assert_eq!(
         (s.running, s.queued),
-        (1, 1),
-        "the second waits for memory: {s:?}"
+        (2, 1),
+        "the third waits for memory: {s:?}"
     );
     a.wait().unwrap();
     b.wait().unwrap();
-    wait_for(&e, "both to be freed", |s| {
+    c.wait().unwrap();
+    wait_for(&e, "all to be freed", |s| {
         s.running == 0 && s.kv_reserved_bytes == 0
     });
 }

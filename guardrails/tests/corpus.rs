@@ -194,10 +194,7 @@ fn a_secret_split_at_every_point_of_a_stream_is_still_redacted() {
     for line in lines("positives.tsv") {
         let cols: Vec<&str> = line.split('\t').collect();
         let (text, want) = (unescape(cols[1]), unescape(cols[2]));
-        let cuts: Vec<usize> = (1..text.len())
-            .filter(|i| text.is_char_boundary(*i))
-            .collect();
-        for &cut in cuts.iter().step_by(3) {
+        for cut in (1..text.len()).filter(|i| text.is_char_boundary(*i)) {
             let mut f = g.output_filter();
             let mut out = f.push(&text[..cut]).text;
             out.push_str(&f.push(&text[cut..]).text);

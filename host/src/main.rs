@@ -6,7 +6,7 @@
 //!                 --owner-principal ARN --enclave-principal ARN [--immutable]
 //! host kms-create-key --policy FILE [--immutable] [--description TEXT] [--region R] [--endpoint-url URL]
 //! host provision --enclave unix:PATH|vsock:CID:PORT --sealed SEALED [--region R] [--endpoint-url URL]
-//! host serve [--config FILE] [--listen ADDR] [--enclave ADDR] [--sealed SEALED] [--api-keys F] [limits…]
+//! host serve [--config FILE] [--listen ADDR] [--admin-listen ADDR] [--enclave ADDR] [--sealed SEALED] [--api-keys F] [limits…]
 //! host api-keys init-signer|issue|revoke|sign …      (host::apikeys)
 //! ```
 
@@ -242,6 +242,9 @@ struct ServeArgs {
     /// Client listener address [default: 127.0.0.1:8000].
     #[arg(long, env = "HOST_LISTEN")]
     listen: Option<std::net::SocketAddr>,
+    /// Operator listener for /metrics, /healthz and /readyz [default: 127.0.0.1:9464].
+    #[arg(long, env = "HOST_ADMIN_LISTEN")]
+    admin_listen: Option<std::net::SocketAddr>,
     /// The enclave: vsock:CID:PORT, or unix:PATH in local mode [default: vsock:16:5000].
     #[arg(long, env = "HOST_ENCLAVE")]
     enclave: Option<String>,
@@ -319,6 +322,7 @@ impl ServeArgs {
         }
         set!(
             listen,
+            admin_listen,
             enclave,
             max_body_bytes,
             header_timeout_ms,

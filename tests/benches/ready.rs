@@ -30,7 +30,7 @@ use std::sync::Arc;
 const KEY: [u8; 32] = [0x24; 32];
 
 /// Loads a GGUF into the inference engine, as the enclave does.
-fn load(weights: zeroize::Zeroizing<Vec<u8>>) -> Result<engine::Engine, String> {
+fn load(weights: zeroize::Zeroizing<Vec<u8>>) -> Result<engine::Engine, engine::Error> {
     engine::load(
         weights,
         engine::EngineConfig {
@@ -38,7 +38,6 @@ fn load(weights: zeroize::Zeroizing<Vec<u8>>) -> Result<engine::Engine, String> 
             ..Default::default()
         },
     )
-    .map_err(|e| e.to_string())
 }
 
 fn key() -> DataKey {

@@ -517,11 +517,26 @@ pub mod fake_enclave {
         task: tokio::task::JoinHandle<()>,
         /// Request streams that ended because the host went away before the response did.
         pub cancelled: mpsc::UnboundedReceiver<()>,
-        /// Request streams seen.
+        /// Request streams seen (their first frame arrived).
         pub streams: Arc<AtomicUsize>,
+        /// Request bodies received whole (their `RequestEnd` arrived).
+        pub bodies: Arc<AtomicUsize>,
     }
 
     impl Fake {
+        /// Waits until `n` request streams have reached it (a stream the relay admitted and
+        /// forwarded is in flight from then on).
+        pub async fn wait_streams(&self, n: usize) {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            while self.streams.load(Ordering::Relaxed) < n {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{n} streams never reached the enclave"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+
         /// Stops it: the listener and every connection close, as when an enclave dies.
         pub fn kill(self) {
             self.task.abort();
@@ -534,16 +549,17 @@ pub mod fake_enclave {
         let listener = endpoint.bind().unwrap();
         let (tx, cancelled) = mpsc::unbounded_channel();
         let streams = Arc::new(AtomicUsize::new(0));
-        let counter = streams.clone();
+        let bodies = Arc::new(AtomicUsize::new(0));
+        let counters = (streams.clone(), bodies.clone());
         let task = tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
             loop {
                 let Ok(conn) = listener.accept().await else {
                     return;
                 };
-                let (tx, counter, audit) = (tx.clone(), counter.clone(), audit.clone());
+                let (tx, counters, audit) = (tx.clone(), counters.clone(), audit.clone());
                 conns.spawn(async move {
-                    let _ = serve(conn, script, tx, counter, audit).await;
+                    let _ = serve(conn, script, tx, counters, audit).await;
                 });
             }
         });
@@ -551,6 +567,7 @@ pub mod fake_enclave {
             task,
             cancelled,
             streams,
+            bodies,
         }
     }
 
@@ -558,7 +575,7 @@ pub mod fake_enclave {
         conn: BoxConn,
         script: Script,
         cancelled: mpsc::UnboundedSender<()>,
-        streams: Arc<AtomicUsize>,
+        (streams, bodies): (Arc<AtomicUsize>, Arc<AtomicUsize>),
         audit: Vec<String>,
     ) -> Result<(), common::wire::io::ConnError> {
         let mut conn = tokio::io::BufReader::new(conn);
@@ -602,6 +619,7 @@ pub mod fake_enclave {
                             _ => return Ok(()),
                         }
                     }
+                    bodies.fetch_add(1, Ordering::Relaxed);
                     if !respond(&mut conn, script, &body, &cancelled).await? {
                         return Ok(());
                     }

@@ -22,6 +22,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// real enclave restart does.
 pub struct RunningEnclave {
     runtime: tokio::runtime::Runtime,
+    /// Its serving state, to look at what it is doing (`served()`'s engine stats).
+    pub enclave: Arc<enclave::server::Enclave>,
 }
 
 impl RunningEnclave {
@@ -39,10 +41,11 @@ impl RunningEnclave {
             let _guard = runtime.enter();
             endpoint.bind().unwrap()
         };
+        let enclave = booted.enclave.clone();
         runtime.spawn(async move {
             let _ = booted.enclave.serve(listener).await;
         });
-        Self { runtime }
+        Self { runtime, enclave }
     }
 
     /// Stops it: every connection closes.
@@ -103,9 +106,10 @@ pub fn unix_tap(front: &Endpoint, back: Endpoint) -> Arc<Mutex<Vec<u8>>> {
 }
 
 /// What the man in the middle does to the exchanges it relays.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum Mode {
     /// Relays faithfully (and records).
+    #[default]
     Pass,
     /// Answers attestation requests with the first document it saw (an old nonce).
     ReplayAttestation,
@@ -117,7 +121,34 @@ pub enum Mode {
     TruncateResponse(usize),
     /// Flips one bit of the request body at this offset.
     FlipRequest(usize),
+    /// Answers attestation requests itself with a document the forging NSM
+    /// ([`Mitm::forge_with`]) signs for the client's nonce, attesting these fields: a genuine
+    /// document in every other respect (chain, image, PCR16, PCR17), to test what the client
+    /// checks beyond the verifier's.
+    Reattest {
+        /// The document's `public_key`.
+        public_key: Option<Vec<u8>>,
+        /// The document's `user_data`.
+        user_data: Option<Vec<u8>>,
+    },
+    /// Holds the first `/v1/ohttp` response until a second one arrives, then gives each
+    /// request the other's response.
+    SwapResponses,
+    /// Gives every `/v1/ohttp` request the first response it relayed in this mode.
+    ReplayResponse,
 }
+
+/// What [`Mode::SwapResponses`] and [`Mode::ReplayResponse`] keep between exchanges.
+#[derive(Default)]
+struct Held {
+    /// A response waiting for its swap partner, and where to send the partner's.
+    waiting: Option<(Vec<u8>, tokio::sync::oneshot::Sender<Vec<u8>>)>,
+    /// The first response relayed in [`Mode::ReplayResponse`].
+    first_answer: Option<Vec<u8>>,
+}
+
+/// The NSM a [`Mitm`] signs [`Mode::Reattest`] documents with.
+type Forger = Arc<Mutex<Option<Arc<common::nsm::mock::MockNsm>>>>;
 
 /// A man-in-the-middle HTTP proxy in front of the relay.
 pub struct Mitm {
@@ -129,6 +160,8 @@ pub struct Mitm {
     pub seen: Arc<Mutex<Vec<u8>>>,
     /// Request lines (`METHOD path`) seen.
     pub requests: Arc<Mutex<Vec<String>>>,
+    forger: Forger,
+    held: Arc<Mutex<Held>>,
 }
 
 impl Mitm {
@@ -136,21 +169,16 @@ impl Mitm {
     pub async fn start(upstream: SocketAddr) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let mode = Arc::new(Mutex::new(Mode::Pass));
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let requests = Arc::new(Mutex::new(Vec::new()));
-        let first_doc: Arc<Mutex<Option<Vec<u8>>>> = Arc::default();
-        let (m, s, r) = (mode.clone(), seen.clone(), requests.clone());
+        let shared = Shared::default();
+        let state = shared.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                let (m, s, r, d) = (m.clone(), s.clone(), r.clone(), first_doc.clone());
+                let state = state.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
-                        let (m, s, r, d) = (m.clone(), s.clone(), r.clone(), d.clone());
+                        let state = state.clone();
                         async move {
-                            Ok::<_, std::convert::Infallible>(
-                                mitm_one(upstream, req, m, s, r, d).await,
-                            )
+                            Ok::<_, std::convert::Infallible>(mitm_one(upstream, req, state).await)
                         }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
@@ -161,14 +189,22 @@ impl Mitm {
         });
         Self {
             addr,
-            mode,
-            seen,
-            requests,
+            mode: shared.mode,
+            seen: shared.seen,
+            requests: shared.requests,
+            forger: shared.forger,
+            held: shared.held,
         }
     }
 
-    /// Sets what it does.
+    /// The NSM that signs [`Mode::Reattest`] documents.
+    pub fn forge_with(&self, nsm: Arc<common::nsm::mock::MockNsm>) {
+        *self.forger.lock().unwrap() = Some(nsm);
+    }
+
+    /// Sets what it does (and forgets responses held by the previous mode).
     pub fn set(&self, mode: Mode) {
+        *self.held.lock().unwrap() = Held::default();
         *self.mode.lock().unwrap() = mode;
     }
 
@@ -178,15 +214,33 @@ impl Mitm {
     }
 }
 
-async fn mitm_one(
-    upstream: SocketAddr,
-    req: hyper::Request<Incoming>,
+/// What every exchange of one [`Mitm`] shares.
+#[derive(Clone, Default)]
+struct Shared {
     mode: Arc<Mutex<Mode>>,
     seen: Arc<Mutex<Vec<u8>>>,
     requests: Arc<Mutex<Vec<String>>>,
+    /// The first attestation document relayed ([`Mode::ReplayAttestation`]).
     first_doc: Arc<Mutex<Option<Vec<u8>>>>,
+    forger: Forger,
+    held: Arc<Mutex<Held>>,
+}
+
+async fn mitm_one(
+    upstream: SocketAddr,
+    req: hyper::Request<Incoming>,
+    state: Shared,
 ) -> hyper::Response<Full<Bytes>> {
+    let Shared {
+        mode,
+        seen,
+        requests,
+        first_doc,
+        forger,
+        held,
+    } = state;
     let mode = mode.lock().unwrap().clone();
+    let forger = forger.lock().unwrap().clone();
     let (parts, body) = req.into_parts();
     let mut body = body.collect().await.unwrap().to_bytes().to_vec();
     let line = format!(
@@ -207,6 +261,30 @@ async fn mitm_one(
         }
     }
     let is_doc = parts.uri.path() == "/v1/attestation";
+    if let (
+        true,
+        Mode::Reattest {
+            public_key,
+            user_data,
+        },
+    ) = (is_doc, &mode)
+    {
+        use common::nsm::Nsm;
+        let nonce = parts
+            .uri
+            .query()
+            .and_then(|q| q.strip_prefix("nonce="))
+            .map(|h| hex::decode(h).unwrap());
+        let doc = forger
+            .expect("Mode::Reattest needs Mitm::forge_with")
+            .attest(common::nsm::AttestationRequest {
+                user_data: user_data.as_deref(),
+                nonce: nonce.as_deref(),
+                public_key: public_key.as_deref(),
+            })
+            .unwrap();
+        return hyper::Response::new(Full::new(Bytes::from(doc)));
+    }
     if is_doc && mode == Mode::ReplayAttestation {
         if let Some(doc) = first_doc.lock().unwrap().clone() {
             return hyper::Response::new(Full::new(Bytes::from(doc)));
@@ -261,6 +339,33 @@ async fn mitm_one(
         }
         Mode::TruncateResponse(n) if !is_doc => {
             rbody.truncate(rbody.len().saturating_sub(n));
+        }
+        Mode::SwapResponses if !is_doc => {
+            let partner = {
+                let mut held = held.lock().unwrap();
+                match held.waiting.take() {
+                    Some((other, tx)) => {
+                        let _ = tx.send(std::mem::replace(&mut rbody, other));
+                        None
+                    }
+                    None => {
+                        let (tx, rx) = tokio::sync::oneshot::channel();
+                        held.waiting = Some((rbody.clone(), tx));
+                        Some(rx)
+                    }
+                }
+            };
+            if let Some(rx) = partner {
+                rbody = rx.await.unwrap();
+            }
+        }
+        Mode::ReplayResponse if !is_doc => {
+            rbody = held
+                .lock()
+                .unwrap()
+                .first_answer
+                .get_or_insert_with(|| rbody.clone())
+                .clone();
         }
         _ => {}
     }
@@ -334,6 +439,7 @@ impl Stack {
         };
         let mut serve = host::serve::config::ServeConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
+            admin_listen: "127.0.0.1:0".parse().unwrap(),
             enclave: relay_to.to_string(),
             sealed: Some(sealed),
             ping_interval_ms: 200,

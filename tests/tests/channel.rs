@@ -74,16 +74,10 @@ async fn chat_through_the_relay_and_nothing_readable_crosses_it() {
         streamed.header("content-type"),
         Some(&b"text/event-stream"[..])
     );
-    let mut pieces = 0;
     let mut body = Vec::new();
     while let Some(c) = streamed.chunk().await {
         body.extend(c.unwrap());
-        pieces += 1;
     }
-    assert!(
-        pieces > 2,
-        "the answer came in {pieces} pieces: not streamed"
-    );
     let answer = sse_text(&body);
     assert!(answer.len() >= 10, "{answer:?}");
 
@@ -124,7 +118,7 @@ async fn chat_through_the_relay_and_nothing_readable_crosses_it() {
     assert_eq!(client.send(&bad).await.unwrap().status, 400);
     assert_eq!(client.attestation_count(), 1, "the verified key is reused");
 
-    let metrics = tests::http::request(stack.relay.local_addr, "GET", "/metrics", None, b"").await;
+    let metrics = tests::http::request(stack.relay.admin_addr, "GET", "/metrics", None, b"").await;
     let metrics = metrics.body;
     let forwarded = mitm.seen.lock().unwrap().clone();
     let to_enclave = stack.tap.lock().unwrap().clone();
@@ -193,7 +187,7 @@ async fn a_replayed_request_is_refused_and_generates_nothing() {
     let (status, answer) = open(opener, &first.body);
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
     let metrics = || async {
-        let m = tests::http::request(stack.relay.local_addr, "GET", "/metrics", None, b"").await;
+        let m = tests::http::request(stack.relay.admin_addr, "GET", "/metrics", None, b"").await;
         String::from_utf8(m.body).unwrap()
     };
     let completion = |m: &str| {
@@ -330,6 +324,110 @@ async fn replayed_documents_and_swapped_keys_are_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_key_binding_refusal_has_its_own_error_and_nothing_is_sent() {
+    use common::binding::Binding;
+    use common::nsm::Nsm;
+    let stack = Stack::start().await;
+    let mitm = Mitm::start(stack.relay.local_addr).await;
+    let genuine = stack.client(&mitm.url()).attest().await.unwrap();
+    // An NSM of the same CA and image that measured the same model and configuration: its
+    // documents pass every check of the verifier, so what fails below is the binding.
+    let forger = stack.local.nsm(tests::IMAGE, |_| {});
+    // (Measured and locked, as the enclave does: documents show PCR16/17 only once locked.)
+    forger
+        .extend_pcr(16, &genuine.binding.model_sha256)
+        .unwrap();
+    forger
+        .extend_pcr(17, &genuine.binding.config_sha256)
+        .unwrap();
+    forger.lock_pcr(16).unwrap();
+    forger.lock_pcr(17).unwrap();
+    mitm.forge_with(forger);
+    let key = genuine.key_config.clone();
+    let bound = |edit: fn(&mut Binding)| {
+        let mut b = genuine.binding.clone();
+        edit(&mut b);
+        Some(b.encode())
+    };
+    // The forger itself is faithful: with the genuine fields, its document is accepted.
+    mitm.set(Mode::Reattest {
+        public_key: Some(key.clone()),
+        user_data: bound(|_| {}),
+    });
+    let same = stack.client(&mitm.url()).attest().await.unwrap();
+    assert_eq!(same.key_config, key);
+
+    let other_key = common::channel::GatewayKey::generate().unwrap();
+    type Check = fn(&AttestError) -> bool;
+    // What the case is, the document's public_key and user_data, the error expected.
+    type Case = (&'static str, Option<Vec<u8>>, Option<Vec<u8>>, Check);
+    let cases: Vec<Case> = vec![
+        (
+            "another key than the bound one",
+            Some(other_key.encoded_config().to_vec()),
+            bound(|_| {}),
+            |e| matches!(e, AttestError::KeyNotBound),
+        ),
+        (
+            "the binding names another model",
+            Some(key.clone()),
+            bound(|b| b.model_sha256 = [9; 32]),
+            |e| matches!(e, AttestError::DigestMismatch("model")),
+        ),
+        (
+            "the binding names another configuration",
+            Some(key.clone()),
+            bound(|b| b.config_sha256 = [9; 32]),
+            |e| matches!(e, AttestError::DigestMismatch("configuration")),
+        ),
+        (
+            "the binding names another key id",
+            Some(key.clone()),
+            bound(|b| b.key_id ^= 1),
+            |e| matches!(e, AttestError::KeyIdMismatch),
+        ),
+        ("no key", None, bound(|_| {}), |e| {
+            matches!(e, AttestError::NoKey)
+        }),
+        ("no binding", Some(key.clone()), None, |e| {
+            matches!(e, AttestError::NoBinding)
+        }),
+        (
+            "not a binding",
+            Some(key.clone()),
+            Some(b"user data of another product".to_vec()),
+            |e| matches!(e, AttestError::Binding(_)),
+        ),
+    ];
+    let before = mitm.requests.lock().unwrap().len();
+    for (what, public_key, user_data, check) in cases {
+        mitm.set(Mode::Reattest {
+            public_key,
+            user_data,
+        });
+        let err = stack
+            .client(&mitm.url())
+            .send(&chat("smollm2", "must not be sent", false, 4))
+            .await
+            .unwrap_err();
+        match &err {
+            ClientError::Attestation(e) if check(e) => {}
+            other => panic!("{what}: {other}"),
+        }
+    }
+    let requests = mitm.requests.lock().unwrap().clone();
+    assert_eq!(requests.len(), before + 7, "{requests:?}");
+    assert!(
+        requests
+            .iter()
+            .all(|r| r.starts_with("GET /v1/attestation")),
+        "{requests:?}"
+    );
+    assert!(!contains(&mitm.seen.lock().unwrap(), b"must not be sent"));
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tampered_or_truncated_ciphertext_fails_without_showing_text() {
     let stack = Stack::start().await;
     let mitm = Mitm::start(stack.relay.local_addr).await;
@@ -367,6 +465,82 @@ async fn tampered_or_truncated_ciphertext_fails_without_showing_text() {
             .clone()
     };
     assert_eq!(content(&again), content(&good));
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_are_streamed_through_relay_channel_and_gateway() {
+    let stack = Stack::start().await;
+    // Straight to the relay: the man in the middle of the other tests buffers whole bodies.
+    let client = stack.client(&stack.url());
+    let engine = stack.enclave.as_ref().unwrap().enclave.served().unwrap();
+    let mut streamed = client
+        .send(&chat("smollm2", "Tell me about the sea.", true, 64))
+        .await
+        .unwrap();
+    assert_eq!(streamed.status, 200);
+    // Streamed, not merely cut in pieces: the first piece reaches the client while the enclave
+    // is still generating the answer. A relay, channel or gateway that buffered the whole
+    // response would deliver it only after the sequence had left the engine.
+    let mut body = streamed.chunk().await.unwrap().unwrap();
+    let running = engine.engine.stats().running;
+    assert_eq!(running, 1, "the first piece arrived after generation ended");
+    while let Some(c) = streamed.chunk().await {
+        body.extend(c.unwrap());
+    }
+    assert!(!sse_text(&body).is_empty());
+    stack.stop().await;
+}
+
+/// Sends `req` and reads its whole answer.
+async fn answer(client: &client::Client, req: &Request) -> Result<Vec<u8>, ClientError> {
+    client.send(req).await?.bytes().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_swapped_or_replayed_between_concurrent_requests_are_refused() {
+    let stack = Stack::start().await;
+    let mitm = Mitm::start(stack.relay.local_addr).await;
+    let client = stack.client(&mitm.url());
+    client.attest().await.unwrap();
+    let (a, b) = (
+        chat("smollm2", "Say hello.", false, 8),
+        chat("smollm2", "Name a colour.", false, 8),
+    );
+    let own_a = answer(&client, &a).await.unwrap();
+    // Each response is sealed under a key derived from its own request's encapsulation
+    // (RFC 9458 §4.4): given the other's, each client fails before any content is shown.
+    mitm.set(Mode::SwapResponses);
+    let (ra, rb) = tokio::join!(answer(&client, &a), answer(&client, &b));
+    for (what, r) in [("a", ra), ("b", rb)] {
+        assert!(
+            matches!(r, Err(ClientError::Channel(_))),
+            "{what}: {:?}",
+            r.map(|b| String::from_utf8_lossy(&b).into_owned())
+        );
+    }
+    // One answer given to both: the request it belongs to reads it, the other fails.
+    mitm.set(Mode::ReplayResponse);
+    let (ra, rb) = tokio::join!(answer(&client, &a), answer(&client, &b));
+    let (ok, refused): (Vec<_>, Vec<_>) = [ra, rb].into_iter().partition(Result::is_ok);
+    assert_eq!((ok.len(), refused.len()), (1, 1), "{ok:?} {refused:?}");
+    assert!(matches!(refused[0], Err(ClientError::Channel(_))));
+    // Greedy: whichever it was, its text is its own request's answer.
+    let text = ok.into_iter().next().unwrap().unwrap();
+    let own_b = {
+        mitm.set(Mode::Pass);
+        answer(&client, &b).await.unwrap()
+    };
+    let content = |body: &[u8]| {
+        serde_json::from_slice::<serde_json::Value>(body).unwrap()["choices"][0]["message"]
+            ["content"]
+            .clone()
+    };
+    assert!(
+        [content(&own_a), content(&own_b)].contains(&content(&text)),
+        "{}",
+        String::from_utf8_lossy(&text)
+    );
     stack.stop().await;
 }
 

@@ -120,7 +120,7 @@ async fn assert_nowhere(
     needles: &[&str],
 ) {
     let audit_bytes = std::fs::read(audit).unwrap();
-    let metrics = tests::http::request(stack.relay.local_addr, "GET", "/metrics", None, b"")
+    let metrics = tests::http::request(stack.relay.admin_addr, "GET", "/metrics", None, b"")
         .await
         .body;
     let tap = stack.tap.lock().unwrap().clone();
@@ -238,7 +238,7 @@ async fn input_and_output_rules_act_and_audit_records_carry_no_content() {
         assert!(r["latency_ms"].is_u64());
     }
 
-    let metrics = tests::http::request(stack.relay.local_addr, "GET", "/metrics", None, b"")
+    let metrics = tests::http::request(stack.relay.admin_addr, "GET", "/metrics", None, b"")
         .await
         .body;
     let m = String::from_utf8_lossy(&metrics);
@@ -273,7 +273,7 @@ fn write_list(
 }
 
 async fn metric(stack: &Stack, name: &str) -> u64 {
-    let m = tests::http::request(stack.relay.local_addr, "GET", "/metrics", None, b"")
+    let m = tests::http::request(stack.relay.admin_addr, "GET", "/metrics", None, b"")
         .await
         .text();
     m.lines()
@@ -372,9 +372,24 @@ async fn api_keys_are_checked_scoped_rate_limited_and_revoked_inside_the_enclave
 
     // The audit names the key only by its hashed id; no key or prompt anywhere outside.
     let records = wait_audit(&audit, 9).await;
-    let hashed = enclave::auth::audit_id("team-a");
-    assert!(records.iter().any(|r| r["key"] == hashed.as_str()));
-    assert!(records.iter().any(|r| r["status"] == 429));
+    // team-a's id is keyed with the enclave's own secret: its four admitted or throttled
+    // requests share one id, which is neither the clear id nor the host-computable hash.
+    let limited = records
+        .iter()
+        .find(|r| r["status"] == 429)
+        .expect("the throttled request is audited");
+    let team_a = limited["key"].as_str().expect("a key id").to_owned();
+    assert_eq!(team_a.len(), 16);
+    assert!(team_a.bytes().all(|b| b.is_ascii_hexdigit()));
+    let unkeyed = hex::encode(&common::sealed::sha256(b"api-key-id\nteam-a")[..8]);
+    assert_ne!(team_a, unkeyed);
+    assert!(
+        records
+            .iter()
+            .filter(|r| r["key"] == team_a.as_str())
+            .count()
+            >= 4
+    );
     let needles = [key_a.expose(), key_b.expose(), forged.expose(), canary];
     assert_nowhere(&stack, &audit, &logs, &needles).await;
     let audit_bytes = std::fs::read(&audit).unwrap();

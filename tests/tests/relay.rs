@@ -34,6 +34,7 @@ async fn relay(enclave: &Endpoint, edit: impl FnOnce(&mut ServeConfig)) -> Relay
     logs();
     let mut cfg = ServeConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
+        admin_listen: "127.0.0.1:0".parse().unwrap(),
         enclave: enclave.to_string(),
         ping_interval_ms: 100,
         enclave_timeout_ms: 2_000,
@@ -119,7 +120,7 @@ async fn streams_are_relayed_and_no_content_reaches_metrics_logs_or_audit() {
         assert!(a.text().contains("bad_nonce"));
     }
 
-    let metrics = request(r.local_addr, "GET", "/metrics", None, b"")
+    let metrics = request(r.admin_addr, "GET", "/metrics", None, b"")
         .await
         .text();
     assert!(
@@ -174,7 +175,7 @@ async fn an_enclave_dying_mid_stream_cuts_the_response_and_nothing_hangs() {
             .status,
         200
     );
-    let metrics = request(r.local_addr, "GET", "/metrics", None, b"")
+    let metrics = request(r.admin_addr, "GET", "/metrics", None, b"")
         .await
         .text();
     assert!(
@@ -201,7 +202,7 @@ async fn the_relay_reconnects_when_the_enclave_restarts() {
     let _fake = fake_enclave::start(&ep, echo(1, 0), vec![]);
     wait_ready(r.local_addr, true).await;
     assert_eq!(post(r.local_addr, b"again").await.body, b"again");
-    let metrics = request(r.local_addr, "GET", "/metrics", None, b"")
+    let metrics = request(r.admin_addr, "GET", "/metrics", None, b"")
         .await
         .text();
     let connects: u64 = metrics
@@ -244,19 +245,23 @@ async fn a_huge_body_is_refused_without_being_read() {
     .await
     .unwrap();
     let chunk = [b"8000\r\n".as_slice(), &[0u8; 0x8000], b"\r\n"].concat();
+    // 2 MiB in all, then the body's end: a relay without the limit would pass a whole
+    // request on.
     let writer = async {
         for _ in 0..64 {
             if s.write_all(&chunk).await.is_err() {
-                break;
+                return;
             }
         }
+        let _ = s.write_all(b"0\r\n\r\n").await;
     };
     let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
     let mut raw = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut raw)).await;
     assert_eq!(parse(&raw).status, 413);
-    // The enclave never saw a whole request.
-    assert!(fake.streams.load(std::sync::atomic::Ordering::Relaxed) <= 1);
+    // The enclave never received a whole request: the declared one was refused before any
+    // byte went on, the chunked one was cut before its end.
+    assert_eq!(fake.bodies.load(std::sync::atomic::Ordering::Relaxed), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -383,11 +388,13 @@ async fn a_thousand_concurrent_streams_complete_in_bounded_memory() {
     let grown = rss_kib().saturating_sub(rss_before);
     // 1000 streams of 1 KiB each through two hops: tens of MiB at most, not unbounded.
     assert!(grown < 256 * 1024, "RSS grew by {grown} KiB");
-    let metrics = request(addr, "GET", "/metrics", None, b"").await.text();
+    let metrics = request(r.admin_addr, "GET", "/metrics", None, b"")
+        .await
+        .text();
     assert!(metrics.contains(r#"relay_requests_total{route="/v1/ohttp",status="200"} 1000"#));
     assert!(
-        metrics.contains("relay_in_flight_requests 1"),
-        "only /metrics itself: {metrics}"
+        metrics.contains("relay_in_flight_requests 0"),
+        "every stream is done and /metrics is not a client request: {metrics}"
     );
 }
 
@@ -403,7 +410,7 @@ fn rss_kib() -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_and_in_flight_limits_answer_429_and_503() {
     let ep = socket("relay-limits");
-    let _fake = fake_enclave::start(&ep, echo(2, 1_000), vec![]);
+    let fake = fake_enclave::start(&ep, echo(2, 1_000), vec![]);
     let r = relay(&ep, |c| {
         c.rate_per_second = 0.5;
         c.rate_burst = 3.0;
@@ -414,7 +421,7 @@ async fn rate_and_in_flight_limits_answer_429_and_503() {
     let addr = r.local_addr;
     // One slow stream holds the only slot.
     let slow = tokio::spawn(async move { post(addr, b"slow stream").await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    fake.wait_streams(1).await;
     let busy = post(addr, b"x").await;
     assert_eq!(busy.status, 503, "{}", busy.text());
     assert!(busy.text().contains("overloaded"));
@@ -430,21 +437,23 @@ async fn rate_and_in_flight_limits_answer_429_and_503() {
         request(addr, "GET", "/healthz", None, b"").await.status,
         200
     );
-    let metrics = request(addr, "GET", "/metrics", None, b"").await.text();
+    let metrics = request(r.admin_addr, "GET", "/metrics", None, b"")
+        .await
+        .text();
     assert!(metrics.contains("relay_rate_limited_total 1"), "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_client_cannot_take_every_slot() {
     let ep = socket("relay-per-client");
-    let _fake = fake_enclave::start(&ep, echo(2, 1_000), vec![]);
+    let fake = fake_enclave::start(&ep, echo(2, 1_000), vec![]);
     let r = relay(&ep, |c| c.max_in_flight_per_client = 2).await;
     wait_ready(r.local_addr, true).await;
     let addr = r.local_addr;
     let slow: Vec<_> = (0..2)
         .map(|_| tokio::spawn(async move { post(addr, b"slow stream").await }))
         .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    fake.wait_streams(2).await;
     let third = post(addr, b"x").await;
     assert_eq!(third.status, 429, "{}", third.text());
     assert!(third.text().contains("too_many_in_flight"));
@@ -523,12 +532,12 @@ async fn wrong_routes_methods_and_content_types_get_json_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_drains_in_flight_streams_and_stops_accepting() {
     let ep = socket("relay-drain");
-    let _fake = fake_enclave::start(&ep, echo(4, 150), vec![]);
+    let fake = fake_enclave::start(&ep, echo(4, 150), vec![]);
     let r = relay(&ep, |c| c.shutdown_grace_ms = 10_000).await;
     wait_ready(r.local_addr, true).await;
     let addr = r.local_addr;
     let stream = tokio::spawn(async move { post(addr, b"0123456789abcdef").await });
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    fake.wait_streams(1).await;
     r.shutdown().await;
     let resp = stream.await.unwrap();
     assert_eq!(resp.status, 200);
@@ -626,4 +635,55 @@ async fn tls_on_the_client_listener() {
     let mut raw = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut raw)).await;
     assert!(!raw.starts_with(b"HTTP/1.1 200"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_served_to_the_operator_listener_only() {
+    let ep = socket("relay-admin");
+    let _fake = fake_enclave::start(&ep, echo(2, 1_000), vec![]);
+    let r = relay(&ep, |_| {}).await;
+    wait_ready(r.local_addr, true).await;
+    assert_eq!(post(r.local_addr, b"counted").await.status, 200);
+    // Clients' listener: no metrics (they tell every client's sizes and timings).
+    let public = request(r.local_addr, "GET", "/metrics", None, b"").await;
+    assert_eq!(public.status, 404, "{}", public.text());
+    assert!(!public.text().contains("relay_requests_total"));
+    // The operator's: the metrics and the probes, and none of the client routes.
+    let admin = request(r.admin_addr, "GET", "/metrics", None, b"").await;
+    assert_eq!(admin.status, 200);
+    assert!(
+        admin
+            .text()
+            .contains(r#"relay_requests_total{route="/v1/ohttp",status="200"} 1"#),
+        "{}",
+        admin.text()
+    );
+    assert!(
+        admin.text().contains(r#"route="other",status="404"} 1"#),
+        "the public /metrics probe counts as an unknown route: {}",
+        admin.text()
+    );
+    assert_eq!(
+        request(r.admin_addr, "GET", "/readyz", None, b"")
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        request(r.admin_addr, "GET", "/healthz", None, b"")
+            .await
+            .status,
+        200
+    );
+    let ohttp = request(r.admin_addr, "POST", "/v1/ohttp", None, b"x").await;
+    assert_eq!(ohttp.status, 404);
+    assert_eq!(
+        request(r.admin_addr, "POST", "/metrics", None, b"")
+            .await
+            .status,
+        405
+    );
+    // The default keeps the operator's listener on loopback.
+    assert!(ServeConfig::default().admin_listen.ip().is_loopback());
+    r.shutdown().await;
 }

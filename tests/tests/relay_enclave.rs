@@ -40,6 +40,7 @@ async fn the_relay_provisions_attests_and_reprovisions_the_real_enclave() {
     let enclave = RunningEnclave::start(&local, &endpoint, enclave_config());
     let cfg = ServeConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
+        admin_listen: "127.0.0.1:0".parse().unwrap(),
         enclave: endpoint.to_string(),
         sealed: Some(sealed),
         ping_interval_ms: 200,
@@ -107,7 +108,9 @@ async fn the_relay_provisions_attests_and_reprovisions_the_real_enclave() {
     wait_ready(addr, false).await;
     let enclave = RunningEnclave::start(&local, &endpoint, enclave_config());
     wait_ready(addr, true).await;
-    let m = request(addr, "GET", "/metrics", None, b"").await.text();
+    let m = request(relay.admin_addr, "GET", "/metrics", None, b"")
+        .await
+        .text();
     assert_eq!(
         metric(&m, "relay_provisioning_total{result=\"ok\"}"),
         2,

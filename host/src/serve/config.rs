@@ -13,6 +13,10 @@ use std::time::Duration;
 pub struct ServeConfig {
     /// Client listener address.
     pub listen: SocketAddr,
+    /// Operator listener address: `/metrics` (and the health probes) for the operator's
+    /// scraper, loopback by default. Metrics tell sizes, timings and counts of every client's
+    /// traffic, which the clients' own listener does not hand to anyone who asks.
+    pub admin_listen: SocketAddr,
     /// The enclave: `vsock:CID:PORT` on Nitro, `unix:PATH` in local mode.
     pub enclave: String,
     /// The sealed model to provision the enclave with; without it the host only relays to an
@@ -67,6 +71,7 @@ impl Default for ServeConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
             enclave: "vsock:16:5000".into(),
             sealed: None,
             region: None,
@@ -144,6 +149,9 @@ impl ServeConfig {
     /// Checks ranges and pairs.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: &str| Err(ConfigError::Invalid(m.into()));
+        if self.admin_listen == self.listen && self.listen.port() != 0 {
+            return bad("admin_listen must differ from listen");
+        }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return bad("tls_cert and tls_key go together");
         }

@@ -278,11 +278,6 @@ async fn route_request(
                 )
             }
         }
-        ("/metrics", Method::GET) => Answer::new(
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            app.metrics.render(),
-        ),
         ("/v1/attestation", Method::GET) => match admit(app, peer) {
             Ok(permit) => {
                 let mut a = attestation(app, req.uri().query()).await;

@@ -12,13 +12,13 @@ const BUCKETS: [f64; 16] = [
     120.0,
 ];
 
-/// The routes metrics are kept for (anything else is `other`).
-pub const ROUTES: [&str; 6] = [
+/// The client listener's routes metrics are kept for (anything else is `other`). `/metrics`
+/// is served on the operator's listener only (`ServeConfig::admin_listen`).
+pub const ROUTES: [&str; 5] = [
     "/v1/attestation",
     "/v1/ohttp",
     "/healthz",
     "/readyz",
-    "/metrics",
     "other",
 ];
 

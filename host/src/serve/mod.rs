@@ -2,6 +2,7 @@
 //! enclave provisioned, and forwards attestation requests and opaque OHTTP streams to it
 //! (DESIGN.md §3). It sees ciphertext, sizes and timing, never content.
 
+mod admin;
 pub mod config;
 pub mod enclave;
 pub mod http;
@@ -52,6 +53,8 @@ pub enum ServeError {
 pub struct Relay {
     /// The address it listens on (useful when configured with port 0).
     pub local_addr: std::net::SocketAddr,
+    /// The operator's listener (`/metrics`).
+    pub admin_addr: std::net::SocketAddr,
     /// Its metrics.
     pub metrics: Arc<metrics::Metrics>,
     /// Its view of the enclave.
@@ -116,9 +119,23 @@ pub async fn start(
     for _ in 1..workers {
         sockets.push(bind(local_addr).map_err(listen_err)?);
     }
+    let admin_err = |source| ServeError::Listen {
+        addr: cfg.admin_listen,
+        source,
+    };
+    let admin = TcpListener::bind(cfg.admin_listen)
+        .await
+        .map_err(admin_err)?;
+    let admin_addr = admin.local_addr().map_err(admin_err)?;
     let metrics = Arc::new(metrics::Metrics::default());
     let link = Arc::new(enclave::Link::new(endpoint));
     let (shutdown, rx) = watch::channel(false);
+    tokio::spawn(admin::serve(
+        admin,
+        metrics.clone(),
+        link.clone(),
+        rx.clone(),
+    ));
     tokio::spawn(enclave::supervise(
         cfg.clone(),
         link.clone(),
@@ -128,7 +145,7 @@ pub async fn start(
         rx.clone(),
     ));
     let app = Arc::new(http::App::new(cfg, metrics.clone(), link.clone()));
-    tracing::info!(%local_addr, tls = tls.is_some(), workers, "relay listening");
+    tracing::info!(%local_addr, %admin_addr, tls = tls.is_some(), workers, "relay listening");
     // Thread per core: each worker runs a single-threaded runtime with its own listener,
     // connections and enclave connections, so a request never changes threads.
     let mut threads = Vec::with_capacity(workers);
@@ -158,6 +175,7 @@ pub async fn start(
     }
     Ok(Relay {
         local_addr,
+        admin_addr,
         metrics,
         link,
         shutdown,
