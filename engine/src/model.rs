@@ -11,19 +11,22 @@
 //! (`src/models/*.cpp`): candle's Gemma 3 uses SiLU where Gemma uses GELU-tanh, its windows are
 //! one position wider, its Gemma 2 windows every layer, and its Phi-3 ignores the file's RoPE
 //! base and LongRoPE factors. Quantized weights stay in GGML's block layout and are multiplied
-//! by the kernels in [`crate::kernels`], as are F16 and BF16 ones; only tensor types without a
-//! native kernel (Q2_K, Q3_K) are dequantized by candle at load time.
+//! by the kernels in [`crate::kernels`], as are F16 and BF16 ones; Q3_K, which has no kernel of
+//! its own, is rewritten at load as Q6_K with the same weights ([`q3k_to_q6k`]); only Q2_K,
+//! whose per-16 minimums no kernel type holds, is dequantized by candle at load time.
 
 use crate::gguf::{Gguf, TensorRef};
 use crate::kernels::{
-    dequantize_half_row, dequantize_packed_row, dequantize_row, repack, BlockQ8, Glu, HalfKind,
-    Kernels, QuantKind, Score, PACK, QK,
+    dequantize_half_row, dequantize_packed_row, dequantize_row, q3k_to_q6k, repack, BlockQ8, Glu,
+    HalfKind, Kernels, QuantKind, Score, PACK, Q3K_BLOCK_BYTES, QK,
 };
 use crate::{Error, Result};
 use candle_core::quantized::GgmlDType;
 use candle_core::Device;
 use rayon::prelude::*;
+use std::cell::RefCell;
 use std::io::Cursor;
+use std::ops::Range;
 use zeroize::Zeroizing;
 
 /// The model families on the fast path, by `general.architecture`.
@@ -375,13 +378,15 @@ impl Config {
 /// A weight matrix: in place in the model buffer with a native kernel, or dequantized.
 #[derive(Debug)]
 enum Matrix {
-    /// `packed`: re-laid out in groups of [`PACK`] rows by [`repack`].
+    /// `packed`: re-laid out in groups of [`PACK`] rows by [`repack`]. `offset` is in the
+    /// [`Store`]; `converted_from` names the file's type when it was rewritten at load.
     Quant {
         kind: QuantKind,
         rows: usize,
         cols: usize,
         offset: usize,
         packed: bool,
+        converted_from: Option<&'static str>,
     },
     /// F16 or BF16 rows in place, multiplied against f32 activations.
     Half {
@@ -409,6 +414,11 @@ impl Matrix {
     /// The tensor type, for [`Model::describe`].
     fn type_name(&self) -> String {
         match self {
+            Matrix::Quant {
+                kind,
+                converted_from: Some(from),
+                ..
+            } => format!("{from} (as {})", kind.name()),
             Matrix::Quant { kind, .. } => kind.name().into(),
             Matrix::Half {
                 kind: HalfKind::F16,
@@ -576,11 +586,64 @@ fn forward_fallback(cfg: &Config, batch: &mut [Chunk<'_>]) -> Result<Vec<f32>> {
     Ok(logits)
 }
 
+/// The bytes the weights are read from: the decrypted GGUF file, in which the matrices are
+/// multiplied in place, and the matrices rewritten at load into a type with a kernel
+/// (addressed from the file's length on). Both zeroized when dropped.
+struct Store {
+    file: Zeroizing<Vec<u8>>,
+    converted: Zeroizing<Vec<u8>>,
+}
+
+impl Store {
+    fn get(&self, r: Range<usize>) -> Option<&[u8]> {
+        let n = self.file.len();
+        if r.start >= n {
+            self.converted.get(r.start - n..r.end.checked_sub(n)?)
+        } else {
+            self.file.get(r)
+        }
+    }
+
+    fn get_mut(&mut self, r: Range<usize>) -> Option<&mut [u8]> {
+        let n = self.file.len();
+        if r.start >= n {
+            self.converted.get_mut(r.start - n..r.end.checked_sub(n)?)
+        } else {
+            self.file.get_mut(r)
+        }
+    }
+}
+
+/// Where [`matrix_rows`] writes the matrices it rewrites: a buffer sized for all of them
+/// before the first is written (so it never reallocates and leaves no unzeroized copy), whose
+/// offsets start at the file's length.
+struct Conversions {
+    base: usize,
+    buf: RefCell<Zeroizing<Vec<u8>>>,
+}
+
+impl Conversions {
+    /// Room for every Q3_K tensor of `g` as Q6_K.
+    fn for_file(g: &Gguf, file_len: usize) -> Self {
+        let bytes: usize = g
+            .content()
+            .tensor_infos
+            .values()
+            .filter(|t| t.ggml_dtype == GgmlDType::Q3K)
+            .map(|t| t.shape.elem_count() / crate::kernels::QK_K * QuantKind::Q6K.block_bytes())
+            .sum();
+        Self {
+            base: file_len,
+            buf: RefCell::new(Zeroizing::new(Vec::with_capacity(bytes))),
+        }
+    }
+}
+
 /// A model on the fast path. It owns the decrypted GGUF bytes (zeroized when dropped) and
 /// reads the quantized weights from them in place, so loading copies only the small norm
-/// vectors.
+/// vectors (and the rare matrices rewritten into a type with a kernel).
 pub struct Native {
-    bytes: Zeroizing<Vec<u8>>,
+    bytes: Store,
     cfg: Config,
     layers: Vec<Layer>,
     embed: Matrix,
@@ -642,11 +705,12 @@ impl std::fmt::Debug for Native {
 
 impl Native {
     /// Builds the model over `bytes`, a GGUF file already parsed as `g`.
-    fn load(mut bytes: Zeroizing<Vec<u8>>, g: &Gguf, kernels: Kernels) -> Result<Self> {
+    fn load(bytes: Zeroizing<Vec<u8>>, g: &Gguf, kernels: Kernels) -> Result<Self> {
         let cfg = Config::from_gguf(g)?;
         let (d, kv, qd, hd) = (cfg.n_embd, cfg.kv_dim(), cfg.q_dim(), cfg.head_dim);
+        let conv = Conversions::for_file(g, bytes.len());
         let load = |name: &str, rows: usize, cols: usize| -> Result<Matrix> {
-            matrix(&bytes, g, &g.tensor(name)?, rows, cols)
+            matrix(&bytes, &conv, g, &g.tensor(name)?, rows, cols)
         };
         // A fused projection (Phi-3's `attn_qkv`, its gate and up in one `ffn_up`): the parts
         // are consecutive rows, so each is a matrix of its own over the same bytes.
@@ -663,7 +727,7 @@ impl Native {
             parts
                 .iter()
                 .map(|rows| {
-                    let m = matrix_rows(&bytes, g, &t, first, *rows, cols);
+                    let m = matrix_rows(&bytes, &conv, g, &t, first, *rows, cols);
                     first += rows;
                     m
                 })
@@ -762,6 +826,10 @@ impl Native {
                 }
             },
         };
+        let mut bytes = Store {
+            file: bytes,
+            converted: conv.buf.into_inner(),
+        };
         // Re-lay out the quantized matrices in place, the embedding included (its rows are
         // looked up through the packed layout).
         let mut tmp = Vec::new();
@@ -787,6 +855,7 @@ impl Native {
                 cols,
                 offset,
                 packed,
+                ..
             } = m
             {
                 if kind.packable() && *rows % PACK == 0 {
@@ -836,15 +905,18 @@ impl Native {
 
     /// The family and how many matrices of each type the weights hold, for the load log:
     /// `qwen2, 24 layers: Q5_0 ×133, Q4K ×12, ...`. `F32` counts matrices dequantized at load.
-    fn describe(&self) -> String {
-        let mut counts: Vec<(String, usize)> = Vec::new();
-        let mats = self
-            .layers
+    /// Every weight matrix, the embedding and the output head included.
+    fn matrices(&self) -> impl Iterator<Item = &Matrix> {
+        self.layers
             .iter()
             .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down])
             .chain(self.output.as_ref())
-            .chain([&self.embed]);
-        for m in mats {
+            .chain([&self.embed])
+    }
+
+    fn describe(&self) -> String {
+        let mut counts: Vec<(String, usize)> = Vec::new();
+        for m in self.matrices() {
             let name = m.type_name();
             match counts.iter_mut().find(|(n, _)| *n == name) {
                 Some((_, c)) => *c += 1,
@@ -852,8 +924,25 @@ impl Native {
             }
         }
         let types: Vec<String> = counts.iter().map(|(n, c)| format!("{n} ×{c}")).collect();
+        // What loading added to the file's own bytes: the enclave's memory must hold it too.
+        let f32_bytes: usize = self
+            .matrices()
+            .map(|m| match m {
+                Matrix::F32 { data, .. } => 4 * data.len(),
+                _ => 0,
+            })
+            .sum();
+        let copies = self.bytes.converted.len() + f32_bytes;
+        let extra = if copies > 0 {
+            format!(
+                "; {} MiB of weights rewritten at load",
+                copies.div_ceil(1 << 20)
+            )
+        } else {
+            String::new()
+        };
         format!(
-            "{}, {} layers: {}",
+            "{}, {} layers: {}{extra}",
             self.cfg.arch.name(),
             self.cfg.n_layer,
             types.join(", ")
@@ -1096,7 +1185,7 @@ impl Native {
             }
         }
         let kernels = self.kernels;
-        let bytes: &[u8] = &self.bytes;
+        let bytes = &self.bytes;
         jobs.into_par_iter().for_each(|(m, row0, out)| match m {
             Matrix::Quant {
                 kind,
@@ -1407,19 +1496,30 @@ fn add(x: &mut [f32], y: &[f32]) {
 }
 
 /// A weight matrix of `rows × cols`, in place if a native kernel exists for its type.
-fn matrix(bytes: &[u8], g: &Gguf, t: &TensorRef, rows: usize, cols: usize) -> Result<Matrix> {
+fn matrix(
+    bytes: &[u8],
+    conv: &Conversions,
+    g: &Gguf,
+    t: &TensorRef,
+    rows: usize,
+    cols: usize,
+) -> Result<Matrix> {
     if (t.rows, t.cols) != (rows, cols) {
         return Err(Error::Format(format!(
             "tensor `{}` is {}×{}, expected {rows}×{cols}",
             t.name, t.rows, t.cols
         )));
     }
-    matrix_rows(bytes, g, t, 0, rows, cols)
+    matrix_rows(bytes, conv, g, t, 0, rows, cols)
 }
 
-/// Rows `first..first + rows` of the `cols`-wide tensor `t`, as a matrix of their own.
+/// Rows `first..first + rows` of the `cols`-wide tensor `t`, as a matrix of their own: in place
+/// when a kernel takes its type, rewritten into `conv` when one takes an exact equivalent
+/// (Q3_K as Q6_K), else dequantized to f32.
+#[allow(clippy::too_many_arguments)]
 fn matrix_rows(
     bytes: &[u8],
+    conv: &Conversions,
     g: &Gguf,
     t: &TensorRef,
     first: usize,
@@ -1454,6 +1554,35 @@ fn matrix_rows(
         GgmlDType::BF16 => Some(HalfKind::Bf16),
         _ => None,
     };
+    if t.dtype == GgmlDType::Q3K && fits(QuantKind::Q6K) {
+        let row_bytes = cols / crate::kernels::QK_K * Q3K_BLOCK_BYTES;
+        let start = t.range.start + first * row_bytes;
+        let src = bytes
+            .get(start..start + rows * row_bytes)
+            .ok_or_else(|| Error::Format(format!("tensor `{}` is short", t.name)))?;
+        let mut buf = conv.buf.borrow_mut();
+        let offset = conv.base + buf.len();
+        let needed = rows * QuantKind::Q6K.row_bytes(cols);
+        if buf.capacity() - buf.len() < needed {
+            // The room was counted from the same tensors: only a file whose tensor table
+            // disagrees with itself gets here.
+            return Err(Error::Format(format!(
+                "tensor `{}` does not fit the room counted for it",
+                t.name
+            )));
+        }
+        for blk in src.chunks_exact(Q3K_BLOCK_BYTES) {
+            buf.extend_from_slice(&q3k_to_q6k(blk));
+        }
+        return Ok(Matrix::Quant {
+            kind: QuantKind::Q6K,
+            rows,
+            cols,
+            offset,
+            packed: false,
+            converted_from: Some("Q3_K"),
+        });
+    }
     match (kind, half) {
         (Some(kind), _) if fits(kind) => Ok(Matrix::Quant {
             kind,
@@ -1461,6 +1590,7 @@ fn matrix_rows(
             cols,
             offset: t.range.start + first * kind.row_bytes(cols),
             packed: false,
+            converted_from: None,
         }),
         (_, Some(kind)) => Ok(Matrix::Half {
             kind,

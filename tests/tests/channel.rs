@@ -25,6 +25,20 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
+/// The man in the middle saw `count` requests, every one an attestation request, and never
+/// the prompt "must not be sent".
+fn only_attestations_crossed(mitm: &Mitm, count: usize) {
+    let requests = mitm.requests.lock().unwrap().clone();
+    assert_eq!(requests.len(), count, "{requests:?}");
+    assert!(
+        requests
+            .iter()
+            .all(|r| r.starts_with("GET /v1/attestation")),
+        "{requests:?}"
+    );
+    assert!(!contains(&mitm.seen.lock().unwrap(), b"must not be sent"));
+}
+
 fn chat(model: &str, prompt: &str, stream: bool, max_tokens: u32) -> Request {
     Request::new(
         "POST",
@@ -279,15 +293,7 @@ async fn wrong_policies_refuse_before_any_request_body() {
             "{what}: {err}"
         );
     }
-    let requests = mitm.requests.lock().unwrap().clone();
-    assert_eq!(requests.len(), 4);
-    assert!(
-        requests
-            .iter()
-            .all(|r| r.starts_with("GET /v1/attestation")),
-        "{requests:?}"
-    );
-    assert!(!contains(&mitm.seen.lock().unwrap(), b"must not be sent"));
+    only_attestations_crossed(&mitm, 4);
     stack.stop().await;
 }
 
@@ -415,15 +421,7 @@ async fn each_key_binding_refusal_has_its_own_error_and_nothing_is_sent() {
             other => panic!("{what}: {other}"),
         }
     }
-    let requests = mitm.requests.lock().unwrap().clone();
-    assert_eq!(requests.len(), before + 7, "{requests:?}");
-    assert!(
-        requests
-            .iter()
-            .all(|r| r.starts_with("GET /v1/attestation")),
-        "{requests:?}"
-    );
-    assert!(!contains(&mitm.seen.lock().unwrap(), b"must not be sent"));
+    only_attestations_crossed(&mitm, before + 7);
     stack.stop().await;
 }
 

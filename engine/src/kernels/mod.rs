@@ -620,6 +620,57 @@ pub fn decode_chunk(kind: QuantKind, blk: &[u8], c: usize) -> ([i32; QK], [f32; 
     }
 }
 
+/// Bytes of a GGML Q3_K super-block: 32 bytes of high-bit masks, 64 of 2-bit quants, 12 of
+/// 6-bit scales, the f16 `d`.
+pub const Q3K_BLOCK_BYTES: usize = 110;
+
+/// Rewrites one Q3_K super-block as a Q6_K one with exactly the same weights.
+///
+/// Q3_K has no kernel of its own: its weight `i` is `(d · s[i / 16]) · q[i]` with `s` a 6-bit
+/// scale less 32 (−32…31) and `q` a 3-bit quant less 4 (−4…3) (ggml-quants.c
+/// `dequantize_row_q3_K`), and Q6_K's is `(d · s'[i / 16]) · q'[i]` with an 8-bit `s'` and a
+/// 6-bit `q'` less 32: the same `d`, the same scales and the same quants fit, and the float
+/// products are the same. A Q6_K block is 210 bytes to Q3_K's 110, a fifth of the f32 copy it
+/// replaces.
+pub fn q3k_to_q6k(q3: &[u8]) -> [u8; 210] {
+    let mut out = [0u8; 210];
+    // The 16 scales, unpacked as ggml does (low nibbles of bytes 0-7, then the 2-bit high
+    // parts packed in bytes 8-11).
+    let word = |at: usize| u32::from_le_bytes([0, 1, 2, 3].map(|i| byte(q3, 96 + at + i)));
+    let (a0, a1, tmp) = (word(0), word(4), word(8));
+    let (k1, k2) = (0x0303_0303u32, 0x0f0f_0f0fu32);
+    let aux = [
+        (a0 & k2) | ((tmp & k1) << 4),
+        (a1 & k2) | (((tmp >> 2) & k1) << 4),
+        ((a0 >> 4) & k2) | (((tmp >> 4) & k1) << 4),
+        ((a1 >> 4) & k2) | (((tmp >> 6) & k1) << 4),
+    ];
+    for (i, sc) in aux.iter().flat_map(|w| w.to_le_bytes()).enumerate() {
+        if let Some(o) = out.get_mut(192 + i) {
+            *o = (i16::from(sc) - 32) as i8 as u8;
+        }
+    }
+    for i in 0..QK_K {
+        // Q3_K: weight 128n + 32j + l takes bits 2j of quant byte 32n + l and bit 4n + j of
+        // mask byte l; a clear mask bit subtracts 4.
+        let (n, j, l) = (i / 128, (i % 128) / 32, i % 32);
+        let low = (byte(q3, 32 + 32 * n + l) >> (2 * j)) & 3;
+        let high = (byte(q3, l) >> (4 * n + j)) & 1;
+        let q6 = low + 4 * high + 28; // (low − 4 + 4·high) + 32: 28…35
+                                      // Q6_K: low nibble (k/2) of byte 64n + 32(k%2) + l, two high bits 2k of byte
+                                      // 128 + 32n + l, with k = j (decode_chunk's Q6_K arm).
+        if let Some(b) = out.get_mut(64 * n + 32 * (j % 2) + l) {
+            *b |= (q6 & 0x0F) << (4 * (j / 2));
+        }
+        if let Some(b) = out.get_mut(128 + 32 * n + l) {
+            *b |= (q6 >> 4) << (2 * j);
+        }
+    }
+    out[208] = byte(q3, 108);
+    out[209] = byte(q3, 109);
+    out
+}
+
 /// Dequantizes one row of `kind` weights into `out` (`out.len()` weights).
 pub fn dequantize_row(kind: QuantKind, w: &[u8], out: &mut [f32]) {
     let chunks = kind.block_elems() / QK;
@@ -1197,6 +1248,47 @@ mod tests {
             &mut out,
         );
         assert_eq!(out, [0.0, 0.0]);
+    }
+
+    #[test]
+    fn q3k_becomes_q6k_with_the_same_weights() {
+        use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
+        use candle_core::Device;
+        let mut rng = crate::sampling::Rng::new(31);
+        for round in 0..64 {
+            let blocks = 3;
+            let mut q3 = Vec::new();
+            for _ in 0..blocks {
+                let mut blk: Vec<u8> = (0..Q3K_BLOCK_BYTES)
+                    .map(|_| (rng.next_u64() & 0xFF) as u8)
+                    .collect();
+                let d = (rng.next_f32() - 0.5) * 0.1;
+                blk[108..110].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+                if round == 0 {
+                    // The extremes: every scale −32 or 31, every quant −4 or 3.
+                    blk[..108].fill(if rng.next_u64().is_multiple_of(2) {
+                        0x00
+                    } else {
+                        0xFF
+                    });
+                }
+                q3.extend_from_slice(&blk);
+            }
+            let q6: Vec<u8> = q3
+                .chunks_exact(Q3K_BLOCK_BYTES)
+                .flat_map(q3k_to_q6k)
+                .collect();
+            let theirs = qtensor_from_ggml(GgmlDType::Q3K, &q3, vec![blocks * QK_K], &Device::Cpu)
+                .unwrap()
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let mut ours = vec![0.0; blocks * QK_K];
+            dequantize_row(QuantKind::Q6K, &q6, &mut ours);
+            // Equal as numbers (a zero weight may come out −0 one way and +0 the other).
+            assert_eq!(ours, theirs, "round {round}");
+        }
     }
 
     #[test]
