@@ -11,14 +11,16 @@
 //! (`src/models/*.cpp`): candle's Gemma 3 uses SiLU where Gemma uses GELU-tanh, its windows are
 //! one position wider, its Gemma 2 windows every layer, and its Phi-3 ignores the file's RoPE
 //! base and LongRoPE factors. Quantized weights stay in GGML's block layout and are multiplied
-//! by the kernels in [`crate::kernels`], as are F16 and BF16 ones; Q3_K, which has no kernel of
-//! its own, is rewritten at load as Q6_K with the same weights ([`q3k_to_q6k`]); only Q2_K,
-//! whose per-16 minimums no kernel type holds, is dequantized by candle at load time.
+//! by the kernels in [`crate::kernels`], as are F16 and BF16 ones; Q3_K and Q2_K, which have no
+//! kernels of their own, are rewritten at load as Q6_K with the same weights ([`q3k_to_q6k`],
+//! [`q2k_to_q6k`]; Q2_K's per-16 minimums kept beside and subtracted from the products);
+//! nothing is dequantized to f32 but a type candle knows and we do not (none of the
+//! quantizations llama.cpp writes today).
 
 use crate::gguf::{Gguf, TensorRef};
 use crate::kernels::{
-    dequantize_half_row, dequantize_packed_row, dequantize_row, q3k_to_q6k, repack, BlockQ8, Glu,
-    HalfKind, Kernels, QuantKind, Score, PACK, Q3K_BLOCK_BYTES, QK,
+    dequantize_half_row, dequantize_packed_row, dequantize_row, q2k_to_q6k, q3k_to_q6k, repack,
+    BlockQ8, Glu, HalfKind, Kernels, QuantKind, Score, PACK, Q2K_BLOCK_BYTES, Q3K_BLOCK_BYTES, QK,
 };
 use crate::{Error, Result};
 use candle_core::quantized::GgmlDType;
@@ -379,7 +381,8 @@ impl Config {
 #[derive(Debug)]
 enum Matrix {
     /// `packed`: re-laid out in groups of [`PACK`] rows by [`repack`]. `offset` is in the
-    /// [`Store`]; `converted_from` names the file's type when it was rewritten at load.
+    /// [`Store`]; `converted_from` names the file's type when it was rewritten at load, and
+    /// `mins` holds what Q2_K subtracts per 16 weights (`cols / 16` per row, [`q2k_to_q6k`]).
     Quant {
         kind: QuantKind,
         rows: usize,
@@ -387,6 +390,7 @@ enum Matrix {
         offset: usize,
         packed: bool,
         converted_from: Option<&'static str>,
+        mins: Option<Vec<f32>>,
     },
     /// F16 or BF16 rows in place, multiplied against f32 activations.
     Half {
@@ -623,13 +627,13 @@ struct Conversions {
 }
 
 impl Conversions {
-    /// Room for every Q3_K tensor of `g` as Q6_K.
+    /// Room for every Q2_K and Q3_K tensor of `g` as Q6_K.
     fn for_file(g: &Gguf, file_len: usize) -> Self {
         let bytes: usize = g
             .content()
             .tensor_infos
             .values()
-            .filter(|t| t.ggml_dtype == GgmlDType::Q3K)
+            .filter(|t| matches!(t.ggml_dtype, GgmlDType::Q2K | GgmlDType::Q3K))
             .map(|t| t.shape.elem_count() / crate::kernels::QK_K * QuantKind::Q6K.block_bytes())
             .sum();
         Self {
@@ -928,7 +932,10 @@ impl Native {
         let f32_bytes: usize = self
             .matrices()
             .map(|m| match m {
-                Matrix::F32 { data, .. } => 4 * data.len(),
+                Matrix::F32 { data, .. }
+                | Matrix::Quant {
+                    mins: Some(data), ..
+                } => 4 * data.len(),
                 _ => 0,
             })
             .sum();
@@ -1152,6 +1159,18 @@ impl Native {
                 None => row.fill(0.0),
             },
         }
+        if let Matrix::Quant {
+            mins: Some(mins), ..
+        } = &self.embed
+        {
+            let per_row = d / 16;
+            let mins = mins
+                .get(tok as usize * per_row..(tok as usize + 1) * per_row)
+                .unwrap_or_default();
+            for (ys, m) in row.chunks_exact_mut(16).zip(mins) {
+                ys.iter_mut().for_each(|y| *y -= m);
+            }
+        }
     }
 
     /// `outs[i] = inputs × W_iᵀ` for `t` rows, all matrices in one parallel pass. Outputs are
@@ -1260,6 +1279,14 @@ impl Native {
                         }
                     }
                 }
+            }
+            if let Matrix::Quant {
+                mins: Some(mins),
+                cols,
+                ..
+            } = m
+            {
+                subtract_minimums(self.kernels, mins, *cols, xf, out);
             }
         }
     }
@@ -1554,8 +1581,14 @@ fn matrix_rows(
         GgmlDType::BF16 => Some(HalfKind::Bf16),
         _ => None,
     };
-    if t.dtype == GgmlDType::Q3K && fits(QuantKind::Q6K) {
-        let row_bytes = cols / crate::kernels::QK_K * Q3K_BLOCK_BYTES;
+    let q2k = t.dtype == GgmlDType::Q2K;
+    if (q2k || t.dtype == GgmlDType::Q3K) && fits(QuantKind::Q6K) {
+        let (block, from) = if q2k {
+            (Q2K_BLOCK_BYTES, "Q2_K")
+        } else {
+            (Q3K_BLOCK_BYTES, "Q3_K")
+        };
+        let row_bytes = cols / crate::kernels::QK_K * block;
         let start = t.range.start + first * row_bytes;
         let src = bytes
             .get(start..start + rows * row_bytes)
@@ -1571,8 +1604,15 @@ fn matrix_rows(
                 t.name
             )));
         }
-        for blk in src.chunks_exact(Q3K_BLOCK_BYTES) {
-            buf.extend_from_slice(&q3k_to_q6k(blk));
+        let mut mins = Vec::with_capacity(if q2k { rows * cols / 16 } else { 0 });
+        for blk in src.chunks_exact(block) {
+            if q2k {
+                let (q6, m) = q2k_to_q6k(blk);
+                buf.extend_from_slice(&q6);
+                mins.extend_from_slice(&m);
+            } else {
+                buf.extend_from_slice(&q3k_to_q6k(blk));
+            }
         }
         return Ok(Matrix::Quant {
             kind: QuantKind::Q6K,
@@ -1580,7 +1620,8 @@ fn matrix_rows(
             cols,
             offset,
             packed: false,
-            converted_from: Some("Q3_K"),
+            converted_from: Some(from),
+            mins: q2k.then_some(mins),
         });
     }
     match (kind, half) {
@@ -1591,6 +1632,7 @@ fn matrix_rows(
             offset: t.range.start + first * kind.row_bytes(cols),
             packed: false,
             converted_from: None,
+            mins: None,
         }),
         (_, Some(kind)) => Ok(Matrix::Half {
             kind,
@@ -1610,6 +1652,28 @@ fn matrix_rows(
                 .map(<[f32]>::to_vec)
                 .ok_or_else(|| Error::Format(format!("tensor `{}` is short", t.name)))?,
         }),
+    }
+}
+
+/// Q2_K's minimums ([`q2k_to_q6k`]) taken off `out` (`[t][rows]`, the product of the Q6_K
+/// part with the `t` inputs `xf`): output `r` of input `j` loses `Σ_k mins[r][k] · Σ x_j[16k..16k
+/// + 16]`.
+fn subtract_minimums(kernels: Kernels, mins: &[f32], cols: usize, xf: &[f32], out: &mut [f32]) {
+    let per_row = cols / 16;
+    if per_row == 0 {
+        return;
+    }
+    let rows = mins.len() / per_row;
+    for (x, out) in xf.chunks_exact(cols).zip(out.chunks_exact_mut(rows.max(1))) {
+        let sums: Vec<f32> = x.chunks_exact(16).map(|s| s.iter().sum()).collect();
+        let sub = |(o, m): (&mut f32, &[f32])| *o -= kernels.dot(m, &sums);
+        if rows * per_row >= 1 << 16 {
+            out.par_iter_mut()
+                .zip(mins.par_chunks_exact(per_row))
+                .for_each(sub);
+        } else {
+            out.iter_mut().zip(mins.chunks_exact(per_row)).for_each(sub);
+        }
     }
 }
 

@@ -17,7 +17,7 @@
 
 mod common;
 
-use candle_core::quantized::gguf_file;
+use candle_core::quantized::{gguf_file, GgmlDType};
 use candle_core::{Device, Tensor};
 use engine::kernels::Kernels;
 use engine::model::{Arch, Chunk, Logits, Model, Scratch};
@@ -206,25 +206,31 @@ fn logits_match_the_exact_f32_graph() {
         &mut gemma2_reference(&gemma2),
         0.05,
     );
-    // Q3_K, rewritten at load as Q6_K with the same weights (not dequantized to f32).
-    let q3k = q3k_ffn_down(&common::SMOLLM2.bytes());
-    let g = engine::gguf::Gguf::parse(&q3k).unwrap();
-    let described = Model::load(zeroize::Zeroizing::new(q3k.clone()), &g, Kernels::detect())
-        .unwrap()
-        .describe();
-    assert!(described.contains("Q3_K (as Q6_K) ×30"), "{described}");
-    assert!(!described.contains("F32"), "{described}");
-    assert!(
-        described.ends_with("; 21 MiB of weights rewritten at load"),
-        "{described}"
-    );
-    compare(
-        "SmolLM2 with Q3_K ffn_down",
-        &q3k,
-        SMOLLM2_PROMPT,
-        &mut quantized_reference(&q3k, Arch::Llama),
-        0.05,
-    );
+    // Q3_K and Q2_K, rewritten at load as Q6_K (Q2_K with its minimums beside) with the same
+    // weights, not dequantized to f32.
+    for (dtype, name, extra_mib) in [(GgmlDType::Q3K, "Q3_K", 21), (GgmlDType::Q2K, "Q2_K", 28)] {
+        let file = requantized_ffn_down(&common::SMOLLM2.bytes(), dtype);
+        let g = engine::gguf::Gguf::parse(&file).unwrap();
+        let described = Model::load(zeroize::Zeroizing::new(file.clone()), &g, Kernels::detect())
+            .unwrap()
+            .describe();
+        assert!(
+            described.contains(&format!("{name} (as Q6_K) ×30")),
+            "{described}"
+        );
+        assert!(!described.contains("F32"), "{described}");
+        assert!(
+            described.ends_with(&format!("; {extra_mib} MiB of weights rewritten at load")),
+            "{described}"
+        );
+        compare(
+            &format!("SmolLM2 with {name} ffn_down"),
+            &file,
+            SMOLLM2_PROMPT,
+            &mut quantized_reference(&file, Arch::Llama),
+            0.05,
+        );
+    }
     // A family only candle runs (a llama mixture of experts), served through the fallback:
     // against candle's dense model on the original file, both exact.
     let smollm2 = common::SMOLLM2.bytes();
@@ -244,7 +250,7 @@ fn logits_match_the_exact_f32_graph() {
 }
 
 use common::rewrite::{
-    gemma2_from_gemma3, moe_from_llama, phi3_from_llama, q3k_ffn_down, tensors, GEMMA2_CAPS,
+    gemma2_from_gemma3, moe_from_llama, phi3_from_llama, requantized_ffn_down, tensors, GEMMA2_CAPS,
 };
 
 /// candle-transformers' f32 Gemma 2 over a `gemma2` GGUF's tensors, renamed to Hugging Face's

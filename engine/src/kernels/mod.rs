@@ -620,6 +620,58 @@ pub fn decode_chunk(kind: QuantKind, blk: &[u8], c: usize) -> ([i32; QK], [f32; 
     }
 }
 
+/// Bytes of a GGML Q2_K super-block: 16 bytes of 4-bit scale and minimum pairs, 64 of 2-bit
+/// quants, the f16 `d` and `dmin`.
+pub const Q2K_BLOCK_BYTES: usize = 84;
+
+/// Rewrites one Q2_K super-block as a Q6_K block and its 16 minimums, with exactly the
+/// weights of the original: weight `i` is the Q6_K block's weight minus `mins[i / 16]`.
+///
+/// Q2_K's weight `i` is `(d · a) · q − dmin · b` with `a`, `b` the 4-bit scale and minimum of
+/// its 16 weights and `q` a 2-bit quant (ggml-quants.c `dequantize_row_q2_K`). No kernel type
+/// holds a minimum per 16 weights, so the product goes to Q6_K (the same `d`, `a` as its
+/// 8-bit scale, `q` as its quant) and the minimums stay beside it, for the matrix products to
+/// subtract `Σ mins · (sums of 16 activations)`: 0.82 + 0.25 bytes per weight instead of an
+/// f32 copy's 4.
+pub fn q2k_to_q6k(q2: &[u8]) -> ([u8; 210], [f32; 16]) {
+    let mut out = [0u8; 210];
+    let mut mins = [0.0f32; 16];
+    let dmin = f16_at(q2, 82);
+    for (j, min) in mins.iter_mut().enumerate() {
+        let sc = byte(q2, j);
+        if let Some(o) = out.get_mut(192 + j) {
+            *o = sc & 0x0F;
+        }
+        *min = dmin * f32::from(sc >> 4);
+    }
+    for i in 0..QK_K {
+        // Q2_K: weight 128n + 32j + l takes bits 2j of quant byte 16 + 32n + l.
+        let (n, j, l) = (i / 128, (i % 128) / 32, i % 32);
+        put_q6k(
+            &mut out,
+            n,
+            j,
+            l,
+            ((byte(q2, 16 + 32 * n + l) >> (2 * j)) & 3) + 32,
+        );
+    }
+    out[208] = byte(q2, 80);
+    out[209] = byte(q2, 81);
+    (out, mins)
+}
+
+/// Writes the 6-bit quant `q6` of Q6_K weight `128n + 32k + l`: its low nibble (`k / 2`) of
+/// byte `64n + 32(k % 2) + l`, its two high bits `2k` of byte `128 + 32n + l` (the layout
+/// [`decode_chunk`] reads).
+fn put_q6k(out: &mut [u8; 210], n: usize, k: usize, l: usize, q6: u8) {
+    if let Some(b) = out.get_mut(64 * n + 32 * (k % 2) + l) {
+        *b |= (q6 & 0x0F) << (4 * (k / 2));
+    }
+    if let Some(b) = out.get_mut(128 + 32 * n + l) {
+        *b |= (q6 >> 4) << (2 * k);
+    }
+}
+
 /// Bytes of a GGML Q3_K super-block: 32 bytes of high-bit masks, 64 of 2-bit quants, 12 of
 /// 6-bit scales, the f16 `d`.
 pub const Q3K_BLOCK_BYTES: usize = 110;
@@ -656,15 +708,8 @@ pub fn q3k_to_q6k(q3: &[u8]) -> [u8; 210] {
         let (n, j, l) = (i / 128, (i % 128) / 32, i % 32);
         let low = (byte(q3, 32 + 32 * n + l) >> (2 * j)) & 3;
         let high = (byte(q3, l) >> (4 * n + j)) & 1;
-        let q6 = low + 4 * high + 28; // (low − 4 + 4·high) + 32: 28…35
-                                      // Q6_K: low nibble (k/2) of byte 64n + 32(k%2) + l, two high bits 2k of byte
-                                      // 128 + 32n + l, with k = j (decode_chunk's Q6_K arm).
-        if let Some(b) = out.get_mut(64 * n + 32 * (j % 2) + l) {
-            *b |= (q6 & 0x0F) << (4 * (j / 2));
-        }
-        if let Some(b) = out.get_mut(128 + 32 * n + l) {
-            *b |= (q6 >> 4) << (2 * j);
-        }
+        // (low − 4 + 4·high) + 32: 28…35.
+        put_q6k(&mut out, n, j, l, low + 4 * high + 28);
     }
     out[208] = byte(q3, 108);
     out[209] = byte(q3, 109);
@@ -1287,6 +1332,51 @@ mod tests {
             let mut ours = vec![0.0; blocks * QK_K];
             dequantize_row(QuantKind::Q6K, &q6, &mut ours);
             // Equal as numbers (a zero weight may come out −0 one way and +0 the other).
+            assert_eq!(ours, theirs, "round {round}");
+        }
+    }
+
+    #[test]
+    fn q2k_becomes_q6k_and_minimums_with_the_same_weights() {
+        use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
+        use candle_core::Device;
+        let mut rng = crate::sampling::Rng::new(37);
+        for round in 0..64 {
+            let blocks = 3;
+            let mut q2 = Vec::new();
+            for _ in 0..blocks {
+                let mut blk: Vec<u8> = (0..Q2K_BLOCK_BYTES)
+                    .map(|_| (rng.next_u64() & 0xFF) as u8)
+                    .collect();
+                if round == 0 {
+                    blk[..80].fill(if rng.next_u64().is_multiple_of(2) {
+                        0x00
+                    } else {
+                        0xFF
+                    });
+                }
+                let (d, dmin) = (rng.next_f32() * 0.1, (rng.next_f32() - 0.5) * 0.1);
+                blk[80..82].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+                blk[82..84].copy_from_slice(&f16::from_f32(dmin).to_le_bytes());
+                q2.extend_from_slice(&blk);
+            }
+            let theirs = qtensor_from_ggml(GgmlDType::Q2K, &q2, vec![blocks * QK_K], &Device::Cpu)
+                .unwrap()
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let mut ours = vec![0.0; blocks * QK_K];
+            for (blk, ys) in q2
+                .chunks_exact(Q2K_BLOCK_BYTES)
+                .zip(ours.chunks_exact_mut(QK_K))
+            {
+                let (q6, mins) = q2k_to_q6k(blk);
+                dequantize_row(QuantKind::Q6K, &q6, ys);
+                for (i, y) in ys.iter_mut().enumerate() {
+                    *y -= mins[i / 16];
+                }
+            }
             assert_eq!(ours, theirs, "round {round}");
         }
     }

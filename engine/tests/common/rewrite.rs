@@ -1,6 +1,6 @@
 //! The test models rewritten into the layouts of families no small GGUF on PyPI represents
 //! (Phi-3, Gemma 2, a llama mixture of experts): same weight bytes, other names, fusions and
-//! metadata; and into tensor types no such file uses (Q3_K).
+//! metadata; and into tensor types no such file uses (Q2_K, Q3_K).
 
 #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 
@@ -169,17 +169,16 @@ pub fn moe_from_llama(bytes: &[u8]) -> Vec<u8> {
     write_gguf(&md, &ts)
 }
 
-/// The file with every `ffn_down` re-quantized to Q3_K (the projection whose rows are whole
-/// 256-weight super-blocks in the test models, as in llama.cpp's Q3_K_M files): a lossy copy,
-/// but the same file for both sides of a comparison.
-pub fn q3k_ffn_down(bytes: &[u8]) -> Vec<u8> {
-    use candle_core::quantized::GgmlDType;
+/// The file with every `ffn_down` re-quantized to `dtype` (the projection whose rows are whole
+/// 256-weight super-blocks in the test models, as in llama.cpp's Q2_K and Q3_K_M files): a
+/// lossy copy, but the same file for both sides of a comparison.
+pub fn requantized_ffn_down(bytes: &[u8], dtype: candle_core::quantized::GgmlDType) -> Vec<u8> {
     let (content, mut ts) = tensors(bytes);
     let md = content.metadata.clone().into_iter().collect();
     for (name, t) in ts.iter_mut() {
         if name.ends_with("ffn_down.weight") {
             let f = t.dequantize(&Device::Cpu).unwrap();
-            *t = QTensor::quantize(&f, GgmlDType::Q3K).unwrap();
+            *t = QTensor::quantize(&f, dtype).unwrap();
         }
     }
     write_gguf(&md, &ts)
