@@ -5,7 +5,7 @@
 //! host kms-policy --measurements FILE [--sealed SEALED | --model-sha256 HEX] [--include-pcr N]...
 //!                 --owner-principal ARN --enclave-principal ARN [--immutable]
 //! host kms-create-key --policy FILE [--immutable] [--description TEXT] [--region R] [--endpoint-url URL]
-//! host provision --enclave unix:PATH|vsock:CID:PORT --sealed SEALED [--region R] [--endpoint-url URL]
+//! host provision --enclave unix:PATH|vsock:CID:PORT|hvsock:PATH:PORT --sealed SEALED [--region R] [--endpoint-url URL]
 //! host serve [--config FILE] [--listen ADDR] [--admin-listen ADDR] [--enclave ADDR] [--sealed SEALED] [--api-keys F] [limits…]
 //! host api-keys init-signer|issue|revoke|sign …      (host::apikeys)
 //! ```
@@ -119,7 +119,8 @@ enum Command {
     ApiKeys(ApiKeysCommand),
     /// Provision a running enclave with a sealed model (key release through KMS).
     Provision {
-        /// Enclave address: vsock:CID:PORT, or unix:PATH in local mode.
+        /// Enclave address: vsock:CID:PORT, unix:PATH in local mode, or hvsock:PATH:PORT
+        /// (an emulator's hybrid vsock socket).
         #[arg(long)]
         enclave: String,
         /// The sealed model.
@@ -245,7 +246,8 @@ struct ServeArgs {
     /// Operator listener for /metrics, /healthz and /readyz [default: 127.0.0.1:9464].
     #[arg(long, env = "HOST_ADMIN_LISTEN")]
     admin_listen: Option<std::net::SocketAddr>,
-    /// The enclave: vsock:CID:PORT, or unix:PATH in local mode [default: vsock:16:5000].
+    /// The enclave: vsock:CID:PORT, unix:PATH in local mode, or hvsock:PATH:PORT (an
+    /// emulator's hybrid vsock socket) [default: vsock:16:5000].
     #[arg(long, env = "HOST_ENCLAVE")]
     enclave: Option<String>,
     /// Sealed model to provision the enclave with, at start and whenever it restarts.

@@ -14,6 +14,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -103,6 +104,59 @@ pub fn unix_tap(front: &Endpoint, back: Endpoint) -> Arc<Mutex<Vec<u8>>> {
         }
     });
     seen
+}
+
+/// A stand-in for an emulator's hybrid vsock device (Firecracker's and vhost-device-vsock's
+/// host side): a Unix socket at `path` where each connection names a guest port with
+/// `CONNECT PORT\n`; the one guest port `port` is `guest` (a Unix endpoint here), answered
+/// `OK <n>\n` and spliced through; any other port is refused by closing the connection.
+pub fn hybrid_vsock_device(path: &std::path::Path, port: u32, guest: Endpoint) -> HybridCounts {
+    let counts = HybridCounts::default();
+    let listener = tokio::net::UnixListener::bind(path).unwrap();
+    let count = counts.clone();
+    tokio::spawn(async move {
+        let mut host_port = 1u32 << 30;
+        while let Ok((mut conn, _)) = listener.accept().await {
+            host_port += 1;
+            let (guest, count) = (guest.clone(), count.clone());
+            tokio::spawn(async move {
+                let mut line = Vec::new();
+                while line.len() < 64 {
+                    match conn.read_u8().await {
+                        Ok(b'\n') => break,
+                        Ok(b) => line.push(b),
+                        Err(_) => return,
+                    }
+                }
+                if line != format!("CONNECT {port}").into_bytes() {
+                    count.refused.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                let Ok(mut up) = guest.connect().await else {
+                    return;
+                };
+                if conn
+                    .write_all(format!("OK {host_port}\n").as_bytes())
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                count.spliced.fetch_add(1, Ordering::Relaxed);
+                let _ = tokio::io::copy_bidirectional(&mut conn, &mut up).await;
+            });
+        }
+    });
+    counts
+}
+
+/// What a [`hybrid_vsock_device`] did.
+#[derive(Clone, Default)]
+pub struct HybridCounts {
+    /// Connections spliced to the guest port.
+    pub spliced: Arc<AtomicUsize>,
+    /// Connections that named another port, closed.
+    pub refused: Arc<AtomicUsize>,
 }
 
 /// What the man in the middle does to the exchanges it relays.

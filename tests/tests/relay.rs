@@ -687,3 +687,42 @@ async fn metrics_are_served_to_the_operator_listener_only() {
     assert!(ServeConfig::default().admin_listen.ip().is_loopback());
     r.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_reaches_an_enclave_through_hybrid_vsock() {
+    // An emulated enclave's vsock port 5000 behind its VMM's Unix socket: the relay speaks
+    // `CONNECT 5000` there, then the same frames as over vsock.
+    let dir = tests::tempdir("relay-hvsock");
+    let guest = Endpoint::Unix(dir.join("guest.sock"));
+    let _fake = fake_enclave::start(&guest, echo(2, 0), vec![]);
+    let device = dir.join("vhost.vsock");
+    let device_did = tests::stack::hybrid_vsock_device(&device, 5000, guest);
+    let ep: Endpoint = format!("hvsock:{}:5000", device.display()).parse().unwrap();
+    let r = relay(&ep, |_| {}).await;
+    wait_ready(r.local_addr, true).await;
+    let answer = post(r.local_addr, b"through the hybrid socket").await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.body, b"through the hybrid socket");
+    // The control connection and the request's, at least, each named the port.
+    let count = |c: &std::sync::atomic::AtomicUsize| c.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(count(&device_did.spliced) >= 2);
+    // A port nothing listens on: the device closes each attempt, the relay stays not ready.
+    let wrong: Endpoint = format!("hvsock:{}:5001", device.display()).parse().unwrap();
+    let r2 = relay(&wrong, |_| {}).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while count(&device_did.refused) < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the relay never tried"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        request(r2.local_addr, "GET", "/readyz", None, b"")
+            .await
+            .status,
+        503
+    );
+    r2.shutdown().await;
+    r.shutdown().await;
+}

@@ -17,7 +17,8 @@ pub struct ServeConfig {
     /// scraper, loopback by default. Metrics tell sizes, timings and counts of every client's
     /// traffic, which the clients' own listener does not hand to anyone who asks.
     pub admin_listen: SocketAddr,
-    /// The enclave: `vsock:CID:PORT` on Nitro, `unix:PATH` in local mode.
+    /// The enclave: `vsock:CID:PORT` on Nitro, `unix:PATH` in local mode, `hvsock:PATH:PORT`
+    /// behind an emulator's hybrid vsock socket.
     pub enclave: String,
     /// The sealed model to provision the enclave with; without it the host only relays to an
     /// enclave provisioned by someone else.
