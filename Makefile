@@ -89,11 +89,14 @@ production-enclave:
 
 # Formatting, clippy, and cargo-deny's licence, ban and source checks (deny.toml), which run
 # offline; its advisory check needs the RustSec database from GitHub and runs where that is
-# reachable (`cargo deny check advisories`).
+# reachable (`cargo deny check advisories`). cargo-deny reads every crate in Cargo.lock, the
+# other platforms' too (`windows-sys`, `anstyle-wincon`…), which no build here downloads:
+# `cargo fetch` without a target fetches them all first. CI runs this after `make test`.
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --all-features --locked -- -D warnings
 	command -v cargo-deny >/dev/null || $(CARGO) install cargo-deny --version 0.20.2 --locked
+	$(CARGO) fetch --locked
 	$(CARGO) deny --offline check licenses bans sources
 
 model: $(DEFAULT_MODEL)
