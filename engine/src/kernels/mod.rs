@@ -1295,78 +1295,71 @@ mod tests {
         assert_eq!(out, [0.0, 0.0]);
     }
 
+    /// Three random super-blocks of `bytes` bytes whose f16 scales at offsets `scales` lie in
+    /// ±0.05; with `extreme`, the bytes before the first scale all zeros or all ones.
+    fn random_super_blocks(
+        rng: &mut crate::sampling::Rng,
+        bytes: usize,
+        scales: &[usize],
+        extreme: bool,
+    ) -> Vec<u8> {
+        let mut out = Vec::new();
+        for _ in 0..3 {
+            let mut blk: Vec<u8> = (0..bytes).map(|_| (rng.next_u64() & 0xFF) as u8).collect();
+            if extreme {
+                let fill = if rng.next_u64().is_multiple_of(2) {
+                    0x00
+                } else {
+                    0xFF
+                };
+                blk[..scales[0]].fill(fill);
+            }
+            for at in scales {
+                let v = (rng.next_f32() - 0.5) * 0.1;
+                blk[*at..*at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
+            }
+            out.extend_from_slice(&blk);
+        }
+        out
+    }
+
+    /// candle's dequantization of `bytes` of `dtype`.
+    fn candle_dequantized(dtype: candle_core::quantized::GgmlDType, bytes: &[u8]) -> Vec<f32> {
+        use candle_core::Device;
+        let n = bytes.len() / dtype.type_size() * dtype.block_size();
+        candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, bytes, vec![n], &Device::Cpu)
+            .unwrap()
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    }
+
     #[test]
     fn q3k_becomes_q6k_with_the_same_weights() {
-        use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
-        use candle_core::Device;
         let mut rng = crate::sampling::Rng::new(31);
         for round in 0..64 {
-            let blocks = 3;
-            let mut q3 = Vec::new();
-            for _ in 0..blocks {
-                let mut blk: Vec<u8> = (0..Q3K_BLOCK_BYTES)
-                    .map(|_| (rng.next_u64() & 0xFF) as u8)
-                    .collect();
-                let d = (rng.next_f32() - 0.5) * 0.1;
-                blk[108..110].copy_from_slice(&f16::from_f32(d).to_le_bytes());
-                if round == 0 {
-                    // The extremes: every scale −32 or 31, every quant −4 or 3.
-                    blk[..108].fill(if rng.next_u64().is_multiple_of(2) {
-                        0x00
-                    } else {
-                        0xFF
-                    });
-                }
-                q3.extend_from_slice(&blk);
-            }
+            // Round 0: every scale −32 or 31, every quant −4 or 3.
+            let q3 = random_super_blocks(&mut rng, Q3K_BLOCK_BYTES, &[108], round == 0);
             let q6: Vec<u8> = q3
                 .chunks_exact(Q3K_BLOCK_BYTES)
                 .flat_map(q3k_to_q6k)
                 .collect();
-            let theirs = qtensor_from_ggml(GgmlDType::Q3K, &q3, vec![blocks * QK_K], &Device::Cpu)
-                .unwrap()
-                .dequantize(&Device::Cpu)
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            let mut ours = vec![0.0; blocks * QK_K];
+            let mut ours = vec![0.0; q3.len() / Q3K_BLOCK_BYTES * QK_K];
             dequantize_row(QuantKind::Q6K, &q6, &mut ours);
             // Equal as numbers (a zero weight may come out −0 one way and +0 the other).
+            let theirs = candle_dequantized(candle_core::quantized::GgmlDType::Q3K, &q3);
             assert_eq!(ours, theirs, "round {round}");
         }
     }
 
     #[test]
     fn q2k_becomes_q6k_and_minimums_with_the_same_weights() {
-        use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
-        use candle_core::Device;
         let mut rng = crate::sampling::Rng::new(37);
         for round in 0..64 {
-            let blocks = 3;
-            let mut q2 = Vec::new();
-            for _ in 0..blocks {
-                let mut blk: Vec<u8> = (0..Q2K_BLOCK_BYTES)
-                    .map(|_| (rng.next_u64() & 0xFF) as u8)
-                    .collect();
-                if round == 0 {
-                    blk[..80].fill(if rng.next_u64().is_multiple_of(2) {
-                        0x00
-                    } else {
-                        0xFF
-                    });
-                }
-                let (d, dmin) = (rng.next_f32() * 0.1, (rng.next_f32() - 0.5) * 0.1);
-                blk[80..82].copy_from_slice(&f16::from_f32(d).to_le_bytes());
-                blk[82..84].copy_from_slice(&f16::from_f32(dmin).to_le_bytes());
-                q2.extend_from_slice(&blk);
-            }
-            let theirs = qtensor_from_ggml(GgmlDType::Q2K, &q2, vec![blocks * QK_K], &Device::Cpu)
-                .unwrap()
-                .dequantize(&Device::Cpu)
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            let mut ours = vec![0.0; blocks * QK_K];
+            // Round 0: every scale and minimum 0 or 15, every quant 0 or 3.
+            let q2 = random_super_blocks(&mut rng, Q2K_BLOCK_BYTES, &[80, 82], round == 0);
+            let mut ours = vec![0.0; q2.len() / Q2K_BLOCK_BYTES * QK_K];
             for (blk, ys) in q2
                 .chunks_exact(Q2K_BLOCK_BYTES)
                 .zip(ours.chunks_exact_mut(QK_K))
@@ -1377,6 +1370,7 @@ mod tests {
                     *y -= mins[i / 16];
                 }
             }
+            let theirs = candle_dequantized(candle_core::quantized::GgmlDType::Q2K, &q2);
             assert_eq!(ours, theirs, "round {round}");
         }
     }
