@@ -25,8 +25,8 @@ use std::task::{Context, Poll};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
-/// Largest request body the proxy accepts, in bytes (the enclave's default limit).
-pub const DEFAULT_MAX_BODY: usize = 1 << 20;
+/// Largest request body the proxy accepts, in bytes (the relay's and the enclave's default).
+pub const DEFAULT_MAX_BODY: usize = common::wire::DEFAULT_MAX_REQUEST_BODY;
 
 /// A response body: whole, or streamed from a task.
 pub enum ProxyBody {

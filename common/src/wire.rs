@@ -20,6 +20,10 @@ pub const PREFACE: [u8; 8] = *b"NEWIRE\x01\x00";
 pub const HEADER_LEN: usize = 5;
 /// Largest payload by default: a 1 MiB sealed chunk and its tag fit with room to spare.
 pub const DEFAULT_MAX_PAYLOAD: usize = 4 << 20;
+/// The largest client request body each hop takes unless configured otherwise: the client's
+/// proxy (plaintext), the relay and the enclave (encapsulated, in `RequestData` frames). One
+/// figure, so the hops agree.
+pub const DEFAULT_MAX_REQUEST_BODY: usize = 1 << 20;
 /// Longest human-readable reason carried in a frame.
 pub const MAX_REASON: usize = 1024;
 

@@ -131,7 +131,7 @@ impl Default for Config {
             max_model_bytes: 8 << 30,
             engine: engine::EngineConfig::default(),
             max_streams: 4096,
-            max_request_bytes: 1 << 20,
+            max_request_bytes: common::wire::DEFAULT_MAX_REQUEST_BODY,
             max_connections: 1024,
             idle_timeout_ms: 300_000,
             event_backlog: 4096,

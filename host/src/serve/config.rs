@@ -79,7 +79,7 @@ impl Default for ServeConfig {
             endpoint_url: None,
             tls_cert: None,
             tls_key: None,
-            max_body_bytes: 1 << 20,
+            max_body_bytes: common::wire::DEFAULT_MAX_REQUEST_BODY as u64,
             header_timeout_ms: 10_000,
             body_timeout_ms: 30_000,
             idle_timeout_ms: 120_000,
