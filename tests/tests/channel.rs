@@ -473,7 +473,7 @@ async fn answers_are_streamed_through_relay_channel_and_gateway() {
     let client = stack.client(&stack.url());
     let engine = stack.enclave.as_ref().unwrap().enclave.served().unwrap();
     let mut streamed = client
-        .send(&chat("smollm2", "Tell me about the sea.", true, 64))
+        .send(&chat("smollm2", "Tell me about the sea.", true, 128))
         .await
         .unwrap();
     assert_eq!(streamed.status, 200);
