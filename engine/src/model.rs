@@ -627,19 +627,32 @@ struct Conversions {
 }
 
 impl Conversions {
-    /// Room for every Q2_K and Q3_K tensor of `g` as Q6_K.
-    fn for_file(g: &Gguf, file_len: usize) -> Self {
-        let bytes: usize = g
-            .content()
-            .tensor_infos
-            .values()
-            .filter(|t| matches!(t.ggml_dtype, GgmlDType::Q2K | GgmlDType::Q3K))
-            .map(|t| t.shape.elem_count() / crate::kernels::QK_K * QuantKind::Q6K.block_bytes())
-            .sum();
-        Self {
-            base: file_len,
-            buf: RefCell::new(Zeroizing::new(Vec::with_capacity(bytes))),
+    /// Room for every Q2_K and Q3_K matrix of `g` as Q6_K. Sized from the tensors' checked byte
+    /// ranges (a tensor that does not fit the file counts nothing: loading it fails anyway), so
+    /// the room is at most 2.5 × the file; an allocation that fails is an error, not an abort.
+    fn for_file(g: &Gguf, file_len: usize) -> Result<Self> {
+        let mut bytes = 0usize;
+        for (name, info) in &g.content().tensor_infos {
+            let block = match info.ggml_dtype {
+                GgmlDType::Q2K => Q2K_BLOCK_BYTES,
+                GgmlDType::Q3K => Q3K_BLOCK_BYTES,
+                _ => continue,
+            };
+            if let Ok(t) = g.tensor(name) {
+                bytes = bytes.saturating_add(t.range.len() / block * QuantKind::Q6K.block_bytes());
+            }
         }
+        let mut buf = Zeroizing::new(Vec::new());
+        buf.try_reserve_exact(bytes).map_err(|_| {
+            Error::Config(format!(
+                "no memory for the {} MiB of Q2_K/Q3_K weights rewritten as Q6_K",
+                bytes >> 20
+            ))
+        })?;
+        Ok(Self {
+            base: file_len,
+            buf: RefCell::new(buf),
+        })
     }
 }
 
@@ -712,7 +725,7 @@ impl Native {
     fn load(bytes: Zeroizing<Vec<u8>>, g: &Gguf, kernels: Kernels) -> Result<Self> {
         let cfg = Config::from_gguf(g)?;
         let (d, kv, qd, hd) = (cfg.n_embd, cfg.kv_dim(), cfg.q_dim(), cfg.head_dim);
-        let conv = Conversions::for_file(g, bytes.len());
+        let conv = Conversions::for_file(g, bytes.len())?;
         let load = |name: &str, rows: usize, cols: usize| -> Result<Matrix> {
             matrix(&bytes, &conv, g, &g.tensor(name)?, rows, cols)
         };
@@ -1542,7 +1555,7 @@ fn matrix(
 
 /// Rows `first..first + rows` of the `cols`-wide tensor `t`, as a matrix of their own: in place
 /// when a kernel takes its type, rewritten into `conv` when one takes an exact equivalent
-/// (Q3_K as Q6_K), else dequantized to f32.
+/// (Q3_K as Q6_K, Q2_K as Q6_K and minimums), else dequantized to f32.
 #[allow(clippy::too_many_arguments)]
 fn matrix_rows(
     bytes: &[u8],
