@@ -166,9 +166,10 @@ bench-relay:
 
 # The attested channel on the whole local stack: decode tokens/s and time to first token
 # through client proxy and the relay against the engine in-process, and the attestation round
-# trip of a new client.
+# trip of a new client. On the default model or MODEL=path; PROMPT_FILE=path sends that text
+# (engine/bench/prompt.txt is the prompt bench-engine gives the references).
 bench-channel: model
-	$(CARGO) run --release --locked -p tests --example channel_bench
+	$(CARGO) run --release --locked -p tests --example channel_bench -- --model $(RUN_MODEL) $(if $(PROMPT_FILE),--prompt $(PROMPT_FILE))
 
 # The references, through their Python packages, for the engine benchmark and fixtures:
 # llama.cpp (building it compiles llama.cpp: about 10 minutes on 2 cores, once) and
@@ -187,10 +188,12 @@ $(BENCH_VENV)/.installed:
 # Our engine, llama.cpp and ik_llama.cpp side by side on the default model or MODEL=path,
 # 2 threads, on the file and on a Q4_0 copy made by llama.cpp's quantizer (its fastest x86
 # path; kept in state/bench): time to first token, prefill, decode, 8-stream aggregate decode,
-# peak RSS, and our ratios to the fastest reference.
+# peak RSS, and our ratios to the fastest reference. ROUNDS=n runs the whole line-up n times,
+# interleaved, and keeps the medians (the machines are shared: steal time comes and goes).
+ROUNDS ?= 3
 bench-engine: model $(BENCH_VENV)/.installed
 	$(CARGO) build --release -p engine --example bench --locked
-	$(BENCH_VENV)/bin/python engine/bench/compare.py --model $(RUN_MODEL) --ours target/release/examples/bench --q4_0 --work $(STATE)/bench
+	$(BENCH_VENV)/bin/python engine/bench/compare.py --model $(RUN_MODEL) --ours target/release/examples/bench --q4_0 --rounds $(ROUNDS) --work $(STATE)/bench
 
 # Recomputes the engine's llama.cpp fixtures (token ids, perplexity); they are committed.
 fixtures: model model-qwen model-gemma $(BENCH_VENV)/.installed

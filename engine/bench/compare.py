@@ -11,6 +11,11 @@ path. Each reference runs in a child process of this script (the two ship differ
 `libggml.so` under one name); ours is `cargo build --release -p engine --example bench`, also
 a child that prints JSON. All do greedy decoding of exactly --tokens tokens after a ChatML
 prompt (93 tokens for the default prompt), and each figure is the median of --runs runs.
+
+The machines are shared (steal time of 25% and more comes and goes within minutes), so with
+--rounds N the whole line-up, every engine on every file, runs N times one after the other and
+each figure is the median over the rounds: a slow minute then costs every engine alike instead
+of whichever happened to run in it.
 """
 import argparse
 import json
@@ -168,6 +173,32 @@ def q4_0_copy(model, work, threads):
     return out
 
 
+def run_one(a, model, ref, common):
+    """One engine on one file in a child process; its JSON result."""
+    if ref:
+        out = subprocess.run([sys.executable, __file__, "--ref", ref, "--model", model,
+                              "--prompt", a.prompt, *common],
+                             check=True, capture_output=True, text=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    out = subprocess.run([a.ours, model, a.prompt, "--streams", str(a.streams), *common],
+                         check=True, capture_output=True, text=True,
+                         # As the enclave runs (enclave/Dockerfile): freed KV caches go back.
+                         env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
+    ours = json.loads(out.stdout.strip().splitlines()[-1])
+    ours["engine"] = f"ours ({ours['kernels']})"
+    return ours
+
+
+def median_of(results):
+    """The median of every number over rounds (peak RSS: the largest); the rest from the first."""
+    r = dict(results[0])
+    for k, v in r.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            vals = [x[k] for x in results]
+            r[k] = max(vals) if k == "peak_rss_mib" else statistics.median(vals)
+    return r
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -176,6 +207,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--streams", type=int, default=8)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the whole line-up this many times, interleaved; medians over rounds")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--q4_0", action="store_true",
                     help="also run every engine on a Q4_0 copy made by llama.cpp's quantizer")
@@ -193,24 +226,20 @@ def main():
     refs = [r for r in REFERENCES if installed(r)]
     models = [a.model] + ([q4_0_copy(a.model, a.work, a.threads)] if a.q4_0 else [])
     common = ["--tokens", str(a.tokens), "--runs", str(a.runs), "--threads", str(a.threads)]
-    rows, ours_rows = [], []
+    plan = []
     for model in models:
         label = "Q4_0 copy (llama.cpp's quantizer)" if model != a.model else os.path.basename(model)
-        for ref in refs:
-            out = subprocess.run([sys.executable, __file__, "--ref", ref, "--model", model,
-                                  "--prompt", a.prompt, *common],
-                                 check=True, capture_output=True, text=True)
-            rows.append((label, json.loads(out.stdout.strip().splitlines()[-1])))
-        out = subprocess.run([a.ours, model, a.prompt, "--streams", str(a.streams), *common],
-                             check=True, capture_output=True, text=True,
-                             # As the enclave runs (enclave/Dockerfile): freed KV caches go back.
-                             env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
-        ours = json.loads(out.stdout.strip().splitlines()[-1])
-        ours["engine"] = f"ours ({ours['kernels']})"
-        rows.append((label, ours))
-        ours_rows.append((label, ours))
+        plan += [(label, model, ref) for ref in refs] + [(label, model, None)]
+    results = {i: [] for i in range(len(plan))}
+    for _ in range(max(a.rounds, 1)):
+        for i, (label, model, ref) in enumerate(plan):
+            results[i].append(run_one(a, model, ref, common))
+    rows = [(label, median_of(results[i])) for i, (label, _, _) in enumerate(plan)]
+    ours_rows = [(label, r) for label, r in rows if r["engine"].startswith("ours")]
 
-    print(f"{a.tokens} greedy tokens after the ChatML prompt, {a.threads} threads, median of {a.runs}")
+    rounds = f", median over {a.rounds} interleaved rounds" if a.rounds > 1 else ""
+    print(f"{a.tokens} greedy tokens after the ChatML prompt, {a.threads} threads, "
+          f"median of {a.runs} runs{rounds}")
     print()
     print("| model | engine | prompt | time to first token | prefill | decode |")
     print("| --- | --- | --- | --- | --- | --- |")

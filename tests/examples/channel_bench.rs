@@ -1,5 +1,5 @@
 //! `make bench-channel`: what the attested channel costs, on the whole local stack with the
-//! default model (mock-kms, the enclave with its OHTTP gateway, `host serve`, `client proxy`,
+//! default model or `--model PATH` (mock-kms, the enclave with its OHTTP gateway, `host serve`, `client proxy`,
 //! all in this process, loopback TCP and Unix sockets between them).
 //!
 //! 1. Decode tokens/s and time to first token of one streamed, greedy chat completion through
@@ -9,8 +9,13 @@
 //!    relay, full verification.
 //!
 //! ```text
-//! channel_bench [--rounds 5] [--max-tokens 128] [--attestations 20]
+//! channel_bench [--rounds 5] [--max-tokens 128] [--attestations 20] [--model PATH]
+//!               [--prompt FILE]
 //! ```
+//!
+//! `--prompt FILE` sends that text as the user's message (engine/bench/prompt.txt is the one
+//! `make bench-engine` gives llama.cpp, so the time to first token compares with its
+//! in-process figure).
 
 #![allow(
     clippy::unwrap_used,
@@ -29,11 +34,15 @@ use tests::stack::Stack;
 const PROMPT: &str = "Write a long story about a dragon who learns to bake bread.";
 
 fn arg(name: &str, default: usize) -> usize {
+    text_arg(name).map_or(default, |v| v.parse().unwrap())
+}
+
+fn text_arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
         .position(|a| a == name)
         .and_then(|i| args.get(i + 1))
-        .map_or(default, |v| v.parse().unwrap())
+        .cloned()
 }
 
 /// One run's figures.
@@ -50,7 +59,7 @@ impl Run {
     }
 }
 
-async fn in_process(engine: &engine::Engine, max_tokens: usize) -> Run {
+async fn in_process(engine: &engine::Engine, prompt: &str, max_tokens: usize) -> Run {
     let params = engine::GenerationParams {
         max_tokens: Some(max_tokens),
         sampling: engine::SamplingParams::greedy(),
@@ -58,7 +67,7 @@ async fn in_process(engine: &engine::Engine, max_tokens: usize) -> Run {
     };
     let start = Instant::now();
     let mut g = engine
-        .chat(&[engine::Message::new("user", PROMPT)], params)
+        .chat(&[engine::Message::new("user", prompt)], params)
         .unwrap();
     let mut first = None;
     loop {
@@ -79,10 +88,15 @@ async fn in_process(engine: &engine::Engine, max_tokens: usize) -> Run {
     }
 }
 
-async fn through_proxy(proxy: std::net::SocketAddr, max_tokens: usize) -> Run {
+async fn through_proxy(
+    proxy: std::net::SocketAddr,
+    model: &str,
+    prompt: &str,
+    max_tokens: usize,
+) -> Run {
     let body = serde_json::json!({
-        "model": "smollm2",
-        "messages": [{"role": "user", "content": PROMPT}],
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
         "stream": true,
         "stream_options": {"include_usage": true},
         "max_tokens": max_tokens,
@@ -147,8 +161,20 @@ async fn main() {
     let max_tokens = arg("--max-tokens", 128);
     let attestations = arg("--attestations", 20);
 
-    eprintln!("starting the local stack…");
-    let stack = Stack::start_with(false).await;
+    let model = text_arg("--model").map_or_else(tests::default_model, Into::into);
+    let prompt = text_arg("--prompt").map_or_else(
+        || PROMPT.to_string(),
+        |p| std::fs::read_to_string(p).unwrap().trim().to_string(),
+    );
+    let name = if text_arg("--model").is_some() {
+        model.file_stem().unwrap().to_string_lossy().into_owned()
+    } else {
+        "smollm2".to_string()
+    };
+
+    eprintln!("starting the local stack on {}…", model.display());
+    let stack =
+        Stack::start_model(false, tests::stack::enclave_config(), &model, &name, |_| {}).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let proxy = listener.local_addr().unwrap();
     tokio::spawn(client::proxy::serve(
@@ -156,17 +182,17 @@ async fn main() {
         Arc::new(stack.client(&stack.url())),
         client::proxy::DEFAULT_MAX_BODY,
     ));
-    let weights = zeroize::Zeroizing::new(std::fs::read(tests::default_model()).unwrap());
+    let weights = zeroize::Zeroizing::new(std::fs::read(&model).unwrap());
     let engine = engine::load(weights, stack.cfg.engine.clone()).unwrap();
 
     // Warm-up: attestation cached, caches and branch predictors warm on both paths.
-    through_proxy(proxy, 8).await;
-    in_process(&engine, 8).await;
+    through_proxy(proxy, &name, &prompt, 8).await;
+    in_process(&engine, &prompt, 8).await;
 
     let (mut ours, mut local) = (Vec::new(), Vec::new());
     for round in 0..rounds {
-        let a = through_proxy(proxy, max_tokens).await;
-        let b = in_process(&engine, max_tokens).await;
+        let a = through_proxy(proxy, &name, &prompt, max_tokens).await;
+        let b = in_process(&engine, &prompt, max_tokens).await;
         assert_eq!(
             a.tokens, b.tokens,
             "both paths generate the same greedy tokens"
@@ -195,6 +221,7 @@ async fn main() {
     rtts.sort_by(|a, b| a.partial_cmp(b).unwrap());
 
     let report = serde_json::json!({
+        "model": model.display().to_string(),
         "rounds": rounds,
         "completion_tokens": ours[0].tokens,
         "decode_tok_s": {"channel": tps(&ours), "in_process": tps(&local), "ratio": tps(&ours) / tps(&local)},
