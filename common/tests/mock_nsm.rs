@@ -559,3 +559,60 @@ fn the_chain_rotates_so_documents_never_carry_an_expired_certificate() {
         leaves.len()
     );
 }
+
+/// The signer handed to QEMU's patched virtio-nsm is the chain this NSM signs with: its key
+/// signs what its leaf certificate's key verifies, its bundle starts at the mock root and each
+/// certificate issues the next, and the leaf's issuer is the bundle's last certificate.
+#[test]
+fn the_exported_signer_is_this_nsms_chain() {
+    use aws_lc_rs::signature::{
+        EcdsaKeyPair, UnparsedPublicKey, ECDSA_P384_SHA384_FIXED, ECDSA_P384_SHA384_FIXED_SIGNING,
+    };
+    use der::{DecodePem, Encode};
+    let nsm = nsm(false);
+    let s = nsm.signer().unwrap();
+    assert!(
+        !format!("{s:?}").contains("PRIVATE"),
+        "Debug leaves the key out"
+    );
+
+    let (label, pkcs8) = der::pem::decode_vec(s.key_pem.as_bytes()).unwrap();
+    assert_eq!(label, "PRIVATE KEY");
+    let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, &pkcs8).unwrap();
+    let sig = key
+        .sign(&aws_lc_rs::rand::SystemRandom::new(), b"Signature1")
+        .unwrap();
+    let leaf = Certificate::from_pem(s.certificate_pem.as_bytes()).unwrap();
+    let spki = leaf
+        .tbs_certificate
+        .subject_public_key_info
+        .subject_public_key
+        .raw_bytes()
+        .to_vec();
+    UnparsedPublicKey::new(&ECDSA_P384_SHA384_FIXED, &spki)
+        .verify(b"Signature1", sig.as_ref())
+        .unwrap();
+
+    let bundle = Certificate::load_pem_chain(s.cabundle_pem.as_bytes()).unwrap();
+    assert_eq!(bundle.len(), 4);
+    assert_eq!(
+        bundle[0].to_der().unwrap(),
+        MockCa::load(&ca_dir()).unwrap().root_der()
+    );
+    for pair in bundle.windows(2) {
+        assert_eq!(
+            pair[1].tbs_certificate.issuer,
+            pair[0].tbs_certificate.subject
+        );
+    }
+    assert_eq!(
+        leaf.tbs_certificate.issuer,
+        bundle[3].tbs_certificate.subject
+    );
+    // A document signed now carries the same leaf.
+    let doc = nsm.attest(AttestationRequest::default()).unwrap();
+    let leaf_der = leaf.to_der().unwrap();
+    assert!(doc
+        .windows(leaf_der.len())
+        .any(|w| w == leaf_der.as_slice()));
+}

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Builds QEMU's `nitro-enclave` machine (an emulated AWS Nitro Enclave: boots an EIF, measures
 # it into PCR0/1/2 as Nitro does, virtio-nsm, vhost-user vsock) with our patches
-# (scripts/qemu/*.patch, applied in name order), into state/qemu/bin/qemu-system-x86_64.
+# (scripts/qemu/*.patch, applied in name order: virtio-nsm-signing.patch makes its NSM sign
+# attestation documents ES384 with a chain local mode issues, `-global
+# virtio-nsm-device.signing-key=…,certificate=…,cabundle=…`; upstream's are unsigned), into
+# state/qemu/bin/qemu-system-x86_64.
 #
 # Debian's own QEMU packages are built without libcbor, so without this machine. The source is
 # Debian's (bookworm-backports, QEMU 10.0.2, `apt-get source`: apt checks it against the signed
@@ -21,7 +24,7 @@ fi
 
 sudo=; [[ $(id -u) == 0 ]] || sudo=sudo
 # bookworm-backports: the QEMU source and a meson new enough for it (QEMU 10 needs >= 1.5).
-if ! apt-cache policy meson | grep -q bpo12; then
+if [[ $(apt-cache policy meson) != *bpo12* ]]; then
     $sudo tee /etc/apt/sources.list.d/bookworm-backports.sources >/dev/null <<'SRC'
 Types: deb deb-src
 URIs: http://deb.debian.org/debian
@@ -70,9 +73,12 @@ mkdir -p ../build && cd ../build
     --disable-werror --disable-install-blobs --enable-gnutls --enable-fdt=system \
     --disable-sdl --disable-gtk --disable-vnc --disable-opengl --disable-spice --disable-curses \
     --disable-slirp --disable-libusb --disable-usb-redir --disable-xkbcommon --disable-rust
-make -j"$(nproc)"
-make install
+# The emulator alone (the default target also builds QEMU's test programs: twice the time).
+ninja qemu-system-x86_64
+mkdir -p "$out/bin"
 rm -f "$out"/bin/.built-*
+install -m 0755 qemu-system-x86_64 "$out/bin/qemu-system-x86_64"
 touch "$stamp"
-"$out/bin/qemu-system-x86_64" -machine help | grep -q nitro-enclave
-echo "build-qemu: $out/bin/qemu-system-x86_64 (nitro-enclave machine)"
+[[ $("$out/bin/qemu-system-x86_64" -machine help) == *nitro-enclave* ]]
+[[ $("$out/bin/qemu-system-x86_64" -device virtio-nsm-device,help 2>&1) == *signing-key* ]]
+echo "build-qemu: $out/bin/qemu-system-x86_64 (nitro-enclave machine, signing NSM)"

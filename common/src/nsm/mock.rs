@@ -22,6 +22,7 @@ use aws_lc_rs::signature::{EcdsaKeyPair, ECDSA_P384_SHA384_FIXED_SIGNING};
 use std::collections::BTreeSet;
 use std::sync::{Mutex, MutexGuard};
 use x509_cert::name::Name;
+use zeroize::Zeroizing;
 
 /// COSE protected header `{1: -35}`: alg ES384 (RFC 9053 §2.1), exactly as real NSMs send it.
 pub const PROTECTED_HEADER: [u8; 4] = [0xa1, 0x01, 0x38, 0x22];
@@ -117,6 +118,26 @@ impl MockNsmConfig {
             region: "local-1".into(),
             clock: None,
         }
+    }
+}
+
+/// An NSM signing identity as files (see [`MockNsm::signer`]). `Debug` leaves the key out.
+pub struct Signer {
+    /// The leaf's P-384 private key, PKCS#8 PEM.
+    pub key_pem: Zeroizing<String>,
+    /// The leaf certificate, PEM.
+    pub certificate_pem: String,
+    /// Root, regional, zonal and instance certificates, PEM, in that order.
+    pub cabundle_pem: String,
+    /// When the leaf expires, in seconds since the epoch.
+    pub not_after: u64,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signer")
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
     }
 }
 
@@ -228,6 +249,46 @@ impl MockNsm {
     /// The module id documents carry (`i-<17 hex>-enc<16 hex>`).
     pub fn module_id(&self) -> &str {
         &self.module_id
+    }
+
+    /// This NSM's signing identity for an emulated NSM in another process (QEMU's virtio-nsm
+    /// with scripts/qemu/virtio-nsm-signing.patch): the leaf's private key (PKCS#8 PEM), the
+    /// leaf certificate and the cabundle from the root down (PEM), the chain this mock signs
+    /// with, so documents from either verify against the same local root. The leaf lives as
+    /// long as AWS's do ([`LEAF_SECS`]): whoever uses it re-exports before it ends.
+    pub fn signer(&self) -> Result<Signer, MockCaError> {
+        let mut state = self.lock();
+        self.ensure_chain(&mut state)?;
+        let chain = state
+            .chain
+            .as_ref()
+            .ok_or(MockCaError::Crypto("certificate chain"))?;
+        let pkcs8 = chain
+            .leaf
+            .pair
+            .to_pkcs8v1()
+            .map_err(|_| MockCaError::Crypto("PKCS#8 export"))?;
+        let pem =
+            |der: &[u8]| der::pem::encode_string("CERTIFICATE", der::pem::LineEnding::LF, der);
+        let mut cabundle = String::new();
+        for der in [
+            self.ca.root_der(),
+            &chain.regional.cert_der,
+            &chain.zonal.cert_der,
+            &chain.instance.cert_der,
+        ] {
+            cabundle.push_str(&pem(der)?);
+        }
+        Ok(Signer {
+            key_pem: Zeroizing::new(der::pem::encode_string(
+                "PRIVATE KEY",
+                der::pem::LineEnding::LF,
+                pkcs8.as_ref(),
+            )?),
+            certificate_pem: pem(&chain.leaf.cert_der)?,
+            cabundle_pem: cabundle,
+            not_after: chain.leaf.not_after,
+        })
     }
 
     fn now(&self) -> Result<std::time::Duration, MockCaError> {
