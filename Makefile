@@ -19,14 +19,25 @@ MODEL ?=
 MODEL_NAME ?=
 RUN_MODEL = $(or $(MODEL),$(DEFAULT_MODEL))
 
-.PHONY: run eif run-enclave build test test-deps production-enclave lint bench bench-engine bench-relay bench-channel bench-guardrails fixtures chat model model-qwen model-gemma mock-ca fuzz clean
+.PHONY: run eif eif-local qemu run-enclave build test test-deps production-enclave lint bench bench-engine bench-relay bench-channel bench-guardrails fixtures chat model model-qwen model-gemma mock-ca fuzz clean
 
 # The whole product in local mode, on the default model or on MODEL=path: mock CA, mock-kms
 # and a key, the sealed model, the enclave (mock NSM) and host serve on a Unix socket, and
 # client proxy on http://127.0.0.1:8080/v1 (PROXY=ADDR to change). Built with optimizations.
 # State in state/local; Ctrl-C stops it all.
+# ENCLAVE=qemu: the real enclave image in QEMU's nitro-enclave machine instead (docs/qemu.md).
+ENCLAVE ?= process
 run:
-	MODEL="$(MODEL)" MODEL_NAME="$(MODEL_NAME)" bash scripts/run-local.sh
+	MODEL="$(MODEL)" MODEL_NAME="$(MODEL_NAME)" ENCLAVE="$(ENCLAVE)" bash scripts/run-local.sh
+
+# The enclave image without Docker or nitro-cli (state/local/enclave.eif and its PCRs), and
+# QEMU's nitro-enclave machine with a signing NSM plus the vsock backend to run it in
+# (`ENCLAVE=qemu make run`; docs/qemu.md).
+eif-local:
+	bash scripts/qemu/build-eif.sh
+qemu:
+	bash scripts/qemu/build-qemu.sh
+	bash scripts/qemu/build-vsock.sh
 
 # Packaging for AWS Nitro Enclaves (needs Docker and nitro-cli, on a Nitro-enabled parent
 # instance; neither exists on the development machines). `make eif` writes the image and the

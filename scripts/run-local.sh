@@ -6,6 +6,12 @@
 # local stack runs at the product's speed. State lives in $STATE (git-ignored); a second run
 # reuses the CA, the KMS key and the sealed model. Ctrl-C stops every process this script
 # started.
+#
+# ENCLAVE=qemu runs the real enclave image instead of the enclave process with its mock NSM:
+# the EIF built without Docker (scripts/qemu/build-eif.sh) in QEMU's nitro-enclave machine
+# with its signing NSM (scripts/qemu/run-qemu.sh), reached over vsock (hybrid vsock through
+# vhost-device-vsock); mock-kms releases the key to that NSM's documents and the client pins
+# the PCR0/1/2 that `attestation-verifier measure --eif` computes for the image (docs/qemu.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +29,16 @@ fi
 # The enclave's KV budget in MiB; unset, the enclave's own default applies.
 KV_ARGS=(${KV_MIB:+--kv-mib "$KV_MIB"})
 IMAGE=${IMAGE:-local-enclave}
+ENCLAVE=${ENCLAVE:-process}
+case $ENCLAVE in
+    process | qemu) ;;
+    *) echo "ENCLAVE is process (the default) or qemu, not $ENCLAVE" >&2; exit 2 ;;
+esac
+if [ "$ENCLAVE" = qemu ] && [ -n "${KV_MIB:-}" ]; then
+    # The image's command is measured (PCR2, PCR17): change it in enclave/Dockerfile.
+    echo "KV_MIB does not apply to the image: set --kv-mib in enclave/Dockerfile's ENTRYPOINT" >&2
+    exit 2
+fi
 PROXY=${PROXY:-127.0.0.1:8080}
 RELAY=${RELAY:-127.0.0.1:8000}
 KMS=${KMS:-127.0.0.1:4566}
@@ -98,6 +114,12 @@ fi
 step "2/10 build (release)"
 $CARGO build --release --locked -p host -p mock-kms -p client
 $CARGO build --release --locked -p enclave -p common --features enclave/mock-nsm,common/mock-nsm --bins
+if [ "$ENCLAVE" = qemu ]; then
+    # QEMU with the signing NSM, the vsock backend, and the image (each reused when built).
+    bash scripts/qemu/build-qemu.sh
+    bash scripts/qemu/build-vsock.sh
+    EIF_OUT="$STATE/enclave.eif" bash scripts/qemu/build-eif.sh
+fi
 
 step "3/10 check that the enclave can serve $MODEL"
 # The checks provisioning makes after unsealing, on the plaintext, under the same limits: a
@@ -114,7 +136,12 @@ done
 
 step "4/10 mock CA"
 $BIN/mock-ca init "$STATE/mock-ca"
-$BIN/mock-ca measurements "$IMAGE" >"$STATE/measurements.json"
+if [ "$ENCLAVE" = qemu ]; then
+    # The image's own measurements: what QEMU extends into PCR0/1/2 when it boots it.
+    cp "$STATE/enclave.eif.json" "$STATE/measurements.json"
+else
+    $BIN/mock-ca measurements "$IMAGE" >"$STATE/measurements.json"
+fi
 
 step "5/10 mock-kms and the key"
 $BIN/mock-kms --listen "$KMS" --state-dir "$STATE/kms" --trust-root "$STATE/mock-ca/root.pem" \
@@ -150,13 +177,30 @@ else
     echo "$MODEL_NAME" >"$STATE/sealed-name"
 fi
 
-step "7/10 start the enclave (mock NSM, Unix socket) and host serve"
-rm -f "$STATE/enclave.sock"
-# As in the image (enclave/Dockerfile): large blocks always mmapped, so freed KV caches go back.
-MALLOC_MMAP_THRESHOLD_=131072 $BIN/enclave --listen "unix:$STATE/enclave.sock" --mock-ca "$STATE/mock-ca" --mock-image "$IMAGE" \
-    "${KV_ARGS[@]}" >"$LOGS/enclave.log" 2>&1 &
-pids+=($!)
-"${AS_PARENT[@]}" $BIN/host serve --listen "$RELAY" --enclave "unix:$STATE/enclave.sock" --sealed "$STATE/model.sealed" \
+if [ "$ENCLAVE" = qemu ]; then
+    step "7/10 boot the enclave image in QEMU (nitro-enclave machine, signing NSM, vsock) and host serve"
+    # As `make eif` sizes a Nitro enclave: 4 x the image (its ramdisks unpack into memory), the
+    # model, the KV budget and 256 MiB.
+    eif_mib=$(( ($(stat -c %s "$STATE/enclave.eif") + 1048575) / 1048576 ))
+    model_mib=$(( ($(stat -c %s "$MODEL") + 1048575) / 1048576 ))
+    kv_mib=$(( $($BIN/enclave --print-config | sed -n 's/.*"kv_budget_bytes":\([0-9]*\).*/\1/p') / 1048576 ))
+    mem=$(( 4 * eif_mib + model_mib + kv_mib + 256 ))
+    rm -f "$STATE/qemu/booted"
+    EIF="$STATE/enclave.eif" CA="$STATE/mock-ca" MOCK_CA_BIN="$BIN/mock-ca" \
+        bash scripts/qemu/run-qemu.sh "$STATE/qemu" "$mem" "${ENCLAVE_CPUS:-2}" >"$LOGS/qemu.log" 2>&1 &
+    pids+=($!)
+    wait_for "${pids[-1]}" "test -e $STATE/qemu/booted" 300 "$LOGS/qemu.log"
+    ENDPOINT="hvsock:$STATE/qemu/vsock.sock:5000"
+else
+    step "7/10 start the enclave (mock NSM, Unix socket) and host serve"
+    rm -f "$STATE/enclave.sock"
+    # As in the image (enclave/Dockerfile): large blocks always mmapped, so freed KV caches go back.
+    MALLOC_MMAP_THRESHOLD_=131072 $BIN/enclave --listen "unix:$STATE/enclave.sock" --mock-ca "$STATE/mock-ca" --mock-image "$IMAGE" \
+        "${KV_ARGS[@]}" >"$LOGS/enclave.log" 2>&1 &
+    pids+=($!)
+    ENDPOINT="unix:$STATE/enclave.sock"
+fi
+"${AS_PARENT[@]}" $BIN/host serve --listen "$RELAY" --enclave "$ENDPOINT" --sealed "$STATE/model.sealed" \
     >"$LOGS/host.log" 2>&1 &
 pids+=($!)
 

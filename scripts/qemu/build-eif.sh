@@ -96,9 +96,9 @@ python3 - "$work/eif_build.json" "$out.json" <<'PY'
 import json, sys
 text = open(sys.argv[1]).read()
 theirs = json.loads(text[text.index("{"):])
-ours = json.load(open(sys.argv[2]))
+ours = json.load(open(sys.argv[2]))["Measurements"]
 for k in ("PCR0", "PCR1", "PCR2"):
-    t, o = theirs["Measurements"][k], ours["Measurements"][k]
+    t, o = theirs[k], ours[k]
     if t != o:
         sys.exit(f"build-eif: {k}: eif_build says {t}, measure --eif says {o}")
 PY

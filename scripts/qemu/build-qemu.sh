@@ -35,7 +35,7 @@ SRC
     $sudo apt-get update -q
 fi
 need=(build-essential ninja-build pkg-config flex bison python3-venv libglib2.0-dev
-      libfdt-dev libcbor-dev libgnutls28-dev zlib1g-dev libpixman-1-dev xz-utils seabios)
+      libfdt-dev libcbor-dev libgnutls28-dev zlib1g-dev libpixman-1-dev xz-utils)
 missing=()
 for p in "${need[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then
@@ -59,8 +59,8 @@ tar -xJf "$tarball"
 cd "qemu-$upstream"
 for p in "${patches[@]}"; do patch -p1 --forward < "$p"; done
 # Debian's +ds tarball leaves out the prebuilt firmware (Debian packages it separately), which
-# QEMU's build would unpack for x86_64: this machine needs none of it but the microvm BIOS,
-# which comes from Debian's `seabios` package at run time (-L /usr/share/seabios).
+# QEMU's build would unpack for x86_64: this machine needs only the microvm BIOS and the
+# linuxboot option ROM, taken from Debian's packages below.
 sed -i 's/^    unpack_edk2_blobs = bzip2.found()$/    unpack_edk2_blobs = false/' meson.build
 grep -q '^    unpack_edk2_blobs = false$' meson.build
 # This machine and what it selects, nothing else.
@@ -78,6 +78,17 @@ ninja qemu-system-x86_64
 mkdir -p "$out/bin"
 rm -f "$out"/bin/.built-*
 install -m 0755 qemu-system-x86_64 "$out/bin/qemu-system-x86_64"
+# Firmware (run-qemu.sh passes -L state/qemu/share/qemu): the microvm BIOS (SeaBIOS's microvm
+# build, for the machine with ACPI, which Debian's kernel needs to find the virtio-mmio devices)
+# and the option ROM that loads the kernel through fw_cfg. Extracted, not installed:
+# qemu-system-data would conflict with the system's QEMU packages.
+fw=$(mktemp -d)
+(cd "$fw" && apt-get download -q seabios qemu-system-data 2>&1 | grep -v unsandboxed || true)
+for deb in "$fw"/*.deb; do dpkg-deb -x "$deb" "$fw/x"; done
+mkdir -p "$out/share/qemu"
+install -m 0644 "$fw/x/usr/share/seabios/bios-microvm.bin" "$fw/x/usr/share/qemu/linuxboot_dma.bin" \
+    "$out/share/qemu/"
+rm -rf "$fw"
 touch "$stamp"
 [[ $("$out/bin/qemu-system-x86_64" -machine help) == *nitro-enclave* ]]
 [[ $("$out/bin/qemu-system-x86_64" -device virtio-nsm-device,help 2>&1) == *signing-key* ]]

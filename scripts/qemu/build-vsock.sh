@@ -28,9 +28,10 @@ edition = "2021"
 vhost-device-vsock = "=$version"
 TOML
 echo 'fn main() {}' > "$work/fetch/src/main.rs"
-cargo fetch -q --manifest-path "$work/fetch/Cargo.toml"
-src=$(cargo metadata -q --format-version 1 --manifest-path "$work/fetch/Cargo.toml" |
-      python3 -c 'import json,sys; m=json.load(sys.stdin); print(next(p["manifest_path"] for p in m["packages"] if p["name"]=="vhost-device-vsock").rsplit("/",1)[0])')
+# Cargo downloads and unpacks it, then leaves it out of the build (a binary-only crate).
+cargo fetch -q --manifest-path "$work/fetch/Cargo.toml" 2>/dev/null
+src=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/vhost-device-vsock-$version 2>/dev/null | head -1)
+[[ -n $src ]] || { echo "build-vsock: cargo did not fetch vhost-device-vsock $version" >&2; exit 1; }
 cp -r "$src" "$work/vsock"
 file=$work/vsock/src/vhu_vsock.rs
 sed -i 's/^pub(crate) const VSOCK_HOST_CID: u64 = 2;$/pub(crate) const VSOCK_HOST_CID: u64 = 3;/' "$file"
