@@ -191,6 +191,9 @@ if [ "$ENCLAVE" = qemu ]; then
     pids+=($!)
     wait_for "${pids[-1]}" "test -e $STATE/qemu/booted" 300 "$LOGS/qemu.log"
     ENDPOINT="hvsock:$STATE/qemu/vsock.sock:5000"
+    # The CPU is emulated (TCG): a first token takes minutes, not milliseconds.
+    export HOST_ENCLAVE_TIMEOUT_MS=${HOST_ENCLAVE_TIMEOUT_MS:-900000}
+    export HOST_IDLE_TIMEOUT_MS=${HOST_IDLE_TIMEOUT_MS:-900000}
 else
     step "7/10 start the enclave (mock NSM, Unix socket) and host serve"
     rm -f "$STATE/enclave.sock"

@@ -24,9 +24,9 @@ tools=$state/tools
 target=x86_64-unknown-linux-gnu
 build_time=1970-01-01T00:00:00+00:00
 # AWS's command line (aws-nitro-enclaves-sdk-bootstrap, kernel/cmdline/x86_64.cmdline) without
-# `nomodules`, plus what Debian's kernel needs under QEMU's nitro-enclave machine: ACPI (the
-# virtio-mmio devices are described there) and no cpuset/memory cgroups.
-cmdline="reboot=k panic=30 pci=off console=ttyS0 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd random.trust_cpu=on acpi=on cgroup_disable=cpuset,memory"
+# `nomodules` (this image's modules are loaded by its init). What Debian's kernel needs under
+# QEMU's machine model is appended at run time by scripts/qemu/run-qemu.sh.
+cmdline="reboot=k panic=30 pci=off console=ttyS0 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd random.trust_cpu=on"
 modules=(virtio_mmio vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport nsm)
 
 sudo=; [[ $(id -u) == 0 ]] || sudo=sudo

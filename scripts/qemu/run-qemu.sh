@@ -49,6 +49,14 @@ trap 'exit 130' INT TERM
 "$mockca" init "$ca" >/dev/null
 "$mockca" nsm-signer "$ca" "$dir/nsm" >/dev/null
 
+# Appended to the EIF's command line by QEMU (not measured: PCR1 is the EIF's), for Debian's
+# kernel on this machine model: ACPI describes the virtio-mmio devices (the kernel has no
+# command-line virtio-mmio devices) but gives the PIT no interrupt override, so the timer must
+# come from the local APIC in TSC-deadline mode, which needs the TSC's frequency: under TCG the
+# guest's TSC is the host's, whose frequency the host's kernel measured.
+tsc_khz=$(awk -F: '/^cpu MHz/ {printf "%d", $2 * 1000; exit}' /proc/cpuinfo)
+append="acpi=on cgroup_disable=cpuset,memory${tsc_khz:+ tsc_early_khz=$tsc_khz}"
+
 boot() {
     local attempt=$1
     rm -f "$dir"/vsock.sock* "$dir/vhost.sock" "$dir/booted"
@@ -69,7 +77,7 @@ c.close()
 PY
     pids+=($!)
     for _ in $(seq 50); do [[ -S $dir/vhost.sock ]] && break; sleep 0.1; done
-    "$qemu" -M "nitro-enclave,vsock=vsock,id=qemu-enclave,acpi=on" -kernel "$eif" \
+    "$qemu" -M "nitro-enclave,vsock=vsock,id=qemu-enclave,acpi=on" -kernel "$eif" -append "$append" \
         -m "$mem" -smp "$cpus" -cpu max -nographic -no-reboot -L "$firmware" \
         -chardev "socket,id=vsock,path=$dir/vhost.sock" \
         -global "virtio-nsm-device.signing-key=$dir/nsm/signing-key.pem" \
