@@ -16,6 +16,7 @@
 # PCR0/1/2; the kernel package is named in the output (Debian replaces it with security updates).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
+source "$root/scripts/qemu/backports.sh"
 cd "$root"
 state=${STATE:-$root/state}
 kdir=$state/qemu/kernel
@@ -33,16 +34,7 @@ sudo=; [[ $(id -u) == 0 ]] || sudo=sudo
 
 # --- the kernel ---------------------------------------------------------------------------
 if [[ ! -e $kdir/package ]]; then
-    if [[ $(apt-cache policy linux-image-cloud-amd64) != *bpo12* ]]; then
-        $sudo tee /etc/apt/sources.list.d/bookworm-backports.sources >/dev/null <<'SRC'
-Types: deb deb-src
-URIs: http://deb.debian.org/debian
-Suites: bookworm-backports
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRC
-        $sudo apt-get update -q
-    fi
+    backports linux-image-cloud-amd64
     meta=$(apt-cache policy linux-image-cloud-amd64 | awk '/bpo12/ && !/Installed|Candidate/ {print $1; exit}')
     pkg=$(apt-cache depends "linux-image-cloud-amd64=$meta" | awk '/Depends: linux-image-6/ {print $2; exit}')
     [[ -n $pkg ]] || { echo "build-eif: no backports cloud kernel found" >&2; exit 1; }

@@ -12,6 +12,7 @@
 # minutes on two cores. Idempotent: nothing is done when the binary of this patch level exists.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
+source "$root/scripts/qemu/backports.sh"
 out=${QEMU_STATE:-$root/state/qemu}
 version=1:10.0.2+ds-2+deb13u1~bpo12+1
 upstream=10.0.2
@@ -24,16 +25,7 @@ fi
 
 sudo=; [[ $(id -u) == 0 ]] || sudo=sudo
 # bookworm-backports: the QEMU source and a meson new enough for it (QEMU 10 needs >= 1.5).
-if [[ $(apt-cache policy meson) != *bpo12* ]]; then
-    $sudo tee /etc/apt/sources.list.d/bookworm-backports.sources >/dev/null <<'SRC'
-Types: deb deb-src
-URIs: http://deb.debian.org/debian
-Suites: bookworm-backports
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRC
-    $sudo apt-get update -q
-fi
+backports meson
 need=(build-essential ninja-build pkg-config flex bison python3-venv libglib2.0-dev
       libfdt-dev libcbor-dev libgnutls28-dev zlib1g-dev libpixman-1-dev xz-utils)
 missing=()
