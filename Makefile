@@ -19,7 +19,7 @@ MODEL ?=
 MODEL_NAME ?=
 RUN_MODEL = $(or $(MODEL),$(DEFAULT_MODEL))
 
-.PHONY: run eif eif-local qemu run-enclave build test test-deps production-enclave lint bench bench-engine bench-relay bench-channel bench-guardrails fixtures chat model model-qwen model-gemma mock-ca fuzz clean
+.PHONY: run eif eif-local qemu run-enclave build test test-deps test-qemu production-enclave lint bench bench-engine bench-relay bench-channel bench-guardrails fixtures chat model model-qwen model-gemma mock-ca fuzz clean
 
 # The whole product in local mode, on the default model or on MODEL=path: mock CA, mock-kms
 # and a key, the sealed model, the enclave (mock NSM) and host serve on a Unix socket, and
@@ -86,6 +86,14 @@ test-deps:
 test: test-deps model model-qwen model-gemma production-enclave
 	$(CARGO) build --workspace --all-targets --all-features --locked
 	$(CARGO) test --workspace --all-features --locked
+
+# The whole stack on the real enclave image in QEMU (scripts/qemu/test-stack.sh): boot,
+# provisioning, attestation against the image's PCRs, a short chat, shutdown. CI runs it after
+# `make test`, on the binaries that built; QEMU, the vsock backend and the image are built
+# first when missing (docs/qemu.md).
+test-qemu: test-deps model
+	$(CARGO) build --workspace --all-features --bins --locked
+	bash scripts/qemu/test-stack.sh
 
 # The enclave as images ship it (no features): it builds, and the mock NSM is not in it — no
 # `--mock-*` flag, none of the mock's text. Runs before the test build, which replaces the

@@ -43,6 +43,7 @@ PROXY=${PROXY:-127.0.0.1:8080}
 RELAY=${RELAY:-127.0.0.1:8000}
 KMS=${KMS:-127.0.0.1:4566}
 CARGO=${CARGO:-cargo}
+# The tests run this script on the binaries `make test` built: CARGO=true BIN=target/debug.
 BIN=${BIN:-target/release}
 
 # Two identities, as in production (docs/security.md, "Key ownership"): the model owner, in
@@ -114,6 +115,9 @@ fi
 step "2/10 build (release)"
 $CARGO build --release --locked -p host -p mock-kms -p client
 $CARGO build --release --locked -p enclave -p common --features enclave/mock-nsm,common/mock-nsm --bins
+for b in host mock-kms client enclave mock-ca; do
+    [ -x "$BIN/$b" ] || { echo "$BIN/$b is missing" >&2; exit 1; }
+done
 if [ "$ENCLAVE" = qemu ]; then
     # QEMU with the signing NSM, the vsock backend, and the image (each reused when built).
     bash scripts/qemu/build-qemu.sh

@@ -95,8 +95,9 @@ fn name(e: &Entry) -> &str {
     }
 }
 
-/// The bootstrap ramdisk: `init`, `dev/console` and the kernel modules as `modules/NAME.ko`
-/// (`modules` in load order: the init loads the names it knows, in its own order).
+/// The bootstrap ramdisk: `init`, `dev/console`, the kernel modules as `modules/NAME.ko` and
+/// their load order in `modules/order` (`modules` is in load order, dependencies first: the
+/// init loads exactly these, in this order; the kernel the image carries decides which).
 pub fn bootstrap(init: Vec<u8>, modules: Vec<(String, Vec<u8>)>) -> Vec<Entry> {
     let mut e = vec![
         Entry::Dir("dev".into()),
@@ -114,6 +115,15 @@ pub fn bootstrap(init: Vec<u8>, modules: Vec<(String, Vec<u8>)>) -> Vec<Entry> {
     ];
     if !modules.is_empty() {
         e.push(Entry::Dir("modules".into()));
+        let order: String = modules
+            .iter()
+            .map(|(name, _)| format!("{name}\n"))
+            .collect();
+        e.push(Entry::File {
+            path: "modules/order".into(),
+            mode: 0o444,
+            data: order.into_bytes(),
+        });
         for (name, data) in modules {
             e.push(Entry::File {
                 path: format!("modules/{name}.ko"),
@@ -263,11 +273,19 @@ mod tests {
 
     #[test]
     fn the_bootstrap_ramdisk_has_a_console_the_init_and_the_modules() {
-        let e = bootstrap(b"init".to_vec(), vec![("nsm".into(), b"ko".to_vec())]);
+        let e = bootstrap(
+            b"init".to_vec(),
+            vec![
+                ("vsock".into(), b"ko1".to_vec()),
+                ("nsm".into(), b"ko2".to_vec()),
+            ],
+        );
         let seen = read_back(&cpio(&e).unwrap());
         let find = |n: &str| seen.iter().find(|s| s.0 == n).unwrap();
         assert_eq!(find("dev/console").1, 0o020600);
         assert_eq!(find("init").1, 0o100755);
-        assert_eq!(find("modules/nsm.ko").2, b"ko");
+        assert_eq!(find("modules/nsm.ko").2, b"ko2");
+        // The order they were given in, which the init follows.
+        assert_eq!(find("modules/order").2, b"vsock\nnsm\n");
     }
 }

@@ -2,9 +2,10 @@
 //!
 //! ```text
 //! enclave-image --init PATH --enclave PATH --guardrails PATH --dockerfile PATH
-//!               [--modules DIR] --out DIR
+//!               [--module PATH.ko]... --out DIR
 //! ```
-//! writes `DIR/bootstrap.cpio` (init, console, every `DIR/*.ko` of `--modules`) and
+//! writes `DIR/bootstrap.cpio` (init, console, each `--module` and their load order, given by
+//! the order of the `--module` arguments) and
 //! `DIR/customer.cpio` (cmd, env, rootfs with `/enclave` and `/guardrails.toml`).
 
 use enclave_image::{bootstrap, cpio, customer, launch_from_dockerfile};
@@ -41,21 +42,20 @@ fn run() -> Result<(), String> {
         need("--dockerfile")?,
         need("--out")?,
     );
+    // In load order: the init loads them in the order they are given (`modules/order`).
     let mut modules = Vec::new();
-    if let Some(dir) = arg("--modules") {
-        let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .map_err(|e| format!("{}: {e}", dir.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "ko"))
-            .collect();
-        paths.sort();
-        for p in paths {
-            let name = p
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            modules.push((name, read(&p)?));
+    for (i, a) in args.iter().enumerate() {
+        if a != "--module" {
+            continue;
         }
+        let p = PathBuf::from(args.get(i + 1).ok_or("--module needs a path")?);
+        let name = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".ko"))
+            .ok_or_else(|| format!("{}: a module is a NAME.ko file", p.display()))?
+            .to_owned();
+        modules.push((name, read(&p)?));
     }
     let text = String::from_utf8(read(&dockerfile)?)
         .map_err(|_| format!("{}: not UTF-8", dockerfile.display()))?;

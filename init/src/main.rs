@@ -3,8 +3,10 @@
 //! every EIF), so an image built without Docker or nitro-cli boots the same way:
 //!
 //! 1. `/dev` (devtmpfs) and `/dev/console` as stdin, stdout and stderr;
-//! 2. the kernel modules the bootstrap ramdisk carries, in [`MODULES`] order (AWS's kernel has
-//!    vsock built in and carries `nsm.ko` only; Debian's, used under QEMU, needs all five);
+//! 2. the kernel modules the bootstrap ramdisk carries, in the order `/modules/order` lists them
+//!    (written by `enclave-image` from the list beside the kernel choice in
+//!    scripts/qemu/build-eif.sh: AWS's kernel has vsock built in and needs `nsm.ko` only;
+//!    Debian's, used under QEMU, needs five);
 //! 3. the heartbeat: connect to the parent (CID 3) on vsock port 9000, send 0xB7, expect 0xB7
 //!    back (nitro-cli's `run-enclave` waits for it; so does our QEMU runner);
 //! 4. `/cmd` and `/env` from the customer ramdisk (one argument, one `NAME=value` per line);
@@ -35,16 +37,10 @@ const PARENT_CID: u32 = 3;
 const HEARTBEAT_PORT: u32 = 9000;
 const HEARTBEAT: u8 = 0xB7;
 
-/// Kernel modules, in dependency order, loaded from `/modules/NAME.ko` when present.
-pub const MODULES: [&str; 5] = [
-    "virtio_mmio",
-    "vsock",
-    "vmw_vsock_virtio_transport_common",
-    "vmw_vsock_virtio_transport",
-    "nsm",
-];
+/// The modules to load, one name per line, dependencies first; each is `/modules/NAME.ko`.
+const MODULE_ORDER: &str = "/modules/order";
 
-/// Longest `/cmd` or `/env` read, in bytes: they come from the image, but a bound costs nothing.
+/// Longest `/cmd`, `/env` or `/modules/order` read, in bytes: they come from the image, but a bound costs nothing.
 const MAX_CONFIG: u64 = 64 << 10;
 
 /// Where a step failed, for the console.
@@ -142,13 +138,17 @@ fn console() -> Result<(), Failed> {
 }
 
 fn load_modules() -> Result<(), Failed> {
-    for name in MODULES {
+    // An image whose kernel has everything built in carries no modules.
+    if !std::path::Path::new(MODULE_ORDER).exists() {
+        return Ok(());
+    }
+    let order = read_small(MODULE_ORDER)?;
+    for name in module_names(&order).map_err(|cause| Failed {
+        step: format!("read {MODULE_ORDER}"),
+        cause,
+    })? {
         let path = format!("/modules/{name}.ko");
-        let file = match std::fs::File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(io_failed(format!("open {path}"))(e)),
-        };
+        let file = std::fs::File::open(&path).map_err(io_failed(format!("open {path}")))?;
         let params = CString::default();
         match finit_module(&file, &params, ModuleInitFlags::empty()) {
             // Built into this kernel after all.
@@ -159,6 +159,24 @@ fn load_modules() -> Result<(), Failed> {
         let _ = std::fs::remove_file(&path);
     }
     Ok(())
+}
+
+/// The module names of `/modules/order`: one per line, blank lines skipped; a name is what a
+/// kernel module's file is called (letters, digits, `_`, `-`), so none can leave `/modules`.
+fn module_names(order: &str) -> Result<Vec<&str>, String> {
+    order
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            if l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                Ok(l)
+            } else {
+                Err(format!("{l:?} is not a module name"))
+            }
+        })
+        .collect()
 }
 
 fn heartbeat() -> Result<(), Failed> {
@@ -191,6 +209,16 @@ fn heartbeat() -> Result<(), Failed> {
 
 /// The lines of `path` (empty lines dropped), then the file removed, as AWS's init does.
 fn config(path: &str) -> Result<Vec<String>, Failed> {
+    let text = read_small(path)?;
+    let _ = std::fs::remove_file(path);
+    parse_config(&text).map_err(|cause| Failed {
+        step: format!("read {path}"),
+        cause,
+    })
+}
+
+/// A file of the image, at most [`MAX_CONFIG`] bytes of UTF-8.
+fn read_small(path: &str) -> Result<String, Failed> {
     let mut text = String::new();
     std::fs::File::open(path)
         .and_then(|f| f.take(MAX_CONFIG + 1).read_to_string(&mut text))
@@ -201,11 +229,7 @@ fn config(path: &str) -> Result<Vec<String>, Failed> {
             cause: format!("longer than {MAX_CONFIG} bytes"),
         });
     }
-    let _ = std::fs::remove_file(path);
-    parse_config(&text).map_err(|cause| Failed {
-        step: format!("read {path}"),
-        cause,
-    })
+    Ok(text)
 }
 
 /// One entry per non-empty line.
@@ -289,9 +313,13 @@ mod tests {
     }
 
     #[test]
-    fn modules_load_in_dependency_order() {
-        let at = |m: &str| MODULES.iter().position(|x| *x == m).unwrap();
-        assert!(at("vsock") < at("vmw_vsock_virtio_transport_common"));
-        assert!(at("vmw_vsock_virtio_transport_common") < at("vmw_vsock_virtio_transport"));
+    fn modules_load_in_the_listed_order_and_only_by_name() {
+        assert_eq!(
+            module_names("vsock\n\nvmw_vsock_virtio_transport\nnsm\n").unwrap(),
+            ["vsock", "vmw_vsock_virtio_transport", "nsm"]
+        );
+        assert!(module_names("../rootfs/enclave\n").is_err());
+        assert!(module_names("nsm.ko\n").is_err());
+        assert!(module_names("").unwrap().is_empty());
     }
 }

@@ -18,16 +18,17 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 source "$root/scripts/qemu/backports.sh"
 cd "$root"
-state=${STATE:-$root/state}
-kdir=$state/qemu/kernel
-out=${EIF_OUT:-$state/local/enclave.eif}
-tools=$state/tools
+kdir=${KERNEL_DIR:-$root/state/qemu/kernel}
+out=${EIF_OUT:-$root/state/local/enclave.eif}
+tools=${TOOLS_DIR:-$root/state/tools}
 target=x86_64-unknown-linux-gnu
 build_time=1970-01-01T00:00:00+00:00
 # AWS's command line (aws-nitro-enclaves-sdk-bootstrap, kernel/cmdline/x86_64.cmdline) without
 # `nomodules` (this image's modules are loaded by its init). What Debian's kernel needs under
 # QEMU's machine model is appended at run time by scripts/qemu/run-qemu.sh.
 cmdline="reboot=k panic=30 pci=off console=ttyS0 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd random.trust_cpu=on"
+# The modules the image's init loads, in this order (dependencies first; enclave-image writes
+# it to modules/order): this kernel has virtio-mmio, vsock and the NSM driver as modules.
 modules=(virtio_mmio vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport nsm)
 
 sudo=; [[ $(id -u) == 0 ]] || sudo=sudo
@@ -75,7 +76,8 @@ trap 'rm -rf "$work"' EXIT
 strip -o "$work/enclave" "$bin/enclave"
 strip -o "$work/init" "$bin/enclave-init"
 guardrails=$(awk -F= '/^ARG GUARDRAILS_POLICY=/ {print $2}' enclave/Dockerfile)
-target/release/enclave-image --init "$work/init" --modules "$kdir/modules" \
+module_args=(); for m in "${modules[@]}"; do module_args+=(--module "$kdir/modules/$m.ko"); done
+target/release/enclave-image --init "$work/init" "${module_args[@]}" \
     --enclave "$work/enclave" --guardrails "$guardrails" --dockerfile enclave/Dockerfile --out "$work"
 mkdir -p "$(dirname "$out")"
 "$tools/bin/eif_build" --kernel "$kdir/bzImage" --kernel_config "$kdir/bzImage.config" \

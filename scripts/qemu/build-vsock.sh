@@ -10,7 +10,7 @@
 # `forward-cid` mode would reach this machine's real vsock, which belongs to its own host.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
-tools=${STATE:-$root/state}/tools
+tools=${TOOLS_DIR:-$root/state/tools}
 version=0.3.0
 if [[ -x $tools/bin/vhost-device-vsock && -e $tools/bin/.vhost-device-vsock-$version-cid3 ]]; then
     exit 0
