@@ -19,7 +19,7 @@ MODEL ?=
 MODEL_NAME ?=
 RUN_MODEL = $(or $(MODEL),$(DEFAULT_MODEL))
 
-.PHONY: run eif eif-local qemu run-enclave build test test-deps test-qemu production-enclave lint bench bench-engine bench-relay bench-channel bench-guardrails fixtures chat model model-qwen model-gemma mock-ca fuzz clean
+.PHONY: run eif eif-local qemu run-enclave build test test-deps test-qemu test-aarch64 production-enclave lint bench bench-engine bench-relay bench-channel bench-guardrails fixtures chat model model-qwen model-gemma mock-ca fuzz clean
 
 # The whole product in local mode, on the default model or on MODEL=path: mock CA, mock-kms
 # and a key, the sealed model, the enclave (mock NSM) and host serve on a Unix socket, and
@@ -94,6 +94,21 @@ test: test-deps model model-qwen model-gemma production-enclave
 test-qemu: test-deps model
 	$(CARGO) build --workspace --all-features --bins --locked
 	bash scripts/qemu/test-stack.sh
+
+# The engine's library tests built for aarch64 (Graviton) and run under QEMU's user-mode
+# emulation, with every CPU feature (`-cpu max`: NEON and the dot-product instructions, so both
+# NEON variants run against the scalar reference). Installs the Rust target, the cross linker
+# and QEMU when missing. CI runs it after `make test`.
+AARCH64 := aarch64-unknown-linux-gnu
+test-aarch64:
+	rustup target list --installed | grep -qx $(AARCH64) || rustup target add $(AARCH64)
+	if ! command -v aarch64-linux-gnu-gcc >/dev/null || ! command -v qemu-aarch64-static >/dev/null; then \
+		apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+			gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static >/dev/null; \
+	fi
+	CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
+	CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64-static -cpu max -L /usr/aarch64-linux-gnu" \
+		$(CARGO) test -p engine --lib --locked --target $(AARCH64)
 
 # The enclave as images ship it (no features): it builds, and the mock NSM is not in it — no
 # `--mock-*` flag, none of the mock's text. Runs before the test build, which replaces the

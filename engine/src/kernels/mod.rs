@@ -2,11 +2,14 @@
 //! Q5_1, Q8_0 and the K-quants Q4_K, Q5_K, Q6_K) against activations quantized to 8 bits,
 //! half-precision rows (F16, BF16) against f32 activations, and f32 dot products.
 //!
-//! Every kernel has a portable scalar version, which is the reference, and an AVX2/FMA/F16C
-//! version chosen at run time ([`Kernels::detect`]) so that the binary stays built for the
-//! baseline x86-64 target (reproducible enclave images, README "Build target") and still uses
-//! the vector units the Nitro host has. The vector code is the crate's only `unsafe` code and
-//! lives in [`x86`]; tests compare it with the scalar reference.
+//! Every kernel has a portable scalar version, which is the reference, and vector versions
+//! chosen at run time ([`Kernels::detect`]) so that the binary stays built for the baseline
+//! target (reproducible enclave images, README "Build target") and still uses the vector units
+//! the Nitro host has: AVX2/FMA/F16C and AVX-512 VNNI on x86-64 ([`x86`]), NEON with or
+//! without the dot-product instructions on aarch64 (Graviton, [`aarch64`]: the packed groups,
+//! `dot` and `axpy`; the rest is the portable code, which the compiler vectorizes for NEON).
+//! The vector code is the crate's only `unsafe` code; tests compare every variant the CPU runs
+//! with the scalar reference (`make test-aarch64` runs them for aarch64 under emulation).
 //!
 //! The block formats are GGML's (ggml-common.h): 32 weights per block, an f16 scale `d`, for
 //! Q4_1 and Q5_1 an f16 minimum `m`, for Q5 a 32-bit word of fifth bits, and the quants. Q4
@@ -24,6 +27,34 @@
 //! layout of llama.cpp's `block_q4_0x8` repacking (ggml-cpu/repack.cpp), here for Q4_0, Q4_1
 //! and Q8_0. The group is the same size as the 8 rows it replaces.
 
+/// Activation rows processed together, so their accumulators stay in registers.
+const GROUP: usize = 4;
+
+/// Calls kernel `$f` with its activation-row count `G` set to `$g` (1 to [`GROUP`]) and its
+/// other const parameters `$c`, so that each group size has its own monomorphized kernel with
+/// its accumulators in registers.
+macro_rules! grouped {
+    (8; $g:expr, $f:ident $(, $c:literal)*; $($arg:expr),*) => {
+        match $g {
+            8 => $f::<8 $(, $c)*>($($arg),*),
+            7 => $f::<7 $(, $c)*>($($arg),*),
+            6 => $f::<6 $(, $c)*>($($arg),*),
+            5 => $f::<5 $(, $c)*>($($arg),*),
+            _ => grouped!(4; $g, $f $(, $c)*; $($arg),*),
+        }
+    };
+    (4; $g:expr, $f:ident $(, $c:literal)*; $($arg:expr),*) => {
+        match $g {
+            4 => $f::<4 $(, $c)*>($($arg),*),
+            3 => $f::<3 $(, $c)*>($($arg),*),
+            2 => $f::<2 $(, $c)*>($($arg),*),
+            _ => $f::<1 $(, $c)*>($($arg),*),
+        }
+    };
+}
+
+#[cfg(target_arch = "aarch64")]
+mod aarch64;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -197,6 +228,21 @@ pub const PACK: usize = 8;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Kernels(Imp);
 
+/// The implementations that run the portable code for kernels without a vector version of
+/// their own: on aarch64 the NEON variants too (the compiler vectorizes that code for NEON).
+#[cfg(target_arch = "aarch64")]
+macro_rules! portable {
+    () => {
+        Imp::Scalar | Imp::Neon | Imp::NeonDot
+    };
+}
+#[cfg(not(target_arch = "aarch64"))]
+macro_rules! portable {
+    () => {
+        Imp::Scalar
+    };
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Imp {
     /// Portable Rust; the reference.
@@ -208,6 +254,12 @@ enum Imp {
     /// Sapphire Rapids, Zen 4 and later), detected at run time.
     #[cfg(target_arch = "x86_64")]
     Vnni,
+    /// NEON (the aarch64 baseline), with widening multiplies for the packed groups.
+    #[cfg(target_arch = "aarch64")]
+    Neon,
+    /// NEON with the Armv8.2 dot-product instructions (every Graviton), detected at run time.
+    #[cfg(target_arch = "aarch64")]
+    NeonDot,
 }
 
 impl Kernels {
@@ -233,6 +285,13 @@ impl Kernels {
                 all.push(Kernels(Imp::Vnni));
             }
         }
+        #[cfg(target_arch = "aarch64")]
+        {
+            all.push(Kernels(Imp::Neon));
+            if aarch64::dotprod_available() {
+                all.push(Kernels(Imp::NeonDot));
+            }
+        }
         all
     }
 
@@ -249,6 +308,10 @@ impl Kernels {
             Imp::Avx2 => "avx2+fma+f16c",
             #[cfg(target_arch = "x86_64")]
             Imp::Vnni => "avx2+avx512vnni",
+            #[cfg(target_arch = "aarch64")]
+            Imp::Neon => "neon",
+            #[cfg(target_arch = "aarch64")]
+            Imp::NeonDot => "neon+dotprod",
         }
     }
 
@@ -276,7 +339,7 @@ impl Kernels {
             return;
         }
         match self.0 {
-            Imp::Scalar => scalar_quant_row(kind, w, acts, nb, out),
+            portable!() => scalar_quant_row(kind, w, acts, nb, out),
             #[cfg(target_arch = "x86_64")]
             Imp::Avx2 | Imp::Vnni => x86::quant_row(kind, w, acts, nb, out),
         }
@@ -309,6 +372,10 @@ impl Kernels {
             Imp::Avx2 => x86::quant_group(kind, group, acts, nb, out),
             #[cfg(target_arch = "x86_64")]
             Imp::Vnni => x86::quant_group_vnni(kind, group, acts, nb, out),
+            #[cfg(target_arch = "aarch64")]
+            Imp::Neon => aarch64::quant_group(kind, group, acts, nb, out),
+            #[cfg(target_arch = "aarch64")]
+            Imp::NeonDot => aarch64::quant_group_dotprod(kind, group, acts, nb, out),
         }
     }
 
@@ -339,6 +406,8 @@ impl Kernels {
             return;
         }
         let per = out.len() / k;
+        // Only the x86 pair kernel below takes from the front.
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
         let (mut ws, mut os) = (groups, out);
         #[cfg(target_arch = "x86_64")]
         if self.0 == Imp::Vnni && x86::pairs(kind) {
@@ -364,7 +433,7 @@ impl Kernels {
             return;
         }
         match self.0 {
-            Imp::Scalar => {
+            portable!() => {
                 for (o, x) in out.iter_mut().zip(xs.chunks_exact(cols)) {
                     *o = scalar_half_dot(kind, w, x);
                 }
@@ -397,7 +466,7 @@ impl Kernels {
         }
         scores.clear();
         match self.0 {
-            Imp::Scalar => {
+            portable!() => {
                 for p in 0..n {
                     let k = keys
                         .get(p * stride + off..p * stride + off + hd)
@@ -413,7 +482,7 @@ impl Kernels {
         }
         let max = scores.iter().fold(f32::NEG_INFINITY, |m, x| m.max(*x));
         let sum = match self.0 {
-            Imp::Scalar => {
+            portable!() => {
                 let mut sum = 0.0;
                 for s in scores.iter_mut() {
                     *s = (*s - max).exp();
@@ -426,7 +495,7 @@ impl Kernels {
         };
         out.fill(0.0);
         match self.0 {
-            Imp::Scalar => {
+            portable!() => {
                 for (p, w) in scores.iter().enumerate() {
                     let v = vals
                         .get(p * stride + off..p * stride + off + hd)
@@ -448,7 +517,7 @@ impl Kernels {
             up.get(..n).unwrap_or_default(),
         );
         match self.0 {
-            Imp::Scalar => {
+            portable!() => {
                 for (g, u) in gate.iter_mut().zip(up) {
                     *g = act.apply(*g) * u;
                 }
@@ -469,6 +538,8 @@ impl Kernels {
             Imp::Scalar => scalar_dot(a, b),
             #[cfg(target_arch = "x86_64")]
             Imp::Avx2 | Imp::Vnni => x86::dot(a, b),
+            #[cfg(target_arch = "aarch64")]
+            Imp::Neon | Imp::NeonDot => aarch64::dot(a, b),
         }
     }
 
@@ -483,6 +554,8 @@ impl Kernels {
             Imp::Scalar => scalar_axpy(alpha, x, y),
             #[cfg(target_arch = "x86_64")]
             Imp::Avx2 | Imp::Vnni => x86::axpy(alpha, x, y),
+            #[cfg(target_arch = "aarch64")]
+            Imp::Neon | Imp::NeonDot => aarch64::axpy(alpha, x, y),
         }
     }
 }
@@ -492,7 +565,7 @@ impl Kernels {
     /// GGML's AVX2 `quantize_row_q8_1` does; the scalar version rounds half away from zero).
     pub fn quantize_row(self, x: &[f32], out: &mut [BlockQ8]) {
         match self.0 {
-            Imp::Scalar => quantize_row(x, out),
+            portable!() => quantize_row(x, out),
             #[cfg(target_arch = "x86_64")]
             Imp::Avx2 | Imp::Vnni => x86::quantize_row(x, out),
         }
@@ -903,6 +976,16 @@ pub fn dequantize_packed_row(kind: QuantKind, group: &[u8], r: usize, out: &mut 
         let row = unpack_block(kind, blk, r);
         dequantize_row(kind, row.get(..kind.block_bytes()).unwrap_or_default(), ys);
     }
+}
+
+/// The `G` activation blocks at block index `b`, one per activation row, or `None` when `acts`
+/// is too short. Taken once per block so the inner loops index fixed-size arrays only.
+fn gather<const G: usize>(acts: &[BlockQ8], nb: usize, b: usize) -> Option<[&BlockQ8; G]> {
+    let mut out = [acts.first()?; G];
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = acts.get(j * nb + b)?;
+    }
+    Some(out)
 }
 
 fn scalar_quant_group(kind: QuantKind, group: &[u8], acts: &[BlockQ8], nb: usize, out: &mut [f32]) {

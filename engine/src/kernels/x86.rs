@@ -13,7 +13,7 @@
 
 #![allow(unsafe_code)]
 
-use super::{scale_min_k4, BlockQ8, HalfKind, QuantKind, PACK, QK};
+use super::{gather, scale_min_k4, BlockQ8, HalfKind, QuantKind, GROUP, PACK, QK};
 use std::arch::x86_64::*;
 
 /// Whether this CPU has everything the kernels below use.
@@ -21,32 +21,6 @@ pub(super) fn available() -> bool {
     is_x86_feature_detected!("avx2")
         && is_x86_feature_detected!("fma")
         && is_x86_feature_detected!("f16c")
-}
-
-/// Activation rows processed together, so their accumulators stay in registers.
-const GROUP: usize = 4;
-
-/// Calls kernel `$f` with its activation-row count `G` set to `$g` (1 to [`GROUP`]) and its
-/// other const parameters `$c`, so that each group size has its own monomorphized kernel with
-/// its accumulators in registers.
-macro_rules! grouped {
-    (8; $g:expr, $f:ident $(, $c:literal)*; $($arg:expr),*) => {
-        match $g {
-            8 => $f::<8 $(, $c)*>($($arg),*),
-            7 => $f::<7 $(, $c)*>($($arg),*),
-            6 => $f::<6 $(, $c)*>($($arg),*),
-            5 => $f::<5 $(, $c)*>($($arg),*),
-            _ => grouped!(4; $g, $f $(, $c)*; $($arg),*),
-        }
-    };
-    (4; $g:expr, $f:ident $(, $c:literal)*; $($arg:expr),*) => {
-        match $g {
-            4 => $f::<4 $(, $c)*>($($arg),*),
-            3 => $f::<3 $(, $c)*>($($arg),*),
-            2 => $f::<2 $(, $c)*>($($arg),*),
-            _ => $f::<1 $(, $c)*>($($arg),*),
-        }
-    };
 }
 
 mod packed;
@@ -567,16 +541,6 @@ fn load_u8x16_f16(b: &[u8; 16]) -> __m256 {
 fn broadcast_i8x4(b: &[i8; 4]) -> __m256i {
     // SAFETY: reads exactly the 4 bytes of `b`.
     _mm256_broadcastd_epi32(unsafe { _mm_loadu_si32(b.as_ptr().cast()) })
-}
-
-/// The `G` activation blocks at block index `b`, one per activation row, or `None` when `acts`
-/// is too short. Taken once per block so the inner loops index fixed-size arrays only.
-fn gather<const G: usize>(acts: &[BlockQ8], nb: usize, b: usize) -> Option<[&BlockQ8; G]> {
-    let mut out = [acts.first()?; G];
-    for (j, o) in out.iter_mut().enumerate() {
-        *o = acts.get(j * nb + b)?;
-    }
-    Some(out)
 }
 
 /// Bytes `4k..4k + 4` of an activation block, as the 4-byte array `broadcast_i8x4` takes.
