@@ -217,13 +217,13 @@ fn check_model(args: &Args, path: &std::path::Path) -> ExitCode {
     match engine::load(bytes, cfg.engine.clone()) {
         Ok(engine) => {
             println!(
-                "{}: {} ({} MiB); context {} tokens in a {} MiB KV budget ({} KiB per token)",
+                "{}: {} ({} MiB); context {} tokens in a {} MiB KV budget ({:.1} KiB per token)",
                 path.display(),
                 engine.describe(),
                 size >> 20,
                 engine.context_length(),
                 cfg.engine.kv_budget_bytes >> 20,
-                engine.kv_bytes_per_token() >> 10
+                engine.kv_bytes_per_token() as f64 / 1024.0
             );
             ExitCode::SUCCESS
         }

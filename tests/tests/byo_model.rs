@@ -65,7 +65,7 @@ fn check_model_describes_what_it_serves_and_names_what_it_refuses() {
         String::from_utf8_lossy(&ok.stderr)
     );
     assert!(out.contains("llama, 30 layers: Q4_1 ×210"), "{out}");
-    assert!(out.contains("context 1820 tokens"), "{out}");
+    assert!(out.contains("context 3640 tokens"), "{out}");
 
     let dir = tempdir("check");
     let refused = enclave(&["--check-model", refused_model(&dir).to_str().unwrap()]);

@@ -196,6 +196,16 @@ impl Score {
     }
 }
 
+/// Where one KV head's keys and values sit in a sequence's cache, for [`Kernels::attend`]:
+/// position `p`'s key (and value) is `keys[p * stride + off..][..head_dim]`, `n` positions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvSpan {
+    pub stride: usize,
+    pub off: usize,
+    pub n: usize,
+    pub head_dim: usize,
+}
+
 /// The activation of a gated feed-forward layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Glu {
@@ -443,68 +453,95 @@ impl Kernels {
         }
     }
 
-    /// One query head's attention over `n` cached positions: `scores[p] = scale · q·k_p`
-    /// (soft-capped if `score` says so), a softmax, and `out = Σ_p softmax_p · v_p`. Position
-    /// `p`'s key (and value) is `keys[p * stride + off..][..q.len()]`. `scores` is scratch space.
+    /// The attention of the query heads in `q` (`q.len() / kv.head_dim` of them, one after
+    /// the other) that share one KV head, over its `kv.n` cached positions: per head,
+    /// `scores[p] = scale · q·k_p` (soft-capped if `score` says so), a softmax, and
+    /// `out = Σ_p softmax_p · v_p`, written where the head's query is. Position `p`'s key (and
+    /// value) is `keys[p * stride + off..][..head_dim]`. `scores` is scratch space. The cache
+    /// holds half precision, as llama.cpp's does by default: a decode step reads every running
+    /// sequence's whole cache, so its size is memory traffic that batching cannot share; the
+    /// heads of a group go together so each key and value is read and widened once for all.
     #[allow(clippy::too_many_arguments)]
     pub fn attend(
         self,
         q: &[f32],
-        keys: &[f32],
-        vals: &[f32],
-        (stride, off, n): (usize, usize, usize),
+        keys: &[f16],
+        vals: &[f16],
+        kv: KvSpan,
         score: Score,
         scores: &mut Vec<f32>,
         out: &mut [f32],
     ) {
-        let scale = score.scale;
-        let hd = q.len();
+        let KvSpan {
+            stride,
+            off,
+            n,
+            head_dim: hd,
+        } = kv;
         let need = (n.max(1) - 1) * stride + off + hd;
-        if out.len() != hd || n == 0 || keys.len() < need || vals.len() < need {
+        if hd == 0
+            || q.is_empty()
+            || !q.len().is_multiple_of(hd)
+            || out.len() != q.len()
+            || n == 0
+            || keys.len() < need
+            || vals.len() < need
+        {
             out.fill(0.0);
             return;
         }
-        scores.clear();
+        let key = |p: usize| keys.get(p * stride + off..p * stride + off + hd);
+        let val = |p: usize| vals.get(p * stride + off..p * stride + off + hd);
+        // `scores` is `[head][position]`.
         match self.0 {
-            portable!() => {
-                for p in 0..n {
-                    let k = keys
-                        .get(p * stride + off..p * stride + off + hd)
-                        .unwrap_or_default();
-                    scores.push(scalar_dot(q, k) * scale);
+            #[cfg(target_arch = "x86_64")]
+            Imp::Avx2 | Imp::Vnni if x86::attention_fits(hd) => {
+                x86::scores(q, keys, kv, score.scale, scores)
+            }
+            _ => {
+                scores.clear();
+                for qh in q.chunks_exact(hd) {
+                    scores.extend(
+                        (0..n)
+                            .map(|p| scalar_dot_f16(qh, key(p).unwrap_or_default()) * score.scale),
+                    );
                 }
             }
-            #[cfg(target_arch = "x86_64")]
-            Imp::Avx2 | Imp::Vnni => x86::scores(q, keys, (stride, off, n), scale, scores),
         }
         if let Some(cap) = score.softcap {
             scores.iter_mut().for_each(|s| *s = cap * (*s / cap).tanh());
         }
-        let max = scores.iter().fold(f32::NEG_INFINITY, |m, x| m.max(*x));
-        let sum = match self.0 {
-            portable!() => {
-                let mut sum = 0.0;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
+        // Each head's softmax, normalized in place.
+        for s in scores.chunks_exact_mut(n) {
+            let max = s.iter().fold(f32::NEG_INFINITY, |m, x| m.max(*x));
+            let sum = match self.0 {
+                #[cfg(target_arch = "x86_64")]
+                Imp::Avx2 | Imp::Vnni => x86::exp_shifted(s, max),
+                _ => {
+                    let mut sum = 0.0;
+                    for v in s.iter_mut() {
+                        *v = (*v - max).exp();
+                        sum += *v;
+                    }
+                    sum
                 }
-                sum
-            }
-            #[cfg(target_arch = "x86_64")]
-            Imp::Avx2 | Imp::Vnni => x86::exp_shifted(scores, max),
-        };
+            };
+            let norm = 1.0 / sum;
+            s.iter_mut().for_each(|v| *v *= norm);
+        }
         out.fill(0.0);
         match self.0 {
-            portable!() => {
-                for (p, w) in scores.iter().enumerate() {
-                    let v = vals
-                        .get(p * stride + off..p * stride + off + hd)
-                        .unwrap_or_default();
-                    scalar_axpy(w / sum, v, out);
+            #[cfg(target_arch = "x86_64")]
+            Imp::Avx2 | Imp::Vnni if x86::attention_fits(hd) => {
+                x86::weighted_sums(scores, vals, kv, out)
+            }
+            _ => {
+                for (oh, sh) in out.chunks_exact_mut(hd).zip(scores.chunks_exact(n)) {
+                    for (p, w) in sh.iter().enumerate() {
+                        scalar_axpy_f16(*w, val(p).unwrap_or_default(), oh);
+                    }
                 }
             }
-            #[cfg(target_arch = "x86_64")]
-            Imp::Avx2 | Imp::Vnni => x86::weighted_sum(scores, 1.0 / sum, vals, stride, off, out),
         }
     }
 
@@ -1031,6 +1068,31 @@ fn scalar_axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// [`scalar_dot`] against a half-precision `b`.
+fn scalar_dot_f16(a: &[f32], b: &[f16]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y.to_f32())
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for ((s, x), y) in acc.iter_mut().zip(x).zip(y) {
+            *s += x * y.to_f32();
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// [`scalar_axpy`] from a half-precision `x`.
+fn scalar_axpy_f16(alpha: f32, x: &[f16], y: &mut [f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += alpha * x.to_f32();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
@@ -1290,71 +1352,83 @@ mod tests {
 
     #[test]
     fn attention_matches_the_scalar_reference() {
-        let (hd, stride, n) = (64, 192, 37);
-        let keys = random_acts(stride * n, 1);
-        let vals = random_acts(stride * n, 2);
-        let q = random_acts(hd, 3);
-        // Without a cap, and with one small enough to change the scores.
-        for softcap in [None, Some(0.1f32)] {
+        let (stride, n) = (192, 37);
+        let keys: Vec<f16> = random_acts(stride * n, 1)
+            .into_iter()
+            .map(f16::from_f32)
+            .collect();
+        let vals: Vec<f16> = random_acts(stride * n, 2)
+            .into_iter()
+            .map(f16::from_f32)
+            .collect();
+        // Without a cap, and with one small enough to change the scores; one head and a
+        // group of three sharing the KV head; a head width the vector path does not take.
+        for (hd, heads, softcap) in [
+            (64, 1, None),
+            (64, 3, None),
+            (64, 3, Some(0.1f32)),
+            (32, 2, None),
+            (12, 2, None),
+        ] {
             let score = Score {
                 scale: 0.125,
                 softcap,
             };
+            let q = random_acts(hd * heads, 3);
             for off in [0, 64, 128] {
-                let mut want = vec![0.0; hd];
-                Kernels::Scalar.attend(
-                    &q,
-                    &keys,
-                    &vals,
-                    (stride, off, n),
-                    score,
-                    &mut Vec::new(),
-                    &mut want,
-                );
-                // Against a plain two-pass computation too.
-                let sc: Vec<f32> = (0..n)
-                    .map(|p| {
-                        let s = (0..hd)
-                            .map(|i| q[i] * keys[p * stride + off + i])
-                            .sum::<f32>()
-                            * 0.125;
-                        softcap.map_or(s, |c| c * (s / c).tanh())
-                    })
-                    .collect();
-                if softcap.is_some() {
-                    assert!(sc.iter().all(|s| s.abs() <= 0.1));
-                }
-                let m = sc.iter().fold(f32::MIN, |a, b| a.max(*b));
-                let z: f32 = sc.iter().map(|s| (s - m).exp()).sum();
-                for i in 0..hd {
-                    let v: f32 = (0..n)
-                        .map(|p| (sc[p] - m).exp() / z * vals[p * stride + off + i])
-                        .sum();
-                    assert!((v - want[i]).abs() < 1e-4, "{v} vs {}", want[i]);
+                let kv = KvSpan {
+                    stride,
+                    off,
+                    n,
+                    head_dim: hd,
+                };
+                let mut want = vec![0.0; hd * heads];
+                Kernels::Scalar.attend(&q, &keys, &vals, kv, score, &mut Vec::new(), &mut want);
+                // Against a plain two-pass computation, head by head.
+                for h in 0..heads {
+                    let sc: Vec<f32> = (0..n)
+                        .map(|p| {
+                            let s = (0..hd)
+                                .map(|i| q[h * hd + i] * keys[p * stride + off + i].to_f32())
+                                .sum::<f32>()
+                                * 0.125;
+                            softcap.map_or(s, |c| c * (s / c).tanh())
+                        })
+                        .collect();
+                    if softcap.is_some() {
+                        assert!(sc.iter().all(|s| s.abs() <= 0.1));
+                    }
+                    let m = sc.iter().fold(f32::MIN, |a, b| a.max(*b));
+                    let z: f32 = sc.iter().map(|s| (s - m).exp()).sum();
+                    for i in 0..hd {
+                        let v: f32 = (0..n)
+                            .map(|p| (sc[p] - m).exp() / z * vals[p * stride + off + i].to_f32())
+                            .sum();
+                        let w = want[h * hd + i];
+                        assert!((v - w).abs() < 1e-4, "head {h}: {v} vs {w}");
+                    }
                 }
                 for k in Kernels::supported() {
-                    let mut got = vec![0.0; hd];
-                    k.attend(
-                        &q,
-                        &keys,
-                        &vals,
-                        (stride, off, n),
-                        score,
-                        &mut Vec::new(),
-                        &mut got,
-                    );
+                    let mut got = vec![0.0; hd * heads];
+                    k.attend(&q, &keys, &vals, kv, score, &mut Vec::new(), &mut got);
                     for (g, w) in got.iter().zip(&want) {
                         assert!((g - w).abs() < 1e-4, "{}: {g} vs {w}", k.name());
                     }
                 }
             }
         }
-        let mut out = vec![1.0; hd];
+        let mut out = vec![1.0; 64];
+        let kv = KvSpan {
+            stride,
+            off: 0,
+            n,
+            head_dim: 64,
+        };
         Kernels::detect().attend(
-            &q,
+            &random_acts(64, 3),
             &keys[..10],
             &vals,
-            (stride, 0, n),
+            kv,
             Score::scaled(1.0),
             &mut Vec::new(),
             &mut out,

@@ -13,7 +13,8 @@
 
 #![allow(unsafe_code)]
 
-use super::{gather, scale_min_k4, BlockQ8, HalfKind, QuantKind, GROUP, PACK, QK};
+use super::{gather, scale_min_k4, BlockQ8, HalfKind, KvSpan, QuantKind, GROUP, PACK, QK};
+use half::f16;
 use std::arch::x86_64::*;
 
 /// Whether this CPU has everything the kernels below use.
@@ -75,27 +76,19 @@ pub(super) fn half_row(kind: HalfKind, w: &[u8], xs: &[f32], out: &mut [f32]) {
     unsafe { half_row_avx2(kind, w, xs, out) }
 }
 
-pub(super) fn weighted_sum(
-    w: &[f32],
-    norm: f32,
-    vals: &[f32],
-    stride: usize,
-    off: usize,
-    out: &mut [f32],
-) {
-    // SAFETY: as in `quant_row`.
-    unsafe { weighted_sum_avx2(w, norm, vals, stride, off, out) }
+/// Whether [`scores`] and [`weighted_sums`] take heads of `hd` dimensions.
+pub(super) fn attention_fits(hd: usize) -> bool {
+    hd.is_multiple_of(8) && hd <= MAX_HEAD_DIM
 }
 
-pub(super) fn scores(
-    q: &[f32],
-    keys: &[f32],
-    layout: (usize, usize, usize),
-    scale: f32,
-    out: &mut Vec<f32>,
-) {
+pub(super) fn scores(q: &[f32], keys: &[f16], kv: KvSpan, scale: f32, out: &mut Vec<f32>) {
     // SAFETY: as in `quant_row`.
-    unsafe { scores_avx2(q, keys, layout, scale, out) }
+    unsafe { scores_avx2(q, keys, kv, scale, out) }
+}
+
+pub(super) fn weighted_sums(w: &[f32], vals: &[f16], kv: KvSpan, out: &mut [f32]) {
+    // SAFETY: as in `quant_row`.
+    unsafe { weighted_sums_avx2(w, vals, kv, out) }
 }
 
 pub(super) fn quantize_row(x: &[f32], out: &mut [BlockQ8]) {
@@ -162,6 +155,14 @@ fn load_i8x32(b: &[i8; 32]) -> __m256i {
 fn load_f32x8(b: &[f32; 8]) -> __m256 {
     // SAFETY: reads exactly the 8 floats of `b`.
     unsafe { _mm256_loadu_ps(b.as_ptr()) }
+}
+
+/// Eight half-precision values as f32.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn load_f16x8(b: &[f16; 8]) -> __m256 {
+    // SAFETY: `f16` is `repr(transparent)` over `u16`, so this reads exactly the 16 bytes of
+    // `b`.
+    _mm256_cvtph_ps(unsafe { _mm_loadu_si128(b.as_ptr().cast()) })
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -576,102 +577,101 @@ fn lane_byte(v: __m256i, j: usize) -> __m256i {
     _mm256_and_si256(_mm256_srl_epi32(v, shift), _mm256_set1_epi32(0xFF))
 }
 
-/// `out += Σ_p norm · w[p] · vals[p * stride + off..][..out.len()]`, keeping `out` in registers
-/// for heads of up to 128 dimensions.
+/// The widest head the attention kernels below take (Gemma's 256).
+const MAX_HEAD_DIM: usize = 256;
+
+/// Positions widened from half precision together, into a buffer on the stack that every
+/// head of the group then reads from L1.
+const BLOCK: usize = 4;
+
+/// Widens the `m` keys or values of positions `p0..p0 + m` into `buf`.
 #[target_feature(enable = "avx2,fma,f16c")]
-fn weighted_sum_avx2(
-    w: &[f32],
-    norm: f32,
-    vals: &[f32],
-    stride: usize,
-    off: usize,
-    out: &mut [f32],
+#[inline]
+fn widen_block(
+    src: &[f16],
+    kv: KvSpan,
+    p0: usize,
+    m: usize,
+    buf: &mut [[f32; MAX_HEAD_DIM]; BLOCK],
 ) {
-    const MAX: usize = 16;
-    let hd = out.len();
-    if !hd.is_multiple_of(8) || hd / 8 > MAX {
-        for (p, wp) in w.iter().enumerate() {
-            let v = vals
-                .get(p * stride + off..p * stride + off + hd)
-                .unwrap_or_default();
-            axpy_avx2(wp * norm, v, out);
+    for (j, row) in buf.iter_mut().enumerate().take(m) {
+        let at = (p0 + j) * kv.stride + kv.off;
+        let from = src.get(at..at + kv.head_dim).unwrap_or_default();
+        for (dst, c) in row
+            .as_chunks_mut::<8>()
+            .0
+            .iter_mut()
+            .zip(from.as_chunks::<8>().0)
+        {
+            store_f32x8(dst, load_f16x8(c));
         }
-        return;
     }
-    let mut acc = [_mm256_setzero_ps(); MAX];
-    for (p, wp) in w.iter().enumerate() {
-        let Some(v) = vals.get(p * stride + off..p * stride + off + hd) else {
-            continue;
-        };
-        let wv = _mm256_set1_ps(wp * norm);
-        for (a, vc) in acc.iter_mut().zip(v.chunks_exact(8)) {
-            if let Ok(vc) = <&[f32; 8]>::try_from(vc) {
-                *a = _mm256_fmadd_ps(wv, load_f32x8(vc), *a);
+}
+
+/// `out[h · n + p] = scale · q_h·k_p` for every head `h` of `q` and position `p < n`: keys
+/// widened [`BLOCK`] at a time, four dot products per horizontal reduction.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn scores_avx2(q: &[f32], keys: &[f16], kv: KvSpan, scale: f32, out: &mut Vec<f32>) {
+    let (n, hd) = (kv.n, kv.head_dim);
+    out.clear();
+    out.resize(q.len() / hd.max(1) * n, 0.0);
+    let mut buf = [[0.0f32; MAX_HEAD_DIM]; BLOCK];
+    let mut p0 = 0;
+    while p0 < n {
+        let m = (n - p0).min(BLOCK);
+        widen_block(keys, kv, p0, m, &mut buf);
+        for (qh, sh) in q.chunks_exact(hd).zip(out.chunks_exact_mut(n)) {
+            let d = buf.each_ref().map(|k| dot8(qh, k));
+            let t0 = _mm256_hadd_ps(d[0], d[1]);
+            let t1 = _mm256_hadd_ps(d[2], d[3]);
+            let t = _mm256_hadd_ps(t0, t1);
+            let r = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps::<1>(t));
+            let r = _mm_mul_ps(r, _mm_set1_ps(scale));
+            let mut four = [0.0f32; BLOCK];
+            // SAFETY: writes exactly the 4 floats of `four`.
+            unsafe { _mm_storeu_ps(four.as_mut_ptr(), r) };
+            if let Some(dst) = sh.get_mut(p0..p0 + m) {
+                dst.copy_from_slice(four.get(..m).unwrap_or_default());
             }
         }
-    }
-    for (a, oc) in acc.iter().zip(out.chunks_exact_mut(8)) {
-        if let Ok(oc) = <&mut [f32; 8]>::try_from(oc) {
-            let sum = _mm256_add_ps(*a, load_f32x8(oc));
-            store_f32x8(oc, sum);
-        }
+        p0 += m;
     }
 }
 
-/// `out[p] = scale · q·k_p` for `n` positions, four positions per pass so that one horizontal
-/// reduction serves four dot products.
+/// `out_h += Σ_p w[h · n + p] · v_p` for every head `h` of `out`: values widened [`BLOCK`] at
+/// a time, each head's sums kept in `out` (in L1) between blocks.
 #[target_feature(enable = "avx2,fma,f16c")]
-fn scores_avx2(
-    q: &[f32],
-    keys: &[f32],
-    (stride, off, n): (usize, usize, usize),
-    scale: f32,
-    out: &mut Vec<f32>,
-) {
-    let hd = q.len();
-    let body = hd - hd % 8;
-    let key = |p: usize| {
-        keys.get(p * stride + off..p * stride + off + hd)
-            .unwrap_or_default()
-    };
-    let tail = |k: &[f32]| -> f32 {
-        let (qt, kt) = (
-            q.get(body..).unwrap_or_default(),
-            k.get(body..).unwrap_or_default(),
-        );
-        qt.iter().zip(kt).map(|(a, b)| a * b).sum()
-    };
-    let mut p = 0;
-    while p + 4 <= n {
-        let ks = [key(p), key(p + 1), key(p + 2), key(p + 3)];
-        let d = ks.map(|k| dot8(q, k));
-        let t0 = _mm256_hadd_ps(d[0], d[1]);
-        let t1 = _mm256_hadd_ps(d[2], d[3]);
-        let t = _mm256_hadd_ps(t0, t1);
-        let r = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps::<1>(t));
-        let mut four = [0.0f32; 4];
-        // SAFETY: writes exactly the 4 floats of `four`.
-        unsafe { _mm_storeu_ps(four.as_mut_ptr(), r) };
-        for (s, k) in four.iter().zip(ks) {
-            out.push((s + tail(k)) * scale);
+fn weighted_sums_avx2(w: &[f32], vals: &[f16], kv: KvSpan, out: &mut [f32]) {
+    let (n, hd) = (kv.n, kv.head_dim);
+    let mut buf = [[0.0f32; MAX_HEAD_DIM]; BLOCK];
+    let mut p0 = 0;
+    while p0 < n {
+        let m = (n - p0).min(BLOCK);
+        widen_block(vals, kv, p0, m, &mut buf);
+        for (oh, wh) in out.chunks_exact_mut(hd).zip(w.chunks_exact(n)) {
+            let ws = wh.get(p0..p0 + m).unwrap_or_default();
+            for (c, oc) in oh.as_chunks_mut::<8>().0.iter_mut().enumerate() {
+                let mut acc = load_f32x8(oc);
+                for (wp, row) in ws.iter().zip(&buf) {
+                    let Some(Ok(v)) = row.get(8 * c..8 * c + 8).map(<&[f32; 8]>::try_from) else {
+                        continue;
+                    };
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(*wp), load_f32x8(v), acc);
+                }
+                store_f32x8(oc, acc);
+            }
         }
-        p += 4;
-    }
-    while p < n {
-        let k = key(p);
-        out.push((hsum(dot8(q, k)) + tail(k)) * scale);
-        p += 1;
+        p0 += m;
     }
 }
 
-/// Eight partial sums of `q·k` over their common multiple-of-8 prefix.
+/// Eight partial sums of `q·k` over `q`'s length (a multiple of 8, at most `k`'s).
 #[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
 fn dot8(q: &[f32], k: &[f32]) -> __m256 {
     let mut acc = _mm256_setzero_ps();
-    for (qc, kc) in q.chunks_exact(8).zip(k.chunks_exact(8)) {
-        if let (Ok(qc), Ok(kc)) = (<&[f32; 8]>::try_from(qc), <&[f32; 8]>::try_from(kc)) {
-            acc = _mm256_fmadd_ps(load_f32x8(qc), load_f32x8(kc), acc);
-        }
+    for (qc, kc) in q.as_chunks::<8>().0.iter().zip(k.as_chunks::<8>().0) {
+        acc = _mm256_fmadd_ps(load_f32x8(qc), load_f32x8(kc), acc);
     }
     acc
 }
