@@ -219,13 +219,22 @@ $(BENCH_VENV)/.installed:
 	$(BENCH_VENV)/bin/pip install --quiet --disable-pip-version-check $(IK_LLAMA_CPP_PYTHON)
 	touch $@
 
+# llama.cpp's server with continuous batching, for the concurrent streams: the xllamacpp
+# wheel embeds it (prebuilt, x86-64 with AVX2).
+XLLAMACPP := xllamacpp==2026.10.11549
+$(BENCH_VENV)/.server: $(BENCH_VENV)/.installed
+	$(BENCH_VENV)/bin/pip install --quiet --disable-pip-version-check $(XLLAMACPP)
+	touch $@
+
 # Our engine, llama.cpp and ik_llama.cpp side by side on the default model or MODEL=path,
 # 2 threads, on the file and on a Q4_0 copy made by llama.cpp's quantizer (its fastest x86
-# path; kept in state/bench): time to first token, prefill, decode, 8-stream aggregate decode,
-# peak RSS, and our ratios to the fastest reference. ROUNDS=n runs the whole line-up n times,
-# interleaved, and keeps the medians (the machines are shared: steal time comes and goes).
+# path; kept in state/bench): time to first token, prefill, decode, peak RSS, and our ratios
+# to the fastest reference; then 1, 8 and 32 concurrent streams, ours beside llama.cpp's
+# server: aggregate decode and its ratio to one stream, and our time between tokens. ROUNDS=n
+# runs the whole line-up n times, interleaved, and keeps the medians (the machines are
+# shared: steal time comes and goes).
 ROUNDS ?= 3
-bench-engine: model $(BENCH_VENV)/.installed
+bench-engine: model $(BENCH_VENV)/.installed $(BENCH_VENV)/.server
 	$(CARGO) build --release -p engine --example bench --locked
 	$(BENCH_VENV)/bin/python engine/bench/compare.py --model $(RUN_MODEL) --ours target/release/examples/bench --q4_0 --rounds $(ROUNDS) --work $(STATE)/bench
 

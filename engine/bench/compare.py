@@ -12,6 +12,12 @@ path. Each reference runs in a child process of this script (the two ship differ
 a child that prints JSON. All do greedy decoding of exactly --tokens tokens after a ChatML
 prompt (93 tokens for the default prompt), and each figure is the median of --runs runs.
 
+Concurrency: ours and llama.cpp's own server (the `xllamacpp` wheel embeds it: continuous
+batching, one slot per stream) each get --streams requests at once (1, 8 and 32 by default),
+greedy, --tokens each; the aggregate decode rate is the tokens made in the window where all
+streams decode (from the last first token to the last end) over its length. Ours also reports
+the median and 99th percentile time between two tokens of a stream.
+
 The machines are shared (steal time of 25% and more comes and goes within minutes), so with
 --rounds N the whole line-up, every engine on every file, runs N times one after the other and
 each figure is the median over the rounds: a slow minute then costs every engine alike instead
@@ -145,11 +151,56 @@ def ik_llama_cpp_bench(model, prompt, tokens, runs, threads):
             "text": m.detokenize(out)}
 
 
+def llama_server_bench(model, prompt, tokens, runs, threads, streams):
+    """llama.cpp's server in process (xllamacpp), one server per stream count with that many
+    slots, each slot's context room for the prompt and the answer. Its own timings give each
+    request's decode time, so a request's first token is at its end minus that."""
+    import threading
+
+    import xllamacpp as xlc
+
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
+    request = {"messages": messages, "max_tokens": tokens, "temperature": 0.0, "top_k": 1,
+               "ignore_eos": True, "cache_prompt": False}
+    results = []
+    for n in streams:
+        p = xlc.CommonParams()
+        p.model.path = model
+        p.n_parallel = n
+        p.n_ctx = n * 512
+        p.n_batch = 512
+        p.cpuparams.n_threads = threads
+        p.cpuparams_batch.n_threads = threads
+        p.warmup = True
+        server = xlc.Server(p)
+        server.handle_chat_completions({**request, "max_tokens": 8})
+        aggregate = []
+        for _ in range(runs):
+            done = [None] * n
+
+            def one(i):
+                r = server.handle_chat_completions(request)
+                done[i] = (time.perf_counter(), r["timings"])
+
+            threads_ = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+            for t in threads_:
+                t.start()
+            for t in threads_:
+                t.join()
+            firsts = [end - t["predicted_ms"] / 1e3 for end, t in done]
+            made = sum(t["predicted_n"] - 1 for _, t in done)
+            aggregate.append(made / (max(end for end, _ in done) - max(firsts)))
+        results.append({"streams": n, "aggregate_decode_tok_s": statistics.median(aggregate)})
+        del server
+    return {"engine": f"llama.cpp server (xllamacpp {xlc.__version__})", "concurrency": results}
+
+
 REFERENCES = {"llama.cpp": llama_cpp_bench, "ik_llama.cpp": ik_llama_cpp_bench}
 
 
 def installed(ref):
-    module = {"llama.cpp": "llama_cpp", "ik_llama.cpp": "ik_llama_cpp"}[ref]
+    module = {"llama.cpp": "llama_cpp", "ik_llama.cpp": "ik_llama_cpp",
+              "llama.cpp server": "xllamacpp"}[ref]
     return subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True).returncode == 0
 
 
@@ -177,10 +228,10 @@ def run_one(a, model, ref, common):
     """One engine on one file in a child process; its JSON result."""
     if ref:
         out = subprocess.run([sys.executable, __file__, "--ref", ref, "--model", model,
-                              "--prompt", a.prompt, *common],
+                              "--prompt", a.prompt, "--streams", a.streams, *common],
                              check=True, capture_output=True, text=True)
         return json.loads(out.stdout.strip().splitlines()[-1])
-    out = subprocess.run([a.ours, model, a.prompt, "--streams", str(a.streams), *common],
+    out = subprocess.run([a.ours, model, a.prompt, "--streams", a.streams, *common],
                          check=True, capture_output=True, text=True,
                          # As the enclave runs (enclave/Dockerfile): freed KV caches go back.
                          env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
@@ -205,7 +256,7 @@ def main():
     ap.add_argument("--ours", help="the engine's bench binary")
     ap.add_argument("--prompt", default=os.path.join(os.path.dirname(__file__), "prompt.txt"))
     ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--streams", type=int, default=8)
+    ap.add_argument("--streams", default="1,8,32", help="numbers of concurrent streams")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=1,
                     help="run the whole line-up this many times, interleaved; medians over rounds")
@@ -213,12 +264,18 @@ def main():
     ap.add_argument("--q4_0", action="store_true",
                     help="also run every engine on a Q4_0 copy made by llama.cpp's quantizer")
     ap.add_argument("--work", default="state/bench", help="where the Q4_0 copy is kept")
-    ap.add_argument("--ref", choices=sorted(REFERENCES), help=argparse.SUPPRESS)
+    ap.add_argument("--ref", choices=sorted([*REFERENCES, "llama.cpp server"]),
+                    help=argparse.SUPPRESS)
     a = ap.parse_args()
     prompt = open(a.prompt, encoding="utf-8").read().strip()
     if a.ref:
         # A child process: one reference, one model, JSON on the last line.
-        print(json.dumps(REFERENCES[a.ref](a.model, prompt, a.tokens, a.runs, a.threads)))
+        if a.ref == "llama.cpp server":
+            streams = [int(n) for n in a.streams.split(",")]
+            r = llama_server_bench(a.model, prompt, a.tokens, a.runs, a.threads, streams)
+        else:
+            r = REFERENCES[a.ref](a.model, prompt, a.tokens, a.runs, a.threads)
+        print(json.dumps(r))
         return
     if not a.ours:
         ap.error("--ours is required")
@@ -230,10 +287,15 @@ def main():
     for model in models:
         label = "Q4_0 copy (llama.cpp's quantizer)" if model != a.model else os.path.basename(model)
         plan += [(label, model, ref) for ref in refs] + [(label, model, None)]
+    # The server runs on the file itself, beside ours.
+    server = installed("llama.cpp server")
     results = {i: [] for i in range(len(plan))}
+    served = []
     for _ in range(max(a.rounds, 1)):
         for i, (label, model, ref) in enumerate(plan):
             results[i].append(run_one(a, model, ref, common))
+        if server:
+            served.append(run_one(a, a.model, "llama.cpp server", common))
     rows = [(label, median_of(results[i])) for i, (label, _, _) in enumerate(plan)]
     ours_rows = [(label, r) for label, r in rows if r["engine"].startswith("ours")]
 
@@ -259,11 +321,35 @@ def main():
             same = [r for l, r in rows if l == label and not r["engine"].startswith("ours")]
             print(f"  {label}: {ratios(o, same)} / {ratios(o, refs_only)}")
     print()
+    print("Concurrent streams (aggregate decode tok/s, and × that engine's own one stream; "
+          "ours: time between tokens, median / p99):")
+    print()
+    ref_agg = {}
+    if served:
+        for c in served[0]["concurrency"]:
+            vals = [x["aggregate_decode_tok_s"] for r in served for x in r["concurrency"]
+                    if x["streams"] == c["streams"]]
+            ref_agg[c["streams"]] = statistics.median(vals)
+    ref_one = ref_agg.get(1)
+    header = "| model | engine | " + " | ".join(f"{n} stream{'s' if n != '1' else ''}" for n in a.streams.split(",")) + " |"
+    print(header)
+    print("|" + " --- |" * (header.count("|") - 1))
     for label, o in ours_rows:
-        agg = o["aggregate_decode_tok_s"]
-        print(f"ours on {label}: {o['streams']} concurrent streams {agg:.1f} tok/s aggregate decode "
-              f"= {agg / o['decode_tok_s']:.2f}× one stream; peak RSS {o['peak_rss_mib']:.0f} MiB "
-              f"(model load {o['load_ms']:.0f} ms)")
+        per = {}
+        for c in o["concurrency"]:
+            vals = [x["aggregate_decode_tok_s"] for r in results[rows.index((label, o))]
+                    for x in r["concurrency"] if x["streams"] == c["streams"]]
+            per[c["streams"]] = (statistics.median(vals), c["itl_p50_ms"], c["itl_p99_ms"])
+        one = per.get(1, (o["decode_tok_s"], 0, 0))[0]
+        cells = [f"{v:.0f} ({v / one:.2f}×; {p50:.1f} / {p99:.1f} ms)" for v, p50, p99 in per.values()]
+        print(f"| {label} | {o['engine']} | " + " | ".join(cells) + " |")
+    if served:
+        one = ref_one or 1.0
+        cells = [f"{v:.0f} ({v / one:.2f}×)" for v in ref_agg.values()]
+        print(f"| {os.path.basename(a.model)} | {served[0]['engine']} | " + " | ".join(cells) + " |")
+    print()
+    for label, o in ours_rows:
+        print(f"ours on {label}: peak RSS {o['peak_rss_mib']:.0f} MiB (model load {o['load_ms']:.0f} ms)")
     print()
     for label, r in rows:
         print(f"{label}, {r['engine']}: {r['text'][:160]!r}")

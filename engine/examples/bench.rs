@@ -1,11 +1,12 @@
 //! The engine's side of `make bench-engine`: time to first token, prefill and decode speed on
-//! one stream, aggregate decode speed on several concurrent streams, and peak RSS, as JSON.
+//! one stream; for each number of concurrent streams, the aggregate decode speed and the
+//! median and 99th percentile of the time between two tokens of a stream; peak RSS; as JSON.
 //!
-//! `bench MODEL.gguf PROMPT.txt [--tokens 128] [--streams 8] [--runs 3] [--threads 2]
+//! `bench MODEL.gguf PROMPT.txt [--tokens 128] [--streams 1,8,32] [--runs 3] [--threads 2]
 //! [--kernels NAME]` (one of `Kernels::supported`, by name; the fastest by default)
 
-use engine::{Completion, EngineConfig, GenerationParams, Message, SamplingParams};
-use std::time::Instant;
+use engine::{Completion, Engine, EngineConfig, Event, GenerationParams, Message, SamplingParams};
+use std::time::{Duration, Instant};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -17,14 +18,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let (model, prompt) = match (args.first(), args.get(1)) {
         (Some(m), Some(p)) => (m.clone(), std::fs::read_to_string(p)?.trim().to_string()),
-        _ => return Err("usage: bench MODEL.gguf PROMPT.txt [--tokens N] [--streams N] [--runs N] [--threads N]".into()),
+        _ => return Err("usage: bench MODEL.gguf PROMPT.txt [--tokens N] [--streams N,N..] [--runs N] [--threads N]".into()),
     };
-    let (tokens, streams, runs, threads) = (
+    let (tokens, runs, threads) = (
         opt("--tokens", 128)?,
-        opt("--streams", 8)?,
         opt("--runs", 3)?,
         opt("--threads", 2)?,
     );
+    let streams: Vec<usize> = match args.iter().position(|a| a == "--streams") {
+        Some(i) => args
+            .get(i + 1)
+            .ok_or("missing value")?
+            .split(',')
+            .map(str::parse)
+            .collect::<Result<_, _>>()?,
+        None => vec![1, 8, 32],
+    };
 
     let kernels = match args.iter().position(|a| a == "--kernels") {
         Some(i) => {
@@ -41,7 +50,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         EngineConfig {
             threads,
             prefill_chunk: 4096,
-            max_sequences: streams.max(1),
+            max_sequences: streams.iter().copied().max().unwrap_or(1).max(1),
             kernels,
             ..EngineConfig::default()
         },
@@ -80,22 +89,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         text = c.text;
     }
 
-    let mut aggregate = Vec::new();
-    for _ in 0..runs {
-        let gens = (0..streams)
-            .map(|_| engine.chat(&messages, params.clone()))
-            .collect::<Result<Vec<_>, _>>()?;
-        let done = gens
-            .into_iter()
-            .map(|g| g.wait())
-            .collect::<Result<Vec<_>, _>>()?;
-        let firsts = done.iter().map(|c| c.timings.queued + c.timings.prefill);
-        let ends = done
-            .iter()
-            .map(|c| c.timings.queued + c.timings.prefill + c.timings.decode);
-        let window = ends.max().unwrap_or_default() - firsts.max().unwrap_or_default();
-        let produced: usize = done.iter().map(|c| c.usage.completion_tokens - 1).sum();
-        aggregate.push(produced as f64 / window.as_secs_f64());
+    let mut concurrency = Vec::new();
+    for &n in &streams {
+        let (mut aggregate, mut gaps) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            let (tok_s, g) = concurrent(&engine, &messages, &params, n)?;
+            aggregate.push(tok_s);
+            gaps.extend(g);
+        }
+        gaps.sort_by(f64::total_cmp);
+        let pct = |p: f64| {
+            gaps.get(((gaps.len() as f64 * p) as usize).min(gaps.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or(f64::NAN)
+        };
+        concurrency.push(serde_json::json!({
+            "streams": n,
+            "aggregate_decode_tok_s": median(aggregate),
+            "itl_p50_ms": pct(0.5),
+            "itl_p99_ms": pct(0.99),
+        }));
     }
 
     let out = serde_json::json!({
@@ -108,13 +121,74 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "ttft_ms": median(ttft),
         "prefill_tok_s": median(prefill),
         "decode_tok_s": median(decode),
-        "streams": streams,
-        "aggregate_decode_tok_s": median(aggregate),
+        "concurrency": concurrency,
         "peak_rss_mib": peak_rss_mib(),
         "text": text,
     });
     println!("{out}");
     Ok(())
+}
+
+/// `n` requests submitted together, each read on its own thread as a client would: the
+/// aggregate decode rate over the window in which all of them decode (from the last first
+/// token to the last end), and every time between two consecutive tokens of a stream, in ms.
+fn concurrent(
+    engine: &Engine,
+    messages: &[Message],
+    params: &GenerationParams,
+    n: usize,
+) -> Result<(f64, Vec<f64>), Box<dyn std::error::Error>> {
+    let gens = (0..n)
+        .map(|_| engine.chat(messages, params.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let streams = std::thread::scope(|s| {
+        let readers: Vec<_> = gens
+            .into_iter()
+            .map(|mut g| {
+                s.spawn(move || {
+                    let mut times = Vec::new();
+                    let mut produced = 0;
+                    while let Some(ev) = g.blocking_next() {
+                        match ev {
+                            Event::Text(_) => times.push(Instant::now()),
+                            Event::Done { usage, .. } => produced = usage.completion_tokens,
+                            Event::Failed(e) => return Err(e),
+                        }
+                    }
+                    Ok((times, produced))
+                })
+            })
+            .collect();
+        readers
+            .into_iter()
+            .map(|r| r.join().map_err(|_| "a reader panicked"))
+            .collect::<Result<Vec<_>, _>>()
+    })?;
+    let mut firsts = Vec::new();
+    let mut ends = Vec::new();
+    let mut gaps = Vec::new();
+    let mut produced = 0;
+    for s in streams {
+        let (times, made) = s?;
+        let (Some(first), Some(last)) = (times.first(), times.last()) else {
+            continue;
+        };
+        firsts.push(*first);
+        ends.push(*last);
+        produced += made.saturating_sub(1);
+        gaps.extend(times.windows(2).map(|w| {
+            w.get(1)
+                .zip(w.first())
+                .map_or(Duration::ZERO, |(b, a)| *b - *a)
+                .as_secs_f64()
+                * 1e3
+        }));
+    }
+    let window = match (firsts.iter().max(), ends.iter().max()) {
+        (Some(f), Some(e)) => *e - *f,
+        _ => Duration::ZERO,
+    };
+    Ok((produced as f64 / window.as_secs_f64(), gaps))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
