@@ -227,6 +227,46 @@ fn concurrent_requests_give_the_sequential_outputs() {
     assert_eq!(concurrent, sequential);
 }
 
+#[test]
+fn a_long_prompt_joins_a_running_stream_one_chunk_per_step() {
+    const CHUNK: usize = 16;
+    let e = load(EngineConfig {
+        threads: 2,
+        prefill_chunk: CHUNK,
+        ..Default::default()
+    });
+    let long = GenerationParams {
+        ignore_eos: true,
+        ..greedy(400)
+    };
+    let mut running = e
+        .chat(&user("Tell me a long story about a lighthouse."), long)
+        .unwrap();
+    assert!(matches!(running.blocking_next(), Some(Event::Text(_))));
+    while running.try_next().is_some() {}
+    // A prompt of about 300 tokens arrives while the first stream decodes.
+    let text = "The quick brown fox jumps over the lazy dog near the river bank. ".repeat(20);
+    let mut joining = e.chat(&user(&text), greedy(4)).unwrap();
+    let steps = joining.prompt_tokens().div_ceil(CHUNK);
+    assert!(steps >= 15, "{} prompt tokens", joining.prompt_tokens());
+    assert!(matches!(joining.blocking_next(), Some(Event::Text(_))));
+    // Its prompt went in one chunk per step, and every one of those steps also gave the
+    // running stream its next token: the running stream waited at most one chunk's prefill
+    // for each of its tokens, instead of the whole prompt's (or all of the prefill, if
+    // prefills went first). A token that ends inside a UTF-8 character sends no text, hence
+    // the margin.
+    let mut during = 0;
+    while let Some(ev) = running.try_next() {
+        assert!(matches!(ev, Event::Text(_)), "{ev:?}");
+        during += 1;
+    }
+    assert!(
+        during + 2 >= steps,
+        "the running stream got {during} tokens while a {steps}-chunk prompt went in"
+    );
+    assert_eq!(e.stats().running, 2);
+}
+
 fn wait_for(e: &Engine, what: &str, cond: impl Fn(engine::Stats) -> bool) {
     let start = Instant::now();
     while !cond(e.stats()) {

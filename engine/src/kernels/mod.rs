@@ -502,8 +502,7 @@ impl Kernels {
                 scores.clear();
                 for qh in q.chunks_exact(hd) {
                     scores.extend(
-                        (0..n)
-                            .map(|p| scalar_dot_f16(qh, key(p).unwrap_or_default()) * score.scale),
+                        (0..n).map(|p| scalar_dot(qh, key(p).unwrap_or_default()) * score.scale),
                     );
                 }
             }
@@ -538,7 +537,7 @@ impl Kernels {
             _ => {
                 for (oh, sh) in out.chunks_exact_mut(hd).zip(scores.chunks_exact(n)) {
                     for (p, w) in sh.iter().enumerate() {
-                        scalar_axpy_f16(*w, val(p).unwrap_or_default(), oh);
+                        scalar_axpy(*w, val(p).unwrap_or_default(), oh);
                     }
                 }
             }
@@ -1044,7 +1043,11 @@ fn scalar_quant_group(kind: QuantKind, group: &[u8], acts: &[BlockQ8], nb: usize
     }
 }
 
-fn scalar_dot(a: &[f32], b: &[f32]) -> f32 {
+/// `a·b`, with `b` in f32 or in half precision (the KV cache), widened as it is read.
+fn scalar_dot<T: Copy>(a: &[f32], b: &[T]) -> f32
+where
+    f32: From<T>,
+{
     // Eight partial sums, like the vector version, so both round alike and auto-vectorize.
     let mut acc = [0.0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -1052,44 +1055,23 @@ fn scalar_dot(a: &[f32], b: &[f32]) -> f32 {
         .remainder()
         .iter()
         .zip(cb.remainder())
-        .map(|(x, y)| x * y)
+        .map(|(x, y)| x * f32::from(*y))
         .sum();
     for (x, y) in ca.zip(cb) {
         for ((s, x), y) in acc.iter_mut().zip(x).zip(y) {
-            *s += x * y;
+            *s += x * f32::from(*y);
         }
     }
     acc.iter().sum::<f32>() + tail
 }
 
-fn scalar_axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+/// `y += alpha·x`, with `x` in f32 or in half precision.
+fn scalar_axpy<T: Copy>(alpha: f32, x: &[T], y: &mut [f32])
+where
+    f32: From<T>,
+{
     for (y, x) in y.iter_mut().zip(x) {
-        *y += alpha * x;
-    }
-}
-
-/// [`scalar_dot`] against a half-precision `b`.
-fn scalar_dot_f16(a: &[f32], b: &[f16]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y.to_f32())
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for ((s, x), y) in acc.iter_mut().zip(x).zip(y) {
-            *s += x * y.to_f32();
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-/// [`scalar_axpy`] from a half-precision `x`.
-fn scalar_axpy_f16(alpha: f32, x: &[f16], y: &mut [f32]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += alpha * x.to_f32();
+        *y += alpha * f32::from(*x);
     }
 }
 
