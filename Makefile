@@ -199,8 +199,9 @@ bench-relay:
 	bash bench/relay.sh
 
 # The attested channel on the whole local stack: decode tokens/s and time to first token
-# through client proxy and the relay against the engine in-process, and the attestation round
-# trip of a new client. On the default model or MODEL=path; PROMPT_FILE=path sends that text
+# through client proxy and the relay against the engine in-process, for one stream and for 8
+# at once (their aggregate and its ratio to one), and the attestation round trip of a new
+# client. On the default model or MODEL=path; PROMPT_FILE=path sends that text
 # (engine/bench/prompt.txt is the prompt bench-engine gives the references).
 bench-channel: model
 	$(CARGO) run --release --locked -p tests --example channel_bench -- --model $(RUN_MODEL) $(if $(PROMPT_FILE),--prompt $(PROMPT_FILE))

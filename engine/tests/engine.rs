@@ -264,7 +264,6 @@ fn a_long_prompt_joins_a_running_stream_one_chunk_per_step() {
         during + 2 >= steps,
         "the running stream got {during} tokens while a {steps}-chunk prompt went in"
     );
-    assert_eq!(e.stats().running, 2);
 }
 
 fn wait_for(e: &Engine, what: &str, cond: impl Fn(engine::Stats) -> bool) {

@@ -5,12 +5,16 @@
 //! 1. Decode tokens/s and time to first token of one streamed, greedy chat completion through
 //!    the proxy and the relay, against the same request to an engine loaded in-process, in
 //!    alternated rounds; the ratio and the TTFT the channel adds.
-//! 2. Attestation round trip for a new client: nonce, document from the enclave through the
+//! 2. For each count in `--streams` (1 and 8 by default), that many such requests at once, on
+//!    both paths: the aggregate decode rate over the window in which all of them decode (from
+//!    the last first token to the last end, as `engine/examples/bench` counts it) and its ratio
+//!    to one stream's.
+//! 3. Attestation round trip for a new client: nonce, document from the enclave through the
 //!    relay, full verification.
 //!
 //! ```text
 //! channel_bench [--rounds 5] [--max-tokens 128] [--attestations 20] [--model PATH]
-//!               [--prompt FILE]
+//!               [--prompt FILE] [--streams 1,8]
 //! ```
 //!
 //! `--prompt FILE` sends that text as the user's message (engine/bench/prompt.txt is the one
@@ -51,12 +55,23 @@ struct Run {
     ttft: Duration,
     tokens: usize,
     decode: Duration,
+    /// When the first and the last text arrived.
+    first: Instant,
+    last: Instant,
 }
 
 impl Run {
     fn tps(&self) -> f64 {
         (self.tokens.saturating_sub(1)) as f64 / self.decode.as_secs_f64()
     }
+}
+
+/// Tokens per second of runs made at once, over the window in which all of them decode.
+fn aggregate(runs: &[Run]) -> f64 {
+    let from = runs.iter().map(|r| r.first).max().unwrap();
+    let to = runs.iter().map(|r| r.last).max().unwrap();
+    let tokens: usize = runs.iter().map(|r| r.tokens.saturating_sub(1)).sum();
+    tokens as f64 / (to - from).as_secs_f64()
 }
 
 async fn in_process(engine: &engine::Engine, prompt: &str, max_tokens: usize) -> Run {
@@ -69,18 +84,21 @@ async fn in_process(engine: &engine::Engine, prompt: &str, max_tokens: usize) ->
     let mut g = engine
         .chat(&[engine::Message::new("user", prompt)], params)
         .unwrap();
-    let mut first = None;
+    let (mut first, mut last) = (None, None);
     loop {
         match g.next().await.unwrap() {
             engine::Event::Text(_) => {
                 first.get_or_insert_with(Instant::now);
+                last = Some(Instant::now());
             }
             engine::Event::Done { usage, .. } => {
-                let first = first.unwrap();
+                let (first, last) = (first.unwrap(), last.unwrap());
                 return Run {
                     ttft: first - start,
                     tokens: usage.completion_tokens,
-                    decode: first.elapsed(),
+                    decode: last - first,
+                    first,
+                    last,
                 };
             }
             engine::Event::Failed(e) => panic!("{e}"),
@@ -147,6 +165,8 @@ async fn through_proxy(
         ttft: first - start,
         tokens,
         decode: last - first,
+        first,
+        last,
     }
 }
 
@@ -183,7 +203,7 @@ async fn main() {
         client::proxy::DEFAULT_MAX_BODY,
     ));
     let weights = zeroize::Zeroizing::new(std::fs::read(&model).unwrap());
-    let engine = engine::load(weights, stack.cfg.engine.clone()).unwrap();
+    let engine = Arc::new(engine::load(weights, stack.cfg.engine.clone()).unwrap());
 
     // Warm-up: attestation cached, caches and branch predictors warm on both paths.
     through_proxy(proxy, &name, &prompt, 8).await;
@@ -211,6 +231,57 @@ async fn main() {
     let tps = |v: &[Run]| median(v.iter().map(Run::tps).collect());
     let ttft = |v: &[Run]| median(v.iter().map(|r| r.ttft.as_secs_f64() * 1e3).collect());
 
+    // Concurrent streams, the two paths alternated round by round.
+    let streams: Vec<usize> = text_arg("--streams")
+        .unwrap_or_else(|| "1,8".into())
+        .split(',')
+        .map(|n| n.parse().unwrap())
+        .collect();
+    let mut concurrency = Vec::new();
+    for &n in &streams {
+        let (mut channel, mut local) = (Vec::new(), Vec::new());
+        for round in 0..rounds {
+            let tasks: Vec<_> = (0..n)
+                .map(|_| {
+                    let (name, prompt) = (name.clone(), prompt.clone());
+                    tokio::spawn(
+                        async move { through_proxy(proxy, &name, &prompt, max_tokens).await },
+                    )
+                })
+                .collect();
+            let mut a = Vec::new();
+            for t in tasks {
+                a.push(t.await.unwrap());
+            }
+            let tasks: Vec<_> = (0..n)
+                .map(|_| {
+                    let (engine, prompt) = (engine.clone(), prompt.clone());
+                    tokio::spawn(async move { in_process(&engine, &prompt, max_tokens).await })
+                })
+                .collect();
+            let mut b = Vec::new();
+            for t in tasks {
+                b.push(t.await.unwrap());
+            }
+            let (a, b) = (aggregate(&a), aggregate(&b));
+            eprintln!("{n} streams, round {round}: channel {a:.1} tok/s | in-process {b:.1} tok/s");
+            channel.push(a);
+            local.push(b);
+        }
+        concurrency.push((n, median(channel), median(local)));
+    }
+    let one = concurrency.iter().find(|c| c.0 == 1).copied();
+    let concurrency: Vec<_> = concurrency
+        .iter()
+        .map(|&(n, channel, local)| {
+            serde_json::json!({
+                "streams": n,
+                "aggregate_decode_tok_s": {"channel": channel, "in_process": local},
+                "vs_one_stream": one.map(|o| serde_json::json!({"channel": channel / o.1, "in_process": local / o.2})),
+            })
+        })
+        .collect();
+
     let mut rtts = Vec::new();
     for _ in 0..attestations {
         let client = stack.client(&stack.url());
@@ -226,6 +297,7 @@ async fn main() {
         "completion_tokens": ours[0].tokens,
         "decode_tok_s": {"channel": tps(&ours), "in_process": tps(&local), "ratio": tps(&ours) / tps(&local)},
         "ttft_ms": {"channel": ttft(&ours), "in_process": ttft(&local), "added": ttft(&ours) - ttft(&local)},
+        "concurrency": concurrency,
         "attestation_rtt_ms": {"p50": rtts[rtts.len() / 2], "max": rtts[rtts.len() - 1], "n": rtts.len()},
     });
     println!("{}", serde_json::to_string_pretty(&report).unwrap());
