@@ -25,19 +25,37 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use zeroize::Zeroizing;
 
-/// Media type of a chunked OHTTP request (draft-ietf-ohai-chunked-ohttp §4).
-pub const REQUEST_MEDIA_TYPE: &str = "message/ohttp-chunked-req";
-/// Media type of a chunked OHTTP response.
-pub const RESPONSE_MEDIA_TYPE: &str = "message/ohttp-chunked-res";
+pub use crate::media::{REQUEST_MEDIA_TYPE, RESPONSE_MEDIA_TYPE};
 /// Largest plaintext the `ohttp` crate puts in one chunk.
 pub const MAX_CHUNK: usize = 1 << 14;
 
-/// The suites the gateway offers, most preferred first (the client takes the first).
+/// The gateway's KEM, as RFC 9180 §7.1 names it (the enclave's attested configuration says
+/// it; [`GatewayKey`] uses it).
+pub const KEM_NAME: &str = "DHKEM(X25519, HKDF-SHA256)";
+const KEM: Kem = Kem::X25519Sha256;
+
+/// The suites the gateway offers, most preferred first (the client takes the first), with
+/// their RFC 9180 §7.2–7.3 names: one list, so the attested configuration cannot name other
+/// suites than the gateway offers.
+const SUITES: [(Kdf, Aead, &str); 2] = [
+    (Kdf::HkdfSha256, Aead::Aes128Gcm, "HKDF-SHA256/AES-128-GCM"),
+    (
+        Kdf::HkdfSha256,
+        Aead::ChaCha20Poly1305,
+        "HKDF-SHA256/ChaCha20Poly1305",
+    ),
+];
+
 fn suites() -> Vec<SymmetricSuite> {
-    vec![
-        SymmetricSuite::new(Kdf::HkdfSha256, Aead::Aes128Gcm),
-        SymmetricSuite::new(Kdf::HkdfSha256, Aead::ChaCha20Poly1305),
-    ]
+    SUITES
+        .iter()
+        .map(|&(kdf, aead, _)| SymmetricSuite::new(kdf, aead))
+        .collect()
+}
+
+/// The names of the suites the gateway offers, most preferred first.
+pub fn suite_names() -> Vec<&'static str> {
+    SUITES.iter().map(|&(_, _, name)| name).collect()
 }
 
 /// Why an encapsulated message was refused. The kinds carry no content.
@@ -189,7 +207,7 @@ impl GatewayKey {
 
     /// A fresh X25519 key under `key_id`.
     pub fn generate_with_id(key_id: u8) -> Result<Self, ChannelError> {
-        let config = KeyConfig::new(key_id, Kem::X25519Sha256, suites())
+        let config = KeyConfig::new(key_id, KEM, suites())
             .map_err(|e| ChannelError::Internal(e.to_string()))?;
         let encoded = config
             .encode()

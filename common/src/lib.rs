@@ -16,6 +16,7 @@ pub mod channel;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod cms;
+pub mod media;
 pub mod nsm;
 pub mod sealed;
 #[cfg(feature = "tokio")]

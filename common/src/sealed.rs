@@ -57,6 +57,9 @@ pub const CONTEXT_MODEL_SHA256: &str = "model_sha256";
 /// Encryption-context key naming the model.
 pub const CONTEXT_MODEL_NAME: &str = "model_name";
 
+/// The header's first bytes: magic, version and the header's own length, which say how much
+/// more to read before [`SealedHeader::decode`] ([`SealedHeader::header_len`]).
+pub const PREFIX_LEN: usize = 8 + 2 + 4;
 const FIXED_LEN: usize = 8 + 2 + 4 + 4 + 8 + 32 + NONCE_PREFIX_LEN;
 
 /// What is wrong with a sealed file, or with sealing.
@@ -305,23 +308,20 @@ impl SealedHeader {
                 format!("{} > {MAX_HEADER_LEN}", out.len()),
             ));
         }
-        if let Some(slot) = out.get_mut(10..14) {
+        if let Some(slot) = out.get_mut(PREFIX_LEN - 4..PREFIX_LEN) {
             slot.copy_from_slice(&len.to_be_bytes());
         }
         Ok(out)
     }
 
-    /// Reads the header at the start of `bytes`; returns it and its length in bytes.
-    /// Only the header is read: chunks are not touched.
-    pub fn decode(bytes: &[u8]) -> Result<(Self, usize), SealError> {
-        if bytes.len() < 14 {
-            return Err(if bytes.len() >= 8 && bytes.get(..8) != Some(&MAGIC[..]) {
-                SealError::BadMagic
-            } else {
-                SealError::HeaderTruncated
-            });
-        }
-        let mut r = HeaderReader { buf: bytes, pos: 0 };
+    /// The whole header's length in bytes, from its first [`PREFIX_LEN`] bytes, with the magic,
+    /// the version and the length's bounds checked: how much a reader of a file or a stream
+    /// must have before [`SealedHeader::decode`].
+    pub fn header_len(prefix: &[u8; PREFIX_LEN]) -> Result<usize, SealError> {
+        let mut r = HeaderReader {
+            buf: prefix,
+            pos: 0,
+        };
         if r.take(8)? != MAGIC {
             return Err(SealError::BadMagic);
         }
@@ -333,10 +333,24 @@ impl SealedHeader {
         if !(FIXED_LEN + 8..=MAX_HEADER_LEN).contains(&header_len) {
             return Err(field("header_len", format!("{header_len} out of bounds")));
         }
+        Ok(header_len)
+    }
+
+    /// Reads the header at the start of `bytes`; returns it and its length in bytes.
+    /// Only the header is read: chunks are not touched.
+    pub fn decode(bytes: &[u8]) -> Result<(Self, usize), SealError> {
+        let Some(prefix) = bytes.first_chunk::<PREFIX_LEN>() else {
+            return Err(if bytes.len() >= 8 && bytes.get(..8) != Some(&MAGIC[..]) {
+                SealError::BadMagic
+            } else {
+                SealError::HeaderTruncated
+            });
+        };
+        let header_len = Self::header_len(prefix)?;
         let header = bytes.get(..header_len).ok_or(SealError::HeaderTruncated)?;
         let mut r = HeaderReader {
             buf: header,
-            pos: 14,
+            pos: PREFIX_LEN,
         };
         let chunk_size = r.u32()?;
         let plaintext_size = r.u64()?;
@@ -822,6 +836,25 @@ mod tests {
         for cut in 0..hl {
             assert!(SealedHeader::decode(&s[..cut]).is_err(), "{cut}");
         }
+        // The prefix alone says how long the header is, and is checked like the whole.
+        let prefix = |b: &[u8]| *b.first_chunk::<PREFIX_LEN>().unwrap();
+        assert_eq!(SealedHeader::header_len(&prefix(&s)), Ok(hl));
+        assert_eq!(
+            SealedHeader::header_len(&prefix(&v2)),
+            Err(SealError::UnsupportedVersion(2))
+        );
+        let mut huge = prefix(&s);
+        huge[PREFIX_LEN - 4..].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(matches!(
+            SealedHeader::header_len(&huge),
+            Err(SealError::HeaderField {
+                field: "header_len",
+                ..
+            })
+        ));
+        let mut magic = prefix(&s);
+        magic[0] ^= 1;
+        assert_eq!(SealedHeader::header_len(&magic), Err(SealError::BadMagic));
         // A context whose model_sha256 disagrees with the header is refused.
         let mut h2 = h.clone();
         h2.context

@@ -116,8 +116,8 @@ impl RuntimeConfig {
             v: CONFIG_VERSION,
             channel: ChannelConfig {
                 protocol: "chunked-ohttp (draft-ietf-ohai-chunked-ohttp), binary HTTP (RFC 9292)",
-                kem: "DHKEM(X25519, HKDF-SHA256)",
-                suites: vec!["HKDF-SHA256/AES-128-GCM", "HKDF-SHA256/ChaCha20Poly1305"],
+                kem: common::channel::KEM_NAME,
+                suites: common::channel::suite_names(),
                 stream_flush_ms: *stream_flush_ms,
                 stream_pad_bytes: *stream_pad_bytes,
             },

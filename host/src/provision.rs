@@ -6,7 +6,7 @@
 use crate::kms::KmsFailure;
 use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::types::{KeyEncryptionMechanism, RecipientInfo};
-use common::sealed::{SealError, SealedHeader, MAX_HEADER_LEN};
+use common::sealed::{SealError, SealedHeader, PREFIX_LEN};
 use common::wire::io::{handshake, read_frame, write_frame, write_raw, ConnError};
 use common::wire::{Message, MessageType, DEFAULT_MAX_PAYLOAD};
 use std::path::{Path, PathBuf};
@@ -67,19 +67,12 @@ async fn read_header(
         path: path.to_path_buf(),
         source,
     };
-    let mut fixed = [0u8; 14];
-    file.read_exact(&mut fixed).await.map_err(io)?;
-    let len = u32::from_be_bytes([fixed[10], fixed[11], fixed[12], fixed[13]]) as usize;
-    if !(14..=MAX_HEADER_LEN).contains(&len) {
-        // Let the decoder name the problem (magic, version or length).
-        return Err(SealedHeader::decode(&fixed)
-            .err()
-            .unwrap_or(SealError::HeaderTruncated)
-            .into());
-    }
-    let mut bytes = fixed.to_vec();
+    let mut prefix = [0u8; PREFIX_LEN];
+    file.read_exact(&mut prefix).await.map_err(io)?;
+    let len = SealedHeader::header_len(&prefix)?;
+    let mut bytes = prefix.to_vec();
     bytes.resize(len, 0);
-    file.read_exact(bytes.get_mut(14..).unwrap_or_default())
+    file.read_exact(bytes.get_mut(PREFIX_LEN..).unwrap_or_default())
         .await
         .map_err(io)?;
     let (header, used) = SealedHeader::decode(&bytes)?;

@@ -67,7 +67,7 @@ async fn upstream(args: &[String]) {
                     let mut resp = hyper::Response::new(http_body_util::Full::new(body));
                     resp.headers_mut().insert(
                         hyper::header::CONTENT_TYPE,
-                        hyper::header::HeaderValue::from_static("message/ohttp-chunked-res"),
+                        hyper::header::HeaderValue::from_static(common::media::RESPONSE_MEDIA_TYPE),
                     );
                     Ok::<_, hyper::Error>(resp)
                 },

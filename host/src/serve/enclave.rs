@@ -10,7 +10,9 @@ use super::stopped;
 use crate::provision::send_model;
 use common::transport::{BoxConn, Endpoint};
 use common::wire::io::{open, read_frame, read_preface, write_frame, ConnError};
-use common::wire::{EnclaveState, EventKind, Message, DEFAULT_MAX_PAYLOAD, HEADER_LEN, PREFACE};
+use common::wire::{
+    decode_header, EnclaveState, EventKind, Message, DEFAULT_MAX_PAYLOAD, HEADER_LEN, PREFACE,
+};
 use std::collections::HashMap;
 use std::io::Write as _;
 use std::pin::Pin;
@@ -213,11 +215,13 @@ impl Upstream {
     /// Whether a whole frame is already buffered (so [`Upstream::next`] will not wait).
     pub fn has_buffered_frame(&self) -> bool {
         let b = self.io.buffer();
-        match b.first_chunk::<HEADER_LEN>() {
-            Some(h) => {
-                let len = u32::from_be_bytes([h[1], h[2], h[3], h[4]]) as usize;
-                b.len() >= HEADER_LEN + len
-            }
+        match b
+            .first_chunk::<HEADER_LEN>()
+            .map(|h| decode_header(h, DEFAULT_MAX_PAYLOAD))
+        {
+            Some(Ok((_, len))) => b.len() >= HEADER_LEN + len,
+            // `next` fails at once on a header it refuses: it does not wait either.
+            Some(Err(_)) => true,
             None => false,
         }
     }

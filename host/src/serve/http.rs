@@ -24,10 +24,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
-/// The request content type of chunked OHTTP.
-pub const OHTTP_REQ: &str = "message/ohttp-chunked-req";
-/// The response content type of chunked OHTTP.
-pub const OHTTP_RES: &str = "message/ohttp-chunked-res";
+pub use common::media::{REQUEST_MEDIA_TYPE as OHTTP_REQ, RESPONSE_MEDIA_TYPE as OHTTP_RES};
 
 /// Shared state of the HTTP side.
 #[derive(Debug)]
