@@ -165,9 +165,7 @@ where
         mut w: tracing_subscriber::fmt::format::Writer<'_>,
         event: &tracing::Event<'_>,
     ) -> std::fmt::Result {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
+        let now = crate::clock::since_epoch().unwrap_or_default();
         SECOND.with(|cache| {
             let mut cache = cache.borrow_mut();
             if cache.0 != now.as_secs() || cache.1.is_empty() {

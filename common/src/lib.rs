@@ -15,6 +15,7 @@ pub mod cbor;
 pub mod channel;
 #[cfg(feature = "cli")]
 pub mod cli;
+pub mod clock;
 pub mod cms;
 pub mod media;
 pub mod nsm;

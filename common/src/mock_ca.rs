@@ -17,7 +17,7 @@ use der::asn1::{SetOfVec, UtcTime};
 use der::pem::LineEnding;
 use der::{DecodePem, Encode, Tag};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use x509_cert::attr::AttributeTypeAndValue;
 use x509_cert::ext::pkix::crl::dp::DistributionPoint;
 use x509_cert::ext::pkix::name::{DistributionPointName, GeneralName};
@@ -87,9 +87,7 @@ impl From<der::pem::Error> for MockCaError {
 
 /// Seconds since the Unix epoch, now.
 pub(crate) fn unix_now() -> Result<Duration, MockCaError> {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_err(|_| MockCaError::Clock)
+    crate::clock::since_epoch().ok_or(MockCaError::Clock)
 }
 
 /// A signing CA: its key, its certificate, and what children need to link to it.

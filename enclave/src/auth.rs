@@ -131,12 +131,6 @@ fn audit_id(key: &aws_lc_rs::hmac::Key, id: &str) -> String {
     hex::encode(tag.as_ref().get(..8).unwrap_or_default())
 }
 
-fn now_unix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 impl Authorizer {
     /// An authorizer that trusts lists signed by `signer` and holds none yet.
     pub fn new(signer: [u8; 32]) -> Result<Self, aws_lc_rs::error::Unspecified> {
@@ -165,7 +159,7 @@ impl Authorizer {
 
     /// Verifies and installs a signed list. Keys that stay keep their quota state.
     pub fn load(&self, signed: &[u8]) -> Result<u64, ApiKeysError> {
-        let list = KeyList::verify(signed, &self.signer, now_unix())?;
+        let list = KeyList::verify(signed, &self.signer, common::clock::unix_seconds())?;
         let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
         if let Some(k) = current.as_ref() {
             if list.serial < k.serial || (list.serial == k.serial && list != k.payload) {
@@ -212,7 +206,7 @@ impl Authorizer {
     /// Checks the `authorization` header (`Bearer <key>`) for `model`, and takes one request
     /// from the key's quota.
     pub fn authorize(&self, authorization: Option<&[u8]>, model: &str) -> Result<Grant, ApiError> {
-        self.authorize_at(authorization, model, now_unix())
+        self.authorize_at(authorization, model, common::clock::unix_seconds())
     }
 
     /// [`Self::authorize`] at `now` (Unix seconds). The list's expiry is checked here, at every
@@ -364,7 +358,7 @@ mod tests {
         let (doc, public) = new_signer().unwrap();
         let pair = aws_lc_rs::signature::Ed25519KeyPair::from_pkcs8(&doc).unwrap();
         let (key, entry) = issue("team-a", vec!["*".into()], 0, 0).unwrap();
-        let now = now_unix();
+        let now = common::clock::unix_seconds();
         let list = KeyList {
             v: 1,
             serial: 1,

@@ -63,7 +63,7 @@ impl OhttpGateway {
         Ok(Self {
             key: GatewayKey::generate()?,
             config_sha256,
-            booted: unix_now(),
+            booted: common::clock::unix_seconds(),
             flush,
             pad,
             policy,
@@ -75,12 +75,6 @@ impl OhttpGateway {
     pub fn key_id(&self) -> u8 {
         self.key.key_id()
     }
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 impl Gateway for OhttpGateway {
@@ -133,7 +127,7 @@ impl Gateway for OhttpGateway {
             drop(plain);
             match request {
                 Ok(mut req) => {
-                    match replay.admit(&head, req.header("date"), unix_now()) {
+                    match replay.admit(&head, req.header("date"), common::clock::unix_seconds()) {
                         Ok(()) => route(&ctx, &req, &mut out, &mut audit).await,
                         Err(e) => {
                             audit.status = e.status;

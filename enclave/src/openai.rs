@@ -578,9 +578,7 @@ impl Completion {
         let mut id = [0u8; 12];
         // An id needs no secrecy; a failed RNG leaves zeros, still a valid id.
         let _ = aws_lc_rs::rand::fill(&mut id);
-        let created = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let created = common::clock::unix_seconds();
         Self {
             id: format!("{prefix}-{}", hex::encode(id)),
             created,

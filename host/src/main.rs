@@ -222,9 +222,7 @@ fn api_keys(cmd: ApiKeysCommand) -> Result<(), String> {
             valid_days,
             out,
         } => {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
+            let now = common::clock::unix_seconds();
             let serial = a::sign_list(&list, &signer, &out, now, valid_days.saturating_mul(86_400))
                 .map_err(|e| e.to_string())?;
             eprintln!("signed serial {serial} into {}", out.display());
