@@ -8,6 +8,7 @@
 //! (DESIGN.md §2).
 
 pub mod apikeys;
+pub mod audit;
 pub mod bhttp;
 pub mod binding;
 pub mod cbor;

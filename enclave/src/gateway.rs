@@ -14,12 +14,12 @@
 use crate::auth::{Authorizer, Grant};
 use crate::openai::{self, ApiError, Completion};
 use crate::server::{Events, Gateway, ResponseStream, Served, StreamFailure};
+use common::audit::{AuditHit, AuditRecord, Finish, HitAction, HitDirection, Route};
 use common::bhttp::{self, ResponseHead};
 use common::binding::Binding;
 use common::channel::{ChannelError, GatewayKey, ResponseSealer};
 use common::wire::EventKind;
 use guardrails::{Guardrails, Hit};
-use serde::Serialize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -122,7 +122,7 @@ impl Gateway for OhttpGateway {
                 pending: Vec::new(),
                 pad,
             };
-            let mut audit = Audit::new(&ctx.served.name);
+            let mut audit = new_audit(&ctx.served.name);
             let request = bhttp::Request::decode(&plain, plain.len());
             drop(plain);
             match request {
@@ -132,7 +132,7 @@ impl Gateway for OhttpGateway {
                         Err(e) => {
                             audit.status = e.status;
                             if e.status == 409 {
-                                audit.finish_reason = "replayed";
+                                audit.finish_reason = Finish::Replayed;
                             }
                             out.error(&e).await;
                         }
@@ -146,7 +146,10 @@ impl Gateway for OhttpGateway {
                 }
             }
             audit.latency_ms = started.elapsed().as_millis() as u64;
-            events.emit(EventKind::Audit, audit.record());
+            events.emit(
+                EventKind::Audit,
+                serde_json::to_string(&audit).unwrap_or_default(),
+            );
         });
         Ok(rx)
     }
@@ -160,62 +163,30 @@ struct Ctx {
     flush: Duration,
 }
 
-/// One request's audit record (issue 8 §3): ids, counts, rule ids and actions, status and
-/// latency. Never content, never a key: the key appears only as its hashed id.
-#[derive(Debug, Serialize)]
-struct Audit {
-    v: u32,
-    request_id: String,
-    route: &'static str,
-    status: u16,
-    key: Option<String>,
-    model: String,
-    prompt_tokens: usize,
-    completion_tokens: usize,
-    finish_reason: &'static str,
-    guardrails: Vec<AuditHit>,
-    latency_ms: u64,
+/// One request's audit record (issue 8 §3; [`common::audit`]).
+type Audit = AuditRecord;
+
+fn new_audit(model: &str) -> Audit {
+    let mut id = [0u8; 12];
+    // An id needs no secrecy; a failed RNG leaves zeros.
+    let _ = aws_lc_rs::rand::fill(&mut id);
+    AuditRecord::new(format!("req-{}", hex::encode(id)), model)
 }
 
-#[derive(Debug, Serialize)]
-struct AuditHit {
-    rule: String,
-    action: &'static str,
-    direction: &'static str,
-}
-
-impl Audit {
-    fn new(model: &str) -> Self {
-        let mut id = [0u8; 12];
-        // An id needs no secrecy; a failed RNG leaves zeros.
-        let _ = aws_lc_rs::rand::fill(&mut id);
-        Self {
-            v: 1,
-            request_id: format!("req-{}", hex::encode(id)),
-            route: "other",
-            status: 0,
-            key: None,
-            model: model.to_string(),
-            prompt_tokens: 0,
-            completion_tokens: 0,
-            finish_reason: "none",
-            guardrails: Vec::new(),
-            latency_ms: 0,
-        }
-    }
-
-    fn hits(&mut self, hits: &[Hit]) {
-        for h in hits {
-            self.guardrails.push(AuditHit {
-                rule: h.rule.to_string(),
-                action: h.action.name(),
-                direction: h.direction.name(),
-            });
-        }
-    }
-
-    fn record(&self) -> String {
-        serde_json::to_string(self).unwrap_or_default()
+fn audit_hits(audit: &mut Audit, hits: &[Hit]) {
+    for h in hits {
+        audit.guardrails.push(AuditHit {
+            rule: h.rule.to_string(),
+            action: match h.action {
+                guardrails::Action::Block => HitAction::Block,
+                guardrails::Action::Redact => HitAction::Redact,
+                guardrails::Action::Flag => HitAction::Flag,
+            },
+            direction: match h.direction {
+                guardrails::Direction::Input => HitDirection::Input,
+                guardrails::Direction::Output => HitDirection::Output,
+            },
+        });
     }
 }
 
@@ -313,15 +284,15 @@ async fn route(ctx: &Ctx, req: &bhttp::Request, out: &mut Out, audit: &mut Audit
     let path = req.path.split('?').next().unwrap_or_default();
     let status = match (req.method.as_str(), path) {
         ("POST", "/v1/chat/completions") => {
-            audit.route = "chat.completions";
+            audit.route = Route::ChatCompletions;
             generate(ctx, req, Api::Chat, out, audit).await
         }
         ("POST", "/v1/completions") => {
-            audit.route = "completions";
+            audit.route = Route::Completions;
             generate(ctx, req, Api::Text, out, audit).await
         }
         ("GET", "/v1/models") => {
-            audit.route = "models";
+            audit.route = Route::Models;
             match authorize(ctx, req, audit) {
                 Ok(_) => {
                     let body = openai::models(&ctx.served.name, ctx.booted);
@@ -391,9 +362,9 @@ async fn generate(
         let count = |s: &str| tokenizer.encode(s).map_or(s.len(), |t| t.len());
         let mut texts = prepared.input.texts();
         let verdict = g.check_input(&mut texts, &count);
-        audit.hits(&verdict.hits);
+        audit_hits(audit, &verdict.hits);
         if let Some(b) = verdict.blocked {
-            audit.finish_reason = "content_filter";
+            audit.finish_reason = Finish::ContentFilter;
             prepared.input.zeroize();
             return out.reply_error(&ApiError::content_filter(&b.message)).await;
         }
@@ -440,7 +411,7 @@ async fn generate(
     };
     if let Some(f) = &filter {
         // Output hits (input hits were recorded before generation).
-        audit.hits(f.hits());
+        audit_hits(audit, f.hits());
     }
     if let Some(r) = reservation {
         r.settle(audit.prompt_tokens + audit.completion_tokens);
@@ -483,11 +454,11 @@ fn filter_end(
         None => (String::new(), None),
     };
     let reason = match refusal {
-        Some(_) => "content_filter",
-        None => openai::finish_name(finish_reason),
+        Some(_) => Finish::ContentFilter,
+        None => openai::finish(finish_reason),
     };
     audit.finish_reason = reason;
-    (rest, reason, refusal)
+    (rest, reason.name(), refusal)
 }
 
 async fn whole(
@@ -505,7 +476,7 @@ async fn whole(
             next = generation.next() => next,
             _ = out.tx.closed() => {
                 text.zeroize();
-                audit.finish_reason = "cancelled";
+                audit.finish_reason = Finish::Cancelled;
                 return 499;
             }
         };
@@ -515,7 +486,7 @@ async fn whole(
                 let (piece, blocked) = filtered(filter.as_deref_mut(), t);
                 text.push_str(&piece);
                 if let Some(m) = blocked {
-                    audit.finish_reason = "content_filter";
+                    audit.finish_reason = Finish::ContentFilter;
                     let usage = usage_so_far(audit);
                     break Ok(c.whole(&text, "content_filter", Some(&m), &usage));
                 }
@@ -542,7 +513,7 @@ async fn whole(
             200
         }
         Err(e) => {
-            audit.finish_reason = "error";
+            audit.finish_reason = Finish::Error;
             out.reply_error(&e).await
         }
     }
@@ -575,7 +546,7 @@ async fn stream(
         out.events(&mut role);
     }
     if !out.flush().await {
-        audit.finish_reason = "cancelled";
+        audit.finish_reason = Finish::Cancelled;
         return 200;
     }
     let mut last_flush = tokio::time::Instant::now();
@@ -593,7 +564,7 @@ async fn stream(
                     match blocked {
                         Some(m) => {
                             events.extend(c.refusal_event(&m));
-                            audit.finish_reason = "content_filter";
+                            audit.finish_reason = Finish::ContentFilter;
                             let usage = usage_so_far(audit);
                             events.extend(c.done_events("content_filter", &usage, include_usage));
                             true
@@ -618,12 +589,12 @@ async fn stream(
                     true
                 }
                 Some(engine::Event::Failed(e)) => {
-                    audit.finish_reason = "error";
+                    audit.finish_reason = Finish::Error;
                     events.extend(c.error_event(&ApiError::from_engine(&e)));
                     true
                 }
                 None => {
-                    audit.finish_reason = "error";
+                    audit.finish_reason = Finish::Error;
                     let stopped = ApiError::from_engine(&engine::Error::Stopped);
                     events.extend(c.error_event(&stopped));
                     true
@@ -654,7 +625,7 @@ async fn stream(
         }
         // Dropping `generation` on return cancels the work when the client is gone.
         if !out.flush().await {
-            audit.finish_reason = "cancelled";
+            audit.finish_reason = Finish::Cancelled;
             return 200;
         }
         last_flush = tokio::time::Instant::now();

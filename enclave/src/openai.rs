@@ -555,11 +555,11 @@ fn usage(u: &engine::Usage) -> UsageJson {
     }
 }
 
-/// OpenAI's name for an engine finish reason.
-pub fn finish_name(r: engine::FinishReason) -> &'static str {
+/// An engine finish reason as OpenAI names it ([`common::audit::Finish::name`]).
+pub fn finish(r: engine::FinishReason) -> common::audit::Finish {
     match r {
-        engine::FinishReason::Stop => "stop",
-        engine::FinishReason::Length => "length",
+        engine::FinishReason::Stop => common::audit::Finish::Stop,
+        engine::FinishReason::Length => common::audit::Finish::Length,
     }
 }
 

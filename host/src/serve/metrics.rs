@@ -2,6 +2,7 @@
 //! "Exposition formats", text format 0.0.4). Only routes, statuses, sizes, times and counts:
 //! never a byte of a request or response body.
 
+use common::audit::AuditRecord;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
@@ -124,32 +125,9 @@ struct AuditState {
     completion_tokens: u64,
 }
 
-#[derive(serde::Deserialize)]
-struct AuditRecord {
-    status: u16,
-    finish_reason: String,
-    prompt_tokens: u64,
-    completion_tokens: u64,
-    guardrails: Vec<AuditHit>,
-}
-
-#[derive(serde::Deserialize)]
-struct AuditHit {
-    rule: String,
-    action: String,
-    direction: String,
-}
-
-fn pick(value: &str, allowed: &[&'static str]) -> &'static str {
-    allowed
-        .iter()
-        .find(|a| **a == value)
-        .copied()
-        .unwrap_or("other")
-}
-
 impl AuditCounters {
     /// Counts one audit record (a JSON object from the enclave); malformed ones are skipped.
+    /// Names this build does not know count as "other".
     pub fn record(&self, json: &str) {
         let Ok(r) = serde_json::from_str::<AuditRecord>(json) else {
             return;
@@ -158,32 +136,16 @@ impl AuditCounters {
         *s.statuses
             .entry(status_label(status_slot(r.status)))
             .or_default() += 1;
-        let finish = pick(
-            &r.finish_reason,
-            &[
-                "stop",
-                "length",
-                "content_filter",
-                "error",
-                "cancelled",
-                "replayed",
-                "none",
-            ],
-        );
-        *s.finishes.entry(finish).or_default() += 1;
-        s.prompt_tokens += r.prompt_tokens.min(1 << 32);
-        s.completion_tokens += r.completion_tokens.min(1 << 32);
+        *s.finishes.entry(r.finish_reason.name()).or_default() += 1;
+        s.prompt_tokens += (r.prompt_tokens as u64).min(1 << 32);
+        s.completion_tokens += (r.completion_tokens as u64).min(1 << 32);
         for h in r.guardrails {
             let id_ok = (1..=64).contains(&h.rule.len())
                 && h.rule
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
             let rule = if id_ok { h.rule } else { "other".into() };
-            let key = (
-                rule,
-                pick(&h.action, &["block", "redact", "flag"]),
-                pick(&h.direction, &["input", "output"]),
-            );
+            let key = (rule, h.action.name(), h.direction.name());
             if s.rules.len() < MAX_RULE_LABELS || s.rules.contains_key(&key) {
                 *s.rules.entry(key).or_default() += 1;
             }
