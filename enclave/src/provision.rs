@@ -188,41 +188,65 @@ where
     T: Send + 'static,
     F: FnOnce(LoadedModel) -> Result<T, engine::Error> + Send + 'static,
 {
-    let loaded = match run(conn, header_bytes, nsm, max_model, recipient).await {
-        Ok(model) => {
-            let (sha256, name) = (model.sha256, model.name.clone());
-            blocking(move || load(model))
-                .await
-                .and_then(|r| {
-                    r.map_err(|e| {
-                        // Inside the enclave only: its log is not the host's to read.
-                        tracing::error!(error = %e, "the engine refused the model");
-                        ProvisionError::Load(ModelRefused::from(&e))
-                    })
-                })
-                .map(|t| (t, sha256, name))
-        }
-        Err(e) => Err(e),
-    };
-    match loaded {
-        Ok((loaded, model_sha256, model_name)) => {
-            write_frame(
-                conn,
-                &Message::Ready {
-                    model_sha256,
-                    model_name,
-                },
-            )
-            .await?;
-            Ok(loaded)
-        }
-        Err(e) => {
-            // The codec cuts it to MAX_REASON at a character boundary.
-            let reason = e.to_string();
-            // Best effort: the connection may be what failed.
-            let _ = write_frame(conn, &Message::Failed { reason }).await;
-            Err(e)
-        }
+    let loaded = load_from_header(conn, header_bytes, nsm, max_model, recipient, load).await;
+    match write_frame(conn, &answer(&loaded)).await {
+        // Best effort on failure: the connection may be what failed.
+        Err(e) if loaded.is_ok() => Err(e.into()),
+        _ => loaded.map(|l| l.value),
+    }
+}
+
+/// A model provisioned and loaded, with what `Ready` reports.
+#[derive(Debug)]
+pub struct Loaded<T> {
+    /// What `load` made of the model.
+    pub value: T,
+    pub model_sha256: [u8; 32],
+    pub model_name: String,
+}
+
+/// Provisioning and loading without the final answer, for a caller that must record the
+/// outcome before the host reads it (and may act on it at once): send [`answer`] after.
+pub async fn load_from_header<S, T, F>(
+    conn: &mut S,
+    header_bytes: Vec<u8>,
+    nsm: Arc<dyn Nsm>,
+    max_model: u64,
+    recipient: RecipientKey,
+    load: F,
+) -> Result<Loaded<T>, ProvisionError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    T: Send + 'static,
+    F: FnOnce(LoadedModel) -> Result<T, engine::Error> + Send + 'static,
+{
+    let model = run(conn, header_bytes, nsm, max_model, recipient).await?;
+    let (model_sha256, model_name) = (model.sha256, model.name.clone());
+    let value = blocking(move || load(model)).await.and_then(|r| {
+        r.map_err(|e| {
+            // Inside the enclave only: its log is not the host's to read.
+            tracing::error!(error = %e, "the engine refused the model");
+            ProvisionError::Load(ModelRefused::from(&e))
+        })
+    })?;
+    Ok(Loaded {
+        value,
+        model_sha256,
+        model_name,
+    })
+}
+
+/// The host's answer to a provisioning: `Ready`, or `Failed` with a content-free reason (the
+/// codec cuts it to MAX_REASON at a character boundary).
+pub fn answer<T>(outcome: &Result<Loaded<T>, ProvisionError>) -> Message {
+    match outcome {
+        Ok(l) => Message::Ready {
+            model_sha256: l.model_sha256,
+            model_name: l.model_name.clone(),
+        },
+        Err(e) => Message::Failed {
+            reason: e.to_string(),
+        },
     }
 }
 

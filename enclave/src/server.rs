@@ -7,7 +7,7 @@
 //! Everything the host sends is untrusted: frames are bounded, request bodies are bounded,
 //! concurrent streams are bounded, and failures are answered with content-free reasons.
 
-use crate::provision::{provision_from_header, recipient_key, LoadedModel};
+use crate::provision::{answer, load_from_header, recipient_key, LoadedModel};
 use common::nsm::{AttestationRequest, Nsm};
 use common::transport::{BoxConn, Listener};
 use common::wire::io::{read_frame, read_preface, write_frame, write_preface, ConnError};
@@ -349,15 +349,8 @@ impl Enclave {
         let result = match recipient_key().await {
             Ok(key) => {
                 let cfg = self.cfg.engine.clone();
-                let load = move |m: LoadedModel| {
-                    let (sha256, name) = (m.sha256, m.name);
-                    engine::load(m.weights, cfg).map(|engine| Served {
-                        engine,
-                        sha256,
-                        name,
-                    })
-                };
-                provision_from_header(
+                let load = move |m: LoadedModel| engine::load(m.weights, cfg);
+                load_from_header(
                     conn,
                     header,
                     self.nsm.clone(),
@@ -369,25 +362,36 @@ impl Enclave {
             }
             Err(e) => Err(e),
         };
-        let mut phase = self.phase.lock().unwrap_or_else(|e| e.into_inner());
-        match result {
-            Ok(served) => {
-                tracing::info!(
-                    model = %served.name,
-                    sha256 = %hex::encode(served.sha256),
-                    context = served.engine.context_length(),
-                    weights = served.engine.describe(),
-                    kernels = engine::kernels::Kernels::detect().name(),
-                    "ready"
-                );
-                *phase = Phase::Ready(Arc::new(served));
-            }
-            Err(e) => {
-                // Refuse to serve; the host may try again (e.g. after a key policy fix).
-                tracing::error!(error = %e, "provisioning failed; not serving");
-                *phase = Phase::Awaiting;
+        let reply = answer(&result);
+        // The phase first, the answer after: a host that reads `Ready` (or `Failed`) may
+        // connect again at once, and must find the enclave serving (or awaiting a model).
+        {
+            let mut phase = self.phase.lock().unwrap_or_else(|e| e.into_inner());
+            match result {
+                Ok(l) => {
+                    tracing::info!(
+                        model = %l.model_name,
+                        sha256 = %hex::encode(l.model_sha256),
+                        context = l.value.context_length(),
+                        weights = l.value.describe(),
+                        kernels = engine::kernels::Kernels::detect().name(),
+                        "ready"
+                    );
+                    *phase = Phase::Ready(Arc::new(Served {
+                        engine: l.value,
+                        sha256: l.model_sha256,
+                        name: l.model_name,
+                    }));
+                }
+                Err(e) => {
+                    // Refuse to serve; the host may try again (e.g. after a key policy fix).
+                    tracing::error!(error = %e, "provisioning failed; not serving");
+                    *phase = Phase::Awaiting;
+                }
             }
         }
+        // Best effort: the connection may be what failed; the host can ask for the status.
+        let _ = write_frame(conn, &reply).await;
     }
 
     /// The host's control connection: status and provisioning first, then, once a model is
