@@ -24,6 +24,7 @@ use attest::{AttestError, Attested};
 use attestation_verifier::UnixTime;
 use common::bhttp::{self, BhttpError, Field, ResponseDecoder, ResponsePart};
 use common::channel::{self, ChannelError, ResponseOpener};
+use common::relay::{RelayErrorBody, RelayErrorCode};
 use policy::ClientPolicy;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -242,7 +243,9 @@ impl Client {
             }
             let body = http.read_all(64 << 10).await.unwrap_or_default();
             let key_refused = http.status == 422
-                || (http.status == 400 && error_code(&body).as_deref() == Some("enclave_refused"));
+                || (http.status == 400
+                    && RelayErrorBody::parse(&body).map(|r| r.error.code)
+                        == Some(RelayErrorCode::EnclaveRefused));
             if key_refused && previous.is_none() {
                 // The enclave restarted with a new key (or the relay says so): re-attest once.
                 self.forget(&attested.key_config);
@@ -259,22 +262,9 @@ impl Client {
     }
 }
 
-fn error_code(body: &[u8]) -> Option<String> {
-    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
-    v.pointer("/error/code")
-        .and_then(|c| c.as_str())
-        .map(str::to_owned)
-}
-
 fn relay_error(status: u16, body: &[u8]) -> ClientError {
-    let message = serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| {
-            v.pointer("/error/message")
-                .and_then(|c| c.as_str())
-                .map(str::to_owned)
-        })
-        .unwrap_or_else(|| "no error message".into());
+    let message =
+        RelayErrorBody::parse(body).map_or_else(|| "no error message".into(), |b| b.error.message);
     // The relay's text reaches the user's terminal and logs: no control characters (a
     // terminal escape or a line break is the relay's to forge otherwise), and bounded.
     ClientError::Relay {

@@ -49,35 +49,7 @@ impl AuditRecord {
     }
 }
 
-/// Declares a closed set of names with its serde form, its list and its label.
-macro_rules! names {
-    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident = $label:literal,)* }) => {
-        $(#[$doc])*
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-        pub enum $name {
-            $($(#[$vdoc])* #[serde(rename = $label)] $variant,)*
-            /// A name this build does not know (a record from another version): counted under
-            /// "other" rather than dropped.
-            #[serde(other, rename = "other")]
-            Other,
-        }
-
-        impl $name {
-            /// Every known value (not [`Self::Other`]).
-            pub const ALL: &'static [$name] = &[$($name::$variant),*];
-
-            /// Its name in the record and in metric labels.
-            pub fn name(self) -> &'static str {
-                match self {
-                    $($name::$variant => $label,)*
-                    $name::Other => "other",
-                }
-            }
-        }
-    };
-}
-
-names!(
+closed_names!(
     /// Which API the request was for.
     Route {
         ChatCompletions = "chat.completions",
@@ -86,7 +58,7 @@ names!(
     }
 );
 
-names!(
+closed_names!(
     /// How the answer ended: OpenAI's finish reasons, and the ways a request ends without one.
     Finish {
         /// An end-of-generation token or a stop sequence.
@@ -106,7 +78,7 @@ names!(
     }
 );
 
-names!(
+closed_names!(
     /// What a guardrail rule did.
     HitAction {
         Block = "block",
@@ -115,7 +87,7 @@ names!(
     }
 );
 
-names!(
+closed_names!(
     /// Where a guardrail rule fired.
     HitDirection {
         Input = "input",

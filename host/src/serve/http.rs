@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 pub use common::media::{REQUEST_MEDIA_TYPE as OHTTP_REQ, RESPONSE_MEDIA_TYPE as OHTTP_RES};
+use common::relay::{RelayErrorBody, RelayErrorCode};
 
 /// Shared state of the HTTP side.
 #[derive(Debug)]
@@ -202,9 +203,9 @@ impl Answer {
     }
 
     /// A JSON error: `{"error": {"code": …, "message": …}}`.
-    fn error(status: StatusCode, code: &str, message: impl AsRef<str>) -> Self {
-        let body = serde_json::json!({"error": {"code": code, "message": message.as_ref()}});
-        Self::new(status, "application/json", body.to_string())
+    fn error(status: StatusCode, code: RelayErrorCode, message: impl Into<String>) -> Self {
+        let body = RelayErrorBody::new(code, message).to_json();
+        Self::new(status, "application/json", body)
     }
 
     fn retry_after(mut self, wait: Duration) -> Self {
@@ -270,7 +271,7 @@ async fn route_request(
             } else {
                 Answer::error(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "not_ready",
+                    RelayErrorCode::NotReady,
                     "the enclave is not connected or its model is not ready",
                 )
             }
@@ -293,10 +294,14 @@ async fn route_request(
             }
             Err(a) => a,
         },
-        ("other", _) => Answer::error(StatusCode::NOT_FOUND, "not_found", "no such route"),
+        ("other", _) => Answer::error(
+            StatusCode::NOT_FOUND,
+            RelayErrorCode::NotFound,
+            "no such route",
+        ),
         _ => Answer::error(
             StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
+            RelayErrorCode::MethodNotAllowed,
             "method not allowed on this route",
         ),
     }
@@ -309,7 +314,7 @@ fn admit(app: &App, peer: IpAddr) -> Result<Admission, Answer> {
         app.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
         return Err(Answer::error(
             StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
+            RelayErrorCode::RateLimited,
             "too many requests from this client",
         )
         .retry_after(wait));
@@ -317,7 +322,7 @@ fn admit(app: &App, peer: IpAddr) -> Result<Admission, Answer> {
     if !app.link.is_ready() {
         return Err(Answer::error(
             StatusCode::SERVICE_UNAVAILABLE,
-            "not_ready",
+            RelayErrorCode::NotReady,
             "the enclave is not ready",
         )
         .retry_after(Duration::from_secs(1)));
@@ -325,7 +330,7 @@ fn admit(app: &App, peer: IpAddr) -> Result<Admission, Answer> {
     let slot = app.in_flight.clone().try_acquire_owned().map_err(|_| {
         Answer::error(
             StatusCode::SERVICE_UNAVAILABLE,
-            "overloaded",
+            RelayErrorCode::Overloaded,
             "too many requests in flight",
         )
         .retry_after(Duration::from_secs(1))
@@ -337,7 +342,7 @@ fn admit(app: &App, peer: IpAddr) -> Result<Admission, Answer> {
             app.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
             return Err(Answer::error(
                 StatusCode::TOO_MANY_REQUESTS,
-                "too_many_in_flight",
+                RelayErrorCode::TooManyInFlight,
                 "too many requests in flight from this client",
             )
             .retry_after(Duration::from_secs(1)));
@@ -359,11 +364,11 @@ fn upstream_error(app: &App, e: UpstreamError) -> Answer {
                 }
                 _ => StatusCode::BAD_GATEWAY,
             };
-            Answer::error(status, "enclave_refused", reason)
+            Answer::error(status, RelayErrorCode::EnclaveRefused, reason)
         }
         UpstreamError::Timeout => Answer::error(
             StatusCode::GATEWAY_TIMEOUT,
-            "enclave_timeout",
+            RelayErrorCode::EnclaveTimeout,
             "the enclave did not answer in time",
         ),
         UpstreamError::Unavailable(_) => {
@@ -372,7 +377,7 @@ fn upstream_error(app: &App, e: UpstreamError) -> Answer {
                 .fetch_add(1, Ordering::Relaxed);
             Answer::error(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "enclave_unavailable",
+                RelayErrorCode::EnclaveUnavailable,
                 "the enclave cannot be reached",
             )
             .retry_after(Duration::from_secs(1))
@@ -384,7 +389,7 @@ fn upstream_error(app: &App, e: UpstreamError) -> Answer {
             tracing::warn!(error = %e, "enclave connection failed");
             Answer::error(
                 StatusCode::BAD_GATEWAY,
-                "enclave_failed",
+                RelayErrorCode::EnclaveFailed,
                 "the enclave connection failed",
             )
         }
@@ -399,14 +404,14 @@ async fn attestation(app: &App, query: Option<&str>) -> Answer {
     let Some(nonce) = nonce else {
         return Answer::error(
             StatusCode::BAD_REQUEST,
-            "bad_nonce",
+            RelayErrorCode::BadNonce,
             "nonce=HEX is required",
         );
     };
     if nonce.len() > 2 * MAX_NONCE {
         return Answer::error(
             StatusCode::BAD_REQUEST,
-            "bad_nonce",
+            RelayErrorCode::BadNonce,
             format!("the nonce is at most {MAX_NONCE} bytes"),
         );
     }
@@ -415,7 +420,7 @@ async fn attestation(app: &App, query: Option<&str>) -> Answer {
         _ => {
             return Answer::error(
                 StatusCode::BAD_REQUEST,
-                "bad_nonce",
+                RelayErrorCode::BadNonce,
                 "the nonce must be non-empty hex",
             )
         }
@@ -447,7 +452,7 @@ async fn ohttp(app: &Arc<App>, req: Request<Incoming>) -> Answer {
     if ct.map(|c| c.split(';').next().unwrap_or_default().trim()) != Some(OHTTP_REQ) {
         return Answer::error(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "bad_content_type",
+            RelayErrorCode::BadContentType,
             format!("the content type must be {OHTTP_REQ}"),
         );
     }
@@ -483,7 +488,7 @@ async fn ohttp(app: &Arc<App>, req: Request<Incoming>) -> Answer {
                 Err(_) => {
                     return Answer::error(
                         StatusCode::REQUEST_TIMEOUT,
-                        "body_timeout",
+                        RelayErrorCode::BodyTimeout,
                         "the request body took too long",
                     )
                 }
@@ -491,7 +496,7 @@ async fn ohttp(app: &Arc<App>, req: Request<Incoming>) -> Answer {
                 Ok(Some(Err(_))) => {
                     return Answer::error(
                         StatusCode::BAD_REQUEST,
-                        "bad_body",
+                        RelayErrorCode::BadBody,
                         "the request body could not be read",
                     )
                 }
@@ -626,7 +631,7 @@ fn with_bytes(mut a: Answer, bytes_in: u64) -> Answer {
 fn too_large(max: u64) -> Answer {
     let mut a = Answer::error(
         StatusCode::PAYLOAD_TOO_LARGE,
-        "body_too_large",
+        RelayErrorCode::BodyTooLarge,
         format!("the request body is over {max} bytes"),
     );
     // The rest of the body is not read: close the connection instead.
