@@ -170,25 +170,7 @@ where
             })
         }
     };
-    provision_from_header(conn, header, nsm, max_model, recipient, load).await
-}
-
-/// [`provision_with`] on a connection whose preface and `SealedHeader` frame were already
-/// read (by the enclave's listener, which dispatches on a connection's first frame).
-pub async fn provision_from_header<S, T, F>(
-    conn: &mut S,
-    header_bytes: Vec<u8>,
-    nsm: Arc<dyn Nsm>,
-    max_model: u64,
-    recipient: RecipientKey,
-    load: F,
-) -> Result<T, ProvisionError>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-    T: Send + 'static,
-    F: FnOnce(LoadedModel) -> Result<T, engine::Error> + Send + 'static,
-{
-    let loaded = load_from_header(conn, header_bytes, nsm, max_model, recipient, load).await;
+    let loaded = load_from_header(conn, header, nsm, max_model, recipient, load).await;
     match write_frame(conn, &answer(&loaded)).await {
         // Best effort on failure: the connection may be what failed.
         Err(e) if loaded.is_ok() => Err(e.into()),
@@ -205,8 +187,10 @@ pub struct Loaded<T> {
     pub model_name: String,
 }
 
-/// Provisioning and loading without the final answer, for a caller that must record the
-/// outcome before the host reads it (and may act on it at once): send [`answer`] after.
+/// [`provision_with`] on a connection whose preface and `SealedHeader` frame were already
+/// read (by the enclave's listener, which dispatches on a connection's first frame), without
+/// the final answer: the listener records the outcome before the host reads it (and may act
+/// on it at once), then sends [`answer`].
 pub async fn load_from_header<S, T, F>(
     conn: &mut S,
     header_bytes: Vec<u8>,
