@@ -312,9 +312,7 @@ impl Response {
     async fn read_head(&mut self) -> Result<(), ClientError> {
         while self.status == 0 {
             if !self.pull().await? {
-                return Err(
-                    ChannelError::Decrypt("the response ended before its head".into()).into(),
-                );
+                return Err(ChannelError::Truncated.into());
             }
         }
         Ok(())

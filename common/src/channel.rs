@@ -65,19 +65,32 @@ pub enum ChannelError {
     /// configuration (RFC 9458 §5.3 answers this with 422 and the `ohttp-key` problem type).
     #[error("the request is not for this gateway's key configuration")]
     KeyMismatch,
-    /// The message does not decrypt or authenticate, or its chunks are malformed, reordered
-    /// or truncated.
+    /// The message does not decrypt or authenticate, or its chunks are malformed or
+    /// reordered (the `ohttp` crate's error, inside the stream's I/O error).
     #[error("the encapsulated message does not authenticate: {0}")]
-    Decrypt(String),
+    Decrypt(#[source] std::io::Error),
+    /// The message ended before its final chunk (RFC 9458's chunked form marks the last one,
+    /// so a truncation is detected, not taken for the whole).
+    #[error("the encapsulated message ended before its final chunk")]
+    Truncated,
     /// A key configuration that cannot be used.
     #[error("invalid OHTTP key configuration: {0}")]
-    Config(String),
+    Config(#[source] ohttp::Error),
     /// The response is larger than the caller allows.
     #[error("the response exceeds {0} bytes")]
     TooLarge(usize),
     /// An internal failure of the HPKE implementation.
     #[error("HPKE: {0}")]
-    Internal(String),
+    Internal(#[source] ohttp::Error),
+    /// Sealing failed in the stream that writes the chunks.
+    #[error("sealing: {0}")]
+    Seal(#[source] std::io::Error),
+    /// The system's random generator failed.
+    #[error("the random generator failed")]
+    Rng,
+    /// An in-memory stream did not complete in one poll (it always does: a bug if seen).
+    #[error("an in-memory OHTTP stream did not complete")]
+    Incomplete,
 }
 
 impl ChannelError {
@@ -85,7 +98,7 @@ impl ChannelError {
     pub fn status(&self) -> u16 {
         match self {
             Self::KeyMismatch => 422,
-            Self::Internal(_) => 500,
+            Self::Internal(_) | Self::Seal(_) | Self::Rng | Self::Incomplete => 500,
             _ => 400,
         }
     }
@@ -95,8 +108,7 @@ impl ChannelError {
             Some(ohttp::Error::KeyId | ohttp::Error::Unsupported | ohttp::Error::InvalidKem) => {
                 Self::KeyMismatch
             }
-            Some(inner) => Self::Decrypt(inner.to_string()),
-            None => Self::Decrypt(e.to_string()),
+            _ => Self::Decrypt(e),
         }
     }
 }
@@ -201,17 +213,14 @@ impl GatewayKey {
     /// A fresh X25519 key under a random key id.
     pub fn generate() -> Result<Self, ChannelError> {
         let mut id = [0u8; 1];
-        aws_lc_rs::rand::fill(&mut id).map_err(|_| ChannelError::Internal("RNG".into()))?;
+        aws_lc_rs::rand::fill(&mut id).map_err(|_| ChannelError::Rng)?;
         Self::generate_with_id(id[0])
     }
 
     /// A fresh X25519 key under `key_id`.
     pub fn generate_with_id(key_id: u8) -> Result<Self, ChannelError> {
-        let config = KeyConfig::new(key_id, KEM, suites())
-            .map_err(|e| ChannelError::Internal(e.to_string()))?;
-        let encoded = config
-            .encode()
-            .map_err(|e| ChannelError::Internal(e.to_string()))?;
+        let config = KeyConfig::new(key_id, KEM, suites()).map_err(ChannelError::Internal)?;
+        let encoded = config.encode().map_err(ChannelError::Internal)?;
         Ok(Self {
             config,
             encoded,
@@ -234,24 +243,19 @@ impl GatewayKey {
         &self,
         body: &[u8],
     ) -> Result<(Zeroizing<Vec<u8>>, ResponseSealer), ChannelError> {
-        let server = ohttp::Server::new(self.config.clone())
-            .map_err(|e| ChannelError::Internal(e.to_string()))?;
+        let server = ohttp::Server::new(self.config.clone()).map_err(ChannelError::Internal)?;
         let mut request = server.decapsulate_stream(Cursor::new(body));
         let mut plain = Zeroizing::new(Vec::with_capacity(body.len()));
         // The source is in memory: the read completes on its first poll.
         match request.read_to_end(&mut plain).now_or_never() {
             Some(Ok(_)) => {}
             Some(Err(e)) => return Err(ChannelError::from_io(e)),
-            None => {
-                return Err(ChannelError::Internal(
-                    "request read did not complete".into(),
-                ))
-            }
+            None => return Err(ChannelError::Incomplete),
         }
         let sink = Sink::default();
         let writer = request
             .response(sink.clone())
-            .map_err(|e| ChannelError::Internal(e.to_string()))?;
+            .map_err(ChannelError::Internal)?;
         Ok((
             plain,
             ResponseSealer {
@@ -281,8 +285,8 @@ impl ResponseSealer {
         if !data.is_empty() {
             match self.writer.write_all(data).now_or_never() {
                 Some(Ok(())) => {}
-                Some(Err(e)) => return Err(ChannelError::Internal(e.to_string())),
-                None => return Err(ChannelError::Internal("sealing did not complete".into())),
+                Some(Err(e)) => return Err(ChannelError::Seal(e)),
+                None => return Err(ChannelError::Incomplete),
             }
         }
         Ok(self.sink.take())
@@ -293,8 +297,8 @@ impl ResponseSealer {
         let mut out = self.seal(data)?;
         match self.writer.close().now_or_never() {
             Some(Ok(())) => {}
-            Some(Err(e)) => return Err(ChannelError::Internal(e.to_string())),
-            None => return Err(ChannelError::Internal("sealing did not complete".into())),
+            Some(Err(e)) => return Err(ChannelError::Seal(e)),
+            None => return Err(ChannelError::Incomplete),
         }
         out.extend_from_slice(&self.sink.take());
         Ok(out)
@@ -307,12 +311,12 @@ pub fn encapsulate(
     key_config: &[u8],
     request: &[u8],
 ) -> Result<(Vec<u8>, ResponseOpener), ChannelError> {
-    let client = ohttp::ClientRequest::from_encoded_config(key_config)
-        .map_err(|e| ChannelError::Config(e.to_string()))?;
+    let client =
+        ohttp::ClientRequest::from_encoded_config(key_config).map_err(ChannelError::Config)?;
     let sink = Sink::default();
     let mut writer = client
         .encapsulate_stream(sink.clone())
-        .map_err(|e| ChannelError::Internal(e.to_string()))?;
+        .map_err(ChannelError::Internal)?;
     let written = async {
         writer.write_all(request).await?;
         writer.close().await
@@ -320,13 +324,13 @@ pub fn encapsulate(
     .now_or_never();
     match written {
         Some(Ok(())) => {}
-        Some(Err(e)) => return Err(ChannelError::Internal(e.to_string())),
-        None => return Err(ChannelError::Internal("sealing did not complete".into())),
+        Some(Err(e)) => return Err(ChannelError::Seal(e)),
+        None => return Err(ChannelError::Incomplete),
     }
     let feed = Feed::default();
     let reader = writer
         .response(feed.clone())
-        .map_err(|e| ChannelError::Internal(e.to_string()))?;
+        .map_err(ChannelError::Internal)?;
     Ok((
         sink.take(),
         ResponseOpener {
@@ -368,7 +372,7 @@ impl ResponseOpener {
         self.feed.close();
         let out = self.drain(max_total)?;
         if !self.done {
-            return Err(ChannelError::Decrypt("the response ended early".into()));
+            return Err(ChannelError::Truncated);
         }
         Ok(out)
     }
@@ -400,11 +404,9 @@ impl ResponseOpener {
 /// ones this gateway uses.
 pub fn key_config_id(key_config: &[u8]) -> Result<u8, ChannelError> {
     // The key id is the first byte (RFC 9458 §3.1); decoding checks the rest.
-    KeyConfig::decode(key_config).map_err(|e| ChannelError::Config(e.to_string()))?;
-    key_config
-        .first()
-        .copied()
-        .ok_or_else(|| ChannelError::Config("empty".into()))
+    KeyConfig::decode(key_config).map_err(ChannelError::Config)?;
+    // Not empty: it decoded.
+    key_config.first().copied().ok_or(ChannelError::Truncated)
 }
 
 #[cfg(test)]

@@ -472,8 +472,11 @@ async fn answers_are_streamed_through_relay_channel_and_gateway() {
     // Straight to the relay: the man in the middle of the other tests buffers whole bodies.
     let client = stack.client(&stack.url());
     let engine = stack.enclave.as_ref().unwrap().enclave.served().unwrap();
+    // Up to 512 tokens (the greedy answer repeats itself past 128): seconds of generation at full
+    // speed, so that a client that is slow to be scheduled (the tests share two cores) still
+    // reads its first piece before the end.
     let mut streamed = client
-        .send(&chat("smollm2", "Tell me about the sea.", true, 128))
+        .send(&chat("smollm2", "Tell me about the sea.", true, 512))
         .await
         .unwrap();
     assert_eq!(streamed.status, 200);
