@@ -405,8 +405,10 @@ impl ResponseOpener {
 pub fn key_config_id(key_config: &[u8]) -> Result<u8, ChannelError> {
     // The key id is the first byte (RFC 9458 §3.1); decoding checks the rest.
     KeyConfig::decode(key_config).map_err(ChannelError::Config)?;
-    // Not empty: it decoded.
-    key_config.first().copied().ok_or(ChannelError::Truncated)
+    key_config
+        .first()
+        .copied()
+        .ok_or(ChannelError::Config(ohttp::Error::Truncated))
 }
 
 #[cfg(test)]
