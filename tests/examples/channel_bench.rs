@@ -170,6 +170,20 @@ async fn through_proxy(
     }
 }
 
+/// `n` runs started together, each on its own task.
+async fn at_once<F, R>(n: usize, run: F) -> Vec<Run>
+where
+    F: Fn() -> R,
+    R: std::future::Future<Output = Run> + Send + 'static,
+{
+    let tasks: Vec<_> = (0..n).map(|_| tokio::spawn(run())).collect();
+    let mut runs = Vec::with_capacity(n);
+    for t in tasks {
+        runs.push(t.await.unwrap());
+    }
+    runs
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -241,28 +255,16 @@ async fn main() {
     for &n in &streams {
         let (mut channel, mut local) = (Vec::new(), Vec::new());
         for round in 0..rounds {
-            let tasks: Vec<_> = (0..n)
-                .map(|_| {
-                    let (name, prompt) = (name.clone(), prompt.clone());
-                    tokio::spawn(
-                        async move { through_proxy(proxy, &name, &prompt, max_tokens).await },
-                    )
-                })
-                .collect();
-            let mut a = Vec::new();
-            for t in tasks {
-                a.push(t.await.unwrap());
-            }
-            let tasks: Vec<_> = (0..n)
-                .map(|_| {
-                    let (engine, prompt) = (engine.clone(), prompt.clone());
-                    tokio::spawn(async move { in_process(&engine, &prompt, max_tokens).await })
-                })
-                .collect();
-            let mut b = Vec::new();
-            for t in tasks {
-                b.push(t.await.unwrap());
-            }
+            let a = at_once(n, || {
+                let (name, prompt) = (name.clone(), prompt.clone());
+                async move { through_proxy(proxy, &name, &prompt, max_tokens).await }
+            })
+            .await;
+            let b = at_once(n, || {
+                let (engine, prompt) = (engine.clone(), prompt.clone());
+                async move { in_process(&engine, &prompt, max_tokens).await }
+            })
+            .await;
             let (a, b) = (aggregate(&a), aggregate(&b));
             eprintln!("{n} streams, round {round}: channel {a:.1} tok/s | in-process {b:.1} tok/s");
             channel.push(a);
