@@ -29,7 +29,7 @@ use policy::ClientPolicy;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-pub use transport::Transport;
+pub use transport::{ConfigError, Transport, TransportError};
 
 /// Largest response plaintext accepted, in bytes.
 pub const DEFAULT_MAX_RESPONSE: usize = 64 << 20;
@@ -41,7 +41,7 @@ const MAX_DOCUMENT: usize = attestation_verifier::MAX_DOCUMENT_SIZE;
 pub enum ClientError {
     /// The relay could not be reached or broke HTTP.
     #[error("relay: {0}")]
-    Transport(String),
+    Transport(#[from] TransportError),
     /// The relay answered with an error status.
     #[error("relay answered {status}: {message}")]
     Relay {
@@ -61,10 +61,29 @@ pub enum ClientError {
     Message(#[from] BhttpError),
     /// The gateway refused our key twice: even a fresh attestation's key is not accepted.
     #[error("the enclave refused the attested key again after re-attesting: {0}")]
-    KeyRefused(String),
+    KeyRefused(KeyRefusal),
     /// The configuration is invalid.
     #[error("configuration: {0}")]
-    Config(String),
+    Config(#[from] ConfigError),
+    /// The system's random number generator failed (no nonce can be drawn).
+    #[error("the system RNG failed")]
+    Rng,
+}
+
+/// How the enclave refused a key it had just attested.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyRefusal {
+    /// A fresh attestation returned the key the gateway had refused.
+    #[error("the enclave still attests the key it refuses")]
+    SameKey,
+    /// The gateway refused the freshly attested key too.
+    #[error("relay answered {status}: {message}")]
+    Refused {
+        /// HTTP status of the refusal.
+        status: u16,
+        /// The relay's message, without control characters.
+        message: String,
+    },
 }
 
 /// How to reach the enclave and what to accept.
@@ -139,8 +158,7 @@ impl Client {
     /// Attests afresh: a new nonce, a new document, full verification. The result is cached.
     pub async fn attest(&self) -> Result<Arc<Attested>, ClientError> {
         let mut nonce = [0u8; 32];
-        aws_lc_rs::rand::fill(&mut nonce)
-            .map_err(|_| ClientError::Config("the system RNG failed".into()))?;
+        aws_lc_rs::rand::fill(&mut nonce).map_err(|_| ClientError::Rng)?;
         let path = format!("/v1/attestation?nonce={}", hex::encode(nonce));
         self.attestations
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -209,9 +227,7 @@ impl Client {
                 Some(old) => {
                     let new = self.attest().await?;
                     if new.key_config == old.key_config {
-                        return Err(ClientError::KeyRefused(
-                            "the enclave still attests the key it refuses".into(),
-                        ));
+                        return Err(ClientError::KeyRefused(KeyRefusal::SameKey));
                     }
                     new
                 }
@@ -253,9 +269,10 @@ impl Client {
                 continue;
             }
             if key_refused {
-                return Err(ClientError::KeyRefused(
-                    relay_error(http.status, &body).to_string(),
-                ));
+                return Err(ClientError::KeyRefused(KeyRefusal::Refused {
+                    status: http.status,
+                    message: relay_message(&body),
+                }));
             }
             return Err(relay_error(http.status, &body));
         }
@@ -263,18 +280,23 @@ impl Client {
 }
 
 fn relay_error(status: u16, body: &[u8]) -> ClientError {
-    let message =
-        RelayErrorBody::parse(body).map_or_else(|| "no error message".into(), |b| b.error.message);
-    // The relay's text reaches the user's terminal and logs: no control characters (a
-    // terminal escape or a line break is the relay's to forge otherwise), and bounded.
     ClientError::Relay {
         status,
-        message: message
-            .chars()
-            .filter(|c| !c.is_control())
-            .take(512)
-            .collect(),
+        message: relay_message(body),
     }
+}
+
+/// The relay's error message from its JSON body. The relay's text reaches the user's terminal
+/// and logs: no control characters (a terminal escape or a line break is the relay's to forge
+/// otherwise), and bounded.
+fn relay_message(body: &[u8]) -> String {
+    let message =
+        RelayErrorBody::parse(body).map_or_else(|| "no error message".into(), |b| b.error.message);
+    message
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(512)
+        .collect()
 }
 
 /// The enclave's response, opened as it arrives.

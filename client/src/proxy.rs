@@ -97,7 +97,7 @@ fn client_error(e: &ClientError) -> Response<ProxyBody> {
             };
             error(status, "relay_error", "relay_error", &message)
         }
-        ClientError::Config(_) => error(
+        ClientError::Config(_) | ClientError::Rng => error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "server_error",
             "proxy_misconfigured",

@@ -14,6 +14,106 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpStream;
 
+/// Why an exchange with the relay failed below HTTP's status line.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The TCP connection was refused or failed.
+    #[error("connect to {authority}: {source}")]
+    Connect {
+        /// `host:port` of the relay.
+        authority: String,
+        /// The socket's error.
+        source: std::io::Error,
+    },
+    /// The TLS handshake failed (an untrusted certificate, a protocol error).
+    #[error("TLS: {0}")]
+    Tls(std::io::Error),
+    /// The HTTP/1.1 handshake failed.
+    #[error("HTTP handshake: {0}")]
+    Handshake(hyper::Error),
+    /// The request could not be sent or the response head not read.
+    #[error("HTTP: {0}")]
+    Http(hyper::Error),
+    /// Connecting and reading the response head took longer than the timeout.
+    #[error("{authority} did not answer in time")]
+    Timeout {
+        /// `host:port` of the relay.
+        authority: String,
+    },
+    /// No part of the body arrived within the timeout.
+    #[error("the response stalled")]
+    Stalled,
+    /// The body broke off.
+    #[error("the response failed: {0}")]
+    Body(hyper::Error),
+    /// The body is larger than the caller accepts.
+    #[error("the response exceeds {max} bytes")]
+    TooLarge {
+        /// The caller's limit, in bytes.
+        max: usize,
+    },
+}
+
+/// Why the relay's address or TLS settings cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The relay URL does not parse.
+    #[error("relay URL {url:?}: {source}")]
+    Url {
+        /// The URL as given.
+        url: String,
+        /// The parser's error.
+        source: hyper::http::uri::InvalidUri,
+    },
+    /// The relay URL is not `http://` or `https://` with a host.
+    #[error("relay URL {url:?}: {reason}")]
+    UrlForm {
+        /// The URL as given.
+        url: String,
+        /// What is missing.
+        reason: &'static str,
+    },
+    /// A TLS root file could not be read.
+    #[error("{path}: {source}")]
+    RootFile {
+        /// The file.
+        path: PathBuf,
+        /// The read error.
+        source: std::io::Error,
+    },
+    /// A TLS root file holds a malformed PEM section.
+    #[error("{path}: {source}")]
+    RootPem {
+        /// The file.
+        path: PathBuf,
+        /// The PEM parser's error.
+        source: rustls::pki_types::pem::Error,
+    },
+    /// A certificate in a TLS root file cannot be a root.
+    #[error("{path}: {source}")]
+    Root {
+        /// The file.
+        path: PathBuf,
+        /// Why rustls refused it.
+        source: rustls::Error,
+    },
+    /// A TLS root file holds no certificate.
+    #[error("{path}: no certificate")]
+    NoRoot {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The TLS provider supports none of the safe protocol versions.
+    #[error("TLS: {0}")]
+    Tls(rustls::Error),
+    /// The relay's host is not a valid TLS server name.
+    #[error("TLS server name: {0}")]
+    ServerName(rustls::pki_types::InvalidDnsNameError),
+    /// A request could not be built (a header value the caller gave is not valid HTTP).
+    #[error("request: {0}")]
+    Request(hyper::http::Error),
+}
+
 /// Where the relay is and how to reach it.
 #[derive(Clone)]
 pub struct Transport {
@@ -52,7 +152,7 @@ impl HttpResponse {
             // Between chunks the enclave may be generating: the timeout is per chunk.
             let frame = tokio::time::timeout(self.timeout, body.frame())
                 .await
-                .map_err(|_| ClientError::Transport("the response stalled".into()))?;
+                .map_err(|_| TransportError::Stalled)?;
             match frame {
                 None => {
                     self.body = None;
@@ -60,7 +160,7 @@ impl HttpResponse {
                 }
                 Some(Err(e)) => {
                     self.body = None;
-                    return Err(ClientError::Transport(format!("the response failed: {e}")));
+                    return Err(TransportError::Body(e).into());
                 }
                 Some(Ok(f)) => {
                     if let Ok(data) = f.into_data() {
@@ -78,9 +178,7 @@ impl HttpResponse {
         let mut out = Vec::new();
         while let Some(b) = self.next_bytes().await? {
             if out.len() + b.len() > max {
-                return Err(ClientError::Transport(format!(
-                    "the response exceeds {max} bytes"
-                )));
+                return Err(TransportError::TooLarge { max }.into());
             }
             out.extend_from_slice(&b);
         }
@@ -95,28 +193,31 @@ fn tls_config(roots: &[PathBuf]) -> Result<rustls::ClientConfig, ClientError> {
         let _ = store.add(cert);
     }
     for path in roots {
-        let pem = std::fs::read(path)
-            .map_err(|e| ClientError::Config(format!("{}: {e}", path.display())))?;
+        let pem = std::fs::read(path).map_err(|source| ConfigError::RootFile {
+            path: path.clone(),
+            source,
+        })?;
         use rustls::pki_types::pem::PemObject;
         let mut any = false;
         for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
-            let cert = cert.map_err(|e| ClientError::Config(format!("{}: {e}", path.display())))?;
-            store
-                .add(cert)
-                .map_err(|e| ClientError::Config(format!("{}: {e}", path.display())))?;
+            let cert = cert.map_err(|source| ConfigError::RootPem {
+                path: path.clone(),
+                source,
+            })?;
+            store.add(cert).map_err(|source| ConfigError::Root {
+                path: path.clone(),
+                source,
+            })?;
             any = true;
         }
         if !any {
-            return Err(ClientError::Config(format!(
-                "{}: no certificate",
-                path.display()
-            )));
+            return Err(ConfigError::NoRoot { path: path.clone() }.into());
         }
     }
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| ClientError::Config(e.to_string()))?
+        .map_err(ConfigError::Tls)?
         .with_root_certificates(store)
         .with_no_client_auth())
 }
@@ -124,23 +225,29 @@ fn tls_config(roots: &[PathBuf]) -> Result<rustls::ClientConfig, ClientError> {
 impl Transport {
     /// Parses `url` (`http://host[:port][/prefix]` or `https://…`).
     pub fn new(url: &str, tls_roots: &[PathBuf], timeout: Duration) -> Result<Self, ClientError> {
-        let uri: hyper::Uri = url
-            .parse()
-            .map_err(|e| ClientError::Config(format!("relay URL {url:?}: {e}")))?;
+        let uri: hyper::Uri = url.parse().map_err(|source| ConfigError::Url {
+            url: url.to_owned(),
+            source,
+        })?;
         let tls = match uri.scheme_str() {
             Some("http") => None,
             Some("https") => Some(tokio_rustls::TlsConnector::from(Arc::new(tls_config(
                 tls_roots,
             )?))),
             _ => {
-                return Err(ClientError::Config(format!(
-                    "relay URL {url:?}: the scheme must be http or https"
-                )))
+                return Err(ConfigError::UrlForm {
+                    url: url.to_owned(),
+                    reason: "the scheme must be http or https",
+                }
+                .into())
             }
         };
         let host = uri
             .host()
-            .ok_or_else(|| ClientError::Config(format!("relay URL {url:?} has no host")))?
+            .ok_or_else(|| ConfigError::UrlForm {
+                url: url.to_owned(),
+                reason: "no host",
+            })?
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_owned();
@@ -165,19 +272,17 @@ impl Transport {
         let connect = async {
             let tcp = TcpStream::connect((self.host.as_str(), self.port))
                 .await
-                .map_err(|e| {
-                    ClientError::Transport(format!("connect to {}: {e}", self.authority))
+                .map_err(|source| TransportError::Connect {
+                    authority: self.authority.clone(),
+                    source,
                 })?;
             let _ = tcp.set_nodelay(true);
             let response = match &self.tls {
                 None => send(TokioIo::new(tcp), req).await?,
                 Some(tls) => {
                     let name = rustls::pki_types::ServerName::try_from(self.host.clone())
-                        .map_err(|e| ClientError::Config(format!("TLS server name: {e}")))?;
-                    let stream = tls
-                        .connect(name, tcp)
-                        .await
-                        .map_err(|e| ClientError::Transport(format!("TLS: {e}")))?;
+                        .map_err(ConfigError::ServerName)?;
+                    let stream = tls.connect(name, tcp).await.map_err(TransportError::Tls)?;
                     send(TokioIo::new(stream), req).await?
                 }
             };
@@ -185,8 +290,8 @@ impl Transport {
         };
         let response = tokio::time::timeout(self.timeout, connect)
             .await
-            .map_err(|_| {
-                ClientError::Transport(format!("{} did not answer in time", self.authority))
+            .map_err(|_| TransportError::Timeout {
+                authority: self.authority.clone(),
             })??;
         Ok(HttpResponse {
             status: response.status().as_u16(),
@@ -207,7 +312,7 @@ impl Transport {
         let req = self
             .request("GET", path)
             .body(Full::new(Bytes::new()))
-            .map_err(|e| ClientError::Config(e.to_string()))?;
+            .map_err(ConfigError::Request)?;
         let mut response = self.exchange(req).await?;
         let body = response.read_all(max).await?;
         Ok((response.status, body))
@@ -229,7 +334,7 @@ impl Transport {
         }
         let req = builder
             .body(Full::new(Bytes::from(body)))
-            .map_err(|e| ClientError::Config(e.to_string()))?;
+            .map_err(ConfigError::Request)?;
         self.exchange(req).await
     }
 }
@@ -240,7 +345,7 @@ where
 {
     let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
         .await
-        .map_err(|e| ClientError::Transport(format!("HTTP handshake: {e}")))?;
+        .map_err(TransportError::Handshake)?;
     // The connection task ends when the response body is done or dropped.
     tokio::spawn(async move {
         let _ = conn.await;
@@ -248,5 +353,5 @@ where
     sender
         .send_request(req)
         .await
-        .map_err(|e| ClientError::Transport(format!("HTTP: {e}")))
+        .map_err(|e| TransportError::Http(e).into())
 }

@@ -37,15 +37,32 @@ pub const KEY_PREFIX: &str = "cik_";
 pub const MAX_ID: usize = 64;
 
 /// Why a key list is refused.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ApiKeysError {
     /// Too large.
     #[error("the key list is {0} bytes; at most {MAX_SIGNED_BYTES}")]
     TooLarge(usize),
-    /// Not the signed JSON envelope, or a list that does not parse.
+    /// Not the signed JSON envelope, or a payload that is not a key list.
     #[error("the key list does not parse: {0}")]
-    Parse(String),
+    Parse(#[source] serde_json::Error),
+    /// The envelope's payload or signature is not base64.
+    #[error("the key list's {field} is not base64: {source}")]
+    Base64 {
+        /// `payload` or `signature`.
+        field: &'static str,
+        /// The decoder's error.
+        source: base64::DecodeError,
+    },
+    /// More keys than [`MAX_KEYS`].
+    #[error("the key list has {0} keys; at most {MAX_KEYS}")]
+    TooManyKeys(usize),
+    /// The system's random number generator failed.
+    #[error("the system RNG failed")]
+    Rng,
+    /// A new signer key could not be generated or read back.
+    #[error("generating an Ed25519 signer key failed")]
+    KeyGeneration,
     /// The signature does not verify with the measured signer key.
     #[error("the key list's signature does not verify with the enclave's signer key")]
     Signature,
@@ -152,10 +169,7 @@ impl KeyList {
             return Err(ApiKeysError::Version(self.v));
         }
         if self.keys.len() > MAX_KEYS {
-            return Err(ApiKeysError::Parse(format!(
-                "{} keys; at most {MAX_KEYS}",
-                self.keys.len()
-            )));
+            return Err(ApiKeysError::TooManyKeys(self.keys.len()));
         }
         let mut ids = std::collections::HashSet::new();
         for k in &self.keys {
@@ -189,7 +203,7 @@ impl KeyList {
         signer: &aws_lc_rs::signature::Ed25519KeyPair,
     ) -> Result<Vec<u8>, ApiKeysError> {
         self.check()?;
-        let payload = serde_json::to_vec(self).map_err(|e| ApiKeysError::Parse(e.to_string()))?;
+        let payload = serde_json::to_vec(self).map_err(ApiKeysError::Parse)?;
         let mut msg = CONTEXT.to_vec();
         msg.extend_from_slice(&payload);
         let sig = signer.sign(&msg);
@@ -198,8 +212,7 @@ impl KeyList {
             payload: b64.encode(&payload),
             signature: b64.encode(sig.as_ref()),
         };
-        let mut out =
-            serde_json::to_vec_pretty(&env).map_err(|e| ApiKeysError::Parse(e.to_string()))?;
+        let mut out = serde_json::to_vec_pretty(&env).map_err(ApiKeysError::Parse)?;
         out.push(b'\n');
         Ok(out)
     }
@@ -210,22 +223,26 @@ impl KeyList {
         if signed.len() > MAX_SIGNED_BYTES {
             return Err(ApiKeysError::TooLarge(signed.len()));
         }
-        let env: Envelope =
-            serde_json::from_slice(signed).map_err(|e| ApiKeysError::Parse(e.to_string()))?;
+        let env: Envelope = serde_json::from_slice(signed).map_err(ApiKeysError::Parse)?;
         let b64 = base64::engine::general_purpose::STANDARD;
         let payload = b64
             .decode(&env.payload)
-            .map_err(|e| ApiKeysError::Parse(format!("payload: {e}")))?;
+            .map_err(|source| ApiKeysError::Base64 {
+                field: "payload",
+                source,
+            })?;
         let sig = b64
             .decode(&env.signature)
-            .map_err(|e| ApiKeysError::Parse(format!("signature: {e}")))?;
+            .map_err(|source| ApiKeysError::Base64 {
+                field: "signature",
+                source,
+            })?;
         let mut msg = CONTEXT.to_vec();
         msg.extend_from_slice(&payload);
         UnparsedPublicKey::new(&ED25519, signer)
             .verify(&msg, &sig)
             .map_err(|_| ApiKeysError::Signature)?;
-        let list: KeyList =
-            serde_json::from_slice(&payload).map_err(|e| ApiKeysError::Parse(e.to_string()))?;
+        let list: KeyList = serde_json::from_slice(&payload).map_err(ApiKeysError::Parse)?;
         list.check()?;
         if now > list.not_after {
             return Err(ApiKeysError::Expired {
@@ -241,9 +258,9 @@ impl KeyList {
 pub fn new_signer() -> Result<(Zeroizing<Vec<u8>>, [u8; 32]), ApiKeysError> {
     let rng = aws_lc_rs::rand::SystemRandom::new();
     let doc = aws_lc_rs::signature::Ed25519KeyPair::generate_pkcs8(&rng)
-        .map_err(|_| ApiKeysError::Parse("generating an Ed25519 key failed".into()))?;
+        .map_err(|_| ApiKeysError::KeyGeneration)?;
     let pair = aws_lc_rs::signature::Ed25519KeyPair::from_pkcs8(doc.as_ref())
-        .map_err(|e| ApiKeysError::Parse(e.to_string()))?;
+        .map_err(|_| ApiKeysError::KeyGeneration)?;
     let public = pair.public_key().as_ref().try_into().unwrap_or([0; 32]);
     Ok((Zeroizing::new(doc.as_ref().to_vec()), public))
 }
@@ -266,7 +283,7 @@ pub fn issue(
     let mut salt = [0u8; 16];
     aws_lc_rs::rand::SecureRandom::fill(&rng, secret.as_mut())
         .and_then(|()| aws_lc_rs::rand::SecureRandom::fill(&rng, &mut salt))
-        .map_err(|_| ApiKeysError::Parse("the system RNG failed".into()))?;
+        .map_err(|_| ApiKeysError::Rng)?;
     let entry = KeyEntry {
         id: id.to_string(),
         salt: hex::encode(salt),
@@ -354,10 +371,10 @@ mod tests {
         let signed = list.sign(&pair).unwrap();
         assert_eq!(KeyList::verify(&signed, &public, 1_000).unwrap(), list);
         let (_, other) = signer();
-        assert_eq!(
+        assert!(matches!(
             KeyList::verify(&signed, &other, 1_000),
             Err(ApiKeysError::Signature)
-        );
+        ));
         assert!(matches!(
             KeyList::verify(&signed, &public, 2_001),
             Err(ApiKeysError::Expired { .. })
@@ -370,13 +387,20 @@ mod tests {
         payload[at] = b'9';
         env["payload"] = b64.encode(&payload).into();
         let tampered = serde_json::to_vec(&env).unwrap();
-        assert_eq!(
+        assert!(matches!(
             KeyList::verify(&tampered, &public, 1_000),
             Err(ApiKeysError::Signature)
-        );
+        ));
         assert!(matches!(
             KeyList::verify(b"{", &public, 0),
             Err(ApiKeysError::Parse(_))
+        ));
+        assert!(matches!(
+            KeyList::verify(br#"{"payload":"!!","signature":""}"#, &public, 0),
+            Err(ApiKeysError::Base64 {
+                field: "payload",
+                ..
+            })
         ));
     }
 }

@@ -30,25 +30,37 @@ pub struct Booted {
     pub key_id: u8,
 }
 
+/// Why the enclave could not boot. Each is fatal: the enclave exits and the host restarts it.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    /// PCR17 could not be extended and locked (or already holds another configuration).
+    #[error("measuring the runtime configuration into PCR17: {0}")]
+    Measure(#[from] common::nsm::MeasureError),
+    /// The secret that keys the audit log's client ids could not be drawn.
+    #[error("drawing the audit id secret failed")]
+    AuditSecret,
+    /// The OHTTP key pair could not be generated.
+    #[error("OHTTP key: {0}")]
+    OhttpKey(#[from] common::channel::ChannelError),
+}
+
 /// Boots the enclave: measures the runtime configuration into PCR17 and locks it (before any
 /// attestation document can be made), then generates the OHTTP key.
-pub fn boot(nsm: Arc<dyn Nsm>, cfg: server::Config) -> Result<Booted, String> {
+pub fn boot(nsm: Arc<dyn Nsm>, cfg: server::Config) -> Result<Booted, BootError> {
     let config_sha256 = runtime::RuntimeConfig::of(&cfg).sha256();
-    runtime::measure(nsm.as_ref(), &config_sha256)
-        .map_err(|e| format!("measuring the runtime configuration into PCR17: {e}"))?;
+    runtime::measure(nsm.as_ref(), &config_sha256)?;
     let flush = std::time::Duration::from_millis(cfg.stream_flush_ms);
     let auth = cfg
         .api_key_signer
         .map(auth::Authorizer::new)
         .transpose()
-        .map_err(|_| "drawing the audit id secret failed".to_owned())?
+        .map_err(|_| BootError::AuditSecret)?
         .map(Arc::new);
     let policy = gateway::Policy {
         guardrails: cfg.guardrails.clone(),
         auth: auth.clone(),
     };
-    let gateway = gateway::OhttpGateway::new(config_sha256, flush, cfg.stream_pad_bytes, policy)
-        .map_err(|e| format!("OHTTP key: {e}"))?;
+    let gateway = gateway::OhttpGateway::new(config_sha256, flush, cfg.stream_pad_bytes, policy)?;
     let key_id = gateway.key_id();
     Ok(Booted {
         enclave: server::Enclave::new(nsm, cfg, Arc::new(gateway), auth),

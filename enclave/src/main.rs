@@ -161,7 +161,7 @@ fn read_bounded(path: &std::path::Path, max: usize) -> Result<Vec<u8>, String> {
 
 async fn run(args: Args) -> Result<(), String> {
     let nsm = open_nsm(&args)?;
-    let booted = enclave::boot(nsm, config(&args)?)?;
+    let booted = enclave::boot(nsm, config(&args)?).map_err(|e| e.to_string())?;
     let listen = args.listen.as_deref().unwrap_or_default();
     let endpoint: Endpoint = listen.parse().map_err(|e| format!("--listen: {e}"))?;
     let listener = endpoint

@@ -114,11 +114,16 @@ pub struct Timings {
 pub enum Event {
     /// New text; never empty, never a split UTF-8 character.
     Text(String),
+    /// The generation ended; no event follows.
     Done {
+        /// Why it ended.
         finish_reason: FinishReason,
+        /// Tokens in and out.
         usage: Usage,
+        /// Where the time went.
         timings: Timings,
     },
+    /// The generation failed; no event follows.
     Failed(Error),
 }
 

@@ -41,27 +41,51 @@ use zeroize::Zeroizing;
 /// Everything that can go wrong, without any prompt or output text in the message.
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Error {
+    /// The file is not a well-formed GGUF, or its tensors, vocabulary or metadata contradict
+    /// one another (a shape that does not fit, a token id out of range). The text names the
+    /// tensor or key, never weights. Strings, not sources: the GGUF reader is ours and says
+    /// what is wrong where it finds it, and this error crosses threads in the stream.
     #[error("invalid model file: {0}")]
     Format(String),
+    /// A well-formed model this engine cannot run: an architecture, quantization, tokenizer
+    /// or template feature it does not implement.
     #[error("unsupported model: {0}")]
     Unsupported(String),
+    /// [`EngineConfig`] asks for something impossible (no threads, a KV budget too small for
+    /// one sequence), or the engine's threads could not be started.
     #[error("invalid engine configuration: {0}")]
     Config(String),
+    /// A request the engine refuses before queueing it: empty messages, a role the template
+    /// lacks, sampling parameters out of range.
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// Prompt and completion together exceed the model's context window.
     #[error(
         "this model's context window is {context} tokens, but {} were requested ({prompt} in the prompt, {completion} to generate)",
         prompt + completion
     )]
     ContextLength {
+        /// Tokens in the prompt, after the chat template.
         prompt: usize,
+        /// Tokens the request asked to generate.
         completion: usize,
+        /// The model's context window.
         context: usize,
     },
+    /// The KV cache budget cannot hold this sequence's next token (the budget is shared by
+    /// all running sequences).
     #[error("the sequence's KV cache is full ({capacity} tokens)")]
-    ContextFull { capacity: usize },
+    ContextFull {
+        /// Tokens the sequence holds.
+        capacity: usize,
+    },
+    /// The admission queue is full; the caller should retry later (HTTP 429/503).
     #[error("the engine is busy: {capacity} requests are already waiting; retry later")]
-    QueueFull { capacity: usize },
+    QueueFull {
+        /// The queue's length.
+        capacity: usize,
+    },
+    /// The engine's worker has stopped (shut down, or a panic in it was caught).
     #[error("the engine has stopped")]
     Stopped,
 }

@@ -25,14 +25,16 @@ pub type Measurements = BTreeMap<u8, String>;
 pub enum MeasurementsError {
     /// Not JSON of the expected shape.
     #[error("measurements file: {0}")]
-    Format(String),
+    Format(#[from] attestation_verifier::PolicyError),
+    /// The policy requires a PCR the measurements do not give.
+    #[error("PCR{0} is required by the policy but not in the measurements")]
+    Missing(u8),
 }
 
 /// Reads `nitro-cli build-enclave` / `describe-eif` output (`{"Measurements": {"PCR0": …}}`)
 /// or the same object without the wrapper (`attestation_verifier::parse_measurements`).
 pub fn parse_measurements(json_text: &str) -> Result<Measurements, MeasurementsError> {
-    let pcrs = attestation_verifier::parse_measurements(json_text)
-        .map_err(|e| MeasurementsError::Format(e.to_string()))?;
+    let pcrs = attestation_verifier::parse_measurements(json_text)?;
     Ok(pcrs.into_iter().map(|(i, v)| (i, hex::encode(v))).collect())
 }
 
@@ -151,11 +153,10 @@ pub fn generate(req: &PolicyRequest) -> Result<Value, PolicyError> {
     }
     let mut conditions = serde_json::Map::new();
     let pcr = |i: u8| {
-        req.measurements.get(&i).cloned().ok_or_else(|| {
-            MeasurementsError::Format(format!(
-                "PCR{i} is required by the policy but not in the measurements"
-            ))
-        })
+        req.measurements
+            .get(&i)
+            .cloned()
+            .ok_or(MeasurementsError::Missing(i))
     };
     conditions.insert(
         "kms:RecipientAttestation:ImageSha384".into(),

@@ -584,5 +584,10 @@ fn boot_measures_and_locks_pcr17_before_any_document() {
     // The same enclave cannot later claim another configuration.
     let mut other = cfg;
     other.max_request_bytes += 1;
-    assert!(enclave::boot(nsm, other).unwrap_err().contains("PCR17"));
+    assert!(matches!(
+        enclave::boot(nsm, other),
+        Err(enclave::BootError::Measure(
+            common::nsm::MeasureError::AlreadyMeasured(17)
+        ))
+    ));
 }

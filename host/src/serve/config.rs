@@ -118,9 +118,20 @@ pub enum ConfigError {
         /// Why.
         source: Box<toml::de::Error>,
     },
-    /// A value is out of range.
+    /// The file is larger than any configuration needs.
+    #[error("{}: {len} bytes is over the {MAX_CONFIG_BYTES}-byte limit", path.display())]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        len: u64,
+    },
+    /// A value is out of range, or two values do not go together.
     #[error("{0}")]
-    Invalid(String),
+    Invalid(&'static str),
+    /// `enclave` is not an endpoint.
+    #[error(transparent)]
+    Endpoint(#[from] common::transport::BadEndpoint),
 }
 
 /// Largest configuration file read.
@@ -135,10 +146,10 @@ impl ServeConfig {
         };
         let len = std::fs::metadata(path).map_err(read)?.len();
         if len > MAX_CONFIG_BYTES {
-            return Err(ConfigError::Invalid(format!(
-                "{}: {len} bytes is over the {MAX_CONFIG_BYTES}-byte limit",
-                path.display()
-            )));
+            return Err(ConfigError::TooLarge {
+                path: path.to_path_buf(),
+                len,
+            });
         }
         let text = std::fs::read_to_string(path).map_err(read)?;
         toml::from_str(&text).map_err(|e| ConfigError::Parse {
@@ -149,7 +160,7 @@ impl ServeConfig {
 
     /// Checks ranges and pairs.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |m: &str| Err(ConfigError::Invalid(m.into()));
+        let bad = |m: &'static str| Err(ConfigError::Invalid(m));
         if self.admin_listen == self.listen && self.listen.port() != 0 {
             return bad("admin_listen must differ from listen");
         }
@@ -179,10 +190,13 @@ impl ServeConfig {
         if timeouts.contains(&0) {
             return bad("timeouts, max_backoff_ms and ping_interval_ms must be > 0");
         }
-        self.enclave
-            .parse::<common::transport::Endpoint>()
-            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        self.endpoint()?;
         Ok(())
+    }
+
+    /// The enclave's endpoint, parsed.
+    pub fn endpoint(&self) -> Result<common::transport::Endpoint, ConfigError> {
+        Ok(self.enclave.parse()?)
     }
 }
 

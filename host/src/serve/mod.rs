@@ -35,9 +35,17 @@ pub enum ServeError {
         /// Why.
         source: io::Error,
     },
-    /// The TLS certificate or key could not be loaded.
+    /// The TLS certificate or key file could not be read or holds no usable PEM.
+    #[error("TLS: {}: {source}", path.display())]
+    TlsFile {
+        /// The certificate or key file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: rustls::pki_types::pem::Error,
+    },
+    /// rustls refused the certificate and key (a mismatched pair, an unsupported key type).
     #[error("TLS: {0}")]
-    Tls(String),
+    Tls(#[from] rustls::Error),
     /// The audit log could not be opened.
     #[error("audit log {path}: {source}")]
     Audit {
@@ -84,10 +92,7 @@ pub async fn start(
     kms: Option<aws_sdk_kms::Client>,
 ) -> Result<Relay, ServeError> {
     cfg.validate()?;
-    let endpoint = cfg
-        .enclave
-        .parse()
-        .map_err(|e: common::transport::BadEndpoint| config::ConfigError::Invalid(e.to_string()))?;
+    let endpoint = cfg.endpoint()?;
     let tls = match (&cfg.tls_cert, &cfg.tls_key) {
         (Some(c), Some(k)) => Some(tls_acceptor(c, k)?),
         _ => None,
@@ -206,16 +211,19 @@ fn tls_acceptor(
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let certs = CertificateDer::pem_file_iter(cert)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| ServeError::Tls(format!("{}: {e}", cert.display())))?;
-    let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| ServeError::Tls(format!("{}: {e}", key.display())))?;
+        .map_err(|source| ServeError::TlsFile {
+            path: cert.to_path_buf(),
+            source,
+        })?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|source| ServeError::TlsFile {
+        path: key.to_path_buf(),
+        source,
+    })?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ServeError::Tls(e.to_string()))?
+        .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| ServeError::Tls(e.to_string()))?;
+        .with_single_cert(certs, key)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
