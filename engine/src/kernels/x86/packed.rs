@@ -64,6 +64,7 @@ macro_rules! packed_kernels {
             let low = _mm256_set1_epi8(0x0F);
             let mut acc = [_mm256_setzero_ps(); G];
             for (b, blk) in group.chunks_exact(PACK * bb).enumerate().take(nb) {
+                prefetch_ahead(blk);
                 let (scales, quants) = blk.split_at(head);
                 let (Some(a), Ok(quants)) = (
                     gather::<G>(acts, nb, b),
@@ -127,9 +128,9 @@ macro_rules! packed_kernels {
             let bb = kind.block_bytes();
             let halves = if Q5_1 { 32 } else { 16 };
             let low = _mm256_set1_epi8(0x0F);
-            let bit4 = _mm256_set1_epi8(0x10);
             let mut acc = [_mm256_setzero_ps(); G];
             for (b, blk) in group.chunks_exact(PACK * bb).enumerate().take(nb) {
+                prefetch_ahead(blk);
                 let (head, quants) = blk.split_at(halves + 32);
                 let (scales, words) = head.split_at(halves);
                 let (Some(a), Ok(quants), Ok(words)) = (
@@ -140,10 +141,7 @@ macro_rules! packed_kernels {
                     continue;
                 };
                 let words = words.as_chunks::<4>().0;
-                let fifth = |j: usize| {
-                    let w = words.get(j).copied().unwrap_or([0; 4]);
-                    _mm256_and_si256(bytes_from_bits_32(u32::from_le_bytes(w)), bit4)
-                };
+                let fifth = |j: usize| fifth_bits(u32::from_le_bytes(words.get(j).copied().unwrap_or([0; 4])));
                 let mut isum = [_mm256_setzero_si256(); G];
                 for (k, chunk) in quants.as_chunks::<32>().0.iter().enumerate() {
                     let w = load_u8x32(chunk);
@@ -205,6 +203,7 @@ macro_rules! packed_kernels {
             let one = _mm256_set1_epi8(0x01);
             let mut acc = [_mm256_setzero_ps(); G];
             for (sb, blk) in group.chunks_exact(PACK * bb).enumerate() {
+                prefetch_ahead(blk);
                 let (d, dmin) = (f16x8_at(blk, 0), f16x8_at(blk, 16));
                 let (u0, u1, u2) = (load_at(blk, 32), load_at(blk, 64), load_at(blk, 96));
                 let sc03 = _mm256_and_si256(u0, six);
@@ -275,6 +274,7 @@ macro_rules! packed_kernels {
             let offset = _mm256_set1_epi8(32);
             let mut acc = [_mm256_setzero_ps(); G];
             for (sb, blk) in group.chunks_exact(PACK * bb).enumerate() {
+                prefetch_ahead(blk);
                 let d = f16x8_at(blk, 1664);
                 for c in 0..8 {
                     let Some(a) = gather::<G>(acts, nb, sb * 8 + c) else {
@@ -335,6 +335,7 @@ macro_rules! packed_kernels {
             let bb = QuantKind::Q8_0.block_bytes();
             let mut acc = [_mm256_setzero_ps(); G];
             for (b, blk) in group.chunks_exact(PACK * bb).enumerate().take(nb) {
+                prefetch_ahead(blk);
                 let (scales, quants) = blk.split_at(2 * PACK);
                 let (Some(a), Ok(quants), Ok(d)) = (
                     gather::<G>(acts, nb, b),
@@ -407,6 +408,13 @@ pub(in crate::kernels) mod avx2 {
         _mm256_madd_epi16(acc, _mm256_set1_epi16(1))
     }
 
+    /// Q5's fifth bits: byte `e` 0x10 where bit `e` of `x` is set.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn fifth_bits(x: u32) -> __m256i {
+        _mm256_and_si256(bytes_from_bits_32(x), _mm256_set1_epi8(0x10))
+    }
+
     packed_kernels!("avx2,fma,f16c", 4);
 }
 
@@ -443,6 +451,14 @@ pub(in crate::kernels) mod vnni {
     #[inline]
     fn widen(acc: __m256i) -> __m256i {
         acc
+    }
+
+    /// Q5's fifth bits: byte `e` 0x10 where bit `e` of `x` is set, one masked move from a mask
+    /// register where AVX2 needs a shuffle, an or and a compare.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[inline]
+    fn fifth_bits(x: u32) -> __m256i {
+        _mm256_maskz_mov_epi8(_cvtu32_mask32(x), _mm256_set1_epi8(0x10))
     }
 
     packed_kernels!("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", 8);
