@@ -2,7 +2,7 @@
 //! address of its own (loopback by default). The metrics are sizes, timings and counts of
 //! every client's requests; the clients' listener does not give them to whoever asks.
 
-use super::enclave::Link;
+use super::link::Link;
 use super::metrics::Metrics;
 use bytes::Bytes;
 use http_body_util::Full;

@@ -4,8 +4,8 @@
 //! and streams the response back as the enclave produces it.
 
 use super::config::{ms, ServeConfig};
-use super::enclave::{self, Link, UpstreamError};
 use super::limit::RateLimiter;
+use super::link::{self, Link, UpstreamError};
 use super::metrics::{route_of, Metrics};
 use bytes::Bytes;
 use common::wire::{
@@ -425,7 +425,7 @@ async fn attestation(app: &App, query: Option<&str>) -> Answer {
             )
         }
     };
-    match enclave::attest(&app.link, nonce, ms(app.cfg.enclave_timeout_ms)).await {
+    match link::attest(&app.link, nonce, ms(app.cfg.enclave_timeout_ms)).await {
         Ok(doc) => {
             app.metrics.attestations.fetch_add(1, Ordering::Relaxed);
             let mut a = Answer::new(StatusCode::OK, "application/cbor", doc);
@@ -467,7 +467,7 @@ async fn ohttp(app: &Arc<App>, req: Request<Incoming>) -> Answer {
     let limit = ms(app.cfg.enclave_timeout_ms);
     let mut body = req.into_body();
     let deadline = tokio::time::Instant::now() + ms(app.cfg.body_timeout_ms);
-    let mut up: Option<enclave::Upstream> = None;
+    let mut up: Option<link::Upstream> = None;
     let mut received = 0u64;
     // Room for a small body's frames and `RequestEnd`, so it is encoded without growing.
     let hint = declared.unwrap_or(0).min(64 << 10) as usize;
@@ -541,7 +541,7 @@ async fn ohttp(app: &Arc<App>, req: Request<Incoming>) -> Answer {
     let Some(mut up) = up else {
         return upstream_error(app, UpstreamError::Timeout);
     };
-    let first = match enclave::timed(limit, up.next()).await {
+    let first = match link::timed(limit, up.next()).await {
         Ok(m) => m,
         Err(e) => return with_bytes(upstream_error(app, e), received),
     };
@@ -644,7 +644,7 @@ fn too_large(max: u64) -> Answer {
 /// the client going away (the body's receiver dropped), which closes the enclave connection
 /// and so cancels the work there. Only a connection whose response ended cleanly is reused.
 async fn pump(
-    mut up: enclave::Upstream,
+    mut up: link::Upstream,
     tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
     app: Arc<App>,
 ) {

@@ -4,10 +4,11 @@
 
 mod admin;
 pub mod config;
-pub mod enclave;
 pub mod http;
 pub mod limit;
+pub mod link;
 pub mod metrics;
+pub mod supervisor;
 
 use config::{ms, ServeConfig};
 use hyper_util::rt::TokioIo;
@@ -66,7 +67,7 @@ pub struct Relay {
     /// Its metrics.
     pub metrics: Arc<metrics::Metrics>,
     /// Its view of the enclave.
-    pub link: Arc<enclave::Link>,
+    pub link: Arc<link::Link>,
     shutdown: watch::Sender<bool>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
@@ -98,7 +99,7 @@ pub async fn start(
         _ => None,
     };
     let audit = match &cfg.audit_log {
-        Some(path) => enclave::AuditSink::File(
+        Some(path) => supervisor::AuditSink::File(
             std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -108,7 +109,7 @@ pub async fn start(
                     source,
                 })?,
         ),
-        None => enclave::AuditSink::Log,
+        None => supervisor::AuditSink::Log,
     };
     // One listening socket per worker thread (SO_REUSEPORT: the kernel spreads connections
     // over them), all on the port the first one got.
@@ -133,7 +134,7 @@ pub async fn start(
         .map_err(admin_err)?;
     let admin_addr = admin.local_addr().map_err(admin_err)?;
     let metrics = Arc::new(metrics::Metrics::default());
-    let link = Arc::new(enclave::Link::new(endpoint));
+    let link = Arc::new(link::Link::new(endpoint));
     let (shutdown, rx) = watch::channel(false);
     tokio::spawn(admin::serve(
         admin,
@@ -141,7 +142,7 @@ pub async fn start(
         link.clone(),
         rx.clone(),
     ));
-    tokio::spawn(enclave::supervise(
+    tokio::spawn(supervisor::supervise(
         cfg.clone(),
         link.clone(),
         metrics.clone(),
