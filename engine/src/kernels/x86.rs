@@ -296,10 +296,12 @@ fn accumulate<const G: usize, const SIGNED: bool>(
 /// How far ahead of the weight block being read [`prefetch_ahead`] asks for cache lines, in
 /// bytes: 4 to 7 blocks of a repacked group. The hardware prefetchers follow each group's
 /// stream, but with one stream per thread and a decode step that computes while it reads, the
-/// loads of the next blocks are not in flight early enough. Measured on Zen 4 (2 vCPUs, AVX-512
-/// VNNI, `examples/bench --streams 1,8`, rounds interleaved with a build without it): SmolLM2
-/// Q4_1 8 streams 521–536 → 594–615 tok/s; the Qwen2.5 test model 1 stream 44–48 → 50–55,
-/// 8 streams 181–197 → 198–221. 512 and 2,048 bytes did no better.
+/// loads of the next blocks are not in flight early enough. Measured on Zen 4 (2 vCPUs,
+/// AVX-512 VNNI, `examples/bench --streams 1,8`, rounds interleaved with a build without it,
+/// the paired kernels prefetching): SmolLM2 Q4_1 8 streams 521–536 → 594–615 tok/s (two
+/// rounds); the Qwen2.5 test model 1 stream 42–48 → 50–55, 8 streams 159–197 → 198–221 (five
+/// rounds). 512 and 2,048 bytes did no better; the packed kernels' prefetch added 0–15 tok/s
+/// at 8 Qwen streams (four rounds).
 const PREFETCH_AHEAD: usize = 1024;
 
 /// Asks for the cache lines [`PREFETCH_AHEAD`] bytes past each line of `blk` (the weight block
