@@ -232,6 +232,18 @@ impl Glu {
 /// Rows per repacked group.
 pub const PACK: usize = 8;
 
+/// Fewest activation rows for which [`Kernels::quant_groups`] hands pairs of groups to the
+/// AVX-512 16-row kernels; fewer rows go one 8-row group at a time. In cache the pair kernel is
+/// the faster even for one row (`examples/kernels`), but in the model, reading weights from
+/// memory, it was the slower below 5 rows. Measured on Zen 4 (2 vCPUs, `examples/bench
+/// --threads 2`, builds interleaved): SmolLM2 Q4_1 one stream 188–191 tok/s with pairs, 264–299
+/// without; 2 streams 349–359 (pairs from 2 rows) against 460–496 (from 5); 4 streams 540–559
+/// against 686–689; Qwen2.5-Coder-0.5B Q4_K_M one stream 59–60 against 72–74, 2 streams 107–109
+/// against 134, 4 streams 179–180 against 222–223. From 8 rows on, pairs and single groups were
+/// within a few percent (pairs ahead on Qwen's prefill, 477–485 against 439–443 tok/s).
+#[cfg(target_arch = "x86_64")]
+const PAIR_MIN_ROWS: usize = 5;
+
 /// Which implementation the kernels use, fixed when the model is loaded. The vector variant
 /// can only be obtained from [`Kernels::detect`], which checks the CPU first: that check is
 /// what makes calling the `target_feature` functions sound.
@@ -420,7 +432,7 @@ impl Kernels {
         #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
         let (mut ws, mut os) = (groups, out);
         #[cfg(target_arch = "x86_64")]
-        if self.0 == Imp::Vnni && x86::pairs(kind) {
+        if self.0 == Imp::Vnni && x86::pairs(kind) && per / PACK >= PAIR_MIN_ROWS {
             while ws.len() >= 2 * group {
                 let (w, rest_w) = ws.split_at(2 * group);
                 let (o, rest_o) = std::mem::take(&mut os).split_at_mut(2 * per);
